@@ -1,0 +1,138 @@
+"""HardwareProfile: the raw measurements of one GPU + PCIe + CPU machine, with provenance, as kept in hw_profiles/*.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from alisa_sim.errors import SpecError, load_yaml_file, validate
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hw_profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where a section's numbers come from: measured on the named machine, or derived (datasheet, fit, substitution)."""
+
+    kind: Literal["measured", "derived", "fitted"]
+    note: str
+
+
+class Provenance(_Strict):
+    machine: str
+    date: str
+    method: str
+    measurements_file: str | None = None
+    software: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class GemmRow(_Strict):
+    m: PositiveInt
+    k: PositiveInt
+    n: PositiveInt
+    s: PositiveFloat
+
+
+class DecodeAttentionRow(_Strict):
+    """One query per sequence over L cached tokens; `gather20_s` is the same with 20% of the tokens gathered first."""
+
+    b: PositiveInt
+    L: PositiveInt
+    H: PositiveInt
+    D: PositiveInt
+    s: PositiveFloat
+    gather20_s: PositiveFloat | None = None
+
+
+class PrefillAttentionRow(_Strict):
+    """Causal attention over an L-token prompt."""
+
+    b: PositiveInt
+    L: PositiveInt
+    H: PositiveInt
+    D: PositiveInt
+    s: PositiveFloat
+
+
+class CopyRow(_Strict):
+    """One host<->device transfer of `bytes`, pinned and pageable host memory."""
+
+    bytes: PositiveInt
+    h2d_pinned_s: PositiveFloat
+    d2h_pinned_s: PositiveFloat
+    h2d_pageable_s: PositiveFloat
+    d2h_pageable_s: PositiveFloat
+
+
+class GpuSection(_Strict):
+    source: Source
+    name: str
+    memory_bytes: PositiveInt
+    hbm_GBps: PositiveFloat = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
+    peak_fp16_tflops: PositiveFloat
+    launch_overhead_s: PositiveFloat = Field(description="host time to issue one kernel (eager PyTorch)")
+    gemm_fp16: list[GemmRow] = Field(min_length=2)
+    decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
+    prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)
+
+
+class LinkSection(_Strict):
+    source: Source
+    name: str
+    copies: list[CopyRow] = Field(min_length=2)
+    bidirectional_factor: PositiveFloat = Field(
+        le=1.0, description="per-direction bandwidth when H2D and D2H run at once, as a share of one-way bandwidth")
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "LinkSection":
+        sizes = [row.bytes for row in self.copies]
+        if sizes != sorted(set(sizes)):
+            raise ValueError("link.copies must be sorted by strictly increasing bytes")
+        return self
+
+
+class CpuDecodeAttentionRow(_Strict):
+    b: PositiveInt
+    L: PositiveInt
+    H: PositiveInt
+    D: PositiveInt
+    dtype: str
+    s: PositiveFloat
+
+
+class CpuSection(_Strict):
+    source: Source
+    name: str
+    cores: PositiveInt
+    memory_bytes: PositiveInt
+    memcpy_GBps: PositiveFloat = Field(description="single-stream memcpy, bytes read + written per second / 1e9")
+    copy_GBps: PositiveFloat = Field(description="multi-threaded tensor copy, bytes read + written per second / 1e9")
+    gemm_tflops: dict[str, PositiveFloat] = Field(description="dense GEMM rate by dtype (float32, bfloat16)")
+    decode_attention: list[CpuDecodeAttentionRow] = Field(min_length=1)
+
+
+class HardwareProfile(_Strict):
+    name: str
+    description: str
+    provenance: Provenance
+    gpu: GpuSection
+    link: LinkSection
+    cpu: CpuSection
+
+
+def load_hardware_profile(ref: str | Path) -> HardwareProfile:
+    """A profile by name (a file in hw_profiles/) or by path to a YAML file."""
+    path = Path(ref)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{ref}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+            raise SpecError(f"unknown hardware profile {str(ref)!r} (known: {known}; or give a path to a YAML file)")
+    data = load_yaml_file(path, "hardware profile")
+    return validate(HardwareProfile, data, str(path))

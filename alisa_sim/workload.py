@@ -1,0 +1,134 @@
+"""Workload: what to run (model, machine, batch, lengths, KV policy, memory caps), loaded from YAML and validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from alisa_sim.errors import SpecError, load_yaml_file, validate
+from alisa_sim.hardware import HardwareProfile, load_hardware_profile
+from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
+
+GB = 1e9
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DensePolicyConfig(_Strict):
+    """Weights and the whole KV cache on the GPU."""
+
+    name: Literal["dense"]
+
+
+class AcceleratePolicyConfig(_Strict):
+    """HF Accelerate-style: weights on the GPU, the whole KV cache on the CPU, streamed back layer by layer every step."""
+
+    name: Literal["accelerate"]
+    pinned: bool = True
+
+
+class ZeroPolicyConfig(_Strict):
+    """DeepSpeed ZeRO-Inference: weights in CPU memory streamed layer by layer, KV cache on the GPU."""
+
+    name: Literal["zero"]
+    pinned: bool = True
+
+
+PolicyConfig = Annotated[
+    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig],
+    Field(discriminator="name"),
+]
+POLICY_NAMES = ("dense", "accelerate", "zero")
+
+
+class MemoryCaps(_Strict):
+    """Caps below the profile's capacities: a 141 GB GPU can be told to behave like a 16 GB one."""
+
+    gpu_gb: PositiveFloat | None = None
+    cpu_gb: PositiveFloat | None = None
+
+
+class Workload(_Strict):
+    model: str | dict
+    hardware: str
+    batch_size: PositiveInt
+    prompt_len: PositiveInt
+    gen_len: PositiveInt = Field(description="generated tokens per sequence, the first one produced by the prefill")
+    policy: PolicyConfig
+    memory: MemoryCaps = MemoryCaps()
+    overlap: bool = Field(default=True, description="false: every op runs back to back (the paper's Eq. 4 accounting)")
+
+
+class ResolvedWorkload:
+    """A validated workload with its model spec and hardware profile loaded, and the effective memory capacities."""
+
+    def __init__(self, workload: Workload, model: ModelSpec, hardware: HardwareProfile):
+        self.workload = workload
+        self.model = model
+        self.hardware = hardware
+        caps = workload.memory
+        self.gpu_capacity_bytes = _capped(hardware.gpu.memory_bytes, caps.gpu_gb, "memory.gpu_gb", hardware.name)
+        self.cpu_capacity_bytes = _capped(hardware.cpu.memory_bytes, caps.cpu_gb, "memory.cpu_gb", hardware.name)
+
+    @property
+    def policy(self):
+        return self.workload.policy
+
+    @property
+    def decode_steps(self) -> int:
+        return self.workload.gen_len - 1
+
+    def max_context(self) -> int:
+        return self.workload.prompt_len + self.workload.gen_len
+
+
+def _capped(capacity: int, cap_gb: float | None, field: str, profile: str) -> int:
+    if cap_gb is None:
+        return capacity
+    if cap_gb * GB > capacity:
+        raise SpecError(f"{field} = {cap_gb} GB exceeds the {capacity / GB:.1f} GB of hardware profile '{profile}'")
+    return int(cap_gb * GB)
+
+
+def _resolve_ref(ref: str, base: Path | None) -> str:
+    """Paths in a workload file are relative to that file; preset and profile names pass through."""
+    if base is None or ref in PRESETS or not (("/" in ref) or ref.endswith((".json", ".yaml", ".yml"))):
+        return ref
+    path = Path(ref)
+    return str(path if path.is_absolute() else (base / path))
+
+
+def resolve_workload(data: dict, source: str = "workload", base: Path | None = None,
+                     hardware: str | None = None, policy: str | None = None) -> ResolvedWorkload:
+    """Validate a workload mapping, apply command-line overrides and load what it names."""
+    data = dict(data)
+    if hardware is not None:
+        data["hardware"] = hardware
+    if policy is not None:
+        data["policy"] = {"name": policy}
+    workload = validate(Workload, data, source)
+    if isinstance(workload.model, str):
+        workload.model = _resolve_ref(workload.model, base)
+    workload.hardware = _resolve_ref(workload.hardware, base)
+    model = load_model_spec(workload.model)
+    profile = load_hardware_profile(workload.hardware)
+    resolved = ResolvedWorkload(workload, model, profile)
+    if model.family == "opt" and resolved.max_context() > model.max_position_embeddings:
+        raise SpecError(f"{source}: prompt_len + gen_len = {resolved.max_context()} exceeds {model.name}'s "
+                        f"{model.max_position_embeddings} learned positions")
+    total = resolved.gpu_capacity_bytes + resolved.cpu_capacity_bytes
+    if model.weight_bytes > total:
+        raise SpecError(f"{source}: {model.name} weights ({model.weight_bytes / GB:.1f} GB) do not fit even in GPU + CPU "
+                        f"memory together ({total / GB:.1f} GB on '{profile.name}')")
+    return resolved
+
+
+def load_workload(path: str | Path, hardware: str | None = None, policy: str | None = None) -> ResolvedWorkload:
+    """Load and validate a workload YAML file; `hardware` and `policy` override the file's choices."""
+    path = Path(path)
+    data = load_yaml_file(path, "workload")
+    return resolve_workload(data, str(path), path.parent, hardware, policy)
