@@ -1,0 +1,169 @@
+"""CostModel: op times in seconds, interpolated from the raw measurements of a hardware profile.
+
+GPU times are device times (CUDA-event timed in the profiles); the host cost of issuing a kernel is separate, in
+`launch_overhead_s`, for the caller to add per launch. Every measured point is reproduced exactly; between points
+time follows a power law (linear in log-log), below the measured range it stays at the smallest measured time (the
+latency floor) and above it grows at the edge point's rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from functools import lru_cache
+
+import numpy as np
+
+from alisa_sim.hardware import HardwareProfile
+
+COPY_DIRECTIONS = ("h2d", "d2h")
+# Bytes per element of the dtypes CPU attention rows are measured in.
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class _LogLogCurve:
+    """Time over a work size (elements, bytes or FLOPs): log-log interpolation between measured points, the first
+    point's time below them, the last point's rate above them. Repeated sizes are merged by geometric mean."""
+
+    def __init__(self, sizes, times):
+        log_sizes, inverse = np.unique(np.log(np.asarray(sizes, dtype=float)), return_inverse=True)
+        log_times = np.bincount(inverse, np.log(np.asarray(times, dtype=float))) / np.bincount(inverse)
+        self.log_sizes = log_sizes
+        self.log_times = log_times
+        self.max_size = math.exp(log_sizes[-1])
+        self.max_time = math.exp(log_times[-1])
+
+    def __call__(self, size: float) -> float:
+        if size <= 0:
+            return 0.0
+        if size >= self.max_size:
+            return self.max_time * size / self.max_size
+        # np.interp clamps to the first point's time below the measured range: the latency floor.
+        return math.exp(float(np.interp(math.log(size), self.log_sizes, self.log_times)))
+
+
+def decode_kv_bytes(batch, context, num_kv_heads, head_dim, dtype_bytes):
+    """K and V bytes one decode step reads (scalars or numpy arrays)."""
+    return 2 * batch * context * num_kv_heads * head_dim * dtype_bytes
+
+
+def causal_attention_flops(batch, prompt_len, num_heads, head_dim):
+    """Prefill attention FLOPs: QK^T and PV over the causal lower triangle, half of 4*b*H*L^2*D."""
+    return 2 * batch * num_heads * head_dim * prompt_len**2
+
+
+class CostModel:
+    """Op times (seconds) on one machine, from its HardwareProfile."""
+
+    def __init__(self, profile: HardwareProfile):
+        self.profile = profile
+        gpu, link, cpu = profile.gpu, profile.link, profile.cpu
+        self.launch_overhead_s: float = gpu.launch_overhead_s
+
+        # GEMM: one curve over m per measured (k, n) family.
+        m_and_s = defaultdict(list)
+        for row in gpu.gemm_fp16:
+            m_and_s[row.k, row.n].append((row.m, row.s))
+        self._gemm_families = list(m_and_s)
+        self._gemm_family_log_kn = np.log(np.array(self._gemm_families, dtype=float))
+        self._gemm_curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._gemm_families]
+        self._gemm_floor_s = min(row.s for row in gpu.gemm_fp16)
+
+        # Decode attention: one curve over KV bytes per measured batch (rows are fp16, MHA: kv heads = H).
+        bytes_and_s = defaultdict(list)
+        for row in gpu.decode_attention_fp16:
+            bytes_and_s[row.b].append((decode_kv_bytes(row.b, row.L, row.H, row.D, 2), row.s))
+        batches = sorted(bytes_and_s)
+        self._decode_log_batches = np.log(np.array(batches, dtype=float))
+        self._decode_curves = [_LogLogCurve(*zip(*bytes_and_s[b])) for b in batches]
+
+        prefill = gpu.prefill_attention_fp16
+        self._prefill_curve = _LogLogCurve([causal_attention_flops(r.b, r.L, r.H, r.D) for r in prefill],
+                                           [r.s for r in prefill])
+        self._hbm_Bps = gpu.hbm_GBps * 1e9
+
+        sizes = [row.bytes for row in link.copies]
+        self._copy_curves = {(direction, pinned): _LogLogCurve(
+            sizes, [getattr(row, f"{direction}_{'pinned' if pinned else 'pageable'}_s") for row in link.copies])
+            for direction in COPY_DIRECTIONS for pinned in (True, False)}
+
+        # CPU decode attention: bandwidth per batch, rows of one batch pooled (total bytes / total time).
+        cpu_bytes, cpu_s = defaultdict(float), defaultdict(float)
+        for row in cpu.decode_attention:
+            cpu_bytes[row.b] += decode_kv_bytes(row.b, row.L, row.H, row.D, _DTYPE_BYTES[row.dtype])
+            cpu_s[row.b] += row.s
+        cpu_batches = sorted(cpu_bytes)
+        self._cpu_attention_log_batches = np.log(np.array(cpu_batches, dtype=float))
+        self._cpu_attention_log_Bps = np.log([cpu_bytes[b] / cpu_s[b] for b in cpu_batches])
+        self._cpu_gemm_flops_per_s = {dtype: tflops * 1e12 for dtype, tflops in cpu.gemm_tflops.items()}
+        self._cpu_copy_Bps = cpu.copy_GBps * 1e9
+
+    # ---- GPU ----------------------------------------------------------------------------------------------------
+
+    @lru_cache(maxsize=1 << 16)
+    def gemm_s(self, m: int, k: int, n: int) -> float:
+        """fp16 (m x k) @ (k x n). An unmeasured (k, n) takes the nearest measured family in log (k, n) scaled by the
+        FLOPs ratio, never below the fastest measured GEMM (the kernel latency floor)."""
+        if min(m, k, n) <= 0:
+            return 0.0
+        distance = np.hypot(*(self._gemm_family_log_kn - np.log([k, n])).T)
+        nearest = int(np.argmin(distance))
+        family_k, family_n = self._gemm_families[nearest]
+        scaled = self._gemm_curves[nearest](m) * (k * n) / (family_k * family_n)
+        return max(self._gemm_floor_s, scaled)
+
+    @lru_cache(maxsize=1 << 16)
+    def decode_attention_s(self, batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                           kv_dtype_bytes: float = 2) -> float:
+        """One query token per sequence over `context` cached tokens. Memory-bound (a few FLOPs per byte, far below any
+        GPU's ridge point), so the time follows the KV bytes read: GQA and INT8 enter there, num_heads does not.
+        Interpolated in log batch between the measured batches' curves over bytes."""
+        nbytes = decode_kv_bytes(batch, context, num_kv_heads, head_dim, kv_dtype_bytes)
+        if nbytes <= 0:
+            return 0.0
+        # Outside the measured batches np.interp keeps the nearest batch's curve: the bytes already carry the scaling.
+        log_times = [math.log(curve(nbytes)) for curve in self._decode_curves]
+        return math.exp(float(np.interp(math.log(batch), self._decode_log_batches, log_times)))
+
+    @lru_cache(maxsize=1 << 16)
+    def prefill_attention_s(self, batch: int, prompt_len: int, num_heads: int, head_dim: int) -> float:
+        """Causal attention over the prompt, by FLOPs along the measured achieved-rate curve."""
+        return self._prefill_curve(causal_attention_flops(batch, prompt_len, num_heads, head_dim))
+
+    def hbm_s(self, nbytes: float) -> float:
+        """A memory-bound GPU kernel moving nbytes (read + write) at the measured HBM copy bandwidth."""
+        return nbytes / self._hbm_Bps
+
+    # ---- CPU <-> GPU link ---------------------------------------------------------------------------------------
+
+    def copy_s(self, nbytes: float, direction: str, pinned: bool = True) -> float:
+        """One host<->device transfer; direction "h2d" or "d2h"."""
+        if direction not in COPY_DIRECTIONS:
+            raise ValueError(f"copy direction must be one of {COPY_DIRECTIONS}, got {direction!r}")
+        return self._copy_curves[direction, pinned](nbytes)
+
+    def h2d_bandwidth(self, nbytes: float, pinned: bool = True) -> float:
+        """Effective host-to-device bytes per second for one transfer of nbytes."""
+        return nbytes / self.copy_s(nbytes, "h2d", pinned)
+
+    # ---- CPU ----------------------------------------------------------------------------------------------------
+
+    def cpu_gemm_s(self, m: int, k: int, n: int, dtype: str = "float32") -> float:
+        rate = self._cpu_gemm_flops_per_s.get(dtype)
+        if rate is None:
+            raise ValueError(f"no CPU GEMM rate for dtype {dtype!r} (profile has {sorted(self._cpu_gemm_flops_per_s)})")
+        return 2 * m * k * n / rate
+
+    def cpu_decode_attention_s(self, batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                               kv_dtype_bytes: float = 4) -> float:
+        """Decode attention on the CPU: KV bytes over the measured CPU attention bandwidth at this batch (interpolated
+        in log batch, the end rows' bandwidth outside them). Memory-bound, so num_heads does not enter."""
+        nbytes = decode_kv_bytes(batch, context, num_kv_heads, head_dim, kv_dtype_bytes)
+        if nbytes <= 0:
+            return 0.0
+        log_Bps = np.interp(math.log(batch), self._cpu_attention_log_batches, self._cpu_attention_log_Bps)
+        return nbytes / math.exp(float(log_Bps))
+
+    def cpu_copy_s(self, nbytes: float) -> float:
+        """A multi-threaded host memory copy moving nbytes (read + write, as copy_GBps counts them)."""
+        return nbytes / self._cpu_copy_Bps
