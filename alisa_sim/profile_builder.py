@@ -15,7 +15,7 @@ from alisa_sim.cost_model import causal_attention_flops, decode_kv_bytes
 from alisa_sim.errors import validate
 from alisa_sim.hardware import PROFILE_DIR, HardwareProfile
 
-MEASUREMENTS_DIR = Path("/work/shared/measurements")
+MEASUREMENTS_DIR = Path(__file__).resolve().parent.parent / "hw_profiles" / "measurements"  # copies of shared/measurements
 H200_MEASUREMENTS = "h200-microbench-2026-11-26.json"
 H100_MEASUREMENTS = "h100-microbench-2026-11-26.json"
 

@@ -90,7 +90,7 @@ def _capped(capacity: int, cap_gb: float | None, field: str, profile: str) -> in
     if cap_gb is None:
         return capacity
     if cap_gb * GB > capacity:
-        raise SpecError(f"{field} = {cap_gb} GB exceeds the {capacity / GB:.1f} GB of hardware profile '{profile}'")
+        raise SpecError(f"{field} = {cap_gb:g} GB exceeds the {capacity / GB:.1f} GB of hardware profile '{profile}'")
     return int(cap_gb * GB)
 
 

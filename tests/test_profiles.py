@@ -13,10 +13,6 @@ from alisa_sim.hardware import PROFILE_DIR, load_hardware_profile
 SHIPPED = ["h200", "h100", "paper-h100-80g", "paper-v100-32g", "t4-16g"]
 MEASURED = {"h200": profile_builder.H200_MEASUREMENTS, "h100": profile_builder.H100_MEASUREMENTS}
 
-needs_measurements = pytest.mark.skipif(
-    not (profile_builder.MEASUREMENTS_DIR / profile_builder.H200_MEASUREMENTS).is_file(),
-    reason=f"measurement JSONs not found in {profile_builder.MEASUREMENTS_DIR}")
-
 
 def _source_kinds(profile):
     return {section: getattr(profile, section).source.kind for section in ("gpu", "link", "cpu")}
@@ -67,7 +63,6 @@ def test_datasheet_profiles_are_derived_with_fitted_efficiencies(name, peak_tflo
     assert best_tflops < peak_tflops
 
 
-@needs_measurements
 @pytest.mark.parametrize("name", MEASURED)
 def test_measured_profiles_copy_the_measurements_faithfully(name):
     bench = json.loads((profile_builder.MEASUREMENTS_DIR / MEASURED[name]).read_text())
@@ -83,7 +78,6 @@ def test_measured_profiles_copy_the_measurements_faithfully(name):
     assert profile.cpu.copy_GBps == bench["cpu"]["torch_copy_GBps_rw"]
 
 
-@needs_measurements
 def test_regenerating_gives_exactly_the_committed_files(tmp_path):
     subprocess.run([sys.executable, "-m", "alisa_sim.profile_builder", "--out", str(tmp_path)], check=True,
                    capture_output=True, cwd=Path(__file__).resolve().parent.parent)

@@ -1,0 +1,116 @@
+"""`alisa-sim`: the simulator's command line (run a workload, print a summary, write the Result JSON and a trace)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from alisa_sim.errors import SpecError
+from alisa_sim.results import build_result, write_json_atomic
+from alisa_sim.simulator import simulate
+from alisa_sim.trace import build_trace
+from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
+
+EXIT_BAD_INPUT = 2
+_PROGRESS_MIN_STEPS = 256
+
+
+def _default_out(path: str, wl: ResolvedWorkload) -> Path:
+    return Path("reports") / "runs" / f"{Path(path).stem}-{wl.policy.name}-{wl.hardware.name}"
+
+
+def _simulate_with_progress(wl: ResolvedWorkload, show: bool):
+    if not show or wl.decode_steps < _PROGRESS_MIN_STEPS:
+        return simulate(wl)
+    with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("steps", total=wl.decode_steps + 1)
+        return simulate(wl, on_step=lambda _: progress.advance(task))
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def print_summary(result: dict, console: Console) -> None:
+    wl = result["workload"]
+    console.print(f"[bold]{result['model']}[/] on [bold]{result['hardware']}[/], policy [bold]{wl['policy']['name']}[/], "
+                  f"batch {wl['batch_size']}, prompt {wl['prompt_len']}, generate {wl['gen_len']}"
+                  f"{'' if wl['overlap'] else ', overlap off'}")
+    m = result["metrics"]
+    table = Table("metric", "predicted", title="alisa-sim prediction")
+    for label, value in [
+        ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
+        ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
+        ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
+        ("total", f"{m['total_s']:.3f} s"),
+        ("decode step mean / p90 / max",
+         " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
+        ("peak GPU / CPU memory", f"{_gb(m['peak_gpu_bytes'])} / {_gb(m['peak_cpu_bytes'])}"),
+        ("H2D / D2H traffic", f"{_gb(m['h2d_bytes'])} / {_gb(m['d2h_bytes'])}"),
+    ]:
+        table.add_row(label, value)
+    console.print(table)
+    phases = Table("phase", "steps", "time", "GPU KV at end", "CPU KV at end", title="KV phases")
+    for p in result["phases"]:
+        phases.add_row(str(p["phase"]), f"{p['first_step']}-{p['last_step']}", f"{p['time_s']:.3f} s",
+                       _gb(p["gpu_kv_bytes_end"]), _gb(p["cpu_kv_bytes_end"]))
+    console.print(phases)
+    breakdown = Table("kind", "busy time", title="time by kind (streams overlap, so these may sum past total)")
+    for kind, seconds in result["breakdown_s"].items():
+        if seconds:
+            breakdown.add_row(kind, f"{seconds:.3f} s")
+    console.print(breakdown)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    sim = _simulate_with_progress(wl, show=not args.json and sys.stderr.isatty())
+    result = build_result(sim)
+    out = Path(args.out) if args.out else _default_out(args.workload, wl)
+    write_json_atomic(out / "result.json", result)
+    if not sim.oom_error:
+        write_json_atomic(out / "trace.json", build_trace(sim))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif not sim.oom_error:
+        print_summary(result, console)
+    if sim.oom_error:
+        Console(stderr=True).print(f"[red]alisa-sim: {sim.oom_error}[/] (result with oom: true in {out / 'result.json'})")
+        return EXIT_BAD_INPUT
+    if not args.json:
+        console.print(f"wrote {out / 'result.json'} and {out / 'trace.json'} (open the trace in ui.perfetto.dev)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alisa-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="simulate a workload and write its Result JSON and Chrome trace")
+    run.add_argument("workload", help="workload YAML file")
+    run.add_argument("--hardware", help="hardware profile name (in hw_profiles/) or YAML path, overriding the workload's")
+    run.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's (default parameters)")
+    run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
+    run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return args.handler(args, console)
+    except SpecError as exc:
+        print(f"alisa-sim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

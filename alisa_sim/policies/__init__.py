@@ -1,0 +1,18 @@
+"""Policy registry: the name in a workload's `policy.name` to the class that decides placement and traffic."""
+
+from __future__ import annotations
+
+from alisa_sim.cost_model import CostModel
+from alisa_sim.policies.accelerate import AcceleratePolicy
+from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
+from alisa_sim.policies.dense import DensePolicy
+from alisa_sim.policies.zero import ZeroPolicy
+from alisa_sim.workload import ResolvedWorkload
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy, AcceleratePolicy, ZeroPolicy)}
+
+__all__ = ["POLICIES", "MemoryUse", "Policy", "StepPlan", "make_policy"]
+
+
+def make_policy(workload: ResolvedWorkload, cost: CostModel) -> Policy:
+    return POLICIES[workload.policy.name](workload, cost)

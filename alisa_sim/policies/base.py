@@ -1,0 +1,146 @@
+"""The policy interface: a policy decides where weights and KV live and what moves each step; the engine times it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from alisa_sim.cost_model import CostModel
+from alisa_sim.ops import LayerTemplate, Op, make_op
+from alisa_sim.workload import ResolvedWorkload
+
+# Kernel launches per fused op of a layer, for the host-overhead floor (eager PyTorch, one kernel per torch op).
+_PRE_ATTENTION_KERNELS = 4  # norm, QKV GEMM, rotary/bias, KV cache write
+_ATTENTION_KERNELS = 2
+_POST_ATTENTION_KERNELS = 8  # out proj, residual, norm, MLP GEMMs, activation, residual
+# Elementwise passes over the hidden state per layer (two norms, two residual adds, reading and writing each).
+_HIDDEN_PASSES = 8
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes a policy holds on each device, with a by-purpose breakdown for error messages and reports."""
+
+    gpu: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gpu_bytes(self) -> int:
+        return int(sum(self.gpu.values()))
+
+    @property
+    def cpu_bytes(self) -> int:
+        return int(sum(self.cpu.values()))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a policy wants done in one step: the op DAG of a layer and the KV phase (1: all KV on the GPU,
+    2: part or all of it on the CPU, 3: part of it deleted and recomputed)."""
+
+    template: LayerTemplate
+    phase: int
+
+
+class Policy(ABC):
+    """Base of every KV/weight placement policy. Subclasses set `name` and implement the hooks below."""
+
+    name: str
+
+    def __init__(self, workload: ResolvedWorkload, cost: CostModel):
+        self.wl = workload
+        self.model = workload.model
+        self.cost = cost
+        self.batch = workload.workload.batch_size
+        self.prompt_len = workload.workload.prompt_len
+
+    # ---- what a policy decides -----------------------------------------------------------------
+    @abstractmethod
+    def static_memory(self) -> MemoryUse:
+        """Everything held for the whole run: weights, activation and staging buffers."""
+
+    @abstractmethod
+    def kv_memory(self, context: int) -> MemoryUse:
+        """KV cache bytes per device when every sequence holds `context` tokens."""
+
+    @abstractmethod
+    def prefill(self) -> StepPlan:
+        """The prompt pass over all sequences."""
+
+    @abstractmethod
+    def decode(self, step: int) -> StepPlan:
+        """Decode step `step` (1-based): one new token per sequence attending over prompt_len + step tokens."""
+
+    def placement(self) -> dict[str, float]:
+        """Share of weights and KV kept on the GPU (the rest is on the CPU)."""
+        return {"weights_gpu": 1.0, "kv_gpu": 1.0}
+
+    def plan(self) -> dict:
+        """The Plan JSON the executor runs: the policy, its resolved parameters and placement."""
+        return {"policy": self.name, "params": self.wl.policy.model_dump(exclude={"name"}),
+                "placement": self.placement()}
+
+    # ---- op builders shared by policies -----------------------------------------------------------
+    def context(self, step: int) -> int:
+        return self.prompt_len + step
+
+    def _gpu_op(self, name: str, parts: dict[str, float], kernels: int) -> Op:
+        return make_op(name, "gpu", parts, kernels, self.cost.launch_overhead_s)
+
+    def _elementwise_s(self, rows: int) -> float:
+        return self.cost.hbm_s(_HIDDEN_PASSES * rows * self.model.hidden_size * self.model.dtype_bytes)
+
+    def pre_attention_op(self, rows: int) -> Op:
+        """Input norm and the fused QKV projection over `rows` token rows."""
+        qkv = self.model.layer_gemms(rows)[0]
+        return self._gpu_op("qkv_proj", {"gemm": self.cost.gemm_s(qkv.m, qkv.k, qkv.n),
+                                          "elementwise": self._elementwise_s(rows) / 2}, _PRE_ATTENTION_KERNELS)
+
+    def post_attention_op(self, rows: int) -> Op:
+        """Output projection, residuals, post-attention norm and the MLP over `rows` token rows."""
+        gemm_s = sum(self.cost.gemm_s(g.m, g.k, g.n) for g in self.model.layer_gemms(rows)[1:])
+        act_s = self.cost.hbm_s(2 * rows * self.model.ffn_dim * self.model.dtype_bytes)
+        return self._gpu_op("out_proj_mlp", {"gemm": gemm_s, "elementwise": self._elementwise_s(rows) / 2 + act_s},
+                            _POST_ATTENTION_KERNELS)
+
+    def decode_attention_op(self, context: int) -> Op:
+        m = self.model
+        seconds = self.cost.decode_attention_s(self.batch, context, m.num_heads, m.num_kv_heads, m.dim_per_head)
+        return self._gpu_op("attention", {"attention": seconds}, _ATTENTION_KERNELS)
+
+    def prefill_attention_op(self) -> Op:
+        m = self.model
+        seconds = self.cost.prefill_attention_s(self.batch, self.prompt_len, m.num_heads, m.dim_per_head)
+        return self._gpu_op("attention", {"attention": seconds}, _ATTENTION_KERNELS)
+
+    def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
+        return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)}, nbytes=int(nbytes))
+
+    def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
+        """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
+        h_bytes = rows * self.model.hidden_size * self.model.dtype_bytes
+        template.head.append(self._gpu_op("embedding", {"elementwise": self.cost.hbm_s(2 * h_bytes)}, 1))
+        lm = self.model.lm_head_gemm(self.batch)
+        template.tail.append(self._gpu_op("lm_head", {"gemm": self.cost.gemm_s(lm.m, lm.k, lm.n),
+                                                      "elementwise": self.cost.hbm_s(
+                                                          2 * self.model.logits_bytes(self.batch))}, 4))
+        return template
+
+    def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, qkv_after: tuple[str, ...] = (),
+                          attention_after: tuple[str, ...] = ()) -> LayerTemplate:
+        """Add a layer's GPU compute (QKV projection, attention, output + MLP) after the caller's transfers, which
+        the QKV projection and the attention wait on as named."""
+        template.add(self.pre_attention_op(rows), after=qkv_after)
+        template.add(attention, after=("qkv_proj",) + attention_after)
+        template.add(self.post_attention_op(rows), after=("attention",))
+        template.link("out_proj_mlp", "qkv_proj", lag=1)
+        return self.head_and_tail(template, rows)
+
+    # ---- memory shared by policies --------------------------------------------------------------------
+    def activation_buffers(self) -> dict[str, float]:
+        """Working buffers on the GPU: the widest layer activation of the prefill and the logits."""
+        rows = self.batch * self.prompt_len
+        return {"activations": self.model.activation_bytes(rows), "logits": self.model.logits_bytes(self.batch)}
+
+    def kv_bytes(self, context: int) -> float:
+        return self.batch * context * self.model.kv_bytes_per_token()
