@@ -1,0 +1,1 @@
+"""alisa-exec: the real executor (a PyTorch decoder, weight loaders, fast generation, a hardware profiler)."""

@@ -1,0 +1,36 @@
+"""Tiny random model configurations for the executor tests, and the ModelSpec of a saved Hugging Face folder."""
+
+import json
+
+import transformers
+
+from alisa_sim.model_spec import ModelSpec, load_model_spec
+
+VOCAB = 97
+MAX_POSITIONS = 64
+
+TINY_CONFIGS = {
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=VOCAB,
+        max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=64),
+    "llama": lambda: transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+        vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5),
+    # Grouped-query attention with a head_dim that is not hidden_size / num_heads, tied embeddings, another theta.
+    "llama-gqa": lambda: transformers.LlamaConfig(
+        hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+        intermediate_size=80, vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        rope_theta=5000.0),
+}
+
+# A tiny LLaMA-family spec for runs with dummy weights.
+TINY_SPEC = dict(name="tiny-llama", family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                 ffn_dim=64, vocab_size=50, max_position_embeddings=64, tie_word_embeddings=False, norm_eps=1e-5)
+
+
+def spec_of(folder) -> ModelSpec:
+    """The ModelSpec of a saved HF folder. transformers 5 writes rope_theta under rope_parameters, which
+    load_model_spec does not read yet, so it is taken from there."""
+    spec = load_model_spec(str(folder))
+    rope = json.loads((folder / "config.json").read_text()).get("rope_parameters") or {}
+    return spec.model_copy(update={"rope_theta": rope["rope_theta"]}) if "rope_theta" in rope else spec
