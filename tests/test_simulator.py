@@ -1,0 +1,151 @@
+"""Whole simulations: physics sanity against the measured profiles, out-of-memory results, the Result and trace contracts."""
+
+import json
+
+import pytest
+
+from alisa_sim import engine
+from alisa_sim.cli import main
+from alisa_sim.cost_model import CostModel
+from alisa_sim.results import build_result
+from alisa_sim.simulator import simulate
+from alisa_sim.trace import build_trace
+from alisa_sim.workload import resolve_workload
+
+
+def _workload(**overrides):
+    data = {"model": "opt-6.7b", "hardware": "h200", "batch_size": 8, "prompt_len": 128, "gen_len": 32,
+            "policy": {"name": "dense"}}
+    data.update(overrides)
+    return resolve_workload(data)
+
+
+def _result(**overrides):
+    return build_result(simulate(_workload(**overrides)))
+
+
+@pytest.mark.parametrize("model", ["opt-6.7b", "llama-13b", "pythia-12b"])
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("hardware", ["h200", "h100", "paper-v100-32g"])
+def test_dense_decode_step_never_beats_hbm(model, batch, hardware):
+    wl = _workload(model=model, batch_size=batch, hardware=hardware, gen_len=8)
+    sim = simulate(wl)
+    bandwidth = wl.hardware.gpu.hbm_GBps * 1e9
+    for record in sim.decode_steps:
+        context = wl.workload.prompt_len + record.step
+        must_read = wl.model.weight_bytes + batch * context * wl.model.kv_bytes_per_token()
+        assert record.duration_s >= must_read / bandwidth
+
+
+@pytest.mark.parametrize("hardware", ["paper-h100-80g", "h200", "t4-16g"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_accelerate_never_beats_pcie(hardware, batch):
+    wl = _workload(hardware=hardware, batch_size=batch, policy={"name": "accelerate"}, gen_len=16)
+    cost = CostModel(wl.hardware)
+    sim = simulate(wl)
+    for record in sim.decode_steps:
+        kv_bytes = batch * (wl.workload.prompt_len + record.step - 1) * wl.model.kv_bytes_per_token()
+        per_layer = kv_bytes / wl.model.num_layers
+        assert record.duration_s >= kv_bytes / cost.h2d_bandwidth(per_layer)
+
+
+@pytest.mark.parametrize("policy", ["dense", "accelerate", "zero"])
+@pytest.mark.parametrize("model,batch", [("opt-6.7b", 4), ("llama-7b", 32), ("opt-13b", 16)])
+def test_overlap_is_never_slower_than_additive(policy, model, batch):
+    kwargs = dict(model=model, batch_size=batch, policy={"name": policy}, hardware="paper-h100-80g")
+    overlapped = _result(**kwargs)["metrics"]
+    additive = _result(overlap=False, **kwargs)["metrics"]
+    assert overlapped["total_s"] <= additive["total_s"] * (1 + 1e-12)
+    for key in ("prefill_s", "decode_s"):
+        assert overlapped[key] <= additive[key] * (1 + 1e-12)
+
+
+def test_zero_streams_weights_every_step():
+    wl = _workload(policy={"name": "zero"}, hardware="paper-h100-80g", gen_len=4)
+    result = build_result(simulate(wl))
+    layers_bytes = wl.model.num_layers * wl.model.layer_weight_bytes
+    assert result["metrics"]["h2d_bytes"] == pytest.approx(4 * layers_bytes, rel=1e-6)  # prefill + 3 decode steps
+    step = result["metrics"]["decode_step_s"]["mean"]
+    assert step >= layers_bytes / 20e9  # the paper machine's 20 GB/s link
+
+
+@pytest.mark.parametrize("policy", ["accelerate", "zero", "dense"])
+def test_collapsing_layers_changes_nothing(monkeypatch, policy):
+    kwargs = dict(model="opt-30b", batch_size=16, policy={"name": policy}, hardware="paper-h100-80g", gen_len=6)
+    collapsed = simulate(_workload(**kwargs))
+    assert all(r.timing.simulated_layers < 48 for r in collapsed.steps)
+    monkeypatch.setattr(engine, "_FIRST_UNROLL", 10_000)
+    full = simulate(_workload(**kwargs))
+    assert all(r.timing.simulated_layers == 48 for r in full.steps)
+    for a, b in zip(collapsed.steps, full.steps):
+        assert a.duration_s == pytest.approx(b.duration_s, rel=1e-9)
+
+
+def test_result_contract():
+    result = _result(policy={"name": "accelerate"})
+    json.dumps(result)
+    assert result["source"] == "sim" and result["hardware"] == "h200"
+    m = result["metrics"]
+    assert set(m) >= {"prefill_s", "decode_s", "total_s", "throughput_tok_s", "decode_step_s", "peak_gpu_bytes",
+                      "peak_cpu_bytes", "h2d_bytes", "d2h_bytes", "oom"}
+    assert m["total_s"] == pytest.approx(m["prefill_s"] + m["decode_s"])
+    assert m["throughput_tok_s"] == pytest.approx(8 * 32 / m["total_s"])
+    assert m["decode_step_s"]["max"] >= m["decode_step_s"]["p90"] >= m["decode_step_s"]["p50"] > 0
+    assert [(p["phase"], p["first_step"], p["last_step"]) for p in result["phases"]] == [(2, 1, 31)]
+    assert result["phases"][0]["cpu_kv_bytes_end"] == 8 * (128 + 31) * 4 * 32 * 4096
+    assert m["peak_cpu_bytes"] == result["phases"][0]["cpu_kv_bytes_end"]
+    assert set(result["breakdown_s"]) >= {"gemm", "attention", "selection", "h2d", "d2h", "recompute", "cpu", "idle"}
+    assert result["breakdown_s"]["idle"] > 0  # the GPU waits on PCIe
+    assert len(result["steps"]) == 32
+    assert result["plan"]["policy"] == "accelerate" and result["plan"]["placement"]["kv_gpu"] == 0.0
+
+
+def test_trace_has_a_track_per_resource_and_kv_counters():
+    sim = simulate(_workload(policy={"name": "accelerate"}, gen_len=100))
+    trace = build_trace(sim, op_detail_steps=10)
+    events = trace["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert {"GPU compute", "H2D copy", "D2H copy", "CPU", "steps"} <= names
+    counters = [e for e in events if e["ph"] == "C"]
+    assert len(counters) == 100 and counters[-1]["args"]["cpu"] > counters[0]["args"]["cpu"]
+    ops = [e for e in events if e["ph"] == "X" and e["tid"] != 0]
+    assert {e["args"]["step"] for e in ops} == set(trace["otherData"]["op_detail_steps"])
+    assert len(trace["otherData"]["op_detail_steps"]) == 10
+    per_step = [e for e in ops if e["args"]["step"] == 99]
+    assert len(per_step) == 32 * 5 + 2  # 5 ops a layer, embedding and LM head
+    step_slice = next(e for e in events if e.get("name") == "decode 99")
+    assert max(e["ts"] + e["dur"] for e in per_step if e["tid"] == 1) == pytest.approx(
+        step_slice["ts"] + step_slice["dur"])
+
+
+def test_dense_model_that_does_not_fit_is_an_oom_result(tmp_path, capsys):
+    result = _result(model="opt-30b", hardware="t4-16g")
+    assert result["metrics"]["oom"] is True
+    assert "out of GPU memory before the prefill" in result["metrics"]["error"]
+    assert "weights 59.95" in result["metrics"]["error"]
+    path = tmp_path / "w.yaml"
+    path.write_text("model: opt-30b\nhardware: t4-16g\nbatch_size: 1\nprompt_len: 8\ngen_len: 2\npolicy: {name: dense}\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "out of GPU memory" in capsys.readouterr().err
+    written = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert written["metrics"]["oom"] is True
+    assert not (tmp_path / "out" / "trace.json").exists()
+
+
+def test_kv_growth_runs_out_of_memory_at_the_step_it_overflows():
+    # OPT-6.7B: 13.3 GB weights + 0.5 MB of KV per token on a GPU capped at 16 GB.
+    result = _result(batch_size=16, prompt_len=128, gen_len=512, memory={"gpu_gb": 16})
+    assert result["metrics"]["oom"] is True
+    assert "at decode step" in result["metrics"]["error"]
+
+
+def test_cli_json_and_files(tmp_path, capsys):
+    path = tmp_path / "w.yaml"
+    path.write_text("model: llama-7b\nhardware: h100\nbatch_size: 4\nprompt_len: 64\ngen_len: 8\npolicy: {name: zero}\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--json", "--policy", "accelerate"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["workload"]["policy"]["name"] == "accelerate"
+    assert json.loads((tmp_path / "out" / "result.json").read_text()) == printed
+    assert json.loads((tmp_path / "out" / "trace.json").read_text())["traceEvents"]
+    assert main(["run", str(path), "--out", str(tmp_path / "out2")]) == 0
+    assert "throughput" in capsys.readouterr().out
