@@ -34,3 +34,17 @@ def spec_of(folder) -> ModelSpec:
     spec = load_model_spec(str(folder))
     rope = json.loads((folder / "config.json").read_text()).get("rope_parameters") or {}
     return spec.model_copy(update={"rope_theta": rope["rope_theta"]}) if "rope_theta" in rope else spec
+
+
+def hf_greedy(model, prompts, gen_len: int):
+    """`gen_len` greedy tokens per prompt from a Hugging Face causal LM, with no end-of-sequence stop
+    (`generate` stops at EOS, or with min_new_tokens masks EOS out, so it is not plain greedy decoding)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(prompts, use_cache=True)
+        tokens = [out.logits[:, -1:].argmax(-1)]
+        for _ in range(gen_len - 1):
+            out = model(tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(out.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, dim=1)
