@@ -72,13 +72,16 @@ def build_result(sim: Simulation) -> dict:
         return result
 
     batch, gen_len = wl.workload.batch_size, wl.workload.gen_len
-    prefill_s = sim.prefill.duration_s
+    prefill_s = float(sum(record.duration_s for record in sim.prefill_steps))
     decode = [record.duration_s for record in sim.decode_steps]
     decode_s = float(sum(decode))
     total_s = prefill_s + decode_s
     breakdown = dict.fromkeys(KINDS, 0.0)
+    counters: dict[str, float] = {}
     gpu_busy = 0.0
     for record in sim.steps:
+        for name, count in record.plan.counters.items():
+            counters[name] = counters.get(name, 0) + count
         for kind, seconds in record.timing.parts_s.items():
             breakdown[kind] += seconds
         gpu_busy += record.timing.busy_s.get("gpu", 0.0)
@@ -97,10 +100,12 @@ def build_result(sim: Simulation) -> dict:
         "h2d_bytes": sum(record.timing.h2d_bytes for record in sim.steps),
         "d2h_bytes": sum(record.timing.d2h_bytes for record in sim.steps),
         "oom": False,
+        **counters,
     }
     result["phases"] = _phases(sim)
     result["breakdown_s"] = breakdown
-    result["steps"] = [{"step": r.step, "phase": r.phase, "time_s": r.duration_s, "gpu_kv_bytes": r.gpu_kv_bytes,
-                        "cpu_kv_bytes": r.cpu_kv_bytes, "h2d_bytes": r.timing.h2d_bytes,
-                        "d2h_bytes": r.timing.d2h_bytes} for r in sim.steps]
+    result["steps"] = [{"step": r.step, "kind": r.plan.kind, "phase": r.phase, "time_s": r.duration_s,
+                        "gpu_kv_bytes": r.gpu_kv_bytes, "cpu_kv_bytes": r.cpu_kv_bytes,
+                        "h2d_bytes": r.timing.h2d_bytes, "d2h_bytes": r.timing.d2h_bytes, **r.plan.counters}
+                       for r in sim.steps]
     return result

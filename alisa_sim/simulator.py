@@ -9,24 +9,34 @@ import simpy
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming
-from alisa_sim.policies import Policy, make_policy
+from alisa_sim.policies import Policy, StepPlan, make_policy
 from alisa_sim.workload import ResolvedWorkload
 
 
 @dataclass
 class StepRecord:
-    """One timed step: 0 is the prefill, 1.. the decode steps."""
+    """One timed step of the run, in order (the prefill is normally step 0)."""
 
     step: int
-    phase: int
+    plan: StepPlan
     start_s: float
     timing: StepTiming
-    gpu_kv_bytes: int
-    cpu_kv_bytes: int
 
     @property
     def duration_s(self) -> float:
         return self.timing.duration_s
+
+    @property
+    def phase(self) -> int:
+        return self.plan.phase
+
+    @property
+    def gpu_kv_bytes(self) -> int:
+        return self.plan.kv.gpu_bytes
+
+    @property
+    def cpu_kv_bytes(self) -> int:
+        return self.plan.kv.cpu_bytes
 
 
 @dataclass
@@ -39,12 +49,12 @@ class Simulation:
     oom_error: str | None = None
 
     @property
-    def prefill(self) -> StepRecord | None:
-        return self.steps[0] if self.steps else None
+    def prefill_steps(self) -> list[StepRecord]:
+        return [r for r in self.steps if r.plan.kind == "prefill"]
 
     @property
     def decode_steps(self) -> list[StepRecord]:
-        return self.steps[1:]
+        return [r for r in self.steps if r.plan.kind == "decode"]
 
 
 def simulate(workload: ResolvedWorkload, on_step: Callable[[int], None] | None = None) -> Simulation:
@@ -61,18 +71,15 @@ def simulate(workload: ResolvedWorkload, on_step: Callable[[int], None] | None =
         static = policy.static_memory()
         gpu.hold(static.gpu, "before the prefill")
         cpu.hold(static.cpu, "before the prefill")
-        for step in range(workload.decode_steps + 1):
-            context = policy.context(step)
-            kv = policy.kv_memory(context)
-            when = "in the prefill" if step == 0 else f"at decode step {step} ({context} tokens per sequence)"
-            gpu.hold({"kv": 0.0, **kv.gpu}, when)
-            cpu.hold({"kv": 0.0, **kv.cpu}, when)
-            plan = policy.prefill() if step == 0 else policy.decode(step)
+        for index, plan in enumerate(policy.steps()):
+            when = f"in {plan.label}"
+            gpu.hold({"kv": 0.0, **plan.kv.gpu}, when)
+            cpu.hold({"kv": 0.0, **plan.kv.cpu}, when)
             timing = stepper.run_step(plan.template, num_layers)
-            sim.steps.append(StepRecord(step, plan.phase, env.now, timing, kv.gpu_bytes, kv.cpu_bytes))
+            sim.steps.append(StepRecord(index, plan, env.now, timing))
             yield env.timeout(timing.duration_s)
             if on_step:
-                on_step(step)
+                on_step(index)
 
     try:
         env.run(env.process(run()))

@@ -29,8 +29,7 @@ def build_trace(sim: Simulation, op_detail_steps: int = 64) -> dict:
     detailed = detailed_steps(len(sim.steps), op_detail_steps)
     for record in sim.steps:
         t0 = record.start_s * 1e6
-        label = "prefill" if record.step == 0 else f"decode {record.step}"
-        events.append({"ph": "X", "pid": _PID, "tid": _TRACKS["steps"], "name": label, "ts": t0,
+        events.append({"ph": "X", "pid": _PID, "tid": _TRACKS["steps"], "name": record.plan.label, "ts": t0,
                        "dur": record.duration_s * 1e6, "args": {"phase": record.phase}})
         events.append({"ph": "C", "pid": _PID, "name": "KV bytes", "ts": t0,
                        "args": {"gpu": record.gpu_kv_bytes, "cpu": record.cpu_kv_bytes}})

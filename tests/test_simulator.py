@@ -139,7 +139,7 @@ def test_kv_growth_runs_out_of_memory_at_the_step_it_overflows():
     # OPT-6.7B: 13.3 GB weights + 0.5 MB of KV per token on a GPU capped at 16 GB.
     result = _result(batch_size=16, prompt_len=128, gen_len=512, memory={"gpu_gb": 16})
     assert result["metrics"]["oom"] is True
-    assert "at decode step" in result["metrics"]["error"]
+    assert "out of GPU memory in decode " in result["metrics"]["error"]
 
 
 def test_cli_json_and_files(tmp_path, capsys):

@@ -5,7 +5,7 @@ token's KV written back. Only the new token goes back, which makes this a lower 
 from __future__ import annotations
 
 from alisa_sim.ops import LayerTemplate
-from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
+from alisa_sim.policies.base import MemoryUse, Policy
 
 
 class AcceleratePolicy(Policy):
@@ -13,6 +13,9 @@ class AcceleratePolicy(Policy):
 
     def placement(self) -> dict[str, float]:
         return {"weights_gpu": 1.0, "kv_gpu": 0.0}
+
+    def phase(self, step: int) -> int:
+        return 2
 
     def _layer_kv_bytes(self, tokens: int) -> float:
         return tokens * self.model.kv_bytes_per_token_per_layer()
@@ -24,15 +27,15 @@ class AcceleratePolicy(Policy):
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(cpu={"kv": self.kv_bytes(context)})
 
-    def prefill(self) -> StepPlan:
+    def prefill_template(self) -> LayerTemplate:
         rows = self.batch * self.prompt_len
         template = LayerTemplate()
         self.add_compute_chain(template, rows, self.prefill_attention_op())
         template.add(self.copy_op("kv_store", "d2h", self._layer_kv_bytes(rows), self.wl.policy.pinned),
                      after=("qkv_proj",))
-        return StepPlan(template, phase=2)
+        return template
 
-    def decode(self, step: int) -> StepPlan:
+    def decode_template(self, step: int) -> LayerTemplate:
         context = self.context(step)
         pinned = self.wl.policy.pinned
         template = LayerTemplate()
@@ -40,4 +43,4 @@ class AcceleratePolicy(Policy):
         self.add_compute_chain(template, self.batch, self.decode_attention_op(context), attention_after=("kv_load",))
         template.link("attention", "kv_load", lag=2)  # a staging buffer is reused once attention two layers back read it
         template.add(self.copy_op("kv_store", "d2h", self._layer_kv_bytes(self.batch), pinned), after=("qkv_proj",))
-        return StepPlan(template, phase=2)
+        return template

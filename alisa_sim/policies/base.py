@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.ops import LayerTemplate, Op, make_op
@@ -35,11 +36,19 @@ class MemoryUse:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What a policy wants done in one step: the op DAG of a layer and the KV phase (1: all KV on the GPU,
-    2: part or all of it on the CPU, 3: part of it deleted and recomputed)."""
+    """One step a policy wants run: the op DAG of a layer, the KV held meanwhile, and what the step achieves.
+
+    `phase` is the KV phase (1: all KV on the GPU, 2: part or all of it on the CPU, 3: part of it deleted and
+    recomputed); `counters` are per-step event counts a policy reports (preemptions, recomputed tokens, ...),
+    summed into the Result's metrics.
+    """
 
     template: LayerTemplate
     phase: int
+    kv: MemoryUse
+    kind: str  # "prefill" | "decode"
+    label: str
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 class Policy(ABC):
@@ -64,12 +73,23 @@ class Policy(ABC):
         """KV cache bytes per device when every sequence holds `context` tokens."""
 
     @abstractmethod
-    def prefill(self) -> StepPlan:
+    def prefill_template(self) -> LayerTemplate:
         """The prompt pass over all sequences."""
 
     @abstractmethod
-    def decode(self, step: int) -> StepPlan:
+    def decode_template(self, step: int) -> LayerTemplate:
         """Decode step `step` (1-based): one new token per sequence attending over prompt_len + step tokens."""
+
+    def phase(self, step: int) -> int:
+        """The KV phase of a step (0 is the prefill)."""
+        return 1
+
+    def steps(self) -> Iterator[StepPlan]:
+        """The run, step by step: the prefill of the whole batch, then gen_len - 1 decode steps."""
+        yield StepPlan(self.prefill_template(), self.phase(0), self.kv_memory(self.prompt_len), "prefill", "prefill")
+        for step in range(1, self.wl.decode_steps + 1):
+            yield StepPlan(self.decode_template(step), self.phase(step), self.kv_memory(self.context(step)),
+                           "decode", f"decode {step}")
 
     def placement(self) -> dict[str, float]:
         """Share of weights and KV kept on the GPU (the rest is on the CPU)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alisa_sim.ops import LayerTemplate
-from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
+from alisa_sim.policies.base import MemoryUse, Policy
 
 
 class DensePolicy(Policy):
@@ -15,10 +15,10 @@ class DensePolicy(Policy):
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(gpu={"kv": self.kv_bytes(context)})
 
-    def prefill(self) -> StepPlan:
+    def prefill_template(self) -> LayerTemplate:
         rows = self.batch * self.prompt_len
-        return StepPlan(self.add_compute_chain(LayerTemplate(), rows, self.prefill_attention_op()), phase=1)
+        return self.add_compute_chain(LayerTemplate(), rows, self.prefill_attention_op())
 
-    def decode(self, step: int) -> StepPlan:
+    def decode_template(self, step: int) -> LayerTemplate:
         attention = self.decode_attention_op(self.context(step))
-        return StepPlan(self.add_compute_chain(LayerTemplate(), self.batch, attention), phase=1)
+        return self.add_compute_chain(LayerTemplate(), self.batch, attention)

@@ -4,7 +4,7 @@ one layer ahead into two buffers) for every step; embeddings and the whole KV ca
 from __future__ import annotations
 
 from alisa_sim.ops import LayerTemplate
-from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
+from alisa_sim.policies.base import MemoryUse, Policy
 
 
 class ZeroPolicy(Policy):
@@ -29,8 +29,8 @@ class ZeroPolicy(Policy):
         template.link("out_proj_mlp", "weight_load", lag=2)  # a weight buffer is free once layer l-2 is done
         return template
 
-    def prefill(self) -> StepPlan:
-        return StepPlan(self._template(self.batch * self.prompt_len, self.prefill_attention_op()), phase=1)
+    def prefill_template(self) -> LayerTemplate:
+        return self._template(self.batch * self.prompt_len, self.prefill_attention_op())
 
-    def decode(self, step: int) -> StepPlan:
-        return StepPlan(self._template(self.batch, self.decode_attention_op(self.context(step))), phase=1)
+    def decode_template(self, step: int) -> LayerTemplate:
+        return self._template(self.batch, self.decode_attention_op(self.context(step)))
