@@ -13,7 +13,7 @@ from rich.table import Table
 
 from alisa_sim.errors import SpecError
 from alisa_sim.results import build_result, write_json_atomic
-from alisa_sim.simulator import simulate
+from alisa_sim.simulator import simulate, simulate_with_policy
 from alisa_sim.trace import build_trace
 from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
 
@@ -89,6 +89,48 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
+    """FlexGen's LP search: the candidates by LP estimate, the best few also simulated, the LP's choice."""
+    from alisa_sim.cost_model import CostModel
+    from alisa_sim.planner.flexgen_lp import search
+    from alisa_sim.policies.flexgen import FlexGenPolicy
+
+    cost = CostModel(wl.hardware)
+    solutions = search(wl, cost)
+    if not solutions:
+        raise SpecError(f"flexgen: no placement of {wl.model.name} at batch {wl.workload.batch_size} fits this machine")
+    tokens = wl.workload.batch_size * wl.workload.gen_len
+    table = Table("rank", "FlexGen flags", "LP estimate (tok/s)", "simulated (tok/s)",
+                  title=f"FlexGen policy search: {len(solutions)} feasible candidates, best {min(show, len(solutions))}")
+    candidates = []
+    for rank, solution in enumerate(solutions[:show], 1):
+        sim = simulate_with_policy(wl, FlexGenPolicy(wl, cost, solution.setting))
+        simulated = None if sim.oom_error else build_result(sim)["metrics"]["throughput_tok_s"]
+        candidates.append({"flexgen_cli": solution.setting.cli(), "lp_throughput_tok_s": solution.lp_throughput(tokens),
+                           "simulated_throughput_tok_s": simulated})
+        table.add_row(str(rank), solution.setting.cli(), f"{solution.lp_throughput(tokens):.2f}",
+                      "oom" if simulated is None else f"{simulated:.2f}")
+    console.print(table)
+    console.print(f"chosen (FlexGen's LP): [bold]{solutions[0].setting.cli()}[/]")
+    return {"policy": "flexgen", "chosen": candidates[0], "candidates": candidates}
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    quiet = Console(file=open("/dev/null", "w")) if args.json else console
+    if wl.policy.name == "flexgen":
+        plan = _flexgen_plan(wl, quiet, args.candidates)
+    else:
+        from alisa_sim.cost_model import CostModel
+        from alisa_sim.policies import make_policy
+
+        plan = make_policy(wl, CostModel(wl.hardware)).plan()
+        quiet.print_json(data=plan)
+    if args.json:
+        print(json.dumps(plan, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
     run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
     run.set_defaults(handler=cmd_run)
+    plan = sub.add_parser("plan", help="show the plan a workload would run and why (FlexGen: its LP policy search)")
+    plan.add_argument("workload", help="workload YAML file")
+    plan.add_argument("--hardware", help="hardware profile name or YAML path, overriding the workload's")
+    plan.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's")
+    plan.add_argument("--candidates", type=int, default=5, help="how many of the best candidates to simulate")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=cmd_plan)
     return parser
 
 

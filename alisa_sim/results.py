@@ -86,7 +86,7 @@ def build_result(sim: Simulation) -> dict:
             breakdown[kind] += seconds
         gpu_busy += record.timing.busy_s.get("gpu", 0.0)
     # Time the GPU waits on transfers; with overlap off every op is serial and nothing idles.
-    breakdown["idle"] = max(0.0, total_s - gpu_busy) if wl.workload.overlap else 0.0
+    breakdown["idle"] = max(0.0, total_s - gpu_busy) if sim.policy.overlap else 0.0
     result["metrics"] = {
         "prefill_s": prefill_s,
         "decode_s": decode_s,

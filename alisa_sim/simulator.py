@@ -59,12 +59,17 @@ class Simulation:
 
 def simulate(workload: ResolvedWorkload, on_step: Callable[[int], None] | None = None) -> Simulation:
     """Simulate the whole run; `on_step(step)` is called after each step (for progress bars)."""
-    policy = make_policy(workload, CostModel(workload.hardware))
+    return simulate_with_policy(workload, make_policy(workload, CostModel(workload.hardware)), on_step)
+
+
+def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
+                         on_step: Callable[[int], None] | None = None) -> Simulation:
+    """Simulate the run under an already built policy (a planner's candidate)."""
     sim = Simulation(workload, policy)
     env = simpy.Environment()
     gpu = MemoryPool(env, "GPU", workload.gpu_capacity_bytes)
     cpu = MemoryPool(env, "CPU", workload.cpu_capacity_bytes)
-    stepper = StepSimulator(overlap=workload.workload.overlap)
+    stepper = StepSimulator(overlap=policy.overlap)
     num_layers = workload.model.num_layers
 
     def run():

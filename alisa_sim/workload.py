@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from alisa_sim.errors import SpecError, load_yaml_file, validate
 from alisa_sim.hardware import HardwareProfile, load_hardware_profile
@@ -38,11 +38,37 @@ class ZeroPolicyConfig(_Strict):
     pinned: bool = True
 
 
+class FlexGenPolicyConfig(_Strict):
+    """FlexGen, with its own CLI knobs. Any of percent / gpu_batch_size / num_gpu_batches / cpu_attention left out
+    is chosen by FlexGen's LP policy search."""
+
+    name: Literal["flexgen"]
+    percent: tuple[float, float, float, float, float, float] | None = Field(
+        default=None, description="[wg, wc, cg, cc, hg, hc]: GPU and CPU shares (%) of weights, KV cache, activations")
+    gpu_batch_size: PositiveInt | None = None
+    num_gpu_batches: PositiveInt | None = None
+    cpu_attention: bool | None = Field(default=None, description="FlexGen's --cpu-cache-compute: attention over "
+                                                                 "CPU-resident KV runs on the CPU")
+    overlap: bool = Field(default=True, description="FlexGen's --overlap: transfers overlap compute")
+    pin_weight: bool = Field(default=True, description="FlexGen's --pin-weight: CPU weights in pinned memory")
+
+    @model_validator(mode="after")
+    def _check_percent(self) -> "FlexGenPolicyConfig":
+        if self.percent is None:
+            return self
+        for what, (gpu, cpu) in zip(("weights", "KV cache", "activations"), zip(self.percent[::2], self.percent[1::2])):
+            if not (0 <= gpu <= 100 and 0 <= cpu <= 100):
+                raise ValueError(f"{what} shares must lie in 0..100, got {gpu} and {cpu}")
+            if abs(gpu + cpu - 100) > 1e-6:
+                raise ValueError(f"{what}: GPU {gpu}% + CPU {cpu}% must make 100% (no profile has a disk tier)")
+        return self
+
+
 PolicyConfig = Annotated[
-    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig],
+    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig, FlexGenPolicyConfig],
     Field(discriminator="name"),
 ]
-POLICY_NAMES = ("dense", "accelerate", "zero")
+POLICY_NAMES = ("dense", "accelerate", "zero", "flexgen")
 
 
 class MemoryCaps(_Strict):
@@ -61,6 +87,15 @@ class Workload(_Strict):
     policy: PolicyConfig
     memory: MemoryCaps = MemoryCaps()
     overlap: bool = Field(default=True, description="false: every op runs back to back (the paper's Eq. 4 accounting)")
+
+    @model_validator(mode="after")
+    def _check_flexgen_blocks(self) -> "Workload":
+        policy = self.policy
+        if policy.name == "flexgen" and policy.gpu_batch_size and policy.num_gpu_batches:
+            if policy.gpu_batch_size * policy.num_gpu_batches != self.batch_size:
+                raise ValueError(f"flexgen: gpu_batch_size {policy.gpu_batch_size} x num_gpu_batches "
+                                 f"{policy.num_gpu_batches} must equal batch_size {self.batch_size}")
+        return self
 
 
 class ResolvedWorkload:

@@ -6,10 +6,11 @@ from alisa_sim.cost_model import CostModel
 from alisa_sim.policies.accelerate import AcceleratePolicy
 from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
 from alisa_sim.policies.dense import DensePolicy
+from alisa_sim.policies.flexgen import FlexGenPolicy
 from alisa_sim.policies.zero import ZeroPolicy
 from alisa_sim.workload import ResolvedWorkload
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy, AcceleratePolicy, ZeroPolicy)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy, AcceleratePolicy, ZeroPolicy, FlexGenPolicy)}
 
 __all__ = ["POLICIES", "MemoryUse", "Policy", "StepPlan", "make_policy"]
 

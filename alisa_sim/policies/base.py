@@ -110,31 +110,40 @@ class Policy(ABC):
     def _elementwise_s(self, rows: int) -> float:
         return self.cost.hbm_s(_HIDDEN_PASSES * rows * self.model.hidden_size * self.model.dtype_bytes)
 
-    def pre_attention_op(self, rows: int) -> Op:
+    def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
         """Input norm and the fused QKV projection over `rows` token rows."""
         qkv = self.model.layer_gemms(rows)[0]
-        return self._gpu_op("qkv_proj", {"gemm": self.cost.gemm_s(qkv.m, qkv.k, qkv.n),
+        return self._gpu_op(name, {"gemm": self.cost.gemm_s(qkv.m, qkv.k, qkv.n),
                                           "elementwise": self._elementwise_s(rows) / 2}, _PRE_ATTENTION_KERNELS)
 
-    def post_attention_op(self, rows: int) -> Op:
+    def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm and the MLP over `rows` token rows."""
         gemm_s = sum(self.cost.gemm_s(g.m, g.k, g.n) for g in self.model.layer_gemms(rows)[1:])
         act_s = self.cost.hbm_s(2 * rows * self.model.ffn_dim * self.model.dtype_bytes)
-        return self._gpu_op("out_proj_mlp", {"gemm": gemm_s, "elementwise": self._elementwise_s(rows) / 2 + act_s},
+        return self._gpu_op(name, {"gemm": gemm_s, "elementwise": self._elementwise_s(rows) / 2 + act_s},
                             _POST_ATTENTION_KERNELS)
 
-    def decode_attention_op(self, context: int) -> Op:
+    def decode_attention_op(self, context: int, batch: int | None = None, kv_heads: int | None = None,
+                            name: str = "attention") -> Op:
+        """Decode attention of `batch` sequences (default: all) over `kv_heads` KV heads (default: all) on the GPU."""
         m = self.model
-        seconds = self.cost.decode_attention_s(self.batch, context, m.num_heads, m.num_kv_heads, m.dim_per_head)
-        return self._gpu_op("attention", {"attention": seconds}, _ATTENTION_KERNELS)
+        kv_heads = m.num_kv_heads if kv_heads is None else kv_heads
+        heads = kv_heads * (m.num_heads // m.num_kv_heads)
+        seconds = self.cost.decode_attention_s(batch or self.batch, context, heads, kv_heads, m.dim_per_head)
+        return self._gpu_op(name, {"attention": seconds}, _ATTENTION_KERNELS)
 
-    def prefill_attention_op(self) -> Op:
+    def prefill_attention_op(self, batch: int | None = None, name: str = "attention") -> Op:
         m = self.model
-        seconds = self.cost.prefill_attention_s(self.batch, self.prompt_len, m.num_heads, m.dim_per_head)
-        return self._gpu_op("attention", {"attention": seconds}, _ATTENTION_KERNELS)
+        seconds = self.cost.prefill_attention_s(batch or self.batch, self.prompt_len, m.num_heads, m.dim_per_head)
+        return self._gpu_op(name, {"attention": seconds}, _ATTENTION_KERNELS)
 
     def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
         return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)}, nbytes=int(nbytes))
+
+    @property
+    def overlap(self) -> bool:
+        """Whether transfers may overlap compute (the workload's `overlap`; a policy may also turn it off)."""
+        return self.wl.workload.overlap
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
@@ -157,10 +166,12 @@ class Policy(ABC):
         return self.head_and_tail(template, rows)
 
     # ---- memory shared by policies --------------------------------------------------------------------
-    def activation_buffers(self) -> dict[str, float]:
-        """Working buffers on the GPU: the widest layer activation of the prefill and the logits."""
-        rows = self.batch * self.prompt_len
-        return {"activations": self.model.activation_bytes(rows), "logits": self.model.logits_bytes(self.batch)}
+    def activation_buffers(self, batch: int | None = None) -> dict[str, float]:
+        """Working buffers on the GPU: the widest layer activation of a prefill over `batch` sequences (default: all,
+        at once) and their logits."""
+        batch = batch or self.batch
+        return {"activations": self.model.activation_bytes(batch * self.prompt_len),
+                "logits": self.model.logits_bytes(batch)}
 
     def kv_bytes(self, context: int) -> float:
         return self.batch * context * self.model.kv_bytes_per_token()

@@ -1,0 +1,1 @@
+"""Planners: choose a policy's parameters for a workload by searching a cost model."""

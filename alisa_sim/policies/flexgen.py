@@ -1,0 +1,198 @@
+"""`flexgen`: FlexGen's offloading (Sheng et al., ICML 2023) with its own knobs.
+
+Weights, KV cache and activations are split between GPU and CPU by `percent = [wg, wc, cg, cc, hg, hc]`; the
+KV split is static and along heads. The batch is a block of `num_gpu_batches` GPU batches of `gpu_batch_size`
+sequences, run in FlexGen's zig-zag order: each layer's weights are loaded once and serve every GPU batch of
+the block before the next layer. Per layer and GPU batch: the CPU share of the weights (once per layer), the
+batch's CPU-resident activations and KV are loaded, the layer computes, and the new token's KV and the
+activations go back. With `cpu_attention` (FlexGen's --cpu-cache-compute) attention over the CPU-resident heads
+runs on the CPU instead: q, k, v of those heads go down, their attention output comes up. All buffers are
+double-buffered, so loads of the next layer or batch overlap compute; `overlap: false` runs it all serially.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from alisa_sim.ops import LayerTemplate, make_op
+from alisa_sim.policies.base import MemoryUse, Policy
+
+
+@dataclass(frozen=True)
+class FlexGenSetting:
+    """A complete FlexGen policy: placement percentages and block shape."""
+
+    percent: tuple[float, float, float, float, float, float]
+    gpu_batch_size: int
+    num_gpu_batches: int
+    cpu_attention: bool
+
+    def cli(self) -> str:
+        """The policy as FlexGen's command-line flags."""
+        flags = (f"--percent {' '.join(f'{p:g}' for p in self.percent)} --gpu-batch-size {self.gpu_batch_size} "
+                 f"--num-gpu-batches {self.num_gpu_batches}")
+        return flags + (" --cpu-cache-compute" if self.cpu_attention else "")
+
+
+def flexgen_static_memory(policy: Policy, weights_cpu: float, kv_cpu: float, activations_cpu: float,
+                          cpu_attention: bool) -> MemoryUse:
+    """FlexGen's resident memory for CPU shares of weights, KV and activations (affine in the shares, which is what
+    the LP policy search relies on): homes of weights and activations, double buffers for what is streamed."""
+    m, gbs, prompt = policy.model, policy.setting.gpu_batch_size, policy.prompt_len
+    hidden = m.hidden_size * m.dtype_bytes
+    all_prompt_hidden = policy.batch * prompt * hidden
+    # FlexGen splits every weight tensor, embeddings included, by the same percentages.
+    gpu = {"weights": (1 - weights_cpu) * m.weight_bytes,
+           "activations_home": (1 - activations_cpu) * all_prompt_hidden,
+           "weight_staging": 2 * weights_cpu * m.layer_weight_bytes,
+           "activation_staging": 2 * activations_cpu * gbs * prompt * hidden,
+           **policy.activation_buffers(gbs)}
+    if not cpu_attention:
+        gpu["kv_staging"] = 2 * kv_cpu * gbs * policy.wl.max_context() * m.kv_bytes_per_token_per_layer()
+    cpu = {"weights": weights_cpu * m.weight_bytes, "activations_home": activations_cpu * all_prompt_hidden}
+    return MemoryUse(gpu=gpu, cpu=cpu)
+
+
+class FlexGenPolicy(Policy):
+    name = "flexgen"
+
+    def __init__(self, workload, cost, setting: FlexGenSetting | None = None):
+        super().__init__(workload, cost)
+        cfg = workload.policy
+        if setting is None:
+            from alisa_sim.planner.flexgen_lp import complete_setting  # the LP needs the policy's cost terms
+
+            setting = complete_setting(workload, cost)
+        self.setting = setting
+        self.cfg = cfg
+        wg, wc, cg, cc, hg, hc = (p / 100 for p in setting.percent)
+        self.weights_cpu_share, self.activations_cpu_share = wc, hc
+        m = self.model
+        # The KV split is along heads: whole KV heads on the GPU, the rest on the CPU.
+        self.gpu_kv_heads = math.floor(m.num_kv_heads * cg + 1e-9)  # FlexGen: int(heads * share)
+        self.cpu_kv_heads = m.num_kv_heads - self.gpu_kv_heads
+        self.gbs, self.ngb = setting.gpu_batch_size, setting.num_gpu_batches
+        self.cpu_attention = setting.cpu_attention and self.cpu_kv_heads > 0
+
+    @property
+    def overlap(self) -> bool:
+        return self.wl.workload.overlap and self.cfg.overlap
+
+    @property
+    def kv_cpu_share(self) -> float:
+        return self.cpu_kv_heads / self.model.num_kv_heads
+
+    def placement(self) -> dict[str, float]:
+        return {"weights_gpu": 1 - self.weights_cpu_share, "kv_gpu": 1 - self.kv_cpu_share,
+                "activations_gpu": 1 - self.activations_cpu_share}
+
+    def plan(self) -> dict:
+        plan = super().plan()
+        plan["params"].update(percent=list(self.setting.percent), gpu_batch_size=self.gbs, num_gpu_batches=self.ngb,
+                              cpu_attention=self.setting.cpu_attention)
+        plan["flexgen_cli"] = self.setting.cli()
+        return plan
+
+    def phase(self, step: int) -> int:
+        return 2 if self.cpu_kv_heads else 1
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    def _kv_per_token_layer(self, kv_heads: int) -> float:
+        return 2 * kv_heads * self.model.dim_per_head * self.model.dtype_bytes
+
+    def _hidden_bytes(self, rows: int) -> float:
+        return rows * self.model.hidden_size * self.model.dtype_bytes
+
+    def static_memory(self) -> MemoryUse:
+        return flexgen_static_memory(self, self.weights_cpu_share, self.kv_cpu_share, self.activations_cpu_share,
+                                     self.cpu_attention)
+
+    def kv_memory(self, context: int) -> MemoryUse:
+        total = self.kv_bytes(context)
+        return MemoryUse(gpu={"kv": (1 - self.kv_cpu_share) * total}, cpu={"kv": self.kv_cpu_share * total})
+
+    # ---- the block schedule ------------------------------------------------------------------------------------
+    # FlexGen's overlapped loop, per layer j and GPU batch k (a "slot"): load the next layer's weights (when k = 0),
+    # load the next slot's KV and activations, compute this slot, store the previous slot's KV and activations,
+    # then synchronize. So every op of a slot waits for every op of the slot before; the loads and stores of a slot
+    # move the same bytes for every batch, which is why a slot needs no batch index beyond its own name.
+    def _copy(self, name: str, direction: str, nbytes: float, pinned: bool = True):
+        return self.copy_op(name, direction, nbytes, pinned) if nbytes > 0 else None
+
+    def _block_layer(self, rows_per_seq: int, context: int) -> LayerTemplate:
+        """One layer over every GPU batch of the block; `rows_per_seq` is prompt_len in the prefill, 1 in decode."""
+        m, gbs = self.model, self.gbs
+        prefill = rows_per_seq > 1
+        rows = gbs * rows_per_seq
+        t = LayerTemplate()
+        previous: list[str] = []
+        for k in range(self.ngb):
+            ops: list = []  # in issue order; None for a transfer of nothing
+            if k == 0:
+                ops.append(self._copy("weight_load", "h2d", self.weights_cpu_share * m.layer_weight_bytes,
+                                      self.cfg.pin_weight))
+            ops.append(self._copy(f"hidden_load_b{k}", "h2d", self.activations_cpu_share * self._hidden_bytes(rows)))
+            cpu_kv_bytes = self._kv_per_token_layer(self.cpu_kv_heads)
+            if not prefill and not self.cpu_attention:
+                ops.append(self._copy(f"kv_load_b{k}", "h2d", gbs * (context - 1) * cpu_kv_bytes))
+            ops.append(self.pre_attention_op(rows, f"qkv_proj_b{k}"))
+            ops += self._attention_ops(k, prefill, context)
+            ops.append(self.post_attention_op(rows, f"out_proj_mlp_b{k}"))
+            if prefill or not self.cpu_attention:
+                # FlexGen writes new KV into slices of the preallocated CPU cache: strided copies that run at
+                # pageable speed, not pinned.
+                ops.append(self._copy(f"kv_store_b{k}", "d2h", rows * cpu_kv_bytes, pinned=False))
+            ops.append(self._copy(f"hidden_store_b{k}", "d2h", self.activations_cpu_share * self._hidden_bytes(rows)))
+            current = self._add_slot(t, ops, previous)
+            if k == 0:
+                first_slot = current
+            previous = current
+        for src in previous:  # the layer's first slot waits for the previous layer's last slot
+            for dst in first_slot:
+                t.link(src, dst, lag=1)
+        return self.head_and_tail(t, self.batch * rows_per_seq)
+
+    @staticmethod
+    def _add_slot(t: LayerTemplate, ops: list, previous: list[str]) -> list[str]:
+        """Add a slot's ops, each after every op of the previous slot of this layer; the slot's compute (and the
+        CPU attention's copies) run in order."""
+        names: list[str] = []
+        compute_chain: list[str] = []
+        for op in ops:
+            if op is None:
+                continue
+            after = tuple(previous)
+            if op.resource in ("gpu", "cpu") or op.name.startswith(("qkv_to_cpu", "attention_to_gpu")):
+                after += tuple(compute_chain[-1:])  # the layer's compute runs in order
+                compute_chain.append(op.name)
+            t.add(op, after=after)
+            names.append(op.name)
+        return names
+
+    def _attention_ops(self, k: int, prefill: bool, context: int) -> list:
+        """Attention of GPU batch k, in compute order."""
+        m, gbs = self.model, self.gbs
+        if prefill:
+            return [self.prefill_attention_op(gbs, f"attention_b{k}")]
+        if not self.cpu_attention:
+            return [self.decode_attention_op(context, gbs, name=f"attention_b{k}")]
+        ops = []
+        if self.gpu_kv_heads:
+            ops.append(self.decode_attention_op(context, gbs, self.gpu_kv_heads, f"attention_b{k}"))
+        group = m.num_heads // m.num_kv_heads
+        cpu_heads = self.cpu_kv_heads * group
+        qkv_bytes = gbs * (cpu_heads + 2 * self.cpu_kv_heads) * m.dim_per_head * m.dtype_bytes
+        ops.append(self.copy_op(f"qkv_to_cpu_b{k}", "d2h", qkv_bytes))
+        # FlexGen computes CPU attention in fp32 over the fp16 cache, so it streams it as 4-byte values.
+        cpu_s = self.cost.cpu_decode_attention_s(gbs, context, cpu_heads, self.cpu_kv_heads, m.dim_per_head, 4)
+        ops.append(make_op(f"cpu_attention_b{k}", "cpu", {"cpu": cpu_s}))
+        out_bytes = gbs * cpu_heads * m.dim_per_head * m.dtype_bytes
+        ops.append(self.copy_op(f"attention_to_gpu_b{k}", "h2d", out_bytes))
+        return ops
+
+    def prefill_template(self) -> LayerTemplate:
+        return self._block_layer(self.prompt_len, self.prompt_len)
+
+    def decode_template(self, step: int) -> LayerTemplate:
+        return self._block_layer(1, self.context(step))
