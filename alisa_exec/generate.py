@@ -83,17 +83,12 @@ class Generator:
         self._pos.fill_(prompt.shape[1])
 
     @torch.no_grad()
-    def decode_step(self) -> None:
-        """Feed the last token at the current position and pick the next one."""
-        if self._graph is not None:
+    def decode_step(self, eager: bool = False) -> None:
+        """Feed the last token at the current position and pick the next one (`eager`: not by graph replay)."""
+        if self._graph is not None and not eager:
             self._graph.replay()
         else:
             self._eager_decode_step()
-
-    @property
-    def last_token(self) -> Tensor:
-        """The token each sequence picked last, [batch, 1] on the device."""
-        return self._token
 
     def seek(self, position: int) -> None:
         """Make the next decode step run at `position` (for timing a step at a chosen context length)."""

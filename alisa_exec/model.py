@@ -123,12 +123,15 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def check_family(spec: ModelSpec) -> None:
+    if spec.family not in FAMILIES:
+        raise SpecError(f"model {spec.name}: family {spec.family!r} is not in the executor (it runs {', '.join(FAMILIES)})")
+
+
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        if spec.family not in FAMILIES:
-            raise SpecError(f"model {spec.name}: family {spec.family!r} is not in the executor "
-                            f"(it runs {', '.join(FAMILIES)})")
+        check_family(spec)
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.pos_embeddings = (nn.Embedding(spec.max_position_embeddings + OPT_POSITION_OFFSET, spec.hidden_size)

@@ -164,22 +164,32 @@ def gguf_model_spec(path: str | Path) -> ModelSpec:
     })
 
 
+def weights_format(weights: str) -> str:
+    """"dummy", "gguf" (a .gguf file) or "hf" (a folder of safetensors); anything else is a SpecError."""
+    path = Path(weights)
+    if weights == DUMMY:
+        return DUMMY
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        return "hf"
+    raise SpecError(f"weights {weights!r}: not 'dummy', a Hugging Face safetensors folder nor a .gguf file")
+
+
 def _open_checkpoint(spec: ModelSpec, path: Path) -> tuple[dict[str, list[str]], Callable[[str], torch.Tensor]]:
     """The layout that matches the checkpoint at `path` and a reader of its tensors by name."""
-    if path.is_file() and path.suffix == ".gguf":
+    if weights_format(str(path)) == "gguf":
         if spec.family != "llama":
             raise SpecError(f"{path}: GGUF weights are supported for the LLaMA family only, not {spec.family}")
         source = _GGUFFile(path, spec)
         layout = gguf_layout(spec)
-    elif path.is_dir():
+    else:
         source = _SafetensorsFolder(path)
         names = source.names()
         prefix = next((p for p in ("model.", "") if hf_layout(spec, p)["tok_embeddings.weight"][0] in names), None)
         if prefix is None:
             raise SpecError(f"{path}: no {spec.family} token embedding found (is this a {spec.name} checkpoint?)")
         layout = hf_layout(spec, prefix)
-    else:
-        raise SpecError(f"weights {str(path)!r}: not 'dummy', a Hugging Face safetensors folder nor a .gguf file")
     present = source.names()
     missing = sorted(n for parts in layout.values() for n in parts if n not in present)
     if missing:
@@ -192,7 +202,7 @@ def load_model(spec: ModelSpec, weights: str, dtype: torch.dtype, device: torch.
     """The decoder with weights from `weights` ("dummy", a safetensors folder or a .gguf file) on `device`."""
     with torch.device("meta"):
         model = Transformer(spec).to(dtype)
-    if weights == DUMMY:
+    if weights_format(weights) == DUMMY:
         model.to_empty(device=device)
         init_dummy(model, seed)
         return model.eval()

@@ -1,0 +1,121 @@
+"""`alisa-exec`: the executor's command line (run a workload for real and measure it; measure a hardware profile)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from alisa_sim.errors import SpecError
+from alisa_sim.results import write_json_atomic
+from alisa_sim.workload import load_workload
+
+EXIT_BAD_INPUT = 2
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def print_summary(result: dict, console: Console) -> None:
+    wl = result["workload"]
+    console.print(f"[bold]{result['model']}[/] ({result['weights']} weights, {result['dtype']}) on "
+                  f"[bold]{result['device']}[/], policy [bold]{wl['policy']['name']}[/], batch {wl['batch_size']}, "
+                  f"prompt {wl['prompt_len']}, generate {wl['gen_len']}")
+    m = result["metrics"]
+    table = Table("metric", "measured", title="alisa-exec measurement")
+    for label, value in [
+        ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
+        ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
+        ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
+        ("total", f"{m['total_s']:.3f} s"),
+        ("decode step mean / p90 / max",
+         " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
+        ("peak device memory", _gb(m["peak_gpu_bytes"])),
+        ("load / warm-up", f"{result['setup_s']['load_s']:.1f} s / {result['setup_s']['warmup_s']:.1f} s"),
+    ]:
+        table.add_row(label, value)
+    console.print(table)
+    breakdown = Table("kind", "device time", title="time by kind (profiled prefill + decode steps)")
+    for kind, seconds in result["breakdown_s"].items():
+        if seconds:
+            breakdown.add_row(kind, f"{seconds * 1e3:.2f} ms")
+    console.print(breakdown)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from alisa_exec.runner import DTYPES, ExecOptions, default_dtype, resolve_device, run_workload
+
+    wl = load_workload(args.workload)
+    device = resolve_device(args.device)
+    options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
+                          weights=args.weights)
+    log = Console(stderr=True).print if not args.json else (lambda _: None)
+    result, trace = run_workload(wl, options, log=log)
+    out = Path(args.out) if args.out else (Path("reports") / "runs" /
+                                           f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
+    write_json_atomic(out / "result.json", result)
+    write_json_atomic(out / "trace.json", trace)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_summary(result, console)
+        console.print(f"wrote {out / 'result.json'} and {out / 'trace.json'} (open the trace in ui.perfetto.dev)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    from alisa_exec.profiler import check_out_path, measure_profile, write_profile
+    from alisa_exec.runner import resolve_device
+
+    out = Path(args.out)
+    name = check_out_path(out)
+    device = resolve_device(args.device)
+    status = Console(stderr=True)
+    profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"))
+    write_profile(profile, out)
+    console.print(f"wrote {out} ({profile['gpu']['name']}; load it with --hardware {out})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alisa-exec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute a workload and write its measured Result JSON and Chrome trace")
+    run.add_argument("workload", help="workload YAML file (policy dense)")
+    run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    run.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                     help="default: float16 on cuda, float32 on cpu")
+    run.add_argument("--weights", default="dummy",
+                     help="'dummy' (random, full size; the default), a Hugging Face safetensors folder or a .gguf file")
+    run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-exec-<device>)")
+    run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
+    run.set_defaults(handler=cmd_run)
+    prof = sub.add_parser("profile", help="measure this machine into a hardware profile YAML")
+    prof.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    prof.add_argument("--quick", action="store_true", help="a reduced grid that runs in seconds (for CI)")
+    prof.add_argument("--out", required=True, help="the YAML to write, e.g. hw_profiles/NAME.yaml (NAME = the stem)")
+    prof.set_defaults(handler=cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return args.handler(args, console)
+    except SpecError as exc:
+        print(f"alisa-exec: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ImportError as exc:
+        print(f"alisa-exec: error: {exc.name or exc} is not installed; the executor needs the exec extra "
+              "(pip install 'alisa[exec]')", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""`alisa-exec profile`: measure this machine into a hardware profile (hw_profiles/NAME.yaml) that the simulator reads.
+
+Every figure is the median of repeated runs after a warm-up, timed with CUDA events on the GPU and the host clock on
+the CPU. GEMMs run over the (k, n) shapes of the model presets' layers; attention is torch's scaled_dot_product_attention
+(decode: one query over L cached tokens, also with 20% of the tokens gathered first; prefill: causal over L).
+With `--device cpu` the "gpu" section measures the CPU itself as the device (in float32, the executor's CPU dtype,
+under the profile's *_fp16 table names) and the "link" section measures host-to-host copies; the provenance says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from torch.nn import functional as F
+
+from alisa_sim.errors import SpecError, validate
+from alisa_sim.hardware import HardwareProfile
+from alisa_sim.model_spec import PRESETS, load_model_spec
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention variant keeps
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to measure: shapes and sizes for one kind of run."""
+
+    gemm_kn: tuple[tuple[int, int], ...]
+    gemm_m: tuple[int, ...]
+    heads: int
+    head_dim: int
+    decode_bL: tuple[tuple[int, int], ...]
+    prefill_bL: tuple[tuple[int, int], ...]
+    copy_bytes: tuple[int, ...]
+    bidirectional_bytes: int
+    device_copy_bytes: int
+    peak_gemm_size: int
+    host_copy_bytes: int
+    host_gemm_size: int
+    host_decode_bL: tuple[tuple[int, int], ...]
+    reps: int
+
+
+def preset_gemm_shapes() -> tuple[tuple[int, int], ...]:
+    """Every distinct (k, n) of the presets' layer GEMMs and LM heads."""
+    shapes = set()
+    for name in PRESETS:
+        spec = load_model_spec(name)
+        shapes.update((g.k, g.n) for g in spec.layer_gemms(1) + [spec.lm_head_gemm(1)])
+    return tuple(sorted(shapes))
+
+
+def _decode_grid(batches, lengths, max_tokens):
+    return tuple((b, L) for b in batches for L in lengths if b * L <= max_tokens)
+
+
+GPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 4, 16, 64, 256, 1024, 4096, 16384), heads=32, head_dim=128,
+                decode_bL=_decode_grid((1, 8, 32, 64), (256, 1024, 4096, 16384), 2**19),
+                prefill_bL=((1, 512), (8, 512), (1, 2048), (8, 2048), (1, 8192)),
+                copy_bytes=tuple(64 * KiB * 4**i for i in range(9)), bidirectional_bytes=256 * MiB,
+                device_copy_bytes=GiB, peak_gemm_size=8192, host_copy_bytes=GiB, host_gemm_size=2048,
+                host_decode_bL=((1, 1024), (8, 1024), (32, 1024), (8, 4096)), reps=10)
+GPU_QUICK = Grid(gemm_kn=((4096, 4096), (4096, 12288), (4096, 16384), (16384, 4096), (4096, 50272)),
+                 gemm_m=(1, 16, 256, 4096), heads=32, head_dim=128, decode_bL=_decode_grid((1, 32), (256, 4096), 2**17),
+                 prefill_bL=((1, 512), (8, 512)), copy_bytes=tuple(64 * KiB * 4**i for i in range(6)),
+                 bidirectional_bytes=64 * MiB, device_copy_bytes=256 * MiB, peak_gemm_size=4096,
+                 host_copy_bytes=256 * MiB, host_gemm_size=1024, host_decode_bL=((1, 1024), (8, 1024)), reps=5)
+CPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 16, 64, 256), heads=32, head_dim=128,
+                decode_bL=_decode_grid((1, 8, 32), (256, 1024, 4096), 2**15),
+                prefill_bL=((1, 128), (1, 512), (4, 512), (1, 2048)), copy_bytes=tuple(64 * KiB * 4**i for i in range(7)),
+                bidirectional_bytes=64 * MiB, device_copy_bytes=256 * MiB, peak_gemm_size=2048,
+                host_copy_bytes=256 * MiB, host_gemm_size=2048, host_decode_bL=((1, 1024), (8, 1024), (8, 4096)),
+                reps=5)
+CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), gemm_m=(1, 16, 128, 512), heads=8,
+                 head_dim=64, decode_bL=((1, 128), (1, 512), (4, 128), (4, 512)), prefill_bL=((1, 64), (2, 256)),
+                 copy_bytes=(64 * KiB, MiB, 16 * MiB), bidirectional_bytes=16 * MiB, device_copy_bytes=64 * MiB,
+                 peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024, host_decode_bL=((1, 512), (4, 512)),
+                 reps=5)
+
+
+class Bench:
+    """Median device time of a callable on one device."""
+
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_s(self, fn: Callable[[], object]) -> float:
+        fn()
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _rand(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def measure_gemms(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for k, n in grid.gemm_kn:
+        b = _rand(k, n, device=bench.device, dtype=dtype)
+        for m in grid.gemm_m:
+            a = _rand(m, k, device=bench.device, dtype=dtype)
+            rows.append({"m": m, "k": k, "n": n, "s": bench.time_s(lambda: torch.matmul(a, b))})
+    return rows
+
+
+def peak_tflops(bench: Bench, size: int, dtype: torch.dtype) -> float:
+    a, b = (_rand(size, size, device=bench.device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / bench.time_s(lambda: torch.matmul(a, b)) / 1e12
+
+
+def measure_decode_attention(bench: Bench, grid: Grid, dtype: torch.dtype, gathered: bool) -> list[dict]:
+    """One query per sequence over L cached tokens; `gather20_s`: first gather 20% of the tokens by index."""
+    rows = []
+    H, D = grid.heads, grid.head_dim
+    for b, L in grid.decode_bL if gathered else grid.host_decode_bL:
+        q = _rand(b, H, 1, D, device=bench.device, dtype=dtype)
+        k, v = (_rand(b, H, L, D, device=bench.device, dtype=dtype) for _ in range(2))
+        row = {"b": b, "L": L, "H": H, "D": D, "s": bench.time_s(lambda: F.scaled_dot_product_attention(q, k, v))}
+        if gathered:
+            keep = torch.randperm(L, device=bench.device)[:max(1, round(L * GATHER_SHARE))].sort().values
+
+            def gather_and_attend():
+                return F.scaled_dot_product_attention(q, k.index_select(2, keep), v.index_select(2, keep))
+
+            row["gather20_s"] = bench.time_s(gather_and_attend)
+        rows.append(row)
+    return rows
+
+
+def measure_prefill_attention(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for b, L in grid.prefill_bL:
+        q, k, v = (_rand(b, grid.heads, L, grid.head_dim, device=bench.device, dtype=dtype) for _ in range(3))
+        seconds = bench.time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        rows.append({"b": b, "L": L, "H": grid.heads, "D": grid.head_dim, "s": seconds})
+    return rows
+
+
+def copy_GBps(bench: Bench, nbytes: int) -> float:
+    """Tensor copy on the bench's device, bytes read + written per second / 1e9."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=bench.device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench.time_s(lambda: dst.copy_(src)) / 1e9
+
+
+def launch_overhead_s(device: torch.device, launches: int = 2000) -> float:
+    """Host time to issue one tiny eager op (on the CPU it includes running it, which is the point there too)."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(launches):
+        x.add_(1)
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / launches
+
+
+def measure_cuda_link(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
+    """H2D and D2H by size, pinned and pageable; and the per-direction share left with both directions at once."""
+    rows = []
+    for nbytes in grid.copy_bytes:
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=bench.device)
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        pageable = torch.empty(nbytes, dtype=torch.uint8)
+        rows.append({
+            "bytes": nbytes,
+            "h2d_pinned_s": bench.time_s(lambda: dev.copy_(pinned, non_blocking=True)),
+            "d2h_pinned_s": bench.time_s(lambda: pinned.copy_(dev, non_blocking=True)),
+            "h2d_pageable_s": bench.time_s(lambda: dev.copy_(pageable)),
+            "d2h_pageable_s": bench.time_s(lambda: pageable.copy_(dev)),
+        })
+        del dev, pinned, pageable
+    size = grid.bidirectional_bytes
+    host_in, host_out = (torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    dev_in, dev_out = (torch.empty(size, dtype=torch.uint8, device=bench.device) for _ in range(2))
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both_directions():
+        main = torch.cuda.current_stream()
+        for stream in streams:
+            stream.wait_stream(main)
+        with torch.cuda.stream(streams[0]):
+            dev_in.copy_(host_in, non_blocking=True)
+        with torch.cuda.stream(streams[1]):
+            host_out.copy_(dev_out, non_blocking=True)
+        for stream in streams:
+            main.wait_stream(stream)
+
+    one_way_s = (bench.time_s(lambda: dev_in.copy_(host_in, non_blocking=True))
+                 + bench.time_s(lambda: host_out.copy_(dev_out, non_blocking=True))) / 2
+    return rows, min(1.0, one_way_s / bench.time_s(both_directions))
+
+
+def measure_host_copies(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
+    """The CPU device's stand-in for a link: host-to-host copies by size (pinned = pageable), and the per-copy
+    share left with two copies running at once on two threads."""
+    rows = []
+    for nbytes in grid.copy_bytes:
+        a = torch.ones(nbytes, dtype=torch.uint8)
+        b = torch.empty_like(a)
+        forward, backward = bench.time_s(lambda: b.copy_(a)), bench.time_s(lambda: a.copy_(b))
+        rows.append({"bytes": nbytes, "h2d_pinned_s": forward, "d2h_pinned_s": backward,
+                     "h2d_pageable_s": forward, "d2h_pageable_s": backward})
+    size = grid.bidirectional_bytes
+    pairs = [(torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        def both():
+            for future in [pool.submit(dst.copy_, src) for src, dst in pairs]:
+                future.result()
+
+        one_way_s = bench.time_s(lambda: pairs[0][1].copy_(pairs[0][0]))
+        return rows, min(1.0, one_way_s / bench.time_s(both))
+
+
+def measure_host(grid: Grid) -> dict:
+    """The CPU section: memory, copy bandwidth on one thread and on all, GEMM rates, fp32 decode attention."""
+    bench = Bench(torch.device("cpu"), grid.reps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        memcpy = copy_GBps(bench, grid.host_copy_bytes)
+    finally:
+        torch.set_num_threads(threads)
+    rows = measure_decode_attention(bench, grid, torch.float32, gathered=False)
+    return {
+        "name": f"{cpu_name()} ({os.cpu_count()} logical CPUs)",
+        "cores": os.cpu_count(),
+        "memory_bytes": host_memory_bytes(),
+        "memcpy_GBps": memcpy,
+        "copy_GBps": copy_GBps(bench, grid.host_copy_bytes),
+        "gemm_tflops": {name: peak_tflops(bench, grid.host_gemm_size, dtype)
+                        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))},
+        "decode_attention": [{**row, "dtype": "float32"} for row in rows],
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def driver_version() -> str:
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    return "unknown (no nvidia-smi)"
+
+
+def software_versions(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"torch": str(torch.__version__), "triton": str(triton_version),
+            "driver": driver_version() if device.type == "cuda" else "none (CPU device)",
+            "python": platform.python_version()}
+
+
+def measure_profile(name: str, device: torch.device, quick: bool,
+                    progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Measure the machine into a profile mapping (validated against the HardwareProfile schema)."""
+    cuda = device.type == "cuda"
+    grid = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
+    dtype = torch.float16 if cuda else torch.float32
+    bench = Bench(device, grid.reps)
+    mode = "quick" if quick else "full"
+    torch.manual_seed(0)
+
+    progress("GEMMs")
+    gemms = measure_gemms(bench, grid, dtype)
+    progress("attention")
+    decode = measure_decode_attention(bench, grid, dtype, gathered=True)
+    prefill = measure_prefill_attention(bench, grid, dtype)
+    progress("copies")
+    copies, bidirectional = measure_cuda_link(bench, grid) if cuda else measure_host_copies(bench, grid)
+    progress("host CPU")
+    host = measure_host(grid)
+    device_name = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} (the CPU as the device)"
+    machine = f"{platform.node()}: {device_name if cuda else cpu_name()}, {os.cpu_count()} logical CPUs, " \
+              f"{host_memory_bytes() / GiB:.0f} GiB host memory"
+    timing = "CUDA events" if cuda else "the host clock"
+    method = (f"alisa-exec profile ({mode}) on {device.type}: median of {grid.reps} runs after a warm-up, timed with "
+              f"{timing}; GEMM torch.matmul, attention torch scaled_dot_product_attention (H={grid.heads}, "
+              f"D={grid.head_dim}, {str(dtype).removeprefix('torch.')}); CPU section with torch on "
+              f"{torch.get_num_threads()} threads")
+    if cuda:
+        gpu_note = (f"{device_name}: memory from torch, hbm_GBps from a {grid.device_copy_bytes} byte device-to-device "
+                    f"copy (read + write), peak_fp16_tflops from a {grid.peak_gemm_size}^3 fp16 GEMM, "
+                    "launch_overhead_s = host time per tiny eager op")
+        link_note = ("H2D/D2H by size, pinned and pageable host memory; bidirectional_factor = one-way pinned time / "
+                     f"time with both directions at once ({grid.bidirectional_bytes} bytes each way)")
+        link_name = "CPU-GPU link"
+        notes = []
+    else:
+        gpu_note = ("the CPU measured as the device, in float32 (the executor's CPU dtype) under the *_fp16 table "
+                    f"names: memory = host memory, hbm_GBps = a {grid.device_copy_bytes} byte tensor copy, "
+                    f"peak_fp16_tflops = a {grid.peak_gemm_size}^3 float32 GEMM, launch_overhead_s = time per tiny op")
+        link_note = ("no CPU-GPU link on a CPU device: host-to-host tensor copies by size (pinned = pageable); "
+                     "bidirectional_factor from two copies at once on two threads "
+                     f"({grid.bidirectional_bytes} bytes each)")
+        link_name = "host memory copies (no GPU)"
+        notes = ["--device cpu: the gpu section is the CPU itself in float32 and the link section host copies, "
+                 "for predicting `alisa-exec run --device cpu`"]
+    if quick:
+        notes.append("--quick: a reduced grid of shapes and sizes, for CI; not for predictions of large models")
+    profile = {
+        "name": name,
+        "description": f"measured by alisa-exec profile{' --quick' if quick else ''} --device {device.type}: {machine}",
+        "provenance": {"machine": machine, "date": datetime.date.today().isoformat(), "method": method,
+                       "software": software_versions(device), "notes": notes},
+        "gpu": {
+            "source": {"kind": "measured", "note": gpu_note},
+            "name": device_name,
+            "memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else host_memory_bytes(),
+            "hbm_GBps": copy_GBps(bench, grid.device_copy_bytes),
+            "peak_fp16_tflops": peak_tflops(bench, grid.peak_gemm_size, dtype),
+            "launch_overhead_s": launch_overhead_s(device),
+            "gemm_fp16": gemms,
+            "decode_attention_fp16": decode,
+            "prefill_attention_fp16": prefill,
+        },
+        "link": {"source": {"kind": "measured", "note": link_note}, "name": link_name, "copies": copies,
+                 "bidirectional_factor": bidirectional},
+        "cpu": {"source": {"kind": "measured", "note": (
+            f"torch: memcpy on one thread, copy on {torch.get_num_threads()} threads (both read + write, "
+            f"{grid.host_copy_bytes} bytes), GEMM rate of a {grid.host_gemm_size}^3 product by dtype, "
+            "float32 decode attention")}, **host},
+    }
+    validate(HardwareProfile, profile, f"measured profile {name}")
+    return profile
+
+
+def write_profile(profile: dict, path: Path) -> None:
+    """Write the profile YAML atomically (temporary file beside it, then rename); table rows one per line."""
+    text = (f"# Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.\n"
+            + yaml.safe_dump(profile, sort_keys=False, default_flow_style=None, width=120))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out_path(path: Path) -> str:
+    """The profile's name (the file stem) from an output path, which must be a .yaml file."""
+    if path.suffix not in (".yaml", ".yml"):
+        raise SpecError(f"--out {path}: a profile is a YAML file, e.g. hw_profiles/NAME.yaml")
+    if path.exists() and path.is_dir():
+        raise SpecError(f"--out {path} is a folder; give the YAML file to write")
+    return path.stem

@@ -1,0 +1,136 @@
+"""`alisa-exec profile` and `alisa-exec run` on the CPU: the profile loads in the simulator, runs write a valid Result
+JSON and Chrome trace, and bad input exits 2 with one message and no half-written output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from alisa_exec.cli import main
+from alisa_exec.runner import op_kind
+from alisa_sim.cost_model import CostModel
+from alisa_sim.hardware import load_hardware_profile
+from alisa_sim.ops import KINDS
+from tiny_models import TINY_SPEC, spec_of
+
+BATCH, PROMPT_LEN, GEN_LEN = 3, 12, 6
+METRICS = {"prefill_s", "decode_s", "total_s", "throughput_tok_s", "decode_step_s", "peak_gpu_bytes", "peak_cpu_bytes",
+           "h2d_bytes", "d2h_bytes", "oom"}
+
+
+@pytest.fixture(scope="session")
+def cpu_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profiles") / "cpu-quick.yaml"
+    assert main(["profile", "--device", "cpu", "--quick", "--out", str(path)]) == 0
+    return path
+
+
+def write_workload(folder, profile, **overrides):
+    data = {"model": TINY_SPEC, "hardware": str(profile), "batch_size": BATCH, "prompt_len": PROMPT_LEN,
+            "gen_len": GEN_LEN, "policy": {"name": "dense"}, **overrides}
+    path = folder / "workload.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_quick_cpu_profile_loads_in_the_simulator(cpu_profile):
+    profile = load_hardware_profile(cpu_profile)
+    assert profile.name == "cpu-quick"
+    assert "CPU" in profile.gpu.source.note and "host" in profile.link.source.note
+    assert {"torch", "triton", "driver"} <= profile.provenance.software.keys()
+    cost = CostModel(profile)
+    assert cost.gemm_s(16, 1024, 1024) > cost.gemm_s(1, 256, 256) > 0
+    assert cost.copy_s(2**20, "h2d") > 0
+
+
+def test_run_writes_result_json_and_trace(tmp_path, cpu_profile):
+    out = tmp_path / "out"
+    assert main(["run", str(write_workload(tmp_path, cpu_profile)), "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["source"] == "exec"
+    assert result["workload"]["batch_size"] == BATCH and result["workload"]["model"] == TINY_SPEC
+    assert result["hardware"] == "cpu-quick" and result["plan"]["policy"] == "dense"
+    m = result["metrics"]
+    assert METRICS <= m.keys() and m["oom"] is False
+    assert m["total_s"] == pytest.approx(m["prefill_s"] + m["decode_s"])
+    assert m["throughput_tok_s"] == pytest.approx(BATCH * GEN_LEN / m["total_s"])
+    assert m["decode_step_s"]["max"] >= m["decode_step_s"]["p90"] >= m["decode_step_s"]["p50"] > 0
+    assert m["peak_gpu_bytes"] > 0
+    assert [s["step"] for s in result["steps"]] == list(range(GEN_LEN))
+    kv_per_token = 2 * TINY_SPEC["num_layers"] * 2 * 8 * 4  # K and V, 2 layers, 2 kv heads x 8 dims, fp32
+    assert result["phases"] == [{"phase": 1, "first_step": 1, "last_step": GEN_LEN - 1, "time_s": m["decode_s"],
+                                 "gpu_kv_bytes_end": BATCH * (PROMPT_LEN + GEN_LEN - 1) * kv_per_token,
+                                 "cpu_kv_bytes_end": 0}]
+    assert set(result["breakdown_s"]) == set(KINDS) | {"idle"}
+    assert result["breakdown_s"]["gemm"] > 0 and result["breakdown_s"]["attention"] > 0
+
+    trace = json.loads((out / "trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in spans] == ["prefill"] + [f"decode {i}" for i in range(1, GEN_LEN)]
+    assert all(e["dur"] > 0 and e["tid"] == 0 for e in spans)
+    assert all(a["ts"] + a["dur"] == pytest.approx(b["ts"]) for a, b in zip(spans, spans[1:]))
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert "steps" in names
+
+
+def test_run_with_hf_weights_and_json_output(tmp_path, cpu_profile, tiny_hf_models, capsys):
+    _, folder = tiny_hf_models["llama-gqa"]
+    model = spec_of(folder).model_dump()
+    workload = write_workload(tmp_path, cpu_profile, model=model)
+    assert main(["run", str(workload), "--device", "cpu", "--weights", str(folder), "--out", str(tmp_path / "o"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == str(folder) and result["dtype"] == "float32"
+    assert result == json.loads((tmp_path / "o" / "result.json").read_text())
+
+
+@pytest.mark.parametrize("overrides,weights,message", [
+    ({"policy": {"name": "accelerate"}}, "dummy", "not in the executor yet"),
+    ({"memory": {"gpu_gb": 1e-6}}, "dummy", "does not fit"),
+    ({"model": "pythia-6.9b"}, "dummy", "gpt_neox"),
+    ({}, "/no/such/weights", "not 'dummy'"),
+])
+def test_bad_runs_exit_2_with_one_message_and_no_output(tmp_path, cpu_profile, capsys, overrides, weights, message):
+    out = tmp_path / "out"
+    workload = write_workload(tmp_path, cpu_profile, **overrides)
+    assert main(["run", str(workload), "--device", "cpu", "--weights", weights, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("alisa-exec: error:")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no CUDA GPU")
+def test_cuda_without_a_gpu_exits_2(tmp_path, cpu_profile, capsys):
+    assert main(["run", str(write_workload(tmp_path, cpu_profile)), "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_profile_out_must_be_a_yaml_file(tmp_path, capsys):
+    assert main(["profile", "--device", "cpu", "--quick", "--out", str(tmp_path / "profile.txt")]) == 2
+    assert "YAML file" in capsys.readouterr().err
+
+
+def test_console_script_reports_a_missing_workload_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "alisa_exec.cli", "run", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "workload file not found" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("void gemv2T_kernel_val<int, int, __half, __half, float>", "gemm"),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "attention"),
+    ("Memcpy HtoD (Pinned -> Device)", "h2d"),
+    ("Memcpy DtoH (Device -> Pageable)", "d2h"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise"),
+    ("aten::addmm", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::index_put_", "elementwise"),
+])
+def test_kernel_names_map_to_breakdown_kinds(name, kind):
+    assert op_kind(name) == kind
