@@ -64,11 +64,28 @@ class FlexGenPolicyConfig(_Strict):
         return self
 
 
+class VllmPolicyConfig(_Strict):
+    """vLLM (V0 engine, PagedAttention) on an offline batch, with its own knobs under their CLI names: a GPU pool of
+    KV blocks, FCFS admission, whole sequences preempted by recompute or swap when the blocks run out."""
+
+    name: Literal["vllm"]
+    block_size: PositiveInt = Field(default=16, description="tokens per KV block")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of the GPU memory vLLM may use; "
+                                          "the KV pool is what it leaves after weights and activations")
+    max_num_seqs: PositiveInt = Field(default=256, description="running sequences at most")
+    max_model_len: PositiveInt | None = Field(default=None, description="default: the model's max positions, or "
+                                              "prompt_len + gen_len when longer")
+    max_num_batched_tokens: PositiveInt | None = Field(default=None, description="tokens per prefill iteration; "
+                                                       "default max(2048, max_model_len) as in vLLM V0")
+    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    swap_space: float = Field(default=4, ge=0, description="CPU swap space in GiB (vLLM's --swap-space)")
+
+
 PolicyConfig = Annotated[
-    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig, FlexGenPolicyConfig],
+    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig, FlexGenPolicyConfig, VllmPolicyConfig],
     Field(discriminator="name"),
 ]
-POLICY_NAMES = ("dense", "accelerate", "zero", "flexgen")
+POLICY_NAMES = ("dense", "accelerate", "zero", "flexgen", "vllm")
 
 
 class MemoryCaps(_Strict):

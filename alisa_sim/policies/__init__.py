@@ -7,10 +7,12 @@ from alisa_sim.policies.accelerate import AcceleratePolicy
 from alisa_sim.policies.base import MemoryUse, Policy, StepPlan
 from alisa_sim.policies.dense import DensePolicy
 from alisa_sim.policies.flexgen import FlexGenPolicy
+from alisa_sim.policies.vllm import VllmPolicy
 from alisa_sim.policies.zero import ZeroPolicy
 from alisa_sim.workload import ResolvedWorkload
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy, AcceleratePolicy, ZeroPolicy, FlexGenPolicy)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy, AcceleratePolicy, ZeroPolicy, FlexGenPolicy,
+                                                             VllmPolicy)}
 
 __all__ = ["POLICIES", "MemoryUse", "Policy", "StepPlan", "make_policy"]
 
