@@ -61,8 +61,27 @@ T4 = GpuDatasheet("NVIDIA T4 16GB", 16 * GiB, 65.0, 320.0)
 # The ALISA paper's CPU-GPU link and host memory (both its H100 and V100 settings).
 PAPER_LINK_GBps = 20.0
 PAPER_HOST_MEMORY_BYTES = 128 * GB
-# PCIe 3.0 x16 is 15.75 GB/s raw; pinned transfers typically reach ~12 GB/s.
-PCIE3_X16_PINNED_GBps = 12.0
+# FlexGen's hardware constants for its T4 machine, as its authors fitted them: FlexGen's cost_model.py,
+# `CostModelConfig`, "default value aligned on google cloud T4". FlexGen's units (flexgen/utils.py): GB = 1 << 30 bytes,
+# T = 1e12. In FlexGen's cost model the two attention "FLOPS" divide byte counts: bmm_flops_g and cpu_flops divide
+# 4 * bls * L * h1, which is both the decode attention FLOPs and the fp16 K + V bytes read (1 FLOP per fp16 KV byte).
+FLEXGEN_GB = 1 << 30
+FLEXGEN_T = 1e12
+FLEXGEN_T4 = {
+    "ctog_bdw": 12.89 * FLEXGEN_GB,  # CPU -> GPU
+    "gtoc_bdw_cache": 0.97 * FLEXGEN_GB,  # GPU -> CPU of KV-cache slices (strided stores into the CPU cache)
+    "gtoc_bdw_hidden": 4.82 * FLEXGEN_GB,  # GPU -> CPU contiguous (activations)
+    "mm_flops_p": 21.24 * FLEXGEN_T,  # GEMM in the prefill
+    "mm_flops_g": 4.3 * FLEXGEN_T,  # GEMM in decode (m = GPU batch size)
+    "bmm_flops_p": 9.97 * FLEXGEN_T,  # prefill attention, FLOPs counted over the full L x L matrix (4 b L^2 h1)
+    "bmm_flops_g": 0.079 * FLEXGEN_T,  # decode attention on the GPU: 79e9 fp16 KV bytes per second
+    "cpu_flops": 0.0123 * FLEXGEN_T,  # decode attention on the CPU (fp32 math on the fp16 cache): 12.3e9 fp16 KV B/s
+}
+FLEXGEN_T4_SOURCE = "FlexGen's cost_model.py, CostModelConfig, \"default value aligned on google cloud T4\""
+# Ours, not FlexGen's: the GEMM rate is mm_flops_g up to this many rows (decode GEMMs have m = GPU batch size),
+# mm_flops_p from the second bound on (prefill GEMMs have m = batch x prompt tokens), a power law in between.
+T4_DECODE_GEMM_MAX_M = 256
+T4_PREFILL_GEMM_MIN_M = 2048
 # FlexGen's host, a GCP n1-highmem-32 (32 vCPUs = 16 Skylake cores at ~2.0 GHz, 208 GB). Estimates, not measurements:
 # fp32 GEMM ~60% of the 2.0 TFLOPS AVX-512 peak; no native bf16 on Skylake, so bf16 runs slower than fp32;
 # memory figures a little under the measured 16-core H100 host's (22 GB/s memcpy, 59 GB/s copy) for older DDR4.
@@ -378,26 +397,154 @@ def paper_v100(h100: dict, h200: dict, calibration: Calibration) -> dict:
     return _validated(profile, profile["name"])
 
 
+def flexgen_gemm_flops_per_s(m: np.ndarray) -> np.ndarray:
+    """The T4 GEMM rate over m: FlexGen's mm_flops_g up to T4_DECODE_GEMM_MAX_M rows, its mm_flops_p from
+    T4_PREFILL_GEMM_MIN_M rows on, a power law in m between them (our interpolation; FlexGen has the two rates only)."""
+    low, high = FLEXGEN_T4["mm_flops_g"], FLEXGEN_T4["mm_flops_p"]
+    share = np.clip(np.log(np.asarray(m, dtype=float) / T4_DECODE_GEMM_MAX_M)
+                    / np.log(T4_PREFILL_GEMM_MIN_M / T4_DECODE_GEMM_MAX_M), 0.0, 1.0)
+    return low * (high / low) ** share
+
+
+def _gb(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.4g} GB/s"
+
+
+def fitted_t4_gpu(calibration: Calibration, shapes: dict, gather_ratio_source: dict) -> dict:
+    """T4 tables at FlexGen's fitted rates over another profile's measurement shapes, bounded by the T4 datasheet's
+    memory roof with the H100-calibrated memory efficiencies and latencies."""
+    gemm_rows = shapes["gemm_fp16"]
+    decode_rows = shapes["decode_attention_fp16"]
+    prefill_rows = shapes["prefill_attention_fp16"]
+    gemm_memory_Bps = T4.memory_GBps * 1e9 * calibration.gemm.memory_efficiency
+    attention_memory_Bps = T4.memory_GBps * 1e9 * calibration.prefill_attention.memory_efficiency
+
+    flops, nbytes = _gemm_work(gemm_rows)
+    m = np.array([r["m"] for r in gemm_rows], dtype=float)
+    gemm_s = np.maximum(flops / flexgen_gemm_flops_per_s(m), nbytes / gemm_memory_Bps) + calibration.gemm.latency_s
+
+    _, kv_bytes = _decode_work(decode_rows)
+    decode_s = np.maximum(kv_bytes / FLEXGEN_T4["bmm_flops_g"],
+                          calibration.decode_attention.time_s(*_decode_work(decode_rows), T4))
+
+    causal_flops, qkvo_bytes = _prefill_work(prefill_rows)
+    prefill_s = np.maximum(2 * causal_flops / FLEXGEN_T4["bmm_flops_p"],
+                           qkvo_bytes / attention_memory_Bps) + calibration.prefill_attention.latency_s
+
+    gather_ratio = {(r["b"], r["L"]): r["gather20_s"] / r["s"] for r in gather_ratio_source["decode_attention_fp16"]}
+    return {
+        "source": {"kind": "fitted", "note": (
+            f"{T4.name}; fitted: the compute rates FlexGen's authors fitted on this machine ({FLEXGEN_T4_SOURCE}): "
+            "GEMM at mm_flops_g = 4.3 T FLOP/s for m <= "
+            f"{T4_DECODE_GEMM_MAX_M} and mm_flops_p = 21.24 T FLOP/s for m >= {T4_PREFILL_GEMM_MIN_M}, a power law in "
+            "m between them (our interpolation, not FlexGen's); prefill attention at bmm_flops_p = 9.97 T FLOP/s in "
+            "FlexGen's FLOP count over the full L x L matrix (4 b L^2 H D, twice alisa_sim's causal count, so "
+            f"{FLEXGEN_T4['bmm_flops_p'] / 2e12:.4g} T causal FLOP/s); decode attention at bmm_flops_g = 0.079 T "
+            "FLOP/s, which FlexGen divides into the fp16 K + V bytes (79 GB/s of KV). Derived, not fitted: "
+            f"memory_bytes = the datasheet's 16 GiB; memory roofs from the datasheet's {T4.memory_GBps:g} GB/s GDDR6 x "
+            f"the H100-calibrated memory efficiencies (GEMM {calibration.gemm.memory_efficiency:.3f}, attention "
+            f"{calibration.prefill_attention.memory_efficiency:.3f}); rows = max(FLOPs / fitted rate, bytes / memory "
+            f"roof) + the H100-calibrated kernel latency (GEMM {calibration.gemm.latency_s:.3g} s, prefill attention "
+            f"{calibration.prefill_attention.latency_s:.3g} s); decode attention = max(KV bytes / 79 GB/s, the "
+            "H100-calibrated datasheet roofline); hbm_GBps = datasheet bandwidth x the measured H100 HBM copy "
+            f"efficiency; peak_fp16_tflops = the datasheet's {T4.peak_fp16_tflops:g}; gather20_s = s x the measured "
+            f"H100 gather20_s / s at the same (b, L); {LAUNCH_OVERHEAD_NOTE}")},
+        "name": T4.name,
+        "memory_bytes": T4.memory_bytes,
+        "hbm_GBps": _significant(T4.memory_GBps * calibration.hbm_copy_efficiency),
+        "peak_fp16_tflops": T4.peak_fp16_tflops,
+        "launch_overhead_s": LAUNCH_OVERHEAD_S,
+        "gemm_fp16": [_Row(m=r["m"], k=r["k"], n=r["n"], s=_significant(s)) for r, s in zip(gemm_rows, gemm_s)],
+        "decode_attention_fp16": [
+            _Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s),
+                 gather20_s=_significant(s * gather_ratio[r["b"], r["L"]])) for r, s in zip(decode_rows, decode_s)],
+        "prefill_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s))
+                                   for r, s in zip(prefill_rows, prefill_s)],
+    }
+
+
+def fitted_t4_link(measured_link: dict) -> dict:
+    """PCIe 3.0 x16 copies at FlexGen's fitted T4 bandwidths at the measured sizes, over the measured latency floor."""
+    rows = measured_link["copies"]
+    latency_s = {d: min(r[f"{d}_pinned_s"] for r in rows) for d in ("h2d", "d2h")}
+    h2d_Bps, d2h_Bps, d2h_cache_Bps = (FLEXGEN_T4[key] for key in ("ctog_bdw", "gtoc_bdw_hidden", "gtoc_bdw_cache"))
+    copies = []
+    for row in rows:
+        h2d_pinned_s = latency_s["h2d"] + row["bytes"] / h2d_Bps
+        copies.append(_Row(
+            bytes=row["bytes"],
+            h2d_pinned_s=_significant(h2d_pinned_s),
+            d2h_pinned_s=_significant(latency_s["d2h"] + row["bytes"] / d2h_Bps),
+            h2d_pageable_s=_significant(h2d_pinned_s * row["h2d_pageable_s"] / row["h2d_pinned_s"]),
+            d2h_pageable_s=_significant(latency_s["d2h"] + row["bytes"] / d2h_cache_Bps)))
+    return {
+        "source": {"kind": "fitted", "note": (
+            f"fitted: FlexGen's T4 link bandwidths ({FLEXGEN_T4_SOURCE}; GB = 2^30 bytes as in FlexGen's utils.py): "
+            f"pinned H2D at ctog_bdw = 12.89 GB ({_gb(h2d_Bps)}), pinned D2H at gtoc_bdw_hidden = 4.82 GB "
+            f"({_gb(d2h_Bps)}), pageable D2H at gtoc_bdw_cache = 0.97 GB ({_gb(d2h_cache_Bps)}): FlexGen's KV stores "
+            "are strided slice copies into the CPU cache and run at this speed, and the simulator's FlexGen policy "
+            "issues its KV stores as pageable D2H. Derived, not fitted: rows = latency + bytes / bandwidth at the "
+            f"measured H100 sizes, latency = the measured H100 smallest pinned transfer time (h2d "
+            f"{latency_s['h2d']:.3g} s, d2h {latency_s['d2h']:.3g} s); pageable H2D = pinned H2D x the measured H100 "
+            "pageable/pinned ratio at that size (PCIe gen5's ratio; probably overstates the penalty on a slower "
+            "link); bidirectional_factor as measured on the H100")},
+        "name": "PCIe 3.0 x16",
+        "copies": copies,
+        "bidirectional_factor": measured_link["bidirectional_factor"],
+    }
+
+
+def fitted_t4_host(host: HostEstimate, measured_cpu: dict) -> dict:
+    """The estimated host with its decode attention rows at FlexGen's fitted cpu_flops."""
+    cpu = estimated_host(host, measured_cpu)
+    # FlexGen's cpu_flops divides fp16 KV bytes; alisa_sim's CPU attention rows and queries count fp32 bytes.
+    fp32_Bps = 2 * FLEXGEN_T4["cpu_flops"]
+    rows = []
+    for row in cpu["decode_attention"]:
+        if row["dtype"] != "float32":
+            raise ValueError(f"CPU decode attention row {dict(row)} is not float32")
+        rows.append(_Row({**row, "s": _significant(decode_kv_bytes(row["b"], row["L"], row["H"], row["D"], 4)
+                                                   / fp32_Bps)}))
+    gemm = ", ".join(f"{dtype} {tflops:g}" for dtype, tflops in host.gemm_tflops.items())
+    cpu["decode_attention"] = rows
+    cpu["source"] = {"kind": "fitted", "note": (
+        f"fitted: decode attention at FlexGen's cpu_flops = 0.0123 T ({FLEXGEN_T4_SOURCE}), which FlexGen divides "
+        f"into the fp16 K + V bytes (FlexGen computes CPU attention in fp32 over its fp16 cache): {_gb(fp32_Bps / 2)} "
+        f"of fp16 KV = {_gb(fp32_Bps)} counted as fp32 bytes, as alisa_sim queries CPU attention; rows at the "
+        "measured H100 host's shapes; FlexGen's small-batch correction (cpu_flops_real with c1, c2, c3: slower below "
+        "GPU batch 64 or hidden size 4096) is not applied. Derived, not fitted: "
+        f"{host.name}: estimates from the spec sheet, not measured (memcpy {host.memcpy_GBps:g} GB/s, copy "
+        f"{host.copy_GBps:g} GB/s, GEMM TFLOPS {gemm})")}
+    return cpu
+
+
 def flexgen_t4(h100: dict, h200: dict, calibration: Calibration) -> dict:
-    """FlexGen's published setting: one T4 16 GB on PCIe 3.0 x16 in a GCP n1-highmem-32 (208 GB DRAM)."""
+    """FlexGen's published setting: one T4 16 GB on PCIe 3.0 x16 in a GCP n1-highmem-32 (208 GB DRAM), at the rates
+    FlexGen's authors fitted on that machine."""
     profile = {
         "name": "t4-16g",
-        "description": "FlexGen's setting: NVIDIA T4 16 GB, PCIe 3.0 x16, GCP n1-highmem-32 host with 208 GB DRAM",
-        "provenance": _derived_provenance(h100, [
-            "derived: no T4 was measured; GPU tables from the T4 datasheet by a roofline calibrated on the measured "
-            "H100, over the shapes of " + h200["provenance"]["measurements_file"],
-            calibration.describe(),
-            "the T4 is a 70 W card whose clocks throttle under sustained load: its real GEMM rates are likely lower "
-            "than the H100-calibrated efficiencies give",
-            f"link = PCIe 3.0 x16 at {PCIE3_X16_PINNED_GBps:g} GB/s effective pinned (typical of PCIe 3.0 x16); "
-            "CPU = estimates for an n1-highmem-32",
-            LAUNCH_OVERHEAD_NOTE]),
-        "gpu": derived_gpu(T4, calibration, h200["gpu"], h100["gpu"]),
-        "link": derived_link(h100["link"], PCIE3_X16_PINNED_GBps, "PCIe 3.0 x16",
-                             f"PCIe 3.0 x16 at a typical {PCIE3_X16_PINNED_GBps:g} GB/s effective pinned bandwidth "
-                             "(an estimate; the measured pageable/pinned ratios of PCIe gen5 probably overstate the "
-                             "pageable penalty on a slower link)"),
-        "cpu": estimated_host(N1_HIGHMEM_32, h100["cpu"]),
+        "description": ("FlexGen's setting: NVIDIA T4 16 GB, PCIe 3.0 x16, GCP n1-highmem-32 host with 208 GB DRAM; "
+                        "rates fitted by FlexGen's authors"),
+        "provenance": {
+            **_derived_provenance(h100, [
+                f"fitted: no T4 was measured here; GEMM, attention and link rates are the hardware constants "
+                f"FlexGen's authors fitted on this machine ({FLEXGEN_T4_SOURCE}; GB = 2^30 bytes, T = 1e12, as in "
+                "FlexGen's flexgen/utils.py): ctog_bdw = 12.89 GB, gtoc_bdw_cache = 0.97 GB, gtoc_bdw_hidden = 4.82 "
+                "GB, mm_flops_p = 21.24 T, mm_flops_g = 4.3 T, bmm_flops_p = 9.97 T, bmm_flops_g = 0.079 T, "
+                "cpu_flops = 0.0123 T (FlexGen fitted them by gradient descent on end-to-end run times, so they "
+                "fold in per-layer overheads); tables over the shapes of " + h200["provenance"]["measurements_file"],
+                "derived, not fitted: GPU memory (datasheet 16 GiB), memory roofs (datasheet 320 GB/s x the "
+                "H100-calibrated efficiencies), kernel latencies and the link latency floor and pageable H2D ratio "
+                "(measured H100), the host's memory, memcpy, copy and GEMM figures (n1-highmem-32 estimates)",
+                calibration.describe(),
+                LAUNCH_OVERHEAD_NOTE]),
+            "machine": "FlexGen's GCP T4 machine, not measured here (rates fitted by FlexGen's authors)",
+            "method": ("hardware constants fitted by FlexGen's authors (FlexGen cost_model.py CostModelConfig), "
+                       "tabulated with the T4 datasheet and the measured H100 profile by alisa_sim.profile_builder"),
+        },
+        "gpu": fitted_t4_gpu(calibration, h200["gpu"], h100["gpu"]),
+        "link": fitted_t4_link(h100["link"]),
+        "cpu": fitted_t4_host(N1_HIGHMEM_32, h100["cpu"]),
     }
     return _validated(profile, profile["name"])
 

@@ -130,6 +130,29 @@ def test_paper_h100_link_moves_a_gigabyte_at_20_GBps():
     assert cost.h2d_bandwidth(1e9) == pytest.approx(20e9, rel=0.01)
 
 
+def test_t4_answers_flexgens_fitted_rates():
+    """FlexGen's CostModelConfig for its GCP T4 (GB = 2**30, T = 1e12), through the cost model's queries."""
+    cost = CostModel(load_hardware_profile("t4-16g"))
+    GiB = 2**30
+    # Link: pinned H2D at ctog_bdw, pinned D2H at gtoc_bdw_hidden, pageable D2H (KV stores) at gtoc_bdw_cache.
+    assert cost.copy_s(GiB, "h2d") == pytest.approx(1 / 12.89, rel=1e-3)
+    assert cost.copy_s(GiB, "d2h") == pytest.approx(1 / 4.82, rel=1e-3)
+    assert cost.copy_s(GiB, "d2h", pinned=False) == pytest.approx(1 / 0.97, rel=1e-3)
+    assert cost.copy_s(GiB, "h2d", pinned=False) > cost.copy_s(GiB, "h2d")
+    # GEMM: mm_flops_p for prefill-sized m (an unmeasured (k, n) too), mm_flops_g for decode-sized m.
+    flops = 2 * 8192 * 7168 * 7168
+    assert cost.gemm_s(8192, 7168, 7168) == pytest.approx(flops / 21.24e12, rel=0.01)
+    assert cost.gemm_s(64, 4096, 4096) == pytest.approx(2 * 64 * 4096 * 4096 / 4.3e12, rel=0.05)
+    # Attention: prefill at bmm_flops_p over FlexGen's full-matrix FLOPs (4 b L^2 H D); decode at 79e9 fp16 KV bytes/s.
+    assert cost.prefill_attention_s(8, 2048, 32, 128) == pytest.approx(4 * 8 * 2048**2 * 32 * 128 / 9.97e12, rel=0.01)
+    kv_fp16 = 2 * 32 * 4096 * 32 * 128 * 2
+    assert cost.decode_attention_s(32, 4096, 32, 32, 128) == pytest.approx(kv_fp16 / 79e9, rel=1e-3)
+    # CPU decode attention: cpu_flops = 12.3e9 fp16 KV bytes/s, queried in fp32 bytes: 24.6e9.
+    for batch, context in ((1, 1024), (8, 2048), (32, 1024), (64, 8192)):
+        kv_fp32 = 2 * batch * context * 32 * 128 * 4
+        assert cost.cpu_decode_attention_s(batch, context, 32, 32, 128) == pytest.approx(kv_fp32 / 24.6e9, rel=1e-3)
+
+
 def test_hbm_and_cpu_figures(cost, h200):
     assert cost.hbm_s(1e9) == pytest.approx(1e9 / (h200.gpu.hbm_GBps * 1e9), rel=EXACT)
     assert cost.cpu_copy_s(1e9) == pytest.approx(1e9 / (h200.cpu.copy_GBps * 1e9), rel=EXACT)

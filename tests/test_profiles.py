@@ -46,21 +46,54 @@ def test_paper_h100_is_the_measured_gpu_behind_a_derived_link():
     assert paper.cpu.gemm_tflops == h100.cpu.gemm_tflops
 
 
-@pytest.mark.parametrize("name, peak_tflops, cpu_memory_bytes", [("paper-v100-32g", 125.0, 128 * 10**9),
-                                                                 ("t4-16g", 65.0, 208 * 10**9)])
-def test_datasheet_profiles_are_derived_with_fitted_efficiencies(name, peak_tflops, cpu_memory_bytes):
-    profile, h200 = load_hardware_profile(name), load_hardware_profile("h200")
+def _same_shapes_as_h200(profile):
+    h200 = load_hardware_profile("h200")
+    assert [(r.m, r.k, r.n) for r in profile.gpu.gemm_fp16] == [(r.m, r.k, r.n) for r in h200.gpu.gemm_fp16]
+    assert [(r.b, r.L) for r in profile.gpu.decode_attention_fp16] == [(r.b, r.L) for r in h200.gpu.decode_attention_fp16]
+    assert [(r.b, r.L) for r in profile.gpu.prefill_attention_fp16] == [
+        (r.b, r.L) for r in h200.gpu.prefill_attention_fp16]
+
+
+def _best_gemm_tflops(profile):
+    return max(2 * r.m * r.k * r.n / r.s for r in profile.gpu.gemm_fp16) / 1e12
+
+
+def test_v100_is_derived_with_fitted_efficiencies():
+    profile = load_hardware_profile("paper-v100-32g")
     assert _source_kinds(profile) == {"gpu": "derived", "link": "derived", "cpu": "derived"}
     notes = " ".join(profile.provenance.notes)
     assert "derived" in notes and "compute_efficiency=" in notes and "memory_efficiency=" in notes
-    assert profile.gpu.peak_fp16_tflops == peak_tflops
-    assert profile.cpu.memory_bytes == cpu_memory_bytes
-    # The same shapes as the H200 measurements.
-    assert [(r.m, r.k, r.n) for r in profile.gpu.gemm_fp16] == [(r.m, r.k, r.n) for r in h200.gpu.gemm_fp16]
-    assert [(r.b, r.L) for r in profile.gpu.decode_attention_fp16] == [(r.b, r.L) for r in h200.gpu.decode_attention_fp16]
+    assert profile.gpu.peak_fp16_tflops == 125.0
+    assert profile.cpu.memory_bytes == 128 * 10**9
+    _same_shapes_as_h200(profile)
     # A roofline derivation never beats the datasheet.
-    best_tflops = max(2 * r.m * r.k * r.n / r.s for r in profile.gpu.gemm_fp16) / 1e12
-    assert best_tflops < peak_tflops
+    assert _best_gemm_tflops(profile) < 125.0
+
+
+def test_t4_uses_flexgens_fitted_rates_and_says_so():
+    profile, h100 = load_hardware_profile("t4-16g"), load_hardware_profile("h100")
+    assert _source_kinds(profile) == {"gpu": "fitted", "link": "fitted", "cpu": "fitted"}
+    citation = 'CostModelConfig, "default value aligned on google cloud T4"'
+    notes = " ".join(profile.provenance.notes)
+    assert citation in notes and "GB = 2^30" in notes
+    for constant in ("ctog_bdw = 12.89", "gtoc_bdw_cache = 0.97", "gtoc_bdw_hidden = 4.82", "mm_flops_p = 21.24",
+                     "mm_flops_g = 4.3", "bmm_flops_p = 9.97", "bmm_flops_g = 0.079", "cpu_flops = 0.0123"):
+        assert constant in notes, constant
+    assert "derived, not fitted" in notes
+    for section in (profile.gpu, profile.link, profile.cpu):
+        assert citation in section.source.note and "Derived, not fitted" in section.source.note
+    assert "our interpolation" in profile.gpu.source.note
+    # Datasheet and estimates, unchanged by the fit.
+    assert profile.gpu.memory_bytes == 16 * 2**30 and profile.gpu.peak_fp16_tflops == 65.0
+    assert profile.cpu.memory_bytes == 208 * 10**9 and profile.cpu.cores == 32
+    assert (profile.cpu.memcpy_GBps, profile.cpu.copy_GBps) == (16.0, 40.0)
+    assert profile.cpu.gemm_tflops == {"float32": 1.2, "bfloat16": 0.5}
+    assert [(r.b, r.L, r.dtype) for r in profile.cpu.decode_attention] == [
+        (r.b, r.L, r.dtype) for r in h100.cpu.decode_attention]
+    assert [row.bytes for row in profile.link.copies] == [row.bytes for row in h100.link.copies]
+    _same_shapes_as_h200(profile)
+    # FlexGen's prefill GEMM rate is the best any row reaches, far under the datasheet peak.
+    assert _best_gemm_tflops(profile) == pytest.approx(21.24, rel=0.01)
 
 
 @pytest.mark.parametrize("name", MEASURED)
