@@ -112,3 +112,24 @@ def test_alisa_fig1_trend_on_v100():
                                cpu_attention=False)["total_s"])
     assert 2.5 < totals[1] / totals[0] < 3.5
     assert 5.0 < totals[2] / totals[0] < 7.0
+
+
+# FlexGen paper (Sheng et al., ICML 2023), Table 2: generation throughput (token/s) on one T4 16 GB with 208 GB DRAM,
+# output length 32; the policies are FlexGen's published ones (Table 15 / benchmark/flexgen/bench_suite.py).
+# The t4-16g profile's rates come from FlexGen's own fitted CostModelConfig for that machine, not from these numbers.
+FLEXGEN_TABLE_2 = [
+    # model, prompt, published tok/s, percent, gpu_batch_size, num_gpu_batches, cpu_attention, overlap, tolerance
+    ("opt-6.7b", 512, 25.26, [100, 0, 100, 0, 100, 0], 2, 1, False, False, 0.20),
+    ("opt-30b", 512, 7.32, [20, 80, 0, 100, 0, 100], 48, 3, True, True, 0.20),
+    ("opt-6.7b", 1024, 13.72, [100, 0, 100, 0, 100, 0], 1, 1, False, False, 0.25),
+    ("opt-30b", 1024, 3.50, [4, 96, 0, 100, 0, 100], 20, 4, True, True, 0.25),
+]
+
+
+@pytest.mark.parametrize("model,prompt,published,percent,gbs,ngb,cpu_attention,overlap,tolerance", FLEXGEN_TABLE_2)
+def test_flexgen_published_throughput_on_t4(model, prompt, published, percent, gbs, ngb, cpu_attention, overlap,
+                                            tolerance):
+    m = _metrics(model=model, batch=gbs * ngb, prompt=prompt, gen=32, percent=percent, gpu_batch_size=gbs,
+                 num_gpu_batches=ngb, cpu_attention=cpu_attention, overlap=overlap)
+    assert not m["oom"]
+    assert m["throughput_tok_s"] == pytest.approx(published, rel=tolerance)
