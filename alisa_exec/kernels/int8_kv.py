@@ -3,8 +3,10 @@
 Each group of values gets a scale and a float zero point (the group's minimum, FlexGen's layout):
 `q = clamp(floor((x - zero) / scale + 1/2), 0, 255)` stored as uint8, `x ~ q * scale + zero`, with
 `scale = (max - min) / 255`. Rounding to the nearest level makes the round-trip error at most `scale / 2` per
-element; `scale` and `zero` are stored in the values' own dtype and the quantization uses the stored (rounded)
-numbers, so the bound holds for what is read back. A constant group stores `scale = 1` and `q = 0`, exactly.
+element. `scale` and `zero` are stored in the values' own dtype (so the minimum is exact) and the quantization
+uses them as stored, so the bound holds for what is read back; the scale is nudged up by one rounding step of
+that dtype before it is stored, so the group's maximum still maps to at most 255 rather than clipping, whichever
+way the conversion rounds. A constant group stores `scale = 1` and `q = 0`, exactly.
 
 A group is `token_group` consecutive tokens by `channel_group` consecutive channels of one KV head:
 `token_group = 1` is per-token groups of channels (the default; every new token is quantized on its own as it is
@@ -80,7 +82,7 @@ def quantize_reference(x: Tensor, token_group: int, channel_group: int) -> tuple
     groups = x.float().reshape(batch, kv_heads, seq // token_group, token_group, head_dim // channel_group,
                                channel_group)
     lo, hi = groups.amin(dim=(3, 5)), groups.amax(dim=(3, 5))
-    scale = torch.where(hi > lo, (hi - lo) / LEVELS, 1.0).to(x.dtype)
+    scale = torch.where(hi > lo, (hi - lo) / LEVELS * (1 + torch.finfo(x.dtype).eps), 1.0).to(x.dtype)
     zero = lo.to(x.dtype)
     expand = (slice(None), slice(None), slice(None), None, slice(None), None)
     q = torch.floor((groups - zero.float()[expand]) / scale.float()[expand] + 0.5).clamp(0, LEVELS)
@@ -94,7 +96,7 @@ def _quantize_store_kernel(x_ptr, positions_ptr, data_ptr, scale_ptr, zero_ptr, 
                            param_stride_b, param_stride_h, param_stride_s,
                            KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, TOKEN_GROUP: tl.constexpr,
                            CHANNEL_GROUP: tl.constexpr, NUM_CHANNEL_GROUPS: tl.constexpr,
-                           GROUPS_PER_PROGRAM: tl.constexpr):
+                           GROUPS_PER_PROGRAM: tl.constexpr, SCALE_EPS: tl.constexpr):
     """Quantize GROUPS_PER_PROGRAM token groups of new rows of one (sequence, KV head) and store them by position."""
     seq_head = tl.program_id(0)
     b, h = seq_head // KV_HEADS, seq_head % KV_HEADS
@@ -111,7 +113,7 @@ def _quantize_store_kernel(x_ptr, positions_ptr, data_ptr, scale_ptr, zero_ptr, 
     lo = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=3, keep_dims=True), axis=1, keep_dims=True)
     hi = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=3, keep_dims=True), axis=1, keep_dims=True)
     # Quantize with the scale and zero as they will be stored, so the error bound holds for what is read back.
-    scale = tl.where(hi > lo, (hi - lo) / 255.0, 1.0).to(scale_ptr.dtype.element_ty)
+    scale = tl.where(hi > lo, (hi - lo) / 255.0 * (1.0 + SCALE_EPS), 1.0).to(scale_ptr.dtype.element_ty)
     zero = lo.to(zero_ptr.dtype.element_ty)
     q = tl.floor((x - zero.to(tl.float32)) / scale.to(tl.float32) + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), 255.0).to(tl.uint8)
@@ -150,4 +152,4 @@ def store_quantized(cache: QuantizedKV, positions: Tensor, x: Tensor) -> None:
         cache.scale.stride(0), cache.scale.stride(1), cache.scale.stride(2),
         KV_HEADS=kv_heads, HEAD_DIM=head_dim, TOKEN_GROUP=cache.token_group, CHANNEL_GROUP=cache.channel_group,
         NUM_CHANNEL_GROUPS=triton.next_power_of_2(head_dim // cache.channel_group),
-        GROUPS_PER_PROGRAM=groups_per_program)
+        GROUPS_PER_PROGRAM=groups_per_program, SCALE_EPS=torch.finfo(x.dtype).eps)

@@ -1,0 +1,192 @@
+"""SWA token selection: the local attention sum over the last k decode steps, then k recent + top-k older tokens.
+
+Definition (the house plan). At a decode step with n cached tokens (the current one included) and keep ratio
+r = 1 - kv_sparsity, `k = max(1, round(n * r / 2))`; the step attends to the k most recent tokens and to the k
+older tokens with the largest attention weight, summed over heads, over the last k decode steps (or as many steps
+as exist); when n < 2k every older token is selected. `round` is half-up, so r = 1 keeps every token at odd n too.
+
+`LocalAttentionSum` keeps that sum for one layer, incrementally: `push` stores a step's row (the positions the step
+attended and their head-summed probabilities, as `sparse_decode_attention` returns them), and `select` adds the
+rows pushed since the last selection and subtracts the rows that left the window, in one Triton launch, then
+picks. Rows are kept in a ring of `max_window + 1` rows until they leave, because subtracting a row needs it.
+The first decode step after a dense prefill is seeded with the prefill's last attention rows (`seed`).
+
+The sum is fixed point (units of 2^-32) in int64, so adding and later subtracting a row cancel exactly: the
+incremental sum equals a sum from scratch bit for bit, and ties are real ties. Ties go to the older position, so
+a step with no history (all sums zero) selects the first tokens, like attention sinks.
+
+Per-head selection (the ablation) is the same with (sequence, KV head) pairs as the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+FIXED_POINT_ONE = 2.0 ** 32  # a probability of 1 in the int64 window sum
+
+
+def swa_window(num_tokens: int, kv_sparsity: float) -> int:
+    """k for a step with `num_tokens` cached tokens: the recent-window size and the number of older tokens kept."""
+    keep_ratio = 1.0 - kv_sparsity
+    # The epsilon keeps e.g. 15 * (1 - 0.8) / 2 = 1.4999999999999998 rounding up, as 1.5 does.
+    return max(1, math.floor(num_tokens * keep_ratio / 2 + 0.5 + 1e-9))
+
+
+def prefill_window_rows(q: Tensor, k: Tensor, num_rows: int, sm_scale: float | None = None,
+                        per_head: bool = False) -> Tensor:
+    """Head-summed causal attention rows of the prompt's last `num_rows` queries, to seed `LocalAttentionSum`.
+
+    q [batch, heads, s, d] and k [batch, kv_heads, s, d] as the prefill's attention sees them (after rotary
+    embeddings). Returns [batch, num_rows, s] in fp32, or [batch, kv_heads, num_rows, s] with `per_head`.
+    """
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    num_rows = min(num_rows, seq)
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    query_pos = torch.arange(seq - num_rows, seq, device=q.device)
+    future = torch.arange(seq, device=q.device)[None, :] > query_pos[:, None]
+    rows = torch.zeros(batch, kv_heads, num_rows, seq, dtype=torch.float32, device=q.device)
+    for kv_head in range(kv_heads):  # one KV head's query group at a time keeps the score tensor small
+        group = q[:, kv_head * (heads // kv_heads):(kv_head + 1) * (heads // kv_heads), -num_rows:].float()
+        scores = (group @ k[:, kv_head, None].float().transpose(-1, -2)) * sm_scale
+        rows[:, kv_head] = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=1)
+    return rows if per_head else rows.sum(dim=1)
+
+
+# --- PyTorch references ------------------------------------------------------------------------------------------
+
+def to_fixed_point(probs: Tensor) -> Tensor:
+    """Probabilities as the int64 window sum counts them (scaling by 2^32 is exact; the conversion truncates)."""
+    return (probs.float() * FIXED_POINT_ONE).to(torch.int64)
+
+
+def window_sum_reference(rows: list[tuple[Tensor, Tensor]], batch: int, max_seq_len: int) -> Tensor:
+    """From-scratch fixed-point sum of rows (positions [batch, w], probabilities [batch, w]; negative = padding)."""
+    scores = torch.zeros(batch, max_seq_len, dtype=torch.int64)
+    for positions, probs in rows:
+        positions, probs = positions.cpu().long(), probs.cpu()
+        valid = positions >= 0
+        scores.scatter_add_(1, positions.clamp(min=0), torch.where(valid, to_fixed_point(probs), 0))
+    return scores
+
+
+def select_reference(scores: Tensor, num_tokens: int, k: int) -> Tensor:
+    """The k recent positions and the top-k older ones by `scores` (ties: older first), sorted, [batch, T]."""
+    batch = scores.shape[0]
+    older_count = num_tokens - k
+    take = min(k, older_count)
+    ranked = torch.sort(scores[:, :older_count], dim=1, descending=True, stable=True).indices[:, :take]
+    recent = torch.arange(older_count, num_tokens, device=scores.device).expand(batch, k)
+    return torch.cat([ranked.sort(dim=1).values, recent], dim=1).to(torch.int32)
+
+
+# --- Triton: add the new rows and subtract the leaving ones ------------------------------------------------------
+
+@triton.jit
+def _update_window_kernel(scores_ptr, positions_ptr, probs_ptr, subtract_first, subtract_count, add_first,
+                          add_count, capacity, width, scores_stride_b, ring_stride_b, ring_stride_row,
+                          BLOCK: tl.constexpr):
+    """One sequence: subtract `subtract_count` ring rows from its window sum, then add `add_count` rows."""
+    b = tl.program_id(0)
+    for i in range(subtract_count + add_count):
+        subtract = i < subtract_count
+        row = tl.where(subtract, subtract_first + i, add_first + i - subtract_count) % capacity
+        ring = b * ring_stride_b + row * ring_stride_row
+        for block_start in range(0, width, BLOCK):
+            cols = block_start + tl.arange(0, BLOCK)
+            positions = tl.load(positions_ptr + ring + cols, mask=cols < width, other=-1)
+            probs = tl.load(probs_ptr + ring + cols, mask=cols < width, other=0.0)
+            fixed = (probs * 4294967296.0).to(tl.int64)  # FIXED_POINT_ONE
+            valid = positions >= 0
+            target = scores_ptr + b * scores_stride_b + positions
+            current = tl.load(target, mask=valid, other=0)
+            tl.store(target, tl.where(subtract, current - fixed, current + fixed), mask=valid)
+        # A position recurs across rows and other threads may own it in the next row: make this row's stores
+        # visible to the whole program first.
+        tl.debug_barrier()
+
+
+class LocalAttentionSum:
+    """One layer's SWA selection state for a batch decoding in lockstep (every sequence holds the same n)."""
+
+    BLOCK = 256
+
+    def __init__(self, batch: int, max_seq_len: int, kv_sparsity: float, device: torch.device | str,
+                 prompt_len: int = 0):
+        self.kv_sparsity = kv_sparsity
+        self.max_seq_len = max_seq_len
+        self.max_window = swa_window(max_seq_len, kv_sparsity)
+        # Between two selections the ring holds the window (at most max_window rows) plus the newest row.
+        self.capacity = self.max_window + 1
+        self.width = max(2 * self.max_window, prompt_len)  # a prefill row is dense over the prompt
+        self.scores = torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device)
+        self.ring_positions = torch.full((batch, self.capacity, self.width), -1, dtype=torch.int32, device=device)
+        self.ring_probs = torch.zeros(batch, self.capacity, self.width, dtype=torch.float32, device=device)
+        self.rows_pushed = 0
+        # Rows [summed_first, summed_end) of all rows ever pushed are in `scores`.
+        self.summed_first = 0
+        self.summed_end = 0
+
+    def push(self, positions: Tensor, probs: Tensor, lengths: Tensor | None = None) -> None:
+        """Store one decode step's row: positions [batch, T] and their head-summed probabilities [batch, T]."""
+        if self.rows_pushed - self.summed_first >= self.capacity:
+            raise RuntimeError("the ring is full: call select() between pushes")
+        width = positions.shape[1]
+        if width > self.width:
+            raise ValueError(f"a row of {width} tokens does not fit the ring's {self.width}")
+        slot = self.rows_pushed % self.capacity
+        if lengths is not None:
+            positions = torch.where(torch.arange(width, device=positions.device) < lengths[:, None], positions, -1)
+        self.ring_positions[:, slot, :width] = positions
+        self.ring_positions[:, slot, width:] = -1
+        self.ring_probs[:, slot, :width] = probs
+        self.rows_pushed += 1
+
+    def seed(self, prefill_rows: Tensor) -> None:
+        """Store the prefill's last attention rows, [batch, m, s] (`prefill_window_rows`), oldest first."""
+        batch, num_rows, seq = prefill_rows.shape
+        positions = torch.arange(seq, dtype=torch.int32, device=prefill_rows.device).expand(batch, seq)
+        for row in range(max(0, num_rows - self.capacity), num_rows):
+            self.push(positions, prefill_rows[:, row])
+
+    def select(self, num_tokens: int) -> Tensor:
+        """Positions to attend at a step with `num_tokens` cached tokens, sorted, int32 [batch, min(n, 2k)]."""
+        if not 1 <= num_tokens <= self.max_seq_len:
+            raise ValueError(f"{num_tokens} tokens: the cache holds 1 to {self.max_seq_len}")
+        k = swa_window(num_tokens, self.kv_sparsity)
+        window_first = max(0, self.rows_pushed - k)
+        subtract = (self.summed_first, min(self.summed_end, window_first))
+        add = (max(self.summed_end, window_first), self.rows_pushed)
+        subtract_count, add_count = max(0, subtract[1] - subtract[0]), add[1] - add[0]
+        if subtract_count + add_count:
+            _update_window_kernel[(self.scores.shape[0],)](
+                self.scores, self.ring_positions, self.ring_probs, subtract[0], subtract_count, add[0], add_count,
+                self.capacity, self.width, self.scores.stride(0), self.ring_positions.stride(0),
+                self.ring_positions.stride(1), BLOCK=self.BLOCK)
+        self.summed_first, self.summed_end = max(self.summed_first, window_first), self.rows_pushed
+        return self._pick(num_tokens, k)
+
+    def _pick(self, num_tokens: int, k: int) -> Tensor:
+        """k recent positions and the top-k older ones by the window sum, ties to the older; no host sync."""
+        batch = self.scores.shape[0]
+        older_count = num_tokens - k
+        take = min(k, older_count)
+        device = self.scores.device
+        recent = torch.arange(older_count, num_tokens, dtype=torch.int32, device=device).expand(batch, k)
+        if take == 0:
+            return recent.contiguous()
+        candidates = self.scores[:, :older_count]
+        kth = candidates.topk(take, dim=1).values[:, -1:]
+        above = candidates > kth
+        tied = candidates == kth
+        # Everything above the k-th score, then as many of the tied as still fit, oldest first.
+        chosen = above | (tied & (tied.cumsum(dim=1) <= take - above.sum(dim=1, keepdim=True)))
+        slot = torch.where(chosen, chosen.cumsum(dim=1) - 1, take)  # unchosen land in a spare last column
+        older = torch.empty(batch, take + 1, dtype=torch.int32, device=device)
+        older.scatter_(1, slot, torch.arange(older_count, dtype=torch.int32, device=device).expand(batch, -1))
+        return torch.cat([older[:, :take], recent], dim=1)

@@ -1,0 +1,146 @@
+"""The fused sparse decode attention kernel against the gather-then-attend reference in fp32."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from alisa_exec.kernels import (QuantizedKV, dense_decode_attention, gather_decode_attention,
+                                sparse_decode_attention, store_quantized)
+
+HEADS_PER_KV = (1, 4, 8)
+
+
+def random_case(generator, device, batch, kv_heads, group, max_seq_len, num_tokens, head_dim=32,
+                dtype=torch.float16, per_head=False):
+    """q, K, V and a sorted index list of `num_tokens` distinct positions per sequence (or per KV head)."""
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=generator).to(device, dtype)
+    k = torch.randn(batch, kv_heads, max_seq_len, head_dim, generator=generator).to(device, dtype)
+    v = torch.randn(batch, kv_heads, max_seq_len, head_dim, generator=generator).to(device, dtype)
+    lists = batch * (kv_heads if per_head else 1)
+    indices = torch.stack([torch.randperm(max_seq_len, generator=generator)[:num_tokens].sort().values
+                           for _ in range(lists)])
+    indices = indices.view(batch, kv_heads, num_tokens) if per_head else indices
+    return q, k, v, indices.to(device)
+
+
+def reference(q, k, v, indices, lengths=None):
+    """Gather then attend, in fp32."""
+    k = k if isinstance(k, QuantizedKV) else k.float()
+    v = v if isinstance(v, QuantizedKV) else v.float()
+    return gather_decode_attention(q.float(), k, v, indices, lengths)
+
+
+def assert_matches(result, expected, heads):
+    out, probs = result
+    ref_out, ref_probs = expected
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=2e-3)
+    # probabilities summed over `heads` heads: fp32 math on fp16 scores
+    torch.testing.assert_close(probs, ref_probs, atol=1e-3 * heads, rtol=1e-3)
+
+
+@pytest.mark.parametrize("group", HEADS_PER_KV)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_matches_reference(device, generator, group, num_splits):
+    """GQA ratios, several splits, an index list longer than one block and not a multiple of it."""
+    q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=group, max_seq_len=200,
+                                   num_tokens=150)
+    result = sparse_decode_attention(q, k, v, indices, num_splits=num_splits)
+    assert_matches(result, reference(q, k, v, indices), heads=2 * group)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_valid_lengths_per_sequence(device, generator, group):
+    """Entries past a sequence's length are ignored (even out of range), their probabilities are 0; a length of 0
+    gives output 0 and probabilities 0."""
+    q, k, v, indices = random_case(generator, device, batch=4, kv_heads=2, group=group, max_seq_len=90,
+                                   num_tokens=70)
+    lengths = torch.tensor([70, 1, 0, 33], device=device)
+    indices[3, 33:] = 10_000  # garbage past the length must not be read
+    out, probs = sparse_decode_attention(q, k, v, indices, lengths, num_splits=2)
+    assert_matches((out, probs), reference(q, k, v, indices, lengths), heads=2 * group)
+    assert torch.all(out[2] == 0) and torch.all(probs[2] == 0)
+    assert torch.all(probs[1, 1:] == 0) and torch.all(probs[3, 33:] == 0)
+
+
+@pytest.mark.parametrize("group", HEADS_PER_KV)
+def test_one_selected_token_is_that_tokens_value(device, generator, group):
+    """b = 1, T = 1: softmax over one token is 1, so the output is its V row and every head contributes 1."""
+    q, k, v, indices = random_case(generator, device, batch=1, kv_heads=2, group=group, max_seq_len=8, num_tokens=1)
+    out, probs = sparse_decode_attention(q, k, v, indices)
+    position = int(indices[0, 0])
+    expected = v[0, :, position].repeat_interleave(group, dim=0)
+    torch.testing.assert_close(out[0], expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(probs, torch.full((1, 1), 2.0 * group, device=device))
+
+
+@pytest.mark.parametrize("group", HEADS_PER_KV)
+@pytest.mark.parametrize("length", [1, 5, 77])
+def test_full_selection_equals_dense_attention(device, generator, group, length):
+    """r = 1 selects every cached token: the output is dense SDPA over the cache prefix, and the head-summed
+    probabilities are dense attention's."""
+    q, k, v, _ = random_case(generator, device, batch=2, kv_heads=2, group=group, max_seq_len=96, num_tokens=1)
+    indices = torch.arange(length, device=device).expand(2, length)
+    out, probs = sparse_decode_attention(q, k, v, indices, num_splits=2)
+    dense = F.scaled_dot_product_attention(q.float()[:, :, None], k[:, :, :length].float(),
+                                           v[:, :, :length].float(), enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(out.float(), dense, atol=2e-3, rtol=2e-3)
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k[:, :, :length].float().repeat_interleave(group, dim=1))
+    dense_probs = torch.softmax(scores / 32 ** 0.5, dim=-1).sum(dim=1)
+    torch.testing.assert_close(probs, dense_probs, atol=1e-3 * 2 * group, rtol=1e-3)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_per_head_index_lists(device, generator, group):
+    """The per-head ablation: each KV head has its own list; probabilities are summed over its query group."""
+    q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=group, max_seq_len=120,
+                                   num_tokens=70, per_head=True)
+    lengths = torch.tensor([70, 41], device=device)
+    out, probs = sparse_decode_attention(q, k, v, indices, lengths, num_splits=2)
+    assert probs.shape == (2, 2, 70)
+    assert_matches((out, probs), reference(q, k, v, indices, lengths), heads=group)
+
+
+def test_bf16_and_head_dim_not_a_power_of_two(device, generator):
+    q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=4, max_seq_len=80, num_tokens=50,
+                                   head_dim=24, dtype=torch.bfloat16)
+    out, probs = sparse_decode_attention(q, k, v, indices)
+    ref_out, ref_probs = reference(q, k, v, indices)
+    torch.testing.assert_close(out.float(), ref_out, atol=1e-2, rtol=1e-2)  # bf16 rounds q.k at 3 digits
+    torch.testing.assert_close(probs, ref_probs, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("token_group, channel_group", [(1, 16), (1, 32), (4, 1)])
+@pytest.mark.parametrize("group", [1, 8])
+def test_int8_cache(device, generator, group, token_group, channel_group):
+    """INT8 K/V dequantized in the kernel, per-token groups of channels or channel-wise over token groups."""
+    q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=group, max_seq_len=96,
+                                   num_tokens=70)
+    caches = []
+    for values in (k, v):
+        cache = QuantizedKV.empty(2, 2, 96, 32, values.dtype, device, channel_group=channel_group,
+                                  token_group=token_group)
+        store_quantized(cache, torch.arange(96, device=device), values)
+        caches.append(cache)
+    lengths = torch.tensor([70, 45], device=device)
+    result = sparse_decode_attention(q, *caches, indices, lengths, num_splits=2)
+    assert_matches(result, reference(q, *caches, indices, lengths), heads=2 * group)
+
+
+def test_explicit_gather_mode_matches_reference(device, generator):
+    """The gather-then-attend path in fp16 (the Fig. 11 breakdown's baseline) agrees with itself in fp32."""
+    q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=4, max_seq_len=64, num_tokens=40)
+    lengths = torch.tensor([40, 0], device=device)
+    out, probs = gather_decode_attention(q, k, v, indices, lengths)
+    assert out.dtype == q.dtype
+    assert_matches((out, probs), reference(q, k, v, indices, lengths), heads=8)
+    assert torch.all(out[1] == 0) and torch.all(probs[1] == 0)
+
+
+def test_dense_decode_attention_is_softmax_attention(generator):
+    """The reference's attention core against a direct formula, one head, no masking."""
+    q = torch.randn(1, 1, 8, generator=generator)
+    k, v = torch.randn(2, 1, 1, 5, 8, generator=generator)
+    weights = torch.softmax((k[0, 0] @ q[0, 0]) / 8 ** 0.5, dim=0)
+    out, probs = dense_decode_attention(q, k, v)
+    torch.testing.assert_close(out[0, 0], weights @ v[0, 0])
+    torch.testing.assert_close(probs[0], weights)
