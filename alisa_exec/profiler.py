@@ -92,32 +92,34 @@ CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), g
 
 
 class Bench:
-    """Median device time of a callable on one device."""
+    """Median device time of a callable on one device, over at least `reps` runs and at least `min_time_s` of them."""
 
-    def __init__(self, device: torch.device, reps: int):
-        self.device, self.reps = device, reps
+    def __init__(self, device: torch.device, reps: int, min_time_s: float = 0.02, max_reps: int = 1000):
+        self.device, self.reps, self.min_time_s, self.max_reps = device, reps, min_time_s, max_reps
         self.cuda = device.type == "cuda"
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def _once(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     def time_s(self, fn: Callable[[], object]) -> float:
         fn()
         self.sync()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+        times: list[float] = []
+        while len(times) < self.reps or (sum(times) < self.min_time_s and len(times) < self.max_reps):
+            times.append(self._once(fn))
         return statistics.median(times)
 
 
