@@ -99,7 +99,7 @@ def _quantize_store_kernel(x_ptr, positions_ptr, data_ptr, scale_ptr, zero_ptr, 
                            GROUPS_PER_PROGRAM: tl.constexpr, SCALE_EPS: tl.constexpr):
     """Quantize GROUPS_PER_PROGRAM token groups of new rows of one (sequence, KV head) and store them by position."""
     seq_head = tl.program_id(0)
-    b, h = seq_head // KV_HEADS, seq_head % KV_HEADS
+    b, h = (seq_head // KV_HEADS).to(tl.int64), seq_head % KV_HEADS  # 64-bit: a cache can pass 2^31 elements
     # A tile [token groups, tokens in a group, channel groups, channels in a group]: reductions over axes 1 and 3
     # give one (min, max) per quantization group.
     group = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)[:, None, None, None]

@@ -100,17 +100,26 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _load_rows(cache_ptr, scale_ptr, zero_ptr, seq_head_offset, param_offset, positions, dims, mask,
-               stride_s, param_stride_s, QUANTIZED: tl.constexpr, TOKEN_GROUP: tl.constexpr,
-               CHANNEL_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Gather cache rows [BLOCK_T, HEAD_DIM_PAD] at `positions`, dequantized when the cache is INT8."""
-    rows = tl.load(cache_ptr + seq_head_offset + positions[:, None] * stride_s + dims[None, :], mask=mask, other=0)
+def _load_rows(cache_ptr, scale_ptr, zero_ptr, seq_head_offset, param_offset, positions, slot_mask, stride_s,
+               param_stride_s, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, QUANTIZED: tl.constexpr,
+               TOKEN_GROUP: tl.constexpr, CHANNEL_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Gather cache rows [BLOCK, HEAD_DIM_PAD] at `positions`, dequantized when the cache is INT8."""
+    rows = seq_head_offset + positions * stride_s
     if QUANTIZED:
-        params = param_offset + (positions // TOKEN_GROUP)[:, None] * param_stride_s + (dims // CHANNEL_GROUP)[None, :]
-        scale = tl.load(scale_ptr + params, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + params, mask=mask, other=0.0).to(tl.float32)
-        return (rows.to(tl.float32) * scale + zero).to(DOT_DTYPE)
-    return rows.to(DOT_DTYPE)
+        # A [rows, channel groups, channels] tile, so each group's scale and zero load once and broadcast.
+        groups = tl.arange(0, HEAD_DIM_PAD // CHANNEL_GROUP)
+        dims = groups[None, :, None] * CHANNEL_GROUP + tl.arange(0, CHANNEL_GROUP)[None, None, :]
+        mask = slot_mask[:, None, None] & (dims < HEAD_DIM)
+        levels = tl.load(cache_ptr + rows[:, None, None] + dims, mask=mask, other=0)
+        params = param_offset + (positions // TOKEN_GROUP)[:, None] * param_stride_s + groups[None, :]
+        param_mask = slot_mask[:, None] & (groups[None, :] < HEAD_DIM // CHANNEL_GROUP)
+        scale = tl.load(scale_ptr + params, mask=param_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + params, mask=param_mask, other=0.0).to(tl.float32)
+        values = levels.to(tl.float32) * scale[:, :, None] + zero[:, :, None]
+        return tl.reshape(values, [positions.shape[0], HEAD_DIM_PAD]).to(DOT_DTYPE)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    mask = slot_mask[:, None] & (dims < HEAD_DIM)[None, :]
+    return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
 
 
 @triton.jit
@@ -132,7 +141,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
     """
     seq_head = tl.program_id(0)
     split = tl.program_id(1)
-    b, kv_head = seq_head // KV_HEADS, seq_head % KV_HEADS
+    b, kv_head = (seq_head // KV_HEADS).to(tl.int64), seq_head % KV_HEADS  # 64-bit: a cache can pass 2^31 elements
     num_heads = KV_HEADS * GROUP
     length = tl.load(lengths_ptr + b)
     start = split * split_len
@@ -158,11 +167,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
         slots = block_start + tl.arange(0, BLOCK)
         slot_mask = slots < end
         positions = tl.load(indices_ptr + indices_offset + slots, mask=slot_mask, other=0)
-        row_mask = slot_mask[:, None] & dim_mask[None, :]
-        k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, kv_offset, param_offset, positions, dims, row_mask,
-                       kv_stride_s, param_stride_s, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
-        v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, kv_offset, param_offset, positions, dims, row_mask,
-                       kv_stride_s, param_stride_s, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
+        k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, kv_offset, param_offset, positions, slot_mask, kv_stride_s,
+                       param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
+        v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, kv_offset, param_offset, positions, slot_mask, kv_stride_s,
+                       param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(k)) * sm_scale_log2
         scores = tl.where(slot_mask[None, :], scores, float("-inf"))
         tl.store(scores_ptr + scores_rows[:, None] + slots[None, :], scores,
@@ -194,7 +202,7 @@ def _merge_kernel(split_lse_ptr, split_out_ptr, scores_ptr, lengths_ptr, out_ptr
     A row of probabilities sums HEADS_PER_ROW consecutive heads (all heads for a shared index list, one KV head's
     query group for per-head lists) and is cut into HEADS_PER_ROW slices, so the heads' programs share it.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
     split_mask = splits < NUM_SPLITS
@@ -292,7 +300,7 @@ def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, ind
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     # bf16 tl.dot is wrong under the CPU interpreter, so it gets fp32 operands there.
     dot_dtype = tl.float32 if _interpreting() and q.dtype == torch.bfloat16 else TL_DTYPES[q.dtype]
-    head_dim_pad = triton.next_power_of_2(head_dim)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16 along the reduced axis
     _split_kernel[(batch * kv_heads, num_splits)](
         q, k_data, v_data, *params, indices, lengths, scores, split_lse, split_out,
         sm_scale * LOG2E, num_tokens, split_len,

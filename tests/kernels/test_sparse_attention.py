@@ -100,24 +100,26 @@ def test_per_head_index_lists(device, generator, group):
     assert_matches((out, probs), reference(q, k, v, indices, lengths), heads=group)
 
 
-def test_bf16_and_head_dim_not_a_power_of_two(device, generator):
+@pytest.mark.parametrize("head_dim", [8, 24])
+def test_bf16_and_head_dims_padded_in_the_kernel(device, generator, head_dim):
+    """bf16; head dims below tl.dot's 16 and not a power of two."""
     q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=4, max_seq_len=80, num_tokens=50,
-                                   head_dim=24, dtype=torch.bfloat16)
+                                   head_dim=head_dim, dtype=torch.bfloat16)
     out, probs = sparse_decode_attention(q, k, v, indices)
     ref_out, ref_probs = reference(q, k, v, indices)
     torch.testing.assert_close(out.float(), ref_out, atol=1e-2, rtol=1e-2)  # bf16 rounds q.k at 3 digits
     torch.testing.assert_close(probs, ref_probs, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("token_group, channel_group", [(1, 16), (1, 32), (4, 1)])
+@pytest.mark.parametrize("token_group, channel_group, head_dim", [(1, 16, 32), (1, 32, 32), (4, 1, 32), (1, 8, 24)])
 @pytest.mark.parametrize("group", [1, 8])
-def test_int8_cache(device, generator, group, token_group, channel_group):
+def test_int8_cache(device, generator, group, token_group, channel_group, head_dim):
     """INT8 K/V dequantized in the kernel, per-token groups of channels or channel-wise over token groups."""
     q, k, v, indices = random_case(generator, device, batch=2, kv_heads=2, group=group, max_seq_len=96,
-                                   num_tokens=70)
+                                   num_tokens=70, head_dim=head_dim)
     caches = []
     for values in (k, v):
-        cache = QuantizedKV.empty(2, 2, 96, 32, values.dtype, device, channel_group=channel_group,
+        cache = QuantizedKV.empty(2, 2, 96, head_dim, values.dtype, device, channel_group=channel_group,
                                   token_group=token_group)
         store_quantized(cache, torch.arange(96, device=device), values)
         caches.append(cache)
