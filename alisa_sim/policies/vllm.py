@@ -213,7 +213,8 @@ class VllmPolicy(Policy):
         self.block_size = cfg.block_size
         self.max_model_len = cfg.max_model_len or max(self.model.max_position_embeddings, s + n)
         if self.max_model_len < s + n:
-            raise SpecError(f"policy.max_model_len = {self.max_model_len} is shorter than prompt_len + gen_len = {s + n}")
+            raise SpecError(f"policy.max_model_len = {self.max_model_len} is shorter than "
+                            f"prompt_len + gen_len = {s + n}")
         self.max_num_batched_tokens = (cfg.max_num_batched_tokens
                                        or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len))
         if self.max_num_batched_tokens < self.max_model_len:
@@ -266,7 +267,8 @@ class VllmPolicy(Policy):
             raise OutOfMemory(
                 f"out of GPU memory for vLLM's KV pool: {cfg.gpu_memory_utilization:g} of the GPU's "
                 f"{self.wl.gpu_capacity_bytes / 1e9:.2f} GB after {self.static_memory().gpu_bytes / 1e9:.2f} GB of "
-                f"weights and activations leaves {self.gpu_blocks} blocks ({self.gpu_blocks * self.block_size} tokens), "
+                f"weights and activations leaves {self.gpu_blocks} blocks "
+                f"({self.gpu_blocks * self.block_size} tokens), "
                 f"fewer than max_model_len = {self.max_model_len} tokens or one whole sequence above the watermark")
         kv = self.kv_memory(self.prompt_len)
         for index, it in enumerate(self.scheduler().iterations()):
