@@ -16,6 +16,12 @@ from alisa_sim.model_spec import ModelSpec
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table keeps two unused rows in front
 FAMILIES = ("opt", "llama")
+SEQ_ALIGN = 16  # KV buffers and masks span a multiple of this (SDPA's memory-efficient kernel pads masks otherwise)
+
+
+def aligned_seq_len(max_seq_len: int) -> int:
+    """Positions the static buffers hold for sequences of up to `max_seq_len` tokens."""
+    return -(-max_seq_len // SEQ_ALIGN) * SEQ_ALIGN
 
 
 class RMSNorm(nn.Module):
@@ -142,14 +148,17 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
 
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
-        """Allocate every layer's KV buffers, the causal mask and the rotary tables for `max_seq_len` positions."""
+        """Allocate every layer's KV buffers, the causal mask and the rotary tables for sequences of up to
+        `max_seq_len` tokens (rounded up to `aligned_seq_len`)."""
         weight = self.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = max_seq_len = aligned_seq_len(max_seq_len)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.spec.num_kv_heads, self.spec.dim_per_head,
                                                dtype, device)
-        mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+        # Additive, in the model's dtype, so attention uses it as is (a boolean mask is converted on every call).
+        allowed = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+        mask = torch.zeros(max_seq_len, max_seq_len, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         self.register_buffer("causal_mask", mask, persistent=False)
         if self.spec.family == "llama":
             cos, sin = rope_tables(self.spec, max_seq_len, dtype, device)

@@ -1,6 +1,6 @@
 """`alisa-exec profile`: measure this machine into a hardware profile (hw_profiles/NAME.yaml) that the simulator reads.
 
-Every figure is the median of repeated runs after a warm-up, timed with CUDA events on the GPU and the host clock on
+Every figure is the median of repeated runs (at least a few, and at least 20 ms of them) after a warm-up, timed with CUDA events on the GPU and the host clock on
 the CPU. GEMMs run over the (k, n) shapes of the model presets' layers; attention is torch's scaled_dot_product_attention
 (decode: one query over L cached tokens, also with 20% of the tokens gathered first; prefill: causal over L).
 With `--device cpu` the "gpu" section measures the CPU itself as the device (in float32, the executor's CPU dtype,
@@ -142,11 +142,12 @@ def peak_tflops(bench: Bench, size: int, dtype: torch.dtype) -> float:
     return 2 * size**3 / bench.time_s(lambda: torch.matmul(a, b)) / 1e12
 
 
-def measure_decode_attention(bench: Bench, grid: Grid, dtype: torch.dtype, gathered: bool) -> list[dict]:
-    """One query per sequence over L cached tokens; `gather20_s`: first gather 20% of the tokens by index."""
+def measure_decode_attention(bench: Bench, shapes: tuple[tuple[int, int], ...], H: int, D: int, dtype: torch.dtype,
+                             gathered: bool) -> list[dict]:
+    """One query per sequence over L cached tokens for each (b, L); `gathered` adds `gather20_s`, the same after
+    gathering 20% of the tokens by index."""
     rows = []
-    H, D = grid.heads, grid.head_dim
-    for b, L in grid.decode_bL if gathered else grid.host_decode_bL:
+    for b, L in shapes:
         q = _rand(b, H, 1, D, device=bench.device, dtype=dtype)
         k, v = (_rand(b, H, L, D, device=bench.device, dtype=dtype) for _ in range(2))
         row = {"b": b, "L": L, "H": H, "D": D, "s": bench.time_s(lambda: F.scaled_dot_product_attention(q, k, v))}
@@ -259,7 +260,8 @@ def measure_host(grid: Grid) -> dict:
         memcpy = copy_GBps(bench, grid.host_copy_bytes)
     finally:
         torch.set_num_threads(threads)
-    rows = measure_decode_attention(bench, grid, torch.float32, gathered=False)
+    rows = measure_decode_attention(bench, grid.host_decode_bL, grid.heads, grid.head_dim, torch.float32,
+                                    gathered=False)
     return {
         "name": f"{cpu_name()} ({os.cpu_count()} logical CPUs)",
         "cores": os.cpu_count(),
@@ -319,7 +321,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     progress("GEMMs")
     gemms = measure_gemms(bench, grid, dtype)
     progress("attention")
-    decode = measure_decode_attention(bench, grid, dtype, gathered=True)
+    decode = measure_decode_attention(bench, grid.decode_bL, grid.heads, grid.head_dim, dtype, gathered=True)
     prefill = measure_prefill_attention(bench, grid, dtype)
     progress("copies")
     copies, bidirectional = measure_cuda_link(bench, grid) if cuda else measure_host_copies(bench, grid)
@@ -329,8 +331,8 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     machine = f"{platform.node()}: {device_name if cuda else cpu_name()}, {os.cpu_count()} logical CPUs, " \
               f"{host_memory_bytes() / GiB:.0f} GiB host memory"
     timing = "CUDA events" if cuda else "the host clock"
-    method = (f"alisa-exec profile ({mode}) on {device.type}: median of {grid.reps} runs after a warm-up, timed with "
-              f"{timing}; GEMM torch.matmul, attention torch scaled_dot_product_attention (H={grid.heads}, "
+    method = (f"alisa-exec profile ({mode}) on {device.type}: median of at least {grid.reps} runs (and at least "
+              f"{bench.min_time_s} s of them) after a warm-up, timed with {timing}; GEMM torch.matmul, attention torch scaled_dot_product_attention (H={grid.heads}, "
               f"D={grid.head_dim}, {str(dtype).removeprefix('torch.')}); CPU section with torch on "
               f"{torch.get_num_threads()} threads")
     if cuda:

@@ -20,7 +20,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from alisa_exec.generate import Generation, Generator
-from alisa_exec.model import check_family
+from alisa_exec.model import aligned_seq_len, check_family
 from alisa_exec.profiler import cpu_name
 from alisa_exec.weights import DUMMY, load_model, weights_format
 from alisa_sim.cost_model import CostModel
@@ -88,7 +88,8 @@ def device_free_bytes(device: torch.device) -> int:
 def memory_needed(spec: ModelSpec, batch: int, prompt_len: int, max_seq_len: int, dtype: torch.dtype) -> dict[str, int]:
     """Bytes the run holds on the device: weights, the static KV buffers, the prefill's widest activations, logits."""
     sized = spec.model_copy(update={"dtype_bytes": dtype.itemsize})
-    return {"weights": sized.weight_bytes, "kv_cache": int(batch * max_seq_len * sized.kv_bytes_per_token()),
+    kv_bytes = batch * aligned_seq_len(max_seq_len) * sized.kv_bytes_per_token()
+    return {"weights": sized.weight_bytes, "kv_cache": int(kv_bytes),
             "activations": sized.activation_bytes(batch * prompt_len), "logits": sized.logits_bytes(batch)}
 
 
