@@ -28,10 +28,10 @@ def _default_out(path: str, wl: ResolvedWorkload) -> Path:
 def _simulate_with_progress(wl: ResolvedWorkload, show: bool):
     if not show or wl.decode_steps < _PROGRESS_MIN_STEPS:
         return simulate(wl)
-    with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+    with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("steps", total=wl.decode_steps + 1)
-        return simulate(wl, on_step=lambda _: progress.advance(task))
+        task = progress.add_task("tokens", total=wl.workload.batch_size * wl.workload.gen_len)
+        return simulate(wl, on_step=lambda record: progress.advance(task, record.plan.sequences))
 
 
 def _gb(nbytes: float) -> str:

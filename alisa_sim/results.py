@@ -92,8 +92,9 @@ def build_result(sim: Simulation) -> dict:
         "decode_s": decode_s,
         "total_s": total_s,
         "throughput_tok_s": batch * gen_len / total_s,
-        "prefill_throughput_tok_s": batch * wl.workload.prompt_len / prefill_s,
-        "decode_throughput_tok_s": batch * len(decode) / decode_s if decode else 0.0,
+        # Token rows computed per second of each kind of step (recomputed prompts count as prefill work).
+        "prefill_throughput_tok_s": sum(r.plan.tokens for r in sim.prefill_steps) / prefill_s,
+        "decode_throughput_tok_s": sum(r.plan.tokens for r in sim.decode_steps) / decode_s if decode else 0.0,
         "decode_step_s": step_stats(decode),
         "peak_gpu_bytes": sim.peak_gpu_bytes,
         "peak_cpu_bytes": sim.peak_cpu_bytes,

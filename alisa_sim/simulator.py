@@ -57,13 +57,13 @@ class Simulation:
         return [r for r in self.steps if r.plan.kind == "decode"]
 
 
-def simulate(workload: ResolvedWorkload, on_step: Callable[[int], None] | None = None) -> Simulation:
-    """Simulate the whole run; `on_step(step)` is called after each step (for progress bars)."""
+def simulate(workload: ResolvedWorkload, on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
+    """Simulate the whole run; `on_step(record)` is called after each step (for progress bars)."""
     return simulate_with_policy(workload, make_policy(workload, CostModel(workload.hardware)), on_step)
 
 
 def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
-                         on_step: Callable[[int], None] | None = None) -> Simulation:
+                         on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the run under an already built policy (a planner's candidate)."""
     sim = Simulation(workload, policy)
     env = simpy.Environment()
@@ -84,7 +84,7 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
             sim.steps.append(StepRecord(index, plan, env.now, timing))
             yield env.timeout(timing.duration_s)
             if on_step:
-                on_step(index)
+                on_step(sim.steps[-1])
 
     try:
         env.run(env.process(run()))

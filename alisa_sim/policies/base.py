@@ -48,6 +48,8 @@ class StepPlan:
     kv: MemoryUse
     kind: str  # "prefill" | "decode"
     label: str
+    tokens: int  # token rows the step computes: prompt tokens in a prefill, one per sequence in a decode step
+    sequences: int  # sequences in the step, each sampling one token
     counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -86,10 +88,11 @@ class Policy(ABC):
 
     def steps(self) -> Iterator[StepPlan]:
         """The run, step by step: the prefill of the whole batch, then gen_len - 1 decode steps."""
-        yield StepPlan(self.prefill_template(), self.phase(0), self.kv_memory(self.prompt_len), "prefill", "prefill")
+        yield StepPlan(self.prefill_template(), self.phase(0), self.kv_memory(self.prompt_len), "prefill", "prefill",
+                       self.batch * self.prompt_len, self.batch)
         for step in range(1, self.wl.decode_steps + 1):
             yield StepPlan(self.decode_template(step), self.phase(step), self.kv_memory(self.context(step)),
-                           "decode", f"decode {step}")
+                           "decode", f"decode {step}", self.batch, self.batch)
 
     def placement(self) -> dict[str, float]:
         """Share of weights and KV kept on the GPU (the rest is on the CPU)."""

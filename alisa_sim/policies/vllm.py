@@ -276,7 +276,8 @@ class VllmPolicy(Policy):
                 template = self._prefill_template(it.lengths)
             else:
                 template = self._decode_template(it.lengths, it.swap_in_blocks, it.swap_out_blocks)
-            yield StepPlan(template, 1, kv, it.kind, f"{it.kind} {index}", it.counters)
+            rows = sum(it.lengths) if it.kind == "prefill" else len(it.lengths)
+            yield StepPlan(template, 1, kv, it.kind, f"{it.kind} {index}", rows, len(it.lengths), it.counters)
 
     # ---- iteration templates -------------------------------------------------------------------------------
     def _as_batch(self, sequences: int, length: float) -> VllmPolicy:
