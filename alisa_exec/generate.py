@@ -18,7 +18,7 @@ CUDA_GRAPH_WARMUP_STEPS = 3
 
 
 class DeviceClock:
-    """Timestamps on the device timeline: CUDA events on the GPU, the host clock on the CPU (whose ops are synchronous)."""
+    """Timestamps on the device timeline: CUDA events on the GPU, the host clock on the (synchronous) CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -1,4 +1,4 @@
-"""The executor's decoder: one gpt-fast-style transformer for the OPT and LLaMA families (GQA included), static KV buffers.
+"""The executor's decoder: one gpt-fast-style transformer for OPT and LLaMA (GQA included) with static KV buffers.
 
 Built from a `ModelSpec`. OPT: learned positions (offset by 2), LayerNorm, biases, ReLU MLP. LLaMA: rotary position
 embeddings (the Hugging Face half-rotation layout), RMSNorm, SwiGLU MLP, grouped-query attention. Q, K and V share one
@@ -131,7 +131,8 @@ class Block(nn.Module):
 
 def check_family(spec: ModelSpec) -> None:
     if spec.family not in FAMILIES:
-        raise SpecError(f"model {spec.name}: family {spec.family!r} is not in the executor (it runs {', '.join(FAMILIES)})")
+        raise SpecError(f"model {spec.name}: family {spec.family!r} is not in the executor "
+                        f"(it runs {', '.join(FAMILIES)})")
 
 
 class Transformer(nn.Module):

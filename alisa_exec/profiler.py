@@ -1,8 +1,9 @@
 """`alisa-exec profile`: measure this machine into a hardware profile (hw_profiles/NAME.yaml) that the simulator reads.
 
-Every figure is the median of repeated runs (at least a few, and at least 20 ms of them) after a warm-up, timed with CUDA events on the GPU and the host clock on
-the CPU. GEMMs run over the (k, n) shapes of the model presets' layers; attention is torch's scaled_dot_product_attention
-(decode: one query over L cached tokens, also with 20% of the tokens gathered first; prefill: causal over L).
+Every figure is the median of repeated runs (at least a few, and at least 20 ms of them) after a warm-up, timed with
+CUDA events on the GPU and the host clock on the CPU. GEMMs run over the (k, n) shapes of the model presets' layers;
+attention is torch's scaled_dot_product_attention (decode: one query over L cached tokens, also with 20% of the
+tokens gathered first; prefill: causal over L).
 With `--device cpu` the "gpu" section measures the CPU itself as the device (in float32, the executor's CPU dtype,
 under the profile's *_fp16 table names) and the "link" section measures host-to-host copies; the provenance says so.
 """
@@ -80,14 +81,16 @@ GPU_QUICK = Grid(gemm_kn=((4096, 4096), (4096, 12288), (4096, 16384), (16384, 40
                  host_copy_bytes=256 * MiB, host_gemm_size=1024, host_decode_bL=((1, 1024), (8, 1024)), reps=5)
 CPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 16, 64, 256), heads=32, head_dim=128,
                 decode_bL=_decode_grid((1, 8, 32), (256, 1024, 4096), 2**15),
-                prefill_bL=((1, 128), (1, 512), (4, 512), (1, 2048)), copy_bytes=tuple(64 * KiB * 4**i for i in range(7)),
+                prefill_bL=((1, 128), (1, 512), (4, 512), (1, 2048)),
+                copy_bytes=tuple(64 * KiB * 4**i for i in range(7)),
                 bidirectional_bytes=64 * MiB, device_copy_bytes=256 * MiB, peak_gemm_size=2048,
                 host_copy_bytes=256 * MiB, host_gemm_size=2048, host_decode_bL=((1, 1024), (8, 1024), (8, 4096)),
                 reps=5)
 CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), gemm_m=(1, 16, 128, 512), heads=8,
                  head_dim=64, decode_bL=((1, 128), (1, 512), (4, 128), (4, 512)), prefill_bL=((1, 64), (2, 256)),
                  copy_bytes=(64 * KiB, MiB, 16 * MiB), bidirectional_bytes=16 * MiB, device_copy_bytes=64 * MiB,
-                 peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024, host_decode_bL=((1, 512), (4, 512)),
+                 peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024,
+                 host_decode_bL=((1, 512), (4, 512)),
                  reps=5)
 
 
@@ -208,7 +211,6 @@ def measure_cuda_link(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
             "h2d_pageable_s": bench.time_s(lambda: dev.copy_(pageable)),
             "d2h_pageable_s": bench.time_s(lambda: pageable.copy_(dev)),
         })
-        del dev, pinned, pageable
     size = grid.bidirectional_bytes
     host_in, host_out = (torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2))
     dev_in, dev_out = (torch.empty(size, dtype=torch.uint8, device=bench.device) for _ in range(2))
@@ -332,7 +334,8 @@ def measure_profile(name: str, device: torch.device, quick: bool,
               f"{host_memory_bytes() / GiB:.0f} GiB host memory"
     timing = "CUDA events" if cuda else "the host clock"
     method = (f"alisa-exec profile ({mode}) on {device.type}: median of at least {grid.reps} runs (and at least "
-              f"{bench.min_time_s} s of them) after a warm-up, timed with {timing}; GEMM torch.matmul, attention torch scaled_dot_product_attention (H={grid.heads}, "
+              f"{bench.min_time_s} s of them) after a warm-up, timed with {timing}; GEMM torch.matmul, attention torch "
+              f"scaled_dot_product_attention (H={grid.heads}, "
               f"D={grid.head_dim}, {str(dtype).removeprefix('torch.')}); CPU section with torch on "
               f"{torch.get_num_threads()} threads")
     if cuda:
@@ -384,7 +387,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
 
 def write_profile(profile: dict, path: Path) -> None:
     """Write the profile YAML atomically (temporary file beside it, then rename); table rows one per line."""
-    text = (f"# Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.\n"
+    text = ("# Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.\n"
             + yaml.safe_dump(profile, sort_keys=False, default_flow_style=None, width=120))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -104,7 +104,8 @@ def check_fits(wl: ResolvedWorkload, needed: dict[str, int], device: torch.devic
     total = sum(needed.values())
     if total > limit:
         parts = " + ".join(f"{name} {nbytes / GB:.2f}" for name, nbytes in needed.items())
-        raise SpecError(f"{wl.model.name} with batch {wl.workload.batch_size} does not fit: it needs {total / GB:.2f} GB "
+        raise SpecError(f"{wl.model.name} with batch {wl.workload.batch_size} does not fit: it needs "
+                        f"{total / GB:.2f} GB "
                         f"({parts}) but {limit / GB:.2f} GB are available ({why}). The dense policy keeps weights and "
                         "the whole KV cache on the device: lower batch_size, prompt_len or gen_len")
 

@@ -1,4 +1,4 @@
-"""Weights for the executor's decoder: a Hugging Face safetensors folder, a GGUF file (dequantized) or random "dummy" ones.
+"""Weights for the executor's decoder: a Hugging Face safetensors folder, a GGUF file (dequantized) or "dummy" ones.
 
 Each checkpoint format maps the decoder's parameter names to the checkpoint tensors they are made of; fused parameters
 (QKV, SwiGLU gate + up) concatenate their parts along the output dimension. llama.cpp's converter permutes the rows

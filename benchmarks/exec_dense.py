@@ -179,8 +179,9 @@ def render(rows: list[dict], title: str, targets: bool) -> Table:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| batch | prefill ms (ours / HF) | decode step ms (ours) | roofline floor ms | ours / floor | "
-             "HF decode step ms | HF / ours (decode) | tok/s (ours / HF) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| batch | prefill ms (ours / HF) | decode step ms (ours) | roofline floor ms | "
+             "ours / floor | HF decode step ms | HF / ours (decode) | tok/s (ours / HF) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = "hf_decode_step_s" in r
         lines.append(f"| {r['batch']} | {r['prefill_s'] * 1e3:.1f} / {r['hf_prefill_s'] * 1e3:.1f} | "

@@ -68,12 +68,12 @@ def dequantize_rows(cache: QuantizedKV, positions: Tensor, dtype: torch.dtype | 
     batch, kv_heads, _, head_dim = cache.data.shape
     positions = positions.long().expand(batch, kv_heads, positions.shape[-1])
     rows = cache.data.gather(2, positions[..., None].expand(-1, -1, -1, head_dim))
-    group_rows = (positions // cache.token_group)[..., None]
-    scale = cache.scale.gather(2, group_rows.expand(-1, -1, -1, cache.scale.shape[-1]))
-    zero = cache.zero.gather(2, group_rows.expand(-1, -1, -1, cache.zero.shape[-1]))
-    scale = scale.float().repeat_interleave(cache.channel_group, dim=-1)
-    zero = zero.float().repeat_interleave(cache.channel_group, dim=-1)
-    return (rows.float() * scale + zero).to(dtype or cache.dtype)
+    group_rows = (positions // cache.token_group)[..., None].expand(-1, -1, -1, cache.scale.shape[-1])
+    # [..., channel groups, 1] parameters broadcast over [..., channel groups, channels]
+    scale = cache.scale.gather(2, group_rows).float()[..., None]
+    zero = cache.zero.gather(2, group_rows).float()[..., None]
+    grouped = rows.view(*rows.shape[:3], -1, cache.channel_group).float()
+    return (grouped * scale + zero).view(rows.shape).to(dtype or cache.dtype)
 
 
 def quantize_reference(x: Tensor, token_group: int, channel_group: int) -> tuple[Tensor, Tensor, Tensor]:

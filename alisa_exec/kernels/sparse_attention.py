@@ -116,10 +116,12 @@ def _load_rows(cache_ptr, scale_ptr, zero_ptr, seq_head_offset, param_offset, po
         scale = tl.load(scale_ptr + params, mask=param_mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + params, mask=param_mask, other=0.0).to(tl.float32)
         values = levels.to(tl.float32) * scale[:, :, None] + zero[:, :, None]
-        return tl.reshape(values, [positions.shape[0], HEAD_DIM_PAD]).to(DOT_DTYPE)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    mask = slot_mask[:, None] & (dims < HEAD_DIM)[None, :]
-    return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+        values = tl.reshape(values, [positions.shape[0], HEAD_DIM_PAD])
+    else:
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        mask = slot_mask[:, None] & (dims < HEAD_DIM)[None, :]
+        values = tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=mask, other=0.0)
+    return values.to(DOT_DTYPE)
 
 
 @triton.jit

