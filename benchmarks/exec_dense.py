@@ -7,8 +7,8 @@ own eager `generate` on the same GPU, timed per step with CUDA events from a sto
 H100/H200: decode step within 1.5x of the floor at batch 1 and 1.25x at batch 32 and above; at least 8x faster than
 HF's eager decode at batch 1.
 
-On a GPU machine, from the repository root (about 2-4 minutes on an H100; the device image lacks pydantic, so carry
-wheels of pydantic, pydantic-core, annotated-types and typing-inspection, see the device README):
+On a GPU machine with the project's dependencies (pip install -e '.[exec,dev]'), from the repository root, in a few
+minutes on an H100/H200 (add --no-hf to skip the transformers baseline):
     python benchmarks/exec_dense.py --out reports/exec_dense
 On the CPU, a smoke test with a small model:
     python benchmarks/exec_dense.py --device cpu --model '{"name": "opt-tiny", "family": "opt", "hidden_size": 256,
