@@ -201,7 +201,7 @@ def _open_checkpoint(spec: ModelSpec, path: Path) -> tuple[dict[str, list[str]],
 def load_model(spec: ModelSpec, weights: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Transformer:
     """The decoder with weights from `weights` ("dummy", a safetensors folder or a .gguf file) on `device`."""
     with torch.device("meta"):
-        model = Transformer(spec).to(dtype)
+        model = Transformer(spec).to(dtype).requires_grad_(False)
     if weights_format(weights) == DUMMY:
         model.to_empty(device=device)
         init_dummy(model, seed)
