@@ -67,7 +67,7 @@ def dense_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | No
     batch, heads, head_dim = q.shape
     kv_heads, num_tokens = k.shape[1], k.shape[2]
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    q_groups = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    q_groups = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = (q_groups @ k.transpose(-1, -2)).float() * sm_scale  # [batch, kv_heads, group, T]
     if lengths is None:
         valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=q.device)
@@ -127,13 +127,13 @@ def _load_rows(cache_ptr, scale_ptr, zero_ptr, seq_head_offset, param_offset, po
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
                   indices_ptr, lengths_ptr, scores_ptr, split_lse_ptr, split_out_ptr,
-                  sm_scale_log2, num_tokens, split_len,
+                  sm_scale_log2, num_tokens, num_splits, split_len,
                   q_stride_b, q_stride_h,
                   kv_stride_b, kv_stride_h, kv_stride_s,
                   param_stride_b, param_stride_h, param_stride_s,
                   indices_stride_b, indices_stride_h,
                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                   BLOCK: tl.constexpr, QUANTIZED: tl.constexpr, TOKEN_GROUP: tl.constexpr,
                   CHANNEL_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """One (sequence, KV head, split): the GROUP query heads of that KV head over one slice of the index list.
@@ -187,7 +187,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
     nonempty = row_sum > 0
     lse = tl.where(nonempty, row_max + tl.log2(tl.where(nonempty, row_sum, 1.0)), float("-inf"))
     out = acc / tl.where(nonempty, row_sum, 1.0)[:, None]
-    stat = (b * num_heads + heads) * NUM_SPLITS + split
+    stat = (b * num_heads + heads) * num_splits + split
     tl.store(split_lse_ptr + stat, lse, mask=head_mask)
     tl.store(split_out_ptr + stat[:, None] * HEAD_DIM + dims[None, :], out,
              mask=head_mask[:, None] & dim_mask[None, :])
@@ -195,9 +195,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
 
 @triton.jit
 def _merge_kernel(split_lse_ptr, split_out_ptr, scores_ptr, lengths_ptr, out_ptr, probs_ptr,
-                  num_tokens, slice_len, out_stride_b, out_stride_h,
+                  num_tokens, num_splits, slice_len, out_stride_b, out_stride_h,
                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEADS_PER_ROW: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr, HEADS_PER_ROW: tl.constexpr,
                   HEADS_PER_ROW_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """Program (sequence, head) merges that head's split outputs, and sums the probabilities of one slice of a row.
 
@@ -207,12 +207,12 @@ def _merge_kernel(split_lse_ptr, split_out_ptr, scores_ptr, lengths_ptr, out_ptr
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_mask = dims < HEAD_DIM
 
     # This head's output: the splits' outputs weighted by their share of the softmax denominator.
-    stats = (b * NUM_HEADS + head) * NUM_SPLITS + splits
+    stats = (b * NUM_HEADS + head) * num_splits + splits
     lse = tl.load(split_lse_ptr + stats, mask=split_mask, other=float("-inf"))
     top = tl.max(lse, axis=0)
     weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
@@ -229,7 +229,7 @@ def _merge_kernel(split_lse_ptr, split_out_ptr, scores_ptr, lengths_ptr, out_ptr
     members = tl.arange(0, HEADS_PER_ROW_PAD)
     member_mask = members < HEADS_PER_ROW
     row_heads = row * HEADS_PER_ROW + members
-    row_stats = (b * NUM_HEADS + row_heads)[:, None] * NUM_SPLITS + splits[None, :]
+    row_stats = (b * NUM_HEADS + row_heads)[:, None] * num_splits + splits[None, :]
     row_lse = tl.load(split_lse_ptr + row_stats, mask=member_mask[:, None] & split_mask[None, :],
                       other=float("-inf"))
     row_top = tl.max(row_lse, axis=1)
@@ -287,6 +287,7 @@ def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, ind
         lengths = torch.full((batch,), num_tokens, dtype=torch.int32, device=q.device)
     lengths = lengths.to(device=q.device, dtype=torch.int32)
 
+    # The split count is a run-time argument, so a growing index list does not compile new kernels.
     num_splits = num_splits or _default_splits(batch * kv_heads, num_tokens, q.device)
     split_len = max(1, triton.cdiv(triton.cdiv(num_tokens, num_splits), BLOCK_T)) * BLOCK_T
     num_splits = max(1, triton.cdiv(num_tokens, split_len))
@@ -305,12 +306,12 @@ def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, ind
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16 along the reduced axis
     _split_kernel[(batch * kv_heads, num_splits)](
         q, k_data, v_data, *params, indices, lengths, scores, split_lse, split_out,
-        sm_scale * LOG2E, num_tokens, split_len,
+        sm_scale * LOG2E, num_tokens, num_splits, split_len,
         q.stride(0), q.stride(1),
         k_data.stride(0), k_data.stride(1), k_data.stride(2),
         *param_strides, *indices_strides,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits, BLOCK=BLOCK_T,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK=BLOCK_T,
         QUANTIZED=quantized, TOKEN_GROUP=token_group, CHANNEL_GROUP=channel_group, DOT_DTYPE=dot_dtype,
         num_warps=4, num_stages=3)
 
@@ -319,8 +320,8 @@ def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, ind
     probs = torch.empty(batch, heads // heads_per_row, num_tokens, dtype=torch.float32, device=q.device)
     slice_len = triton.cdiv(triton.cdiv(num_tokens, heads_per_row), BLOCK_T) * BLOCK_T
     _merge_kernel[(batch, heads)](
-        split_lse, split_out, scores, lengths, out, probs, num_tokens, slice_len, out.stride(0), out.stride(1),
-        NUM_HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
+        split_lse, split_out, scores, lengths, out, probs, num_tokens, num_splits, slice_len, out.stride(0),
+        out.stride(1), NUM_HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEADS_PER_ROW=heads_per_row,
         HEADS_PER_ROW_PAD=triton.next_power_of_2(heads_per_row), BLOCK=BLOCK_T, num_warps=4)
     return out, probs if per_head else probs[:, 0]

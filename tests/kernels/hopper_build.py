@@ -48,17 +48,16 @@ def main():
                         v_zero_ptr="fp16", indices_ptr="i32", lengths_ptr="i32")
         for group, dtype in ((1, tl.float16), (4, tl.bfloat16), (8, tl.float16)):
             compiled = build(sparse_attention._split_kernel, pointers, dict(
-                KV_HEADS=32 // group, GROUP=group, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=4,
+                KV_HEADS=32 // group, GROUP=group, GROUP_PAD=16, HEAD_DIM=128, HEAD_DIM_PAD=128,
                 BLOCK=sparse_attention.BLOCK_T, QUANTIZED=quantized, TOKEN_GROUP=1, CHANNEL_GROUP=64,
                 DOT_DTYPE=dtype), num_warps=4, num_stages=3)
             assert "cp.async.cg.shared.global" in compiled.asm["ptx"], "K/V rows are not copied 16 bytes at a time"
     build(sparse_attention._split_kernel, dict(k_ptr="u8", v_ptr="u8", indices_ptr="i32", lengths_ptr="i32"), dict(
-        KV_HEADS=2, GROUP=3, GROUP_PAD=16, HEAD_DIM=24, HEAD_DIM_PAD=32, NUM_SPLITS=1, BLOCK=sparse_attention.BLOCK_T,
+        KV_HEADS=2, GROUP=3, GROUP_PAD=16, HEAD_DIM=24, HEAD_DIM_PAD=32, BLOCK=sparse_attention.BLOCK_T,
         QUANTIZED=True, TOKEN_GROUP=4, CHANNEL_GROUP=1, DOT_DTYPE=tl.float16), num_warps=4, num_stages=3)
-    for splits, heads_per_row in ((1, 1), (3, 8), (4, 32)):
+    for splits_pad, heads_per_row in ((1, 1), (4, 8), (16, 32)):
         build(sparse_attention._merge_kernel, dict(out_ptr="fp16", lengths_ptr="i32"), dict(
-            NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), HEADS_PER_ROW=heads_per_row,
+            NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=splits_pad, HEADS_PER_ROW=heads_per_row,
             HEADS_PER_ROW_PAD=heads_per_row, BLOCK=sparse_attention.BLOCK_T), num_warps=4)
     for token_group, channel_group in ((1, 64), (1, 128), (4, 1)):
         build(int8_kv._quantize_store_kernel,
