@@ -190,7 +190,12 @@ PRESETS: dict[str, dict] = {
     "pythia-12b": _pythia("pythia-12b", 5120, 36, 40, 50688),
 }
 
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+_LLAMA_LIKE = ("llama", "mistral")  # no Q/K/V biases (Qwen2 has them, so it is not one)
+
+
+def _rope_theta(cfg: dict) -> float:
+    """transformers 5 moved rope_theta under rope_parameters."""
+    return cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
 
 
 def _from_hf_config(cfg: dict, name: str) -> dict:
@@ -214,7 +219,7 @@ def _from_hf_config(cfg: dict, name: str) -> dict:
                         ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
                         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                         head_dim=cfg.get("head_dim"), tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0))
+                        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(cfg))
         if model_type == "gpt_neox":
             return dict(name=name, family="gpt_neox", hidden_size=cfg["hidden_size"],
                         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],

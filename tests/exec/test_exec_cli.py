@@ -14,7 +14,8 @@ from alisa_exec.runner import op_kind
 from alisa_sim.cost_model import CostModel
 from alisa_sim.hardware import load_hardware_profile
 from alisa_sim.ops import KINDS
-from tiny_models import TINY_SPEC, spec_of
+from alisa_sim.model_spec import load_model_spec
+from tiny_models import TINY_SPEC
 
 BATCH, PROMPT_LEN, GEN_LEN = 3, 12, 6
 METRICS = {"prefill_s", "decode_s", "total_s", "throughput_tok_s", "decode_step_s", "peak_gpu_bytes", "peak_cpu_bytes",
@@ -78,7 +79,7 @@ def test_run_writes_result_json_and_trace(tmp_path, cpu_profile):
 
 def test_run_with_hf_weights_and_json_output(tmp_path, cpu_profile, tiny_hf_models, capsys):
     _, folder = tiny_hf_models["llama-gqa"]
-    model = spec_of(folder).model_dump()
+    model = load_model_spec(str(folder)).model_dump()
     workload = write_workload(tmp_path, cpu_profile, model=model)
     assert main(["run", str(workload), "--device", "cpu", "--weights", str(folder), "--out", str(tmp_path / "o"),
                  "--json"]) == 0

@@ -13,7 +13,7 @@ from alisa_exec.generate import Generator
 from alisa_exec.weights import DUMMY, load_model
 from alisa_sim.hardware import load_hardware_profile
 from alisa_sim.model_spec import load_model_spec
-from tiny_models import TINY_SPEC, VOCAB, hf_greedy, spec_of
+from tiny_models import TINY_SPEC, VOCAB, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -25,7 +25,7 @@ def test_cuda_graph_decode_matches_eager_and_hf(tiny_hf_models, name):
     hf, folder = tiny_hf_models[name]
     prompt = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(4))
     want = hf_greedy(hf, prompt, 12)
-    model = load_model(spec_of(folder), str(folder), torch.float32, CUDA)
+    model = load_model(load_model_spec(str(folder)), str(folder), torch.float32, CUDA)
     graphed = Generator(model, 3, 9 + 12 - 1)
     assert graphed.cuda_graph
     assert torch.equal(graphed.generate(prompt.to(CUDA), 12).tokens, want)

@@ -8,7 +8,7 @@ from alisa_exec.model import Transformer
 from alisa_exec.weights import DUMMY, load_model
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
-from tiny_models import TINY_CONFIGS, TINY_SPEC, VOCAB, hf_greedy, spec_of
+from tiny_models import TINY_CONFIGS, TINY_SPEC, VOCAB, hf_greedy
 
 CPU = torch.device("cpu")
 BATCH, PROMPT_LEN, DECODE_STEPS = 3, 7, 6
@@ -21,7 +21,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_logits_match_hf_prefill_and_every_decode_step(tiny_hf_models, name):
     hf, folder = tiny_hf_models[name]
-    model = load_model(spec_of(folder), str(folder), torch.float32, CPU)
+    model = load_model(load_model_spec(str(folder)), str(folder), torch.float32, CPU)
     model.setup_caches(BATCH, PROMPT_LEN + DECODE_STEPS)
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_greedy_generation_matches_hf(tiny_hf_models, name):
     gen_len = 10
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
     want = hf_greedy(hf, prompt, gen_len)
-    generator = Generator(load_model(spec_of(folder), str(folder), torch.float32, CPU), BATCH,
+    generator = Generator(load_model(load_model_spec(str(folder)), str(folder), torch.float32, CPU), BATCH,
                           PROMPT_LEN + gen_len - 1)
     result = generator.generate(prompt, gen_len)
     assert torch.equal(result.tokens, want)
@@ -55,7 +55,7 @@ def test_greedy_generation_matches_hf(tiny_hf_models, name):
 
 def test_generation_buffers_are_checked(tiny_hf_models):
     _, folder = tiny_hf_models["opt"]
-    generator = Generator(load_model(spec_of(folder), str(folder), torch.float32, CPU), 2, 8)
+    generator = Generator(load_model(load_model_spec(str(folder)), str(folder), torch.float32, CPU), 2, 8)
     with pytest.raises(ValueError, match="do not fit"):
         generator.generate(torch.zeros(2, 6, dtype=torch.long), 4)
 
@@ -83,8 +83,8 @@ def test_unsupported_family_is_a_spec_error():
 
 def test_checkpoint_that_does_not_match_the_spec_is_a_spec_error(tiny_hf_models):
     _, folder = tiny_hf_models["llama"]
-    wider = spec_of(folder).model_copy(update={"ffn_dim": 128})
+    wider = load_model_spec(str(folder)).model_copy(update={"ffn_dim": 128})
     with pytest.raises(SpecError, match="has shape"):
         load_model(wider, str(folder), torch.float32, CPU)
     with pytest.raises(SpecError, match="token embedding"):
-        load_model(spec_of(tiny_hf_models["opt"][1]), str(folder), torch.float32, CPU)
+        load_model(load_model_spec(str(tiny_hf_models["opt"][1])), str(folder), torch.float32, CPU)

@@ -1,6 +1,5 @@
 """Tiny random model configurations for the executor tests, and the ModelSpec of a saved Hugging Face folder."""
 
-import json
 
 import transformers
 
@@ -26,14 +25,6 @@ TINY_CONFIGS = {
 # A tiny LLaMA-family spec for runs with dummy weights.
 TINY_SPEC = dict(name="tiny-llama", family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                  ffn_dim=64, vocab_size=50, max_position_embeddings=64, tie_word_embeddings=False, norm_eps=1e-5)
-
-
-def spec_of(folder) -> ModelSpec:
-    """The ModelSpec of a saved HF folder. transformers 5 writes rope_theta under rope_parameters, which
-    load_model_spec does not read yet, so it is taken from there."""
-    spec = load_model_spec(str(folder))
-    rope = json.loads((folder / "config.json").read_text()).get("rope_parameters") or {}
-    return spec.model_copy(update={"rope_theta": rope["rope_theta"]}) if "rope_theta" in rope else spec
 
 
 def hf_greedy(model, prompts, gen_len: int):
