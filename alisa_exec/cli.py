@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-exec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute a workload and write its measured Result JSON and Chrome trace")
-    run.add_argument("workload", help="workload YAML file (policy dense)")
+    run.add_argument("workload", help="workload YAML file or plan JSON from `alisa-sim plan --json` (policy dense)")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                      help="default: float16 on cuda, float32 on cpu")

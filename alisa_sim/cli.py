@@ -112,7 +112,8 @@ def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
                       "oom" if simulated is None else f"{simulated:.2f}")
     console.print(table)
     console.print(f"chosen (FlexGen's LP): [bold]{solutions[0].setting.cli()}[/]")
-    return {"policy": "flexgen", "chosen": candidates[0], "candidates": candidates}
+    plan = FlexGenPolicy(wl, cost, solutions[0].setting).plan()
+    return {**plan, "chosen": candidates[0], "candidates": candidates}
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="simulate a workload and write its Result JSON and Chrome trace")
-    run.add_argument("workload", help="workload YAML file")
+    run.add_argument("workload", help="workload YAML file, or a plan JSON from `alisa-sim plan --json`")
     run.add_argument("--hardware", help="hardware profile name (in hw_profiles/) or YAML path, overriding the workload's")
     run.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's (default parameters)")
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hardware", help="hardware profile name or YAML path, overriding the workload's")
     plan.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's")
     plan.add_argument("--candidates", type=int, default=5, help="how many of the best candidates to simulate")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (alisa-sim/alisa-exec run take it)")
     plan.set_defaults(handler=cmd_plan)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -180,7 +181,19 @@ def resolve_workload(data: dict, source: str = "workload", base: Path | None = N
 
 
 def load_workload(path: str | Path, hardware: str | None = None, policy: str | None = None) -> ResolvedWorkload:
-    """Load and validate a workload YAML file; `hardware` and `policy` override the file's choices."""
+    """Load and validate a workload YAML file, or the workload inside a Plan or Result JSON file (what
+    `alisa-sim plan --json` and both runners write); `hardware` and `policy` override the file's choices."""
     path = Path(path)
-    data = load_yaml_file(path, "workload")
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise SpecError(f"plan file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("workload"), dict):
+            raise SpecError(f"{path}: a plan or result JSON must hold a 'workload' mapping")
+        data = data["workload"]
+    else:
+        data = load_yaml_file(path, "workload")
     return resolve_workload(data, str(path), path.parent, hardware, policy)

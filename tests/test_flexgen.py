@@ -133,3 +133,16 @@ def test_flexgen_published_throughput_on_t4(model, prompt, published, percent, g
                  num_gpu_batches=ngb, cpu_attention=cpu_attention, overlap=overlap)
     assert not m["oom"]
     assert m["throughput_tok_s"] == pytest.approx(published, rel=tolerance)
+
+
+def test_plan_json_runs_the_chosen_setting(tmp_path, capsys):
+    path = tmp_path / "w.yaml"
+    path.write_text("model: opt-30b\nhardware: t4-16g\nbatch_size: 16\nprompt_len: 256\ngen_len: 8\n"
+                    "policy: {name: flexgen}\n")
+    assert main(["plan", str(path), "--json", "--candidates", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["plan"]["flexgen_cli"] == plan["chosen"]["flexgen_cli"]
+    assert result["metrics"]["throughput_tok_s"] == pytest.approx(plan["chosen"]["simulated_throughput_tok_s"])

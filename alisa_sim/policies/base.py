@@ -99,9 +99,10 @@ class Policy(ABC):
         return {"weights_gpu": 1.0, "kv_gpu": 1.0}
 
     def plan(self) -> dict:
-        """The Plan JSON the executor runs: the policy, its resolved parameters and placement."""
-        return {"policy": self.name, "params": self.wl.policy.model_dump(exclude={"name"}),
-                "placement": self.placement()}
+        """The Plan JSON the executor runs: the workload (which a runner loads back), the policy, its resolved
+        parameters and placement."""
+        return {"workload": self.wl.workload.model_dump(mode="json"), "policy": self.name,
+                "params": self.wl.policy.model_dump(exclude={"name"}), "placement": self.placement()}
 
     # ---- op builders shared by policies -----------------------------------------------------------
     def context(self, step: int) -> int:

@@ -89,8 +89,10 @@ class FlexGenPolicy(Policy):
 
     def plan(self) -> dict:
         plan = super().plan()
-        plan["params"].update(percent=list(self.setting.percent), gpu_batch_size=self.gbs, num_gpu_batches=self.ngb,
-                              cpu_attention=self.setting.cpu_attention)
+        chosen = dict(percent=list(self.setting.percent), gpu_batch_size=self.gbs, num_gpu_batches=self.ngb,
+                      cpu_attention=self.setting.cpu_attention)
+        plan["params"].update(chosen)
+        plan["workload"]["policy"].update(chosen)  # so running the plan runs this very setting
         plan["flexgen_cli"] = self.setting.cli()
         return plan
 

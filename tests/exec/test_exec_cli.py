@@ -135,3 +135,17 @@ def test_console_script_reports_a_missing_workload_without_a_traceback(tmp_path)
 ])
 def test_kernel_names_map_to_breakdown_kinds(name, kind):
     assert op_kind(name) == kind
+
+
+def test_run_takes_the_simulators_plan_json(tmp_path, cpu_profile, capsys):
+    """`alisa-sim plan --json` writes the plan the executor runs: the same workload, measured."""
+    from alisa_sim.cli import main as sim_main
+
+    assert sim_main(["plan", str(write_workload(tmp_path, cpu_profile)), "--json"]) == 0
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(capsys.readouterr().out)
+    out = tmp_path / "out"
+    assert main(["run", str(plan_path), "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["workload"] == json.loads(plan_path.read_text())["workload"]
+    assert result["metrics"]["throughput_tok_s"] > 0
