@@ -64,7 +64,8 @@ class QuantizedKV:
 
 
 def dequantize_rows(cache: QuantizedKV, positions: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Rows at `positions` ([T], or [batch, kv_heads, T] per sequence and head) as values, [batch, kv_heads, T, d]."""
+    """Rows at `positions` ([T] for all, [batch, 1, T] per sequence, [batch, kv_heads, T] per sequence and head) as
+    values, [batch, kv_heads, T, d]."""
     batch, kv_heads, _, head_dim = cache.data.shape
     positions = positions.long().expand(batch, kv_heads, positions.shape[-1])
     rows = cache.data.gather(2, positions[..., None].expand(-1, -1, -1, head_dim))

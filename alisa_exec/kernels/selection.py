@@ -135,7 +135,8 @@ class LocalAttentionSum:
             raise RuntimeError("the ring is full: call select() between pushes")
         width = positions.shape[1]
         if width > self.width:
-            raise ValueError(f"a row of {width} tokens does not fit the ring's {self.width}")
+            raise ValueError(f"a row of {width} tokens does not fit the ring's {self.width} (a prefill row needs "
+                             f"prompt_len at construction)")
         slot = self.rows_pushed % self.capacity
         if lengths is not None:
             positions = torch.where(torch.arange(width, device=positions.device) < lengths[:, None], positions, -1)
