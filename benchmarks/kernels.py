@@ -102,39 +102,44 @@ def main() -> int:
 
     hbm = hbm_bytes_per_s()
     heads, head_dim = grid["heads"], grid["head_dim"]
+
+    def measure_cache(batch: int, length: int) -> list[dict]:
+        """Every sparsity and KV format over one random cache of `batch` sequences of `length` tokens."""
+        q = torch.randn(batch, heads, head_dim, dtype=torch.float16, device=device)
+        k_cache, v_cache = (torch.randn(batch, heads, length, head_dim, dtype=torch.float16, device=device)
+                            for _ in range(2))
+        quantized = []
+        for values in (k_cache, v_cache):
+            cache = QuantizedKV.empty(batch, heads, length, head_dim, torch.float16, device)
+            store_quantized(cache, torch.arange(length, device=device), values)
+            quantized.append(cache)
+        dense_ms = milliseconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], k_cache, v_cache))
+        rows = []
+        for sparsity in grid["sparsities"]:
+            indices = index_list(batch, length, swa_window(length, sparsity))
+            for kv_name, (kc, vc) in (("fp16", (k_cache, v_cache)), ("int8", quantized)):
+                fused_out, _ = sparse_decode_attention(q, kc, vc, indices)
+                gather_out, _ = gather_decode_attention(q, kc, vc, indices)
+                fused_ms = milliseconds(lambda: sparse_decode_attention(q, kc, vc, indices))
+                gather_ms = milliseconds(lambda: gather_decode_attention(q, kc, vc, indices))
+                copy_ms = milliseconds(lambda: (gather_kv(kc, indices, q.dtype), gather_kv(vc, indices, q.dtype)))
+                read = bytes_to_read(q, kc, indices)
+                rows.append(dict(kv=kv_name, batch=batch, length=length, sparsity=sparsity,
+                                 tokens=indices.shape[1], dense_ms=dense_ms, gather_ms=gather_ms,
+                                 gather_copy_ms=copy_ms, fused_ms=fused_ms, fused_bytes_read=read,
+                                 fused_GBps=read / fused_ms / 1e6,
+                                 fused_hbm_fraction=None if hbm is None else read / (fused_ms / 1e3) / hbm,
+                                 max_abs_err=float((fused_out.float() - gather_out.float()).abs().max())))
+        return rows
+
     rows = []
     for length in grid["lengths"]:
         for batch in grid["batches"]:
             print(f"b={batch} L={length}", file=sys.stderr, flush=True)
-            q = torch.randn(batch, heads, head_dim, dtype=torch.float16, device=device)
-            k_cache, v_cache = (torch.randn(batch, heads, length, head_dim, dtype=torch.float16, device=device)
-                                for _ in range(2))
-            quantized = []
-            for values in (k_cache, v_cache):
-                cache = QuantizedKV.empty(batch, heads, length, head_dim, torch.float16, device)
-                store_quantized(cache, torch.arange(length, device=device), values)
-                quantized.append(cache)
-            dense_ms = milliseconds(lambda: torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, None], k_cache, v_cache))
-            for sparsity in grid["sparsities"]:
-                k = swa_window(length, sparsity)
-                indices = index_list(batch, length, k)
-                for kv_name, (kc, vc) in (("fp16", (k_cache, v_cache)), ("int8", quantized)):
-                    fused_out, _ = sparse_decode_attention(q, kc, vc, indices)
-                    gather_out, _ = gather_decode_attention(q, kc, vc, indices)
-                    fused_ms = milliseconds(lambda: sparse_decode_attention(q, kc, vc, indices))
-                    gather_ms = milliseconds(lambda: gather_decode_attention(q, kc, vc, indices))
-                    copy_ms = milliseconds(lambda: (gather_kv(kc, indices, q.dtype), gather_kv(vc, indices, q.dtype)))
-                    read = bytes_to_read(q, kc, indices)
-                    rows.append(dict(kv=kv_name, batch=batch, length=length, sparsity=sparsity,
-                                     tokens=indices.shape[1], dense_ms=dense_ms, gather_ms=gather_ms,
-                                     gather_copy_ms=copy_ms, fused_ms=fused_ms, fused_bytes_read=read,
-                                     fused_GBps=read / fused_ms / 1e6,
-                                     fused_hbm_fraction=None if hbm is None else read / (fused_ms / 1e3) / hbm,
-                                     max_abs_err=float((fused_out.float() - gather_out.float()).abs().max())))
-            del q, k_cache, v_cache, quantized
+            rows += measure_cache(batch, length)
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # the next cache may be several times larger
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     machine = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

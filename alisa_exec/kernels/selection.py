@@ -11,7 +11,8 @@ rows pushed since the last selection and subtracts the rows that left the window
 parallel over rows and blocks of a row), then picks. A row is kept in a ring of `max_window + 1` rows until it
 leaves, because subtracting it needs it: (max_window + 1) rows of max(2 * max_window, prompt_len) entries (a
 prefill row is dense over the prompt) at 8 bytes each per sequence and layer, 2.7 MB for 4096 tokens at 80%
-sparsity and a shorter prompt. The first decode step after a dense prefill is seeded with the prefill's last attention rows (`seed`, `prefill_window_rows`).
+sparsity and a shorter prompt. The first decode step after a dense prefill is seeded with the prefill's last
+attention rows (`seed`, `prefill_window_rows`).
 
 The sum is fixed point (units of 2^-32) in int64, so adding and later subtracting a row cancel exactly and the
 order of the atomic adds does not matter: the incremental sum equals a sum from scratch bit for bit, every run,
