@@ -77,6 +77,14 @@ class CostModel:
         self._decode_log_batches = np.log(np.array(batches, dtype=float))
         self._decode_curves = [_LogLogCurve(*zip(*bytes_and_s[b])) for b in batches]
 
+        # Gathered decode attention (index the selected 20% of the cache, then attend): a curve over gathered bytes.
+        gathered = defaultdict(list)
+        for row in gpu.decode_attention_fp16:
+            if row.gather20_s:
+                gathered[row.b].append((decode_kv_bytes(row.b, round(0.2 * row.L), row.H, row.D, 2), row.gather20_s))
+        self._gather_log_batches = np.log(np.array(sorted(gathered), dtype=float))
+        self._gather_curves = [_LogLogCurve(*zip(*gathered[b])) for b in sorted(gathered)]
+
         prefill = gpu.prefill_attention_fp16
         self._prefill_curve = _LogLogCurve([causal_attention_flops(r.b, r.L, r.H, r.D) for r in prefill],
                                            [r.s for r in prefill])
@@ -124,6 +132,21 @@ class CostModel:
         # Outside the measured batches np.interp keeps the nearest batch's curve: the bytes already carry the scaling.
         log_times = [math.log(curve(nbytes)) for curve in self._decode_curves]
         return math.exp(float(np.interp(math.log(batch), self._decode_log_batches, log_times)))
+
+    @lru_cache(maxsize=1 << 16)
+    def gathered_decode_attention_s(self, batch: int, selected: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                                    kv_dtype_bytes: float = 2) -> float:
+        """Explicit-gather sparse attention: gather `selected` tokens' K/V per sequence into a packed tensor, then
+        attend densely (the profile's measured 20%-gathered SDPA rows, by gathered bytes). Without such rows, a
+        dense attention over the selection plus an HBM pass to write the packed copy."""
+        nbytes = decode_kv_bytes(batch, selected, num_kv_heads, head_dim, kv_dtype_bytes)
+        if nbytes <= 0:
+            return 0.0
+        if not self._gather_curves:
+            return self.decode_attention_s(batch, selected, num_heads, num_kv_heads, head_dim, kv_dtype_bytes) \
+                + self.hbm_s(2 * nbytes)
+        log_times = [math.log(curve(nbytes)) for curve in self._gather_curves]
+        return math.exp(float(np.interp(math.log(batch), self._gather_log_batches, log_times)))
 
     @lru_cache(maxsize=1 << 16)
     def prefill_attention_s(self, batch: int, prompt_len: int, num_heads: int, head_dim: int) -> float:

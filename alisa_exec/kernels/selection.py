@@ -31,14 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from alisa_sim.swa import swa_window
+
 FIXED_POINT_ONE = 2.0 ** 32  # a probability of 1 in the int64 window sum
-
-
-def swa_window(num_tokens: int, kv_sparsity: float) -> int:
-    """k for a step with `num_tokens` cached tokens: the recent-window size and the number of older tokens kept."""
-    keep_ratio = 1.0 - kv_sparsity
-    # The epsilon keeps e.g. 15 * (1 - 0.8) / 2 = 1.4999999999999998 rounding up, as 1.5 does.
-    return max(1, math.floor(num_tokens * keep_ratio / 2 + 0.5 + 1e-9))
 
 
 def prefill_window_rows(q: Tensor, k: Tensor, num_rows: int, sm_scale: float | None = None,

@@ -1,15 +1,9 @@
-"""Kernel tests run on the GPU when there is one, else on the CPU under the Triton interpreter (tiny shapes).
-
-TRITON_INTERPRET must be set before the kernels are defined, i.e. before alisa_exec.kernels is first imported.
-"""
-
-import os
+"""Kernel tests run on the GPU when there is one, else on the CPU under the Triton interpreter (tiny shapes; the
+root conftest sets TRITON_INTERPRET before anything imports triton)."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 
