@@ -116,11 +116,36 @@ def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
     return {**plan, "chosen": candidates[0], "candidates": candidates}
 
 
+def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
+    """ALISA's schedule search: the chosen p1/p2/alpha/beta and the alternatives it rejected, each simulated."""
+    from alisa_sim.cost_model import CostModel
+    from alisa_sim.planner.alisa_search import search_schedule
+    from alisa_sim.policies.alisa import AlisaPolicy
+
+    cost = CostModel(wl.hardware)
+    chosen_policy = AlisaPolicy(wl, cost)
+    search = search_schedule(chosen_policy)
+    table = Table("schedule", "p1", "p2", "alpha", "beta", "search estimate (decode s)", "simulated total (s)",
+                  title=f"ALISA schedule search (GPU KV budget {chosen_policy.gpu_tokens} tokens per sequence; "
+                        f"p2 past {wl.decode_steps} = never)")
+    rows = []
+    for what, schedule, estimate in [("chosen", search.schedule, search.estimated_decode_s)] + search.alternatives:
+        sim = simulate_with_policy(wl, AlisaPolicy(wl, cost, schedule))
+        total = None if sim.oom_error else build_result(sim)["metrics"]["total_s"]
+        rows.append({"what": what, **vars(schedule), "estimated_decode_s": estimate, "simulated_total_s": total})
+        table.add_row(what, str(schedule.p1), str(schedule.p2), f"{schedule.alpha:g}", f"{schedule.beta:g}",
+                      f"{estimate:.2f}", "oom" if total is None else f"{total:.2f}")
+    console.print(table)
+    return {**chosen_policy.plan(), "alternatives": rows[1:]}
+
+
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
     quiet = Console(file=open("/dev/null", "w")) if args.json else console
     if wl.policy.name == "flexgen":
         plan = _flexgen_plan(wl, quiet, args.candidates)
+    elif wl.policy.name == "alisa":
+        plan = _alisa_plan(wl, quiet)
     else:
         from alisa_sim.cost_model import CostModel
         from alisa_sim.policies import make_policy
@@ -142,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
     run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
     run.set_defaults(handler=cmd_run)
-    plan = sub.add_parser("plan", help="show the plan a workload would run and why (FlexGen: its LP policy search)")
+    plan = sub.add_parser("plan", help="show the plan a workload would run and why (ALISA: its schedule search; "
+                                       "FlexGen: its LP policy search)")
     plan.add_argument("workload", help="workload YAML file")
     plan.add_argument("--hardware", help="hardware profile name or YAML path, overriding the workload's")
     plan.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's")

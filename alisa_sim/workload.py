@@ -82,11 +82,61 @@ class VllmPolicyConfig(_Strict):
     swap_space: float = Field(default=4, ge=0, description="CPU swap space in GiB (vLLM's --swap-space)")
 
 
+KvSparsity = Annotated[float, Field(ge=0, lt=1, description="share of the cached tokens a step does not attend to")]
+
+
+class AlisaPolicyConfig(_Strict):
+    """ALISA: Sparse Window Attention, three-phase token-level KV scheduling with recompute, INT8 KV.
+
+    p1, p2, alpha and beta left out are chosen by the planner (`alisa-sim plan`); see docs/alisa-model.md for
+    what each option means and its default."""
+
+    name: Literal["alisa"]
+    kv_sparsity: KvSparsity = 0.8
+    int8: bool = True
+    recompute: bool = True
+    dynamic_scheduling: bool = Field(default=True, description="false: a FlexGen-style static split of every "
+                                                               "token's KV along heads (the paper's ablation)")
+    storage: Literal["all", "sparse_only"] = "all"
+    selection: Literal["per_layer", "per_head"] = "per_layer"
+    recompute_source: Literal["layer_input", "full_forward"] = "layer_input"
+    p1: int | None = Field(default=None, ge=0, description="first decode step of Phase II (KV partly on the CPU)")
+    p2: int | None = Field(default=None, ge=0, description="first decode step of Phase III (recompute)")
+    alpha: float | None = Field(default=None, ge=0, le=1, description="least share of the KV kept on the CPU in "
+                                                                      "Phases II and III")
+    beta: float | None = Field(default=None, ge=0, le=1, description="share of the CPU KV deleted (oldest first) "
+                                                                     "and recomputed in Phase III")
+    selection_stats: str | None = Field(default=None, description="selection_stats JSON (default: the shipped one)")
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> "AlisaPolicyConfig":
+        if self.p1 is not None and self.p2 is not None and self.p2 < self.p1:
+            raise ValueError(f"p2 ({self.p2}) must not come before p1 ({self.p1})")
+        return self
+
+
+class H2OPolicyConfig(_Strict):
+    """H2O: per-head heavy hitters (attention summed over all history) plus recent tokens, the rest evicted for
+    good; half of the kept budget each."""
+
+    name: Literal["h2o"]
+    kv_sparsity: KvSparsity = 0.8
+
+
+class StreamingLLMPolicyConfig(_Strict):
+    """StreamingLLM: `sinks` first tokens plus a recent window, the rest evicted for good."""
+
+    name: Literal["streamingllm"]
+    kv_sparsity: KvSparsity = 0.8
+    sinks: PositiveInt = 4
+
+
 PolicyConfig = Annotated[
-    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig, FlexGenPolicyConfig, VllmPolicyConfig],
+    Union[DensePolicyConfig, AcceleratePolicyConfig, ZeroPolicyConfig, FlexGenPolicyConfig, VllmPolicyConfig,
+          AlisaPolicyConfig, H2OPolicyConfig, StreamingLLMPolicyConfig],
     Field(discriminator="name"),
 ]
-POLICY_NAMES = ("dense", "accelerate", "zero", "flexgen", "vllm")
+POLICY_NAMES = ("dense", "accelerate", "zero", "flexgen", "vllm", "alisa", "h2o", "streamingllm")
 
 
 class MemoryCaps(_Strict):

@@ -1,0 +1,54 @@
+"""`h2o` and `streamingllm`: fixed-budget KV eviction (kept tokens only, all on the GPU, the rest dropped for good).
+
+Both keep (1 - kv_sparsity) of the cached tokens, the same budget SWA attends to, so their KV memory is that share
+of dense. H2O keeps per-head heavy hitters (attention summed over all history) and recent tokens, half each, and
+pays a per-head score update and eviction each step; StreamingLLM keeps `sinks` first tokens and a recent window
+and pays nothing to choose them.
+"""
+
+from __future__ import annotations
+
+from alisa_sim.ops import LayerTemplate
+from alisa_sim.policies.base import MemoryUse, Policy
+
+_H2O_KERNELS = 3  # accumulate scores, evict the lowest, compact
+
+
+class _EvictionPolicy(Policy):
+    def kept(self, context: int) -> int:
+        return min(context, max(1, round(context * (1 - self.wl.policy.kv_sparsity))))
+
+    def static_memory(self) -> MemoryUse:
+        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self.activation_buffers()})
+
+    def kv_memory(self, context: int) -> MemoryUse:
+        return MemoryUse(gpu={"kv": self.kv_bytes(self.kept(context))})
+
+    def prefill_template(self) -> LayerTemplate:
+        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.prefill_attention_op())
+
+    def decode_template(self, step: int) -> LayerTemplate:
+        kept = self.kept(self.context(step))
+        t = self.add_compute_chain(LayerTemplate(), self.batch, self.decode_attention_op(kept))
+        self.add_eviction_cost(t, kept)
+        return t
+
+    def add_eviction_cost(self, template: LayerTemplate, kept: int) -> None:
+        """Work to choose the tokens to keep, if any."""
+
+
+class H2OPolicy(_EvictionPolicy):
+    name = "h2o"
+
+    def add_eviction_cost(self, template: LayerTemplate, kept: int) -> None:
+        # fp32 accumulated score per head and kept token: read the new probabilities, update, find the lowest.
+        nbytes = 4 * 3 * self.batch * self.model.num_heads * kept
+        template.add(self._gpu_op("h2o_eviction", {"selection": self.cost.hbm_s(nbytes)}, _H2O_KERNELS),
+                     after=("attention",))
+
+
+class StreamingLLMPolicy(_EvictionPolicy):
+    name = "streamingllm"
+
+    def kept(self, context: int) -> int:
+        return min(context, max(self.wl.policy.sinks + 1, super().kept(context)))
