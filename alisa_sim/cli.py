@@ -157,6 +157,92 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from alisa_sim.report import scatter_figure, step_curves_figure, write_html, write_pngs
+    from alisa_sim.validate import METRICS, load_results, validate
+
+    document, pairs, unpaired = validate(load_results(args.results))
+    out = Path(args.out)
+    write_json_atomic(out / "validation.json", document)
+    figures = {"scatter": scatter_figure(document), "steps": step_curves_figure(pairs)}
+    write_html(figures, out / "validation.html", "alisa-sim validate: predicted vs measured")
+    png_note = ""
+    if args.png:
+        written, why = write_pngs(figures, out)
+        png_note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    if args.json:
+        print(json.dumps(document, indent=1))
+        return 0
+    names = list(METRICS)
+    table = Table("pair", *(METRICS[n][0] for n in names), title="error of the prediction, % (predicted - measured)")
+    for pair in document["pairs"]:
+        cells = [pair["metrics"][n]["error_pct"] for n in names]
+        table.add_row(pair["workload"], *("-" if e is None else f"{e:+.1f}" for e in cells))
+    summary = document["summary"]
+    for key, label in (("mape", "MAPE"), ("worst", "worst |error|")):
+        table.add_row(f"[bold]{label}[/]", *("-" if summary[n][key] is None else f"{summary[n][key]:.1f}"
+                                              for n in names))
+    console.print(table)
+    if unpaired:
+        console.print("[yellow]unpaired (no result of the same workload and policy from the other side):[/] "
+                      + ", ".join(r.path for r in unpaired))
+    console.print(f"wrote {out / 'validation.json'} and {out / 'validation.html'}{png_note}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    from alisa_sim.calibrate import (FIT_METRICS, PARAMETERS, calibrate, check_disjoint, describe_values,
+                                     fitted_profile_data, mape, prepare_runs, write_profile_yaml)
+    from alisa_sim.hardware import load_hardware_profile
+    from alisa_sim.validate import load_results
+
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise SpecError(f"--out {out}: a profile is a YAML file, e.g. hw_profiles/NAME.yaml")
+    parameters = tuple(p.strip() for p in args.params.split(",") if p.strip())
+    unknown = sorted(set(parameters) - set(PARAMETERS))
+    if unknown or not parameters:
+        raise SpecError(f"--params: unknown parameter(s) {', '.join(unknown) or '(none given)'} "
+                        f"(known: {', '.join(PARAMETERS)})")
+    measured = load_results(args.measured)
+    holdout = load_results(args.holdout) if args.holdout else []
+    check_disjoint(measured, holdout)
+    hardware = args.hardware
+    if hardware is None:
+        named = {r.data["workload"]["hardware"] for r in measured}
+        if len(named) != 1:
+            raise SpecError(f"the measured runs name {len(named)} hardware profiles: give the one to fit with "
+                            "--hardware")
+        hardware = named.pop()
+    base = load_hardware_profile(hardware)
+    holdout_runs = prepare_runs(holdout, hardware)
+    fit = calibrate(prepare_runs(measured, hardware), base, parameters, shapes_of=holdout_runs)
+    holdout_errors = {run.name: run.errors_pct(fit.profile) for run in holdout_runs}
+    write_profile_yaml(fitted_profile_data(fit, out.stem, holdout_errors), out)
+    summary = {"profile": str(out), "base": base.name, "values": fit.values, "inert": fit.inert,
+               "launch_overhead_s": fit.profile.gpu.launch_overhead_s, "evaluations": fit.evaluations,
+               "mape_pct": {side: {metric: mape(errors, metric) for metric in FIT_METRICS}
+                            for side, errors in (("fit_before", fit.base_errors), ("fit_after", fit.fit_errors),
+                                                 ("holdout", holdout_errors))}}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    table = Table("parameter", "fitted", title=f"fitted on {len(fit.fit_runs)} runs ({fit.evaluations} simulations "
+                                               "of the set)")
+    for name in parameters:
+        table.add_row(name, "not identifiable: left alone" if name in fit.inert
+                      else describe_values({name: fit.values[name]}))
+    console.print(table)
+    errors = Table("runs", *(f"{metric} MAPE" for metric in FIT_METRICS), title="errors of the predictions")
+    for side, label in (("fit_before", "fit set, base profile"), ("fit_after", "fit set, fitted profile"),
+                        ("holdout", "held out, fitted profile")):
+        cells = [summary["mape_pct"][side][metric] for metric in FIT_METRICS]
+        errors.add_row(label, *("-" if c is None else f"{c:.1f}%" for c in cells))
+    console.print(errors)
+    console.print(f"wrote {out} (validate it on held-out runs: alisa-sim run MEASURED/result.json --hardware {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--candidates", type=int, default=5, help="how many of the best candidates to simulate")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (alisa-sim/alisa-exec run take it)")
     plan.set_defaults(handler=cmd_plan)
+    validate = sub.add_parser("validate", help="pair predicted and measured results; error per metric, MAPE, HTML")
+    validate.add_argument("results", nargs="+", help="Result JSON files or folders of them (sim and exec, any order)")
+    validate.add_argument("--out", default="reports/runs/validation",
+                          help="folder for validation.json and validation.html (default reports/runs/validation)")
+    validate.add_argument("--png", action="store_true", help="also write PNG figures (needs kaleido and Chromium)")
+    validate.add_argument("--json", action="store_true", help="print validation.json to stdout instead of the table")
+    validate.set_defaults(handler=cmd_validate)
+    calib = sub.add_parser("calibrate", help="fit a profile's launch overhead and efficiency factors to measured runs")
+    calib.add_argument("measured", nargs="+", help="measured Result JSON files or folders (alisa-exec run) to fit")
+    calib.add_argument("--hardware", help="the profile to fit (name or YAML path; default: the one the runs name)")
+    calib.add_argument("--holdout", nargs="+", help="measured results kept out of the fit, to check it on")
+    calib.add_argument("--params", default="launch_overhead,host,gemm,attention,elementwise,copy",
+                       help="comma-separated free parameters (default: all; see alisa_sim/calibrate.py)")
+    calib.add_argument("--out", required=True, help="the fitted profile YAML to write (its name is the file stem)")
+    calib.add_argument("--json", action="store_true", help="print the fit summary as JSON")
+    calib.set_defaults(handler=cmd_calibrate)
     return parser
 
 
