@@ -25,7 +25,10 @@ class _LogLogCurve:
     """Time over a work size (elements, bytes or FLOPs): log-log interpolation between measured points, the first
     point's time below them, the last point's rate above them. Repeated sizes are merged by geometric mean."""
 
-    def __init__(self, sizes, times):
+    def __init__(self, sizes, times, floor_s: float | None = None):
+        """With `floor_s`, sizes below the measured ones scale down at the first point's rate, not below floor_s
+        (for curves whose first point is already bandwidth-bound); without it, they take the first point's time."""
+        self.floor_s = floor_s
         log_sizes, inverse = np.unique(np.log(np.asarray(sizes, dtype=float)), return_inverse=True)
         log_times = np.bincount(inverse, np.log(np.asarray(times, dtype=float))) / np.bincount(inverse)
         self.log_sizes = log_sizes
@@ -38,6 +41,8 @@ class _LogLogCurve:
             return 0.0
         if size >= self.max_size:
             return self.max_time * size / self.max_size
+        if self.floor_s is not None and math.log(size) < self.log_sizes[0]:
+            return max(self.floor_s, math.exp(self.log_times[0]) * size / math.exp(self.log_sizes[0]))
         # np.interp clamps to the first point's time below the measured range: the latency floor.
         return math.exp(float(np.interp(math.log(size), self.log_sizes, self.log_times)))
 
@@ -75,7 +80,10 @@ class CostModel:
             bytes_and_s[row.b].append((decode_kv_bytes(row.b, row.L, row.H, row.D, 2), row.s))
         batches = sorted(bytes_and_s)
         self._decode_log_batches = np.log(np.array(batches, dtype=float))
-        self._decode_curves = [_LogLogCurve(*zip(*bytes_and_s[b])) for b in batches]
+        # A large batch's shortest measured cache is already bandwidth-bound: below it, scale down to the fastest
+        # decode attention measured at all (the kernel latency).
+        decode_floor = min(row.s for row in gpu.decode_attention_fp16)
+        self._decode_curves = [_LogLogCurve(*zip(*bytes_and_s[b]), floor_s=decode_floor) for b in batches]
 
         # Gathered decode attention (index the selected 20% of the cache, then attend): a curve over gathered bytes.
         gathered = defaultdict(list)
@@ -83,7 +91,8 @@ class CostModel:
             if row.gather20_s:
                 gathered[row.b].append((decode_kv_bytes(row.b, round(0.2 * row.L), row.H, row.D, 2), row.gather20_s))
         self._gather_log_batches = np.log(np.array(sorted(gathered), dtype=float))
-        self._gather_curves = [_LogLogCurve(*zip(*gathered[b])) for b in sorted(gathered)]
+        gather_floor = min((row.gather20_s for row in gpu.decode_attention_fp16 if row.gather20_s), default=None)
+        self._gather_curves = [_LogLogCurve(*zip(*gathered[b]), floor_s=gather_floor) for b in sorted(gathered)]
 
         prefill = gpu.prefill_attention_fp16
         self._prefill_curve = _LogLogCurve([causal_attention_flops(r.b, r.L, r.H, r.D) for r in prefill],

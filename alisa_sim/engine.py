@@ -21,7 +21,7 @@ import simpy
 from alisa_sim.ops import KINDS, LayerTemplate, Op
 
 SERIAL = "serial"
-_FIRST_UNROLL = 6
+_FIRST_UNROLL = 4
 _REL_TOL = 1e-9
 
 
@@ -71,7 +71,7 @@ class StepSimulator:
         return op.resource if self.overlap else SERIAL
 
     def run_step(self, template: LayerTemplate, num_layers: int) -> StepTiming:
-        unrolled = min(num_layers, max(_FIRST_UNROLL, 3 * template.max_lag + 3))
+        unrolled = min(num_layers, max(_FIRST_UNROLL, 2 * max(1, template.max_lag) + 2))
         while True:
             ends, timed = self._simulate(template, unrolled)
             period = self._period(template, ends, unrolled) if unrolled < num_layers else 0.0
@@ -106,8 +106,8 @@ class StepSimulator:
                 yield env.timeout(ready)
             for layer, op in queue:
                 for src, lag in deps.get(op.name, ()) if layer >= 0 else ():
-                    if layer - lag >= 0:
-                        yield done[(layer - lag, src)]
+                    if layer - lag >= 0 and not (event := done[(layer - lag, src)]).processed:
+                        yield event
                 start = env.now
                 yield env.timeout(op.duration_s)
                 ends[(layer, op.name)] = env.now

@@ -19,10 +19,10 @@ class Op:
     resource: str
     parts: tuple[tuple[str, float], ...]
     nbytes: int = 0  # bytes moved over PCIe (h2d / d2h ops)
+    duration_s: float = field(init=False)
 
-    @property
-    def duration_s(self) -> float:
-        return sum(seconds for _, seconds in self.parts)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "duration_s", sum(seconds for _, seconds in self.parts))
 
 
 def make_op(name: str, resource: str, parts: dict[str, float], kernels: int = 1, launch_overhead_s: float = 0.0,

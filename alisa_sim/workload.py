@@ -100,6 +100,10 @@ class AlisaPolicyConfig(_Strict):
     storage: Literal["all", "sparse_only"] = "all"
     selection: Literal["per_layer", "per_head"] = "per_layer"
     recompute_source: Literal["layer_input", "full_forward"] = "layer_input"
+    attention_kernel: Literal["gather", "fused"] = Field(
+        default="gather", description="gather: pack the selected tokens, then dense attention (the paper's "
+                                      "implementation); fused: attention reads them in place (the executor's Triton "
+                                      "kernel)")
     p1: int | None = Field(default=None, ge=0, description="first decode step of Phase II (KV partly on the CPU)")
     p2: int | None = Field(default=None, ge=0, description="first decode step of Phase III (recompute)")
     alpha: float | None = Field(default=None, ge=0, le=1, description="least share of the KV kept on the CPU in "

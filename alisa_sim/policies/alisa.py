@@ -153,7 +153,10 @@ class AlisaPolicy(Policy):
     def _attention_op(self, attended: int):
         m = self.model
         args = (self.batch, attended, m.num_heads, m.num_kv_heads, m.dim_per_head, self.value_bytes)
-        seconds = self.cost.decode_attention_s(*args)
+        if self.cfg.attention_kernel == "gather":
+            seconds = self.cost.gathered_decode_attention_s(*args)
+        else:
+            seconds = self.cost.decode_attention_s(*args)
         return self._gpu_op("attention", {"attention": seconds}, 2)
 
     def _selection_op(self, rows: int, context: int):
