@@ -243,6 +243,43 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
+    from alisa_sim.sweep import default_workers, load_sweep, run_sweep, unknown_policies
+
+    spec, points = load_sweep(args.sweep)
+    out = Path(args.out) if args.out else Path("reports") / "runs" / "sweeps" / f"{Path(args.sweep).stem}.csv"
+    for name in unknown_policies(points):
+        count = sum(p.workload["policy"]["name"] == name for p in points)
+        console.print(f"[yellow]policy {name!r} is not in this build: its {count} points will be failed rows "
+                      "(a rerun retries them)[/]")
+    outcome = run_sweep(points, out, base_dir=str(Path(args.sweep).resolve().parent), backend=args.backend,
+                        workers=args.workers or default_workers(), ray_address=args.ray_address,
+                        progress=sys.stderr.isatty() and not args.quiet)
+    c = outcome.counts
+    console.print(f"{outcome.points} points: {outcome.skipped} already done, now {c['ok']} ok, {c['oom']} out of "
+                  f"memory, {c['failed']} failed in {outcome.wall_s:.1f} s ({args.backend}); wrote {out}")
+    for row in outcome.failures[:5]:
+        console.print(f"[red]failed[/] {row['model']} {row['hardware']} b={row['batch_size']} {row['policy']}: "
+                      f"{row['error']}")
+    return 1 if outcome.failures else 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from alisa_sim.report import load_inputs, report_figures, write_html, write_pngs
+
+    results, rows = load_inputs(args.results)
+    figures = report_figures(results, rows)
+    out = Path(args.out)
+    write_html(figures, out / "report.html", "alisa-sim report",
+               f"<p>{len(results)} results, {len(rows)} sweep rows</p>")
+    note = ""
+    if not args.no_png:
+        written, why = write_pngs(figures, out)
+        note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    console.print(f"wrote {out / 'report.html'}{note}: {', '.join(figures)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--out", required=True, help="the fitted profile YAML to write (its name is the file stem)")
     calib.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     calib.set_defaults(handler=cmd_calibrate)
+    sweep = sub.add_parser("sweep", help="simulate a grid of workloads in parallel into one CSV table")
+    sweep.add_argument("sweep", help="sweep YAML (base workload fields, axes, optional groups)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local: a process pool on this machine; ray: Ray tasks (a local Ray unless --ray-address)")
+    sweep.add_argument("--workers", type=int, help="worker processes (default: the CPU count)")
+    sweep.add_argument("--out", help="the CSV table (default reports/runs/sweeps/<sweep>.csv); a rerun skips its "
+                                     "done points")
+    sweep.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=cmd_sweep)
+    report = sub.add_parser("report", help="plotly HTML (+ PNG) of Result JSONs and sweep tables")
+    report.add_argument("results", nargs="+", help="Result JSON files, folders of them, or sweep CSV tables")
+    report.add_argument("--out", required=True, help="folder for report.html and the PNGs")
+    report.add_argument("--no-png", action="store_true", help="skip the PNG export (kaleido + Chromium)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 
