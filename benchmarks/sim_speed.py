@@ -1,4 +1,5 @@
-"""Wall time of whole simulations on this machine (target: OPT-30B, b=64, s=128, n=512, accelerate, under 1 s)."""
+"""Wall time of whole simulations on this machine: OPT-30B, b=64, s=128, n=512 (target under 1 s) and the paper's
+full Fig. 9 grid (target under 30 s)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from rich.table import Table
 from alisa_sim.simulator import simulate
 from alisa_sim.workload import resolve_workload
 
+import paper_figures  # benchmarks/ is on sys.path when this script runs
+
 CASES = [
     # (label, model, policy, hardware); the first is the issue's target case
     ("target", "opt-30b", "accelerate", "paper-h100-80g"),
@@ -24,6 +27,8 @@ CASES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fig9-workers", type=int, default=2,
+                        help="also simulate the paper's full Fig. 9 grid on this many processes (0: skip)")
     args = parser.parse_args()
     table = Table("case", "model", "policy", "hardware", "steps", "layers simulated / total",
                   "wall median (s)", "wall min (s)", "predicted total (s)",
@@ -44,6 +49,9 @@ def main() -> None:
         table.add_row(label, model, policy, hardware, str(len(sim.steps)), f"{simulated} / {total}",
                       f"{statistics.median(walls):.3f}", f"{min(walls):.3f}", predicted)
     Console(width=160).print(table)
+    if args.fig9_workers:
+        # The whole grid: every model, batch and policy of Fig. 9 (target: under 30 s on a 2-core machine).
+        paper_figures.fig9(Console(width=200), args.fig9_workers)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_fig12_higher_sparsity_enters_phase_three_later():
 
 
 def test_fig12_recompute_cuts_total_time():
-    """The paper: recompute cuts total time about 1.2-1.3x. The simulation gives 1.54x at 80% sparsity (fp16 KV;
+    """The paper: recompute cuts total time about 1.2-1.3x. The simulation gives 1.41x at 80% sparsity (fp16 KV;
     docs/paper-comparison.md explains the gap)."""
     with_recompute = _fig12(recompute=True)["metrics"]["total_s"]
     without = _fig12(recompute=False)["metrics"]["total_s"]
