@@ -177,8 +177,10 @@ def _inert(runs: list[Run], base: HardwareProfile, name: str) -> bool:
     reference = [run.predict(base) for run in runs]
     for x in _bounds(name):
         profile = adjusted_profile(base, {name: _to_value(name, x)})
-        if any(run.predict(profile) != ref for run, ref in zip(runs, reference)):
-            return False
+        for run, ref in zip(runs, reference):
+            predicted = run.predict(profile)
+            if any(not math.isclose(predicted[key], value, rel_tol=1e-9) for key, value in ref.items()):
+                return False
     return True
 
 

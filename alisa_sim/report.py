@@ -84,7 +84,8 @@ def throughput_figure(points: list[dict]) -> go.Figure:
     panels = sorted({p["panel"] for p in points})
     lines = sorted({p["line"] for p in points})
     rows, cols = _grid(len(panels))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=panels, horizontal_spacing=0.07, vertical_spacing=0.12)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=panels, horizontal_spacing=0.07,
+                        vertical_spacing=min(0.25, 0.6 / rows))
     in_legend: set[str] = set()
     for index, panel in enumerate(panels):
         row, col = divmod(index, cols)
@@ -95,30 +96,38 @@ def throughput_figure(points: list[dict]) -> go.Figure:
                                          showlegend=line not in in_legend, mode="lines+markers",
                                          line={"color": color}), row=row + 1, col=col + 1)
                 in_legend.add(line)
-        fig.update_xaxes(type="log", title_text="batch", row=row + 1, col=col + 1)
+        fig.update_xaxes(type="log", title_text="batch", tickvals=sorted({p["batch"] for p in points}),
+                         row=row + 1, col=col + 1)
         fig.update_yaxes(title_text="tokens/s", row=row + 1, col=col + 1)
     fig.update_layout(title="Throughput vs batch per policy (generated tokens / total time)",
-                      height=max(400, 330 * rows))
+                      height=max(420, 400 * rows))
     return fig
 
 
 def phase_figure(results: list[LoadedResult]) -> go.Figure:
-    """Fig. 12 style: time in each KV phase (stacked) and the GPU / CPU KV held at each phase's end, per run."""
+    """Fig. 12 style: decode time in each KV phase (stacked) and, per phase, the GPU KV with the CPU KV stacked on
+    it at the phase's end, per run."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("decode time by KV phase", "KV held at each phase's end"),
                         horizontal_spacing=0.1)
     labels = [result_label(r) for r in results]
     phases = sorted({p["phase"] for r in results for p in r.data.get("phases", [])})
+    below = [0.0] * len(results)
     for color, phase in zip(COLORS, phases):
-        times = [sum(p["time_s"] for p in r.data["phases"] if p["phase"] == phase) for r in results]
-        fig.add_trace(go.Bar(x=labels, y=times, name=f"phase {phase}", marker_color=color), row=1, col=1)
-        for device, dash in (("gpu", ""), ("cpu", "/")):
-            held = [next((p[f"{device}_kv_bytes_end"] / GB for p in r.data["phases"] if p["phase"] == phase), 0)
-                    for r in results]
-            fig.add_trace(go.Bar(x=labels, y=held, name=f"phase {phase} {device.upper()} KV", marker_color=color,
-                                 marker_pattern_shape=dash, offsetgroup=f"{phase}-{device}"), row=1, col=2)
-    fig.update_layout(barmode="stack", title="Per-phase time and KV memory", height=560)
+        mine = [[p for p in r.data["phases"] if p["phase"] == phase] for r in results]
+        times = [sum(p["time_s"] for p in ps) for ps in mine]
+        fig.add_trace(go.Bar(x=labels, y=times, base=below, name=f"phase {phase} time", marker_color=color,
+                             offsetgroup="time", legendgroup=f"phase {phase}"), row=1, col=1)
+        below = [b + t for b, t in zip(below, times)]
+        gpu = [ps[-1]["gpu_kv_bytes_end"] / GB if ps else 0.0 for ps in mine]
+        cpu = [ps[-1]["cpu_kv_bytes_end"] / GB if ps else 0.0 for ps in mine]
+        fig.add_trace(go.Bar(x=labels, y=gpu, name=f"phase {phase} GPU KV", marker_color=color,
+                             offsetgroup=str(phase), legendgroup=f"phase {phase}"), row=1, col=2)
+        fig.add_trace(go.Bar(x=labels, y=cpu, base=gpu, name=f"phase {phase} CPU KV", marker_color=color,
+                             marker_pattern_shape="/", offsetgroup=str(phase), legendgroup=f"phase {phase}"),
+                      row=1, col=2)
+    fig.update_layout(barmode="group", title="Per-phase time and KV memory", height=600)
     fig.update_yaxes(title_text="seconds", row=1, col=1)
-    fig.update_yaxes(title_text="GB", row=1, col=2)
+    fig.update_yaxes(title_text="GB (CPU hatched, on top of GPU)", row=1, col=2)
     fig.update_xaxes(tickangle=-30)
     return fig
 
