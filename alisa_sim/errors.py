@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydantic
@@ -33,6 +34,17 @@ def load_yaml_file(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def load_json_file(path: str | Path, what: str):
+    """Read a JSON file; missing files and syntax errors become SpecError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: not valid JSON: {exc}") from None
 
 
 def validate(model: type[pydantic.BaseModel], data: dict, source: str):

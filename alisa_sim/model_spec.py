@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from alisa_sim.errors import SpecError, validate
+from alisa_sim.errors import SpecError, load_json_file, validate
 
 Family = Literal["opt", "llama", "gpt_neox"]
 
@@ -243,9 +242,6 @@ def load_model_spec(ref: str | dict) -> ModelSpec:
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" and path.is_file():
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}: not valid JSON: {exc}") from None
+        cfg = load_json_file(path, "model config")
         return validate(ModelSpec, _from_hf_config(cfg, path.parent.name or path.stem), str(path))
     raise SpecError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}) nor a path to a HF config.json")

@@ -12,13 +12,12 @@ above k/n = r/2.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from alisa_sim.errors import SpecError, validate
+from alisa_sim.errors import load_json_file, validate
 
 DEFAULT_STATS = Path(__file__).resolve().parent / "data" / "selection_stats_default.json"
 FORMAT = "alisa-selection-stats/1"
@@ -64,10 +63,4 @@ class SelectionStats(BaseModel):
 def load_selection_stats(path: str | Path | None = None) -> SelectionStats:
     """A selection_stats file, or the shipped default."""
     path = Path(path) if path else DEFAULT_STATS
-    if not path.is_file():
-        raise SpecError(f"selection_stats file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{path}: not valid JSON: {exc}") from None
-    return validate(SelectionStats, data, str(path))
+    return validate(SelectionStats, load_json_file(path, "selection_stats"), str(path))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from alisa_sim.errors import SpecError, load_yaml_file, validate
+from alisa_sim.errors import SpecError, load_json_file, load_yaml_file, validate
 from alisa_sim.hardware import HardwareProfile, load_hardware_profile
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
 
@@ -239,12 +238,7 @@ def load_workload(path: str | Path, hardware: str | None = None, policy: str | N
     `alisa-sim plan --json` and both runners write); `hardware` and `policy` override the file's choices."""
     path = Path(path)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise SpecError(f"plan file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}: not valid JSON: {exc}") from None
+        data = load_json_file(path, "plan")
         if not isinstance(data, dict) or not isinstance(data.get("workload"), dict):
             raise SpecError(f"{path}: a plan or result JSON must hold a 'workload' mapping")
         data = data["workload"]
