@@ -199,6 +199,8 @@ def _rope_theta(cfg: dict) -> float:
 
 def _from_hf_config(cfg: dict, name: str) -> dict:
     """Translate a Hugging Face config.json into ModelSpec fields."""
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{name}: config.json must hold a JSON object")
     model_type = cfg.get("model_type")
     try:
         if model_type == "opt":
