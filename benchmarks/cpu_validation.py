@@ -8,10 +8,11 @@
 4. `alisa-sim calibrate` on the fit half of the runs, then `alisa-sim run` of the held-out half on the fitted
    profile and `alisa-sim validate` of those: the error a calibrated profile makes on runs it was not fitted to.
 
-    python benchmarks/cpu_validation.py [--repeats N] [--out reports/validation/cpu]
+    python benchmarks/cpu_validation.py [--repeats N] [--out reports/validation/cpu] [--work reports/runs/...]
 
-writes every loop's files under OUT/loop-<i>/ (left out of git by default) and OUT/summary.json, OUT/README.md
-with the spread over the repeats. tests/exec/test_validation_loop.py runs one loop.
+runs every loop in WORK/loop-<i>/ (all results, traces and HTML; git ignores reports/runs/) and keeps in OUT what is
+committed: OUT/summary.json and OUT/README.md with the spread over the repeats, and per loop the measured and the
+fitted profile and both validation.json files. tests/exec/test_validation_loop.py runs one loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CASES = [
     (4, 256, 32, "holdout"),
 ]
 METRIC = "decode_step_mean_s"
+KEPT = ("cpu-quick.yaml", "cpu-quick-fitted.yaml", "uncalibrated/validation.json", "calibrated/validation.json")
 # What the calibration fits: the host time per GEMM / attention call (a CPU device runs the eager framework's per-op
 # work and the kernels on the same cores, one after the other) and the GEMM and attention table scales (the quick
 # profile times each GEMM on a cache-hot matrix; the model streams its weights).
@@ -179,16 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="reports/validation/cpu")
+    parser.add_argument("--work", default="reports/runs/cpu-validation")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for the profile and the runs")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     loops = []
     for i in range(args.repeats):
-        loop = run_loop(out / f"loop-{i}", log=lambda what: print(f"[loop {i}] {what}", file=sys.stderr),
+        loop = run_loop(work / f"loop-{i}", log=lambda what: print(f"[loop {i}] {what}", file=sys.stderr),
                         threads=args.threads)
         loops.append(loop)
         print(f"loop {i}: decode step MAPE uncalibrated {loop['uncalibrated']['summary'][METRIC]['mape']:.1f}%, "
               f"calibrated (held out) {loop['calibrated']['summary'][METRIC]['mape']:.1f}%")
+        for kept in KEPT:
+            (out / f"loop-{i}" / kept).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(work / f"loop-{i}" / kept, out / f"loop-{i}" / kept)
     summary = summarize(loops)
     profile = yaml.safe_load((out / "loop-0" / "cpu-quick.yaml").read_text())
     meta = {"date": datetime.date.today().isoformat(), "cpu": profile["provenance"]["machine"],
