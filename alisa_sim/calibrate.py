@@ -1,19 +1,24 @@
 """Fit a hardware profile's free parameters to measured runs (`alisa-sim calibrate`), and write the fitted copy.
 
-The free parameters, each a multiplier on the base profile:
+The free parameters (`--params`):
 
-- `launch_overhead`: the host cost per kernel launch (`gpu.launch_overhead_s`), which bounds small ops from below;
-- `gemm`: every GEMM table row's time;
-- `attention`: every decode and prefill attention row's time (`s` and `gather20_s`);
-- `elementwise`: memory-bound kernels (norms, residuals, activations, embedding): `gpu.hbm_GBps` divided by it;
-- `copy`: every host<->device copy row's time.
+- `host`: seconds added to every GEMM and attention table row, so to every such call: host work a device pays in
+  series with its kernels (on a CPU device the eager framework's per-op cost runs on the same cores);
+- `launch_overhead`: a multiplier on `gpu.launch_overhead_s`, the per-kernel floor of small ops (a GPU's host
+  issues kernels ahead of the device, so there the floor and the device time overlap);
+- `gemm`, `attention`, `copy`: multipliers on every GEMM, attention (decode `s` and `gather20_s`, prefill) and
+  host<->device copy row's time;
+- `elementwise`: a multiplier on memory-bound kernel time (`gpu.hbm_GBps` divided by it).
 
-The fit minimizes, over the measured runs, the squared log ratio of predicted to measured prefill time and mean
-decode step time, plus a weak pull of each log multiplier towards 0 (a prior that the measured tables are right),
-by Nelder-Mead in log space within bounds. A parameter that changes no prediction of the given runs even at its
-bounds (copies in a run without transfers) is not identifiable from them: it stays at 1 and the provenance says so.
-The fitted profile is the base profile with those rows and overheads changed, `source.kind: fitted` and the fit
-(runs, multipliers, errors) in its provenance; check it on runs that were not used to fit it (`--holdout`).
+Before fitting, the GEMM table is resampled on the runs' model shapes: rows are added for their (k, n) at the times
+the cost model already gives them, so predictions do not change and a per-call `host` term is added once per call
+instead of being scaled by another shape's FLOPs. The fit minimizes, over the measured runs, the squared log ratio
+of predicted to measured prefill time and mean decode step time, plus a weak pull of each log multiplier towards 0
+(the prior that the measured tables are right), by Nelder-Mead in log space within bounds. A parameter that changes
+no prediction of the runs even at the ends of its range (copies in runs without transfers) is not identifiable from
+them: it is left alone and the provenance says so. The fitted profile is the base profile with those rows and
+overheads changed, `source.kind: fitted`, and the fit (runs, values, errors) in its provenance; check it on runs that
+were not used to fit it (`--holdout`).
 """
 
 from __future__ import annotations
