@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--out", required=True, help="the fitted profile YAML to write (its name is the file stem)")
     calib.add_argument("--json", action="store_true", help="print the fit summary as JSON")
     calib.set_defaults(handler=cmd_calibrate)
-    sweep = sub.add_parser("sweep", help="simulate a grid of workloads in parallel into one CSV table")
+    sweep = sub.add_parser("sweep", help="simulate a grid of workloads in parallel into one CSV table (exit 1 when "
+                                         "a point failed)")
     sweep.add_argument("sweep", help="sweep YAML (base workload fields, axes, optional groups)")
     sweep.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="local: a process pool on this machine; ray: Ray tasks (a local Ray unless --ray-address)")
