@@ -187,7 +187,8 @@ def scatter_figure(document: dict) -> go.Figure:
     names = [name for name in METRICS if document["summary"][name]["pairs"]]
     rows, cols = _grid(len(names))
     titles = [f"{METRICS[n][0]}: MAPE {document['summary'][n]['mape']:.1f}%" for n in names]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08, vertical_spacing=0.15)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08,
+                        vertical_spacing=min(0.28, 0.6 / rows))
     for index, name in enumerate(names):
         row, col = divmod(index, cols)
         pairs = [p for p in document["pairs"] if p["metrics"][name]["error_pct"] is not None]
@@ -203,7 +204,7 @@ def scatter_figure(document: dict) -> go.Figure:
                                  hoverinfo="text"), row=row + 1, col=col + 1)
         fig.update_xaxes(type="log", title_text="measured", row=row + 1, col=col + 1)
         fig.update_yaxes(type="log", title_text="predicted", row=row + 1, col=col + 1)
-    fig.update_layout(title="Predicted vs measured", height=max(400, 360 * rows))
+    fig.update_layout(title="Predicted vs measured", height=max(420, 420 * rows))
     return fig
 
 
