@@ -1,6 +1,7 @@
 """The CPU validation loop (benchmarks/cpu_validation.py) as a CI check: `alisa-exec profile --device cpu --quick`, a
-small model under every policy the executor runs, measured by `alisa-exec run --device cpu` and predicted by
-`alisa-sim run` on that profile, the profile calibrated on half the runs and validated on the other half.
+small model under the loop's policies (LOOP_POLICIES there, where the executor runs them), measured by `alisa-exec
+run --device cpu` and predicted by `alisa-sim run` on that profile, the profile calibrated on half the runs and
+validated on the other half.
 
 The bound on the held-out MAPE of the mean decode step comes from repeated loops on this project's 2-core machine
 while other jobs ran on it, recorded in reports/validation/cpu/: 10 loops gave 18.8-28.8% (worst single run 41.9%),
