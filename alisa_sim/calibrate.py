@@ -265,9 +265,9 @@ def fitted_profile_data(calibration: Calibration, name: str, holdout_errors: dic
         notes.append(f"not identifiable from these runs (no effect on their predictions), left alone: "
                      f"{', '.join(calibration.inert)}")
     if holdout_errors:
-        notes.append("held-out runs: " + ", ".join(f"{metric} MAPE {mape(holdout_errors, metric):.1f}%"
-                                                    for metric in FIT_METRICS if mape(holdout_errors, metric) is not None)
-                     + " over " + "; ".join(holdout_errors))
+        held = ", ".join(f"{metric} MAPE {mape(holdout_errors, metric):.1f}%" for metric in FIT_METRICS
+                         if mape(holdout_errors, metric) is not None)
+        notes.append(f"held-out runs: {held} over " + "; ".join(holdout_errors))
     data["name"] = name
     data["description"] = f"{base.description} -- fitted to measured runs by alisa-sim calibrate"
     data["provenance"] = {**data["provenance"], "date": datetime.date.today().isoformat(),

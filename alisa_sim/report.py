@@ -62,7 +62,8 @@ def throughput_points(results: list[LoadedResult], rows: list[dict]) -> list[dic
         wl, m = r.data["workload"], r.data["metrics"]
         if not m.get("oom"):
             model = r.data.get("model") or describe(wl).split()[0]
-            points.append({"panel": f"{model} on {r.data.get('hardware')}", "line": f"{wl['policy']['name']} ({r.source})",
+            points.append({"panel": f"{model} on {r.data.get('hardware')}",
+                           "line": f"{wl['policy']['name']} ({r.source})",
                            "batch": int(wl["batch_size"]), "throughput": float(m["throughput_tok_s"])})
     for row in rows:
         if row["status"] == "ok":
