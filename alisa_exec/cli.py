@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from alisa_exec.accuracy.command import add_eval_parser
 from alisa_sim.errors import SpecError
 from alisa_sim.results import write_json_atomic
 from alisa_sim.workload import load_workload
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quick", action="store_true", help="a reduced grid that runs in seconds (for CI)")
     prof.add_argument("--out", required=True, help="the YAML to write, e.g. hw_profiles/NAME.yaml (NAME = the stem)")
     prof.set_defaults(handler=cmd_profile)
+    add_eval_parser(sub)
     return parser
 
 

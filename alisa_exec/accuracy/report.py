@@ -1,0 +1,78 @@
+"""The accuracy report: perplexity against KV sparsity per method (the ALISA paper's Fig. 8) as a self-contained
+plotly HTML page (a PNG too when kaleido can find Chromium), and the perplexity table in Markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def perplexity_figure(report: dict) -> go.Figure:
+    rows = report["results"]
+    contexts = sorted({r["context"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    figure = make_subplots(rows=1, cols=len(contexts), subplot_titles=[f"context {c}" for c in contexts])
+    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for col, context in enumerate(contexts, start=1):
+        for index, method in enumerate(methods):
+            points = sorted((r["sparsity"], r["perplexity"]) for r in rows
+                            if r["context"] == context and r["method"] == method)
+            if method == "dense":
+                figure.add_hline(y=points[0][1], line_dash="dash", line_color="black", row=1, col=col,
+                                 annotation_text=f"dense {points[0][1]:.2f}" if col == 1 else None)
+                continue
+            figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                                        name=method, legendgroup=method, showlegend=col == 1,
+                                        line_color=palette[index % len(palette)]),
+                             row=1, col=col)
+        figure.update_xaxes(title_text="KV sparsity", row=1, col=col)
+        figure.update_yaxes(type="log", title_text="perplexity" if col == 1 else None, row=1, col=col)
+    figure.update_layout(title=f"{report['model']} on {Path(report['text']).name}: perplexity vs KV sparsity",
+                         template="plotly_white", width=520 * len(contexts) + 160, height=480)
+    return figure
+
+
+def chromium_path() -> str | None:
+    """A Chromium or Chrome kaleido can drive (BROWSER_PATH first), or None."""
+    candidates = [os.environ.get("BROWSER_PATH")] + [shutil.which(name) for name in BROWSERS]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def perplexity_table(report: dict) -> str:
+    """Markdown: one row per method, one column per (context, sparsity); dense fills every column of its context."""
+    rows = report["results"]
+    contexts = sorted({r["context"] for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    value = {(r["method"], r["context"], r["sparsity"]): r["perplexity"] for r in rows}
+    header = ["method"] + [f"{c} @ {s:g}" for c in contexts for s in sparsities]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for c in contexts:
+            for s in sparsities:
+                ppl = value.get((method, c, 0.0 if method == "dense" else s))
+                cells.append("" if ppl is None else f"{ppl:.2f}")
+        lines.append("| " + " | ".join([method] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """perplexity.html, perplexity.png (when Chromium is present) and table.md in `out_dir`; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure = perplexity_figure(report)
+    written = [out_dir / "perplexity.html", out_dir / "table.md"]
+    figure.write_html(written[0], include_plotlyjs=True)
+    written[1].write_text(perplexity_table(report))
+    browser = chromium_path()
+    if browser and importlib.util.find_spec("kaleido"):
+        os.environ.setdefault("BROWSER_PATH", browser)
+        figure.write_image(out_dir / "perplexity.png", scale=2)
+        written.append(out_dir / "perplexity.png")
+    return written
