@@ -53,8 +53,9 @@ def rope_tables(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: t
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate [batch, seq, heads, head_dim] by the angles of its positions ([seq, head_dim] tables)."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotate [batch, seq, heads, head_dim] by the angles of its positions ([seq, head_dim] tables shared by the
+    batch, or [batch, seq, head_dim] when every sequence sits at its own positions)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -84,15 +85,32 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.q_dim, spec.hidden_size, bias=spec.has_biases)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+    def split_heads(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim] from the fused projection's
+        output, rotated when the model uses rotary embeddings."""
+        batch, seq, _ = qkv.shape
+        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return q, k, v
+
+    def project_kv(self, h: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Only the K and V of normed layer inputs h [batch, seq, hidden] (recomputing deleted tokens' KV)."""
+        batch, seq, _ = h.shape
+        rows = slice(self.q_dim, self.q_dim + 2 * self.kv_dim)
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[rows]
+        k, v = F.linear(h, self.wqkv.weight[rows], bias).split(self.kv_dim, dim=-1)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k, v.view(batch, seq, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.split_heads(self.wqkv(x), rope))
         k, v = self.kv_cache.update(input_pos, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.wo(y.transpose(1, 2).reshape(batch, seq, self.q_dim))
@@ -107,11 +125,15 @@ class FeedForward(nn.Module):
         self.w_up = nn.Linear(spec.hidden_size, (2 if self.gated else 1) * spec.ffn_dim, bias=spec.has_biases)
         self.w_down = nn.Linear(spec.ffn_dim, spec.hidden_size, bias=spec.has_biases)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def activate(self, up: Tensor) -> Tensor:
+        """The nonlinearity between the two projections, applied to the output of `w_up`."""
         if self.gated:
-            gate, up = self.w_up(x).chunk(2, dim=-1)
-            return self.w_down(F.silu(gate) * up)
-        return self.w_down(F.relu(self.w_up(x)))
+            gate, up = up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.relu(up)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(self.activate(self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -151,12 +173,18 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate every layer's KV buffers, the causal mask and the rotary tables for sequences of up to
         `max_seq_len` tokens (rounded up to `aligned_seq_len`)."""
+        self.setup_tables(max_seq_len)
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, self.max_seq_len, self.spec.num_kv_heads,
+                                               self.spec.dim_per_head, weight.dtype, weight.device)
+
+    def setup_tables(self, max_seq_len: int) -> None:
+        """The causal mask and rotary tables for sequences of up to `max_seq_len` tokens (rounded up to
+        `aligned_seq_len`), without KV buffers (for runs that keep the KV cache elsewhere)."""
         weight = self.tok_embeddings.weight
         dtype, device = weight.dtype, weight.device
         self.max_seq_len = max_seq_len = aligned_seq_len(max_seq_len)
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.spec.num_kv_heads, self.spec.dim_per_head,
-                                               dtype, device)
         # Additive, in the model's dtype, so attention uses it as is (a boolean mask is converted on every call).
         allowed = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
         mask = torch.zeros(max_seq_len, max_seq_len, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
@@ -173,14 +201,24 @@ class Transformer(nn.Module):
         each attends to every cached position up to its own.
         """
         mask = self.causal_mask[None, None, input_pos]
-        x = self.tok_embeddings(tokens)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(input_pos + OPT_POSITION_OFFSET)
-        rope = (self.rope_cos[input_pos], self.rope_sin[input_pos]) if self.spec.family == "llama" else None
+        x = self.embed(tokens, input_pos)
+        rope = self.rope(input_pos)
         for layer in self.layers:
             x = layer(x, input_pos, mask, rope)
-        if not all_logits:
-            x = x[:, -1:]
-        x = self.norm(x)
+        return self.logits(x if all_logits else x[:, -1:])
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Token (and OPT's learned position) embeddings of tokens [batch, seq] at positions [seq] or [batch, seq]."""
+        x = self.tok_embeddings(tokens)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions + OPT_POSITION_OFFSET)
+        return x
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The rotary tables at positions [seq] or [batch, seq] (None for OPT)."""
+        return (self.rope_cos[positions], self.rope_sin[positions]) if self.spec.family == "llama" else None
+
+    def logits(self, x: Tensor) -> Tensor:
+        """fp32 logits of hidden states [batch, seq, hidden] after the final norm."""
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(x, weight).float()
+        return F.linear(self.norm(x), weight).float()

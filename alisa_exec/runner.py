@@ -1,9 +1,11 @@
 """`alisa-exec run`: execute a workload on this machine and build the measured Result JSON and a Chrome trace.
 
-The run: check that weights, KV buffers and activations fit (before allocating anything), load the model, warm up
-(one short generation, which also captures the CUDA graph), then the timed generation of the whole workload with
-every step timed on the device clock. Afterwards one prefill and one decode step at the middle context run eagerly
-under torch.profiler to split device time by kind for `breakdown_s`.
+`dense` runs here: check that weights, KV buffers and activations fit (before allocating anything), load the model,
+warm up (one short generation, which also captures the CUDA graph), then the timed generation of the whole workload
+with every step timed on the device clock. Afterwards one prefill and one decode step at the middle context run
+eagerly under torch.profiler to split device time by kind for `breakdown_s`.
+
+Every other executable policy runs its plan through the tiered KV cache (`alisa_exec.executor`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from alisa_sim.results import step_stats
 from alisa_sim.workload import ResolvedWorkload
 
 GB = 1e9
-EXECUTABLE_POLICIES = ("dense",)
+EXECUTABLE_POLICIES = ("dense", "alisa", "flexgen", "accelerate", "vllm", "h2o", "streamingllm")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TOKEN_BYTES = 8  # int64 token ids
 # Substrings of kernel / op names by kind, checked in this order (attention kernels can contain "cutlass" or "gemm").
@@ -179,15 +181,17 @@ class PeakMemory:
         return max(0, _rss_bytes("VmHWM") - self.base)
 
 
-def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None) -> tuple[dict, dict]:
-    """Execute the workload; returns (Result JSON, Chrome trace)."""
+def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None, on_step=None) -> tuple[dict, dict]:
+    """Execute the workload; returns (Result JSON, Chrome trace). `on_step(record)` is called after each step of a
+    tiered policy's run."""
     if wl.policy.name not in EXECUTABLE_POLICIES:
-        raise SpecError(f"policy {wl.policy.name!r} is not in the executor yet: the KV-tiering and offloading policies "
-                        "arrive with the tiered KV cache. The executor runs policy 'dense'; simulate the others with "
-                        "`alisa-sim run`")
-    w, spec, device = wl.workload, wl.model, options.device
-    check_family(spec)
+        raise SpecError(f"policy {wl.policy.name!r} is not in the executor yet: it runs "
+                        f"{', '.join(EXECUTABLE_POLICIES)}; simulate the others with `alisa-sim run`")
+    check_family(wl.model)
     weights_format(options.weights)
+    if wl.policy.name != "dense":
+        return run_plan(wl, options, log, on_step)
+    w, spec, device = wl.workload, wl.model, options.device
     max_seq_len = w.prompt_len + w.gen_len - 1
     check_fits(wl, memory_needed(spec, w.batch_size, w.prompt_len, max_seq_len, options.dtype), device)
 
@@ -222,6 +226,16 @@ def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None)
 
     result = build_result(wl, options, generation, breakdown, peak_bytes, {"load_s": load_s, "warmup_s": warmup_s})
     return result, build_trace(result, generation)
+
+
+def run_plan(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None, on_step=None) -> tuple[dict, dict]:
+    """A tiered policy: its plan (checked against the memory budget first), run and measured."""
+    from alisa_exec import executor
+
+    plan = executor.plan_run(wl, options.device, options.dtype)
+    measured = executor.execute(plan, options.device, options.dtype, options.weights, options.seed, log, on_step)
+    result = executor.build_result(plan, measured, device_name(options.device), options.dtype, options.weights)
+    return result, executor.build_trace(result, measured)
 
 
 def build_result(wl: ResolvedWorkload, options: ExecOptions, generation: Generation, breakdown: dict[str, float],

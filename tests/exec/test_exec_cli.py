@@ -89,7 +89,7 @@ def test_run_with_hf_weights_and_json_output(tmp_path, cpu_profile, tiny_hf_mode
 
 
 @pytest.mark.parametrize("overrides,weights,message", [
-    ({"policy": {"name": "accelerate"}}, "dummy", "not in the executor yet"),
+    ({"policy": {"name": "zero"}}, "dummy", "not in the executor yet"),
     ({"memory": {"gpu_gb": 1e-6}}, "dummy", "does not fit"),
     ({"model": "pythia-6.9b"}, "dummy", "gpt_neox"),
     ({}, "/no/such/weights", "not 'dummy'"),

@@ -1,0 +1,312 @@
+"""Running a KV policy's plan for real: plan for the memory the executor really has, check it before allocating
+anything, allocate the tiers, generate, and build the measured Result JSON and Chrome trace.
+
+The plan is the simulator's: the policy object `alisa_sim.policies.make_policy` builds for the workload (a Plan JSON
+comes back as its workload, with the planner's choices pinned). Two things can make the executor's bytes differ
+from the simulator's count: the run's dtype (float32 on the CPU), so the model spec is taken with the run's dtype
+size; and what the executor holds that the simulator counts otherwise (the kernels' selection ring, a packed
+attention workspace, a spare window slot, embeddings FlexGen leaves on the GPU). When the real GPU bytes of a plan
+exceed the budget (`memory.gpu_gb`, else the profile's GPU), the planner is asked again for a capacity smaller by
+the excess, at most `MAX_REPLANS` times; the Result records the capacity the plan was made for. A plan that still
+does not fit, or that the simulator's own accounting rejects, is a SpecError (exit 2) before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from alisa_exec.kv_cache import CPU, GPU, Tiers
+from alisa_exec.model import Transformer
+from alisa_exec.policies import EXEC_POLICIES, ExecPolicy, StepLog, StepRecord
+from alisa_exec.timeline import TRACK_NAMES, TRACKS, Span, Timeline, detailed_steps
+from alisa_exec.weights import load_model
+from alisa_sim.cost_model import CostModel
+from alisa_sim.errors import SpecError
+from alisa_sim.ops import KINDS
+from alisa_sim.policies import Policy, make_policy
+from alisa_sim.results import step_stats
+from alisa_sim.simulator import Simulation, simulate_with_policy
+from alisa_sim.workload import ResolvedWorkload
+
+MAX_REPLANS = 3
+DETAILED_STEPS = 64  # steps whose ops are timed one by one (all of them in shorter runs)
+COMPUTE_KINDS = ("gemm", "attention", "elementwise", "selection", "recompute")
+
+
+@dataclass
+class ExecutorPlan:
+    """The plan the executor runs and what it holds: the workload as planned (its capacity may be below the budget),
+    the simulator's policy, the executor's policy, its bytes per tier and the simulation of this very plan."""
+
+    workload: ResolvedWorkload
+    sim: Policy
+    policy: ExecPolicy
+    gpu_bytes: dict[str, int]
+    cpu_bytes: dict[str, int]
+    simulation: Simulation
+    replans: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _with(wl: ResolvedWorkload, dtype: torch.dtype, gpu_capacity: int) -> ResolvedWorkload:
+    planned = copy.copy(wl)
+    planned.model = wl.model.model_copy(update={"dtype_bytes": dtype.itemsize})
+    planned.gpu_capacity_bytes = int(gpu_capacity)
+    return planned
+
+
+def _meminfo_available() -> int:
+    from alisa_exec.runner import device_free_bytes
+
+    return device_free_bytes(torch.device("cpu"))
+
+
+def size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _parts(nbytes: dict[str, int]) -> str:
+    return " + ".join(f"{name} {size(value)}" for name, value in nbytes.items() if value)
+
+
+def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> ExecutorPlan:
+    """The plan to run and its memory, checked against the budget before anything is allocated."""
+    name = wl.policy.name
+    budget = wl.gpu_capacity_bytes
+    capacity, previous, replans = budget, None, 0
+    with torch.device("meta"):
+        meta_model = Transformer(wl.model).to(dtype)
+    while True:
+        planned = _with(wl, dtype, capacity)
+        sim = make_policy(planned, CostModel(wl.hardware))
+        policy = EXEC_POLICIES[name](planned, sim, dtype)
+        dry = Tiers(device, dry=True)
+        policy.weight_placement(meta_model, dry)
+        policy.allocate(dry)
+        gpu = {**dry.held[GPU], **policy.transient_gpu_bytes()}
+        need = sum(gpu.values())
+        if need <= budget or replans == MAX_REPLANS or (previous is not None and need >= previous):
+            break
+        capacity, previous, replans = capacity - (need - budget), need, replans + 1
+    capped_by = ("memory.gpu_gb" if wl.workload.memory.gpu_gb is not None
+                 else f"hardware profile '{wl.hardware.name}' GPU memory")
+    if need > budget:
+        raise SpecError(f"the {name} plan for {wl.model.name} at batch {wl.workload.batch_size} does not fit: the "
+                        f"executor needs {size(need)} on the GPU ({_parts(gpu)}) but {capped_by} allows "
+                        f"{size(budget)}" + (f" (planned {replans} times for less memory)" if replans else ""))
+    cpu = dict(dry.held[CPU])
+    available = _meminfo_available()
+    host_need = sum(cpu.values()) + (need if device.type == "cpu" else 0)
+    host_limit = min(wl.cpu_capacity_bytes, available)
+    if host_need > host_limit:
+        gpu_tier = " + the GPU tier, which is host memory on the CPU device" if device.type == "cpu" else ""
+        raise SpecError(f"the {name} plan does not fit in host memory: it needs {size(host_need)} ({_parts(cpu)}"
+                        f"{gpu_tier}) but {size(host_limit)} are available (memory.cpu_gb or the profile's, and what "
+                        "is free)")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise SpecError(f"the {name} plan needs {size(need)} on the GPU but only {size(free)} are free")
+    simulation = simulate_with_policy(planned, sim)
+    if simulation.oom_error:
+        raise SpecError(f"the {name} plan does not fit by the simulator's accounting: {simulation.oom_error}")
+    notes = []
+    if replans:
+        notes.append(f"planned for {size(capacity)} of GPU memory instead of the budget's {size(budget)}: the "
+                     f"executor holds more than the simulator counts ({_parts(gpu)})")
+    if wl.model.dtype_bytes != dtype.itemsize:
+        notes.append(f"planned with {dtype.itemsize}-byte values (the run's {str(dtype).removeprefix('torch.')}), "
+                     f"not the model spec's {wl.model.dtype_bytes}")
+    return ExecutorPlan(planned, sim, policy, gpu, cpu, simulation, replans, notes)
+
+
+@dataclass
+class Measured:
+    records: list[StepRecord]
+    marks_s: list[float]
+    spans: list[Span]
+    tokens: torch.Tensor
+    peak_gpu_bytes: int
+    peak_cpu_bytes: int
+    moved: dict[str, int]
+    setup_s: dict[str, float]
+
+
+def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weights: str, seed: int,
+            log: Callable[[str], None] = lambda _: None,
+            on_step: Callable[[StepRecord], None] | None = None) -> Measured:
+    """Load the model, allocate the tiers and generate the whole workload, timing every step."""
+    wl, policy = plan.workload, plan.policy
+    overlap = plan.sim.overlap
+    timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), DETAILED_STEPS))
+    t0 = time.perf_counter()
+    log(f"loading {wl.model.name} ({weights}) on {device}")
+    model = load_model(wl.model, weights, dtype, device, seed)
+    model.setup_tables(policy.positions)
+    tiers = Tiers(device, overlap=overlap, timeline=timeline)
+    policy.weight_placement(model, tiers)
+    log(f"allocating the {policy.name} plan's pools: {size(sum(plan.gpu_bytes.values()))} on the GPU in all "
+        f"({size(tiers.bytes(GPU))} of weights), {size(sum(plan.cpu_bytes.values()))} on the CPU")
+    policy.allocate(tiers)
+    policy.start(tiers, timeline)
+    prompt = torch.randint(0, wl.model.vocab_size, (wl.workload.batch_size, wl.workload.prompt_len),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    load_s = time.perf_counter() - t0
+    log(f"generating {wl.workload.gen_len} tokens for {wl.workload.batch_size} sequences ({policy.name})")
+    steps = StepLog(tiers, timeline, on_step)
+    timeline.start()
+    with torch.no_grad():
+        tokens = policy.generate(model, prompt, steps)
+    marks, spans = timeline.resolve()
+    if device.type == "cuda":
+        peak_gpu = torch.cuda.max_memory_allocated(device)
+    else:  # the "GPU" tier is host memory: what it holds plus the working set as the simulator counts it
+        peak_gpu = tiers.bytes(GPU) + sum(policy.transient_gpu_bytes().values())
+    return Measured(steps.records, marks, spans, tokens.cpu(), int(peak_gpu), tiers.bytes(CPU), dict(tiers.moved),
+                    {"load_s": load_s})
+
+
+# ---- the Result JSON and the trace ---------------------------------------------------------------------------------
+
+def _phases(steps: list[dict]) -> list[dict]:
+    """Consecutive decode steps of one KV phase, with the KV held on each tier at the phase's end."""
+    phases: list[dict] = []
+    for record in (r for r in steps if r["kind"] == "decode"):
+        if phases and phases[-1]["phase"] == record["phase"]:
+            current = phases[-1]
+            current["last_step"] = record["step"]
+            current["time_s"] += record["time_s"]
+        else:
+            current = {"phase": record["phase"], "first_step": record["step"], "last_step": record["step"],
+                       "time_s": record["time_s"]}
+            phases.append(current)
+        current["gpu_kv_bytes_end"] = record["gpu_kv_bytes"]
+        current["cpu_kv_bytes_end"] = record["cpu_kv_bytes"]
+    return phases
+
+
+def _busy_by_kind(spans: list[Span], num_steps: int) -> list[dict[str, float] | None]:
+    """Per step: seconds spent by kind in the step's timed ops (None for a step that was not timed op by op)."""
+    busy: list[dict[str, float] | None] = [None] * num_steps
+    for span in spans:
+        if busy[span.step] is None:
+            busy[span.step] = dict.fromkeys(KINDS, 0.0)
+        busy[span.step][span.kind] += span.end_s - span.start_s
+    return busy
+
+
+def breakdown(records: list[StepRecord], durations: list[float], spans: list[Span]) -> dict[str, float]:
+    """Busy time by kind over the run, from the ops timed one by one: a step that was not timed counts as the nearest
+    timed step of its kind, scaled to its own duration; `idle` is the run's time the compute track was not busy."""
+    busy = _busy_by_kind(spans, len(records))
+    timed = [i for i, b in enumerate(busy) if b is not None]
+    total = dict.fromkeys(KINDS, 0.0)
+    for i, record in enumerate(records):
+        candidates = [j for j in timed if records[j].kind == record.kind] or timed
+        if not candidates:
+            continue
+        nearest = min(candidates, key=lambda j: abs(j - i))
+        scale = durations[i] / durations[nearest] if durations[nearest] > 0 else 0.0
+        for kind, seconds in busy[nearest].items():
+            total[kind] += seconds * scale
+    total["idle"] = max(0.0, sum(durations) - sum(total[kind] for kind in COMPUTE_KINDS))
+    return total
+
+
+def build_result(plan: ExecutorPlan, measured: Measured, device_name: str, dtype: torch.dtype,
+                 weights: str) -> dict:
+    wl = plan.workload
+    w = wl.workload
+    durations = [b - a for a, b in zip(measured.marks_s, measured.marks_s[1:])]
+    steps = [{"step": r.step, "kind": r.kind, "phase": r.phase, "time_s": t, "gpu_kv_bytes": r.gpu_kv_bytes,
+              "cpu_kv_bytes": r.cpu_kv_bytes, "h2d_bytes": r.h2d_bytes, "d2h_bytes": r.d2h_bytes, **r.counters}
+             for r, t in zip(measured.records, durations)]
+    prefill = [s for s, r in zip(steps, measured.records) if r.kind == "prefill"]
+    decode = [s for s, r in zip(steps, measured.records) if r.kind == "decode"]
+    prefill_s = float(sum(s["time_s"] for s in prefill))
+    decode_s = float(sum(s["time_s"] for s in decode))
+    total_s = prefill_s + decode_s
+    rows = {kind: sum(r.rows for r in measured.records if r.kind == kind) for kind in ("prefill", "decode")}
+    counters: dict[str, int] = {}
+    for record in measured.records:
+        for name, count in record.counters.items():
+            counters[name] = counters.get(name, 0) + count
+    notes = [
+        "times from the device clock (CUDA events on the GPU, the host clock on the CPU device); every step of the "
+        "policy's plan runs eagerly",
+        f"breakdown_s: busy time by kind of the ops timed one by one on {len({s.step for s in measured.spans})} "
+        "steps (the prefill and steps spread over the run, or all of them); another step counts as the nearest timed "
+        "step of its kind scaled to its own duration; idle = total_s - compute busy time; copies overlap compute",
+        "h2d_bytes / d2h_bytes: KV, layer-input, weight and activation bytes the policy copied between the tiers "
+        "(on the CPU device, between its two host pools)",
+        "peak_gpu_bytes: torch's allocator peak on the GPU; on the CPU device, the GPU tier's pools plus the "
+        "working set as the simulator counts it. peak_cpu_bytes: the CPU tier's pools (pinned on CUDA)",
+        *plan.notes, *plan.policy.notes,
+    ]
+    return {
+        "source": "exec",
+        "workload": w.model_dump(mode="json"),
+        "model": wl.model.name,
+        "hardware": wl.hardware.name,
+        "plan": plan.sim.plan(),
+        "plan_gpu_capacity_bytes": wl.gpu_capacity_bytes,
+        "device": device_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": weights,
+        "metrics": {
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "total_s": total_s,
+            "throughput_tok_s": w.batch_size * w.gen_len / total_s,
+            "prefill_throughput_tok_s": rows["prefill"] / prefill_s if prefill_s else 0.0,
+            "decode_throughput_tok_s": rows["decode"] / decode_s if decode_s else 0.0,
+            "decode_step_s": step_stats([s["time_s"] for s in decode]),
+            "peak_gpu_bytes": measured.peak_gpu_bytes,
+            "peak_cpu_bytes": measured.peak_cpu_bytes,
+            "h2d_bytes": measured.moved["h2d"],
+            "d2h_bytes": measured.moved["d2h"],
+            "oom": False,
+            **counters,
+        },
+        "phases": _phases(steps),
+        "breakdown_s": breakdown(measured.records, durations, measured.spans),
+        "steps": steps,
+        "memory_plan": {"gpu_bytes": plan.gpu_bytes, "cpu_bytes": plan.cpu_bytes},
+        "setup_s": measured.setup_s,
+        "notes": notes,
+    }
+
+
+def build_trace(result: dict, measured: Measured) -> dict:
+    """Chrome trace-event JSON: the steps, and the timed ops on one track each for GPU compute, H2D, D2H and CPU."""
+    pid = 1
+    tids = {"steps": 0, **{track: i + 1 for i, track in enumerate(TRACKS)}}
+    names = {"steps": "steps", **TRACK_NAMES}
+    events: list[dict] = [{"ph": "M", "pid": pid, "name": "process_name",
+                           "args": {"name": f"alisa-exec {result['plan']['policy']} ({result['device']})"}}]
+    events += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": names[track]}}
+               for track, tid in tids.items()]
+    for record, start_s in zip(result["steps"], measured.marks_s):
+        label = measured.records[record["step"]].label
+        events.append({"ph": "X", "pid": pid, "tid": 0, "name": label, "ts": start_s * 1e6,
+                       "dur": record["time_s"] * 1e6, "args": {"phase": record["phase"]}})
+        events.append({"ph": "C", "pid": pid, "name": "KV bytes", "ts": start_s * 1e6,
+                       "args": {"gpu": record["gpu_kv_bytes"], "cpu": record["cpu_kv_bytes"]}})
+    for span in measured.spans:
+        events.append({"ph": "X", "pid": pid, "tid": tids[span.track], "name": span.name, "ts": span.start_s * 1e6,
+                       "dur": max(0.0, span.end_s - span.start_s) * 1e6,
+                       "args": {"step": span.step, "layer": span.layer, "kind": span.kind}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"workload": result["workload"], "op_detail_steps": sorted({s.step for s in measured.spans})}}
+

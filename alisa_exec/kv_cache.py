@@ -1,0 +1,186 @@
+"""The executor's tiered KV cache: token rows in a GPU pool and in a pinned CPU pool, and the copies between them.
+
+`Tiers` is the machine as a run sees it: two memory tiers, the compute stream and two copy streams. On CUDA the "gpu"
+tier is the GPU and the "cpu" tier pinned host memory; copies run on an H2D and a D2H side stream (on the compute
+stream when the workload turns `overlap` off), ordered by events, so the host waits only where it must read what a
+copy wrote. On the CPU device (CI) the "gpu" tier is a second pool in host memory, copies are synchronous and streams
+and events are no-ops: the same residency logic runs, and is tested, without a GPU.
+
+Every allocation goes through `Tiers.empty`, which records its bytes by tier and purpose. A dry run allocates on the
+meta device, so a run's memory is known, and checked against the budget, before anything is allocated.
+
+`TokenRows` holds rows of tokens in one tier, [slots, batch, width] (slot-major, so a range of positions of every
+sequence is one contiguous block, copied in one transfer): a token's K and V of one layer (width 2 x kv_dim) or its
+layer input (width hidden_size), in the model's dtype or as INT8 (asymmetric min-max per group of channels, the
+kernels' format, `alisa_exec.kernels.int8_kv`), dequantized when read.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference
+from alisa_exec.timeline import Timeline
+
+GPU, CPU = "gpu", "cpu"
+INT8_GROUP = 64  # channels per quantization group (the simulator's INT8 layout)
+
+
+class Tiers:
+    """The GPU and CPU tiers of one run, their streams and the bytes held and moved."""
+
+    def __init__(self, device: torch.device, overlap: bool = True, dry: bool = False,
+                 timeline: Timeline | None = None):
+        self.device = device
+        self.cuda = device.type == "cuda" and not dry
+        self.dry = dry
+        self.held: dict[str, dict[str, int]] = {GPU: {}, CPU: {}}
+        self.moved = {"h2d": 0, "d2h": 0}
+        self.timeline = timeline
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(device)
+            self.h2d = torch.cuda.Stream(device) if overlap else self.compute
+            self.d2h = torch.cuda.Stream(device) if overlap else self.compute
+        else:
+            self.compute = self.h2d = self.d2h = None
+
+    # ---- memory ----------------------------------------------------------------------------------------------------
+    def empty(self, tier: str, purpose: str, shape: tuple[int, ...], dtype: torch.dtype,
+              pinned: bool = True) -> Tensor:
+        """A zeroed tensor in `tier`, its bytes counted under `purpose` (pinned: page-locked host memory on CUDA)."""
+        self.count(tier, purpose, math.prod(shape) * dtype.itemsize)
+        if self.dry:
+            return torch.empty(shape, dtype=dtype, device="meta")
+        if tier == GPU:
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        return torch.zeros(shape, dtype=dtype, pin_memory=self.cuda and pinned)
+
+    def count(self, tier: str, purpose: str, nbytes: int) -> None:
+        self.held[tier][purpose] = self.held[tier].get(purpose, 0) + int(nbytes)
+
+    @property
+    def gpu_device(self) -> torch.device:
+        return torch.device("meta") if self.dry else self.device
+
+    def bytes(self, tier: str) -> int:
+        return sum(self.held[tier].values())
+
+    # ---- streams and events ----------------------------------------------------------------------------------------
+    def stream(self, direction: str):
+        return {"compute": self.compute, "h2d": self.h2d, "d2h": self.d2h}[direction]
+
+    def on(self, direction: str):
+        """Issue the block's work on the stream of `direction` ("compute", "h2d" or "d2h")."""
+        return torch.cuda.stream(self.stream(direction)) if self.cuda else nullcontext()
+
+    def event(self, direction: str = "compute"):
+        """An event at the current end of a stream's work (None off CUDA)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream(direction))
+        return event
+
+    def wait(self, direction: str, *events) -> None:
+        """Make a stream wait for events (without the host waiting)."""
+        if self.cuda:
+            for event in events:
+                if event is not None:
+                    self.stream(direction).wait_event(event)
+
+    @staticmethod
+    def host_wait(*events) -> None:
+        """The host waits until the events have happened (it is about to read or reuse what they guard)."""
+        for event in events:
+            if event is not None:
+                event.synchronize()
+
+    def copy(self, dst: Tensor, src: Tensor, direction: str, name: str, after=()) -> object:
+        """Copy `src` into `dst` on the H2D or D2H stream, after `after` events (a D2H copy also waits for the work
+        issued so far on the compute stream, which produced its source); counts the bytes and returns an event at
+        the copy's end."""
+        events = tuple(after) + ((self.event(),) if direction == "d2h" else ())
+        with self.on(direction):
+            self.wait(direction, *events)
+            span = self.timeline.span(direction, name, direction, self.stream(direction)) if self.timeline else None
+            with span or nullcontext():
+                dst.copy_(src, non_blocking=self.cuda)
+            if self.cuda and src.is_cuda:
+                src.record_stream(self.stream(direction))  # a temporary source outlives its Python owner until then
+        self.moved[direction] += src.numel() * src.element_size()
+        return self.event(direction)
+
+
+class TokenRows:
+    """Rows of tokens in one tier, [slots, batch, width], in `dtype` or INT8 (uint8 levels with a scale and a zero
+    point per group of `group` channels, stored in `dtype`)."""
+
+    def __init__(self, tiers: Tiers, tier: str, purpose: str, slots: int, batch: int, width: int,
+                 dtype: torch.dtype, int8: bool = False, group: int = INT8_GROUP, pinned: bool = True):
+        self.dtype, self.int8, self.width = dtype, int8, width
+        self.group = min(group, width)
+        if int8 and width % self.group:
+            raise ValueError(f"INT8 rows of {width} values are not whole groups of {self.group}")
+        shape = (slots, batch, width)
+        self.data = tiers.empty(tier, purpose, shape, torch.uint8 if int8 else dtype, pinned)
+        if int8:
+            params = (slots, batch, width // self.group)
+            self.scale = tiers.empty(tier, purpose, params, dtype, pinned)
+            self.zero = tiers.empty(tier, purpose, params, dtype, pinned)
+
+    @property
+    def parts(self) -> tuple[Tensor, ...]:
+        return (self.data, self.scale, self.zero) if self.int8 else (self.data,)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token row (values and quantization parameters)."""
+        return sum(part[0, 0].numel() * part.element_size() for part in self.parts)
+
+    def encode(self, values: Tensor) -> tuple[Tensor, ...]:
+        """Rows [..., width] as stored."""
+        if not self.int8:
+            return (values.to(self.dtype),)
+        shape = values.shape
+        data, scale, zero = quantize_reference(values.to(self.dtype).reshape(1, 1, -1, self.width), 1, self.group)
+        return (data.view(shape), scale.view(*shape[:-1], -1), zero.view(*shape[:-1], -1))
+
+    def decode(self, parts: tuple[Tensor, ...]) -> Tensor:
+        """Stored rows [..., width] back as values in the model's dtype."""
+        if not self.int8:
+            return parts[0]
+        data, scale, zero = parts
+        shape = data.shape
+        flat = QuantizedKV(data.reshape(1, 1, -1, self.width), scale.reshape(1, 1, -1, scale.shape[-1]),
+                           zero.reshape(1, 1, -1, zero.shape[-1]), 1, self.group)
+        rows = torch.arange(flat.data.shape[2], device=data.device)
+        return dequantize_rows(flat, rows).view(shape)
+
+    def write(self, index, values: Tensor) -> None:
+        """Store values [len(index), batch, width] at slots `index` (a slice, an int or a tensor of slots)."""
+        for part, encoded in zip(self.parts, self.encode(values)):
+            part[index] = encoded
+
+    def read(self, index) -> Tensor:
+        return self.decode(tuple(part[index] for part in self.parts))
+
+    def gather(self, slots: Tensor) -> Tensor:
+        """Values at per-sequence slots [batch, T]: sequence b reads its own rows, [batch, T, width]."""
+        if self.int8:
+            view = QuantizedKV(*(part.permute(1, 0, 2).unsqueeze(1) for part in self.parts), 1, self.group)
+            return dequantize_rows(view, slots[:, None, :]).squeeze(1)
+        by_sequence = self.data.permute(1, 0, 2)
+        return by_sequence.gather(1, slots.long()[..., None].expand(-1, -1, self.width))
+
+    def flat_rows(self, index: Tensor, out: tuple[Tensor, ...]) -> None:
+        """Gather stored rows at flat indices slot * batch + sequence into `out` ([N, ...] per part)."""
+        for part, dst in zip(self.parts, out):
+            torch.index_select(part.view(-1, part.shape[-1]), 0, index, out=dst)
+
+    def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> tuple[Tensor, ...]:
+        """Buffers for `rows` stored rows of this format, one per part, [rows, ...]."""
+        return tuple(tiers.empty(tier, purpose, (rows, part.shape[-1]), part.dtype, pinned) for part in self.parts)

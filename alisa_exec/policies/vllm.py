@@ -1,0 +1,170 @@
+"""`vllm` in the executor: a GPU pool of KV blocks, vLLM V0's schedule, preemption by recompute or swap.
+
+The schedule is the simulator's: `VllmPolicy.scheduler()` (vLLM V0's FCFS scheduler and block manager on this
+offline batch) decides every iteration; the executor steps the same scheduler object and reads, from the sequences'
+state before and after each iteration, which sequences ran, which were preempted (recompute: their blocks freed,
+their next prefill covers prompt and generated tokens) and which were swapped out or in (their blocks copied to or
+from the CPU swap space, a layer's block at a time). The pool, the swap space and the block size are the policy's
+(`gpu_blocks`, `cpu_blocks`, `block_size`); a block holds `block_size` tokens' K and V of one layer.
+
+A prefill iteration runs its sequences grouped by length, causal attention over each sequence's own tokens; a
+decode iteration runs every scheduled sequence at its own position, each attending its own blocks (gathered through
+its block table, padded to the longest, masked by length).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alisa_exec.kernels import dense_decode_attention
+from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers
+from alisa_exec.model import Transformer
+from alisa_exec.policies.base import ExecPolicy, StepLog, ceil_div, kv_rows, split_kv
+
+
+class VllmExec(ExecPolicy):
+    name = "vllm"
+
+    def __init__(self, wl, sim, dtype):
+        super().__init__(wl, sim, dtype)
+        self.block_size, self.gpu_blocks, self.cpu_blocks = sim.block_size, sim.gpu_blocks, sim.cpu_blocks
+
+    def allocate(self, tiers: Tiers) -> None:
+        layers = range(self.spec.num_layers)
+        self.pool = [TokenRows(tiers, GPU, "kv", self.gpu_blocks * self.block_size, 1, self.kv_width, self.dtype)
+                     for _ in layers]
+        self.swap_space = [TokenRows(tiers, CPU, "kv_swap_space", self.cpu_blocks * self.block_size, 1,
+                                     self.kv_width, self.dtype) for _ in layers]
+
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+        self.model, device = model, prompt.device
+        scheduler = self.sim.scheduler()
+        sequences = list(scheduler.waiting)
+        self.tokens = {seq.index: prompt[seq.index].tolist() for seq in sequences}
+        self.tables: dict[int, list[int]] = {seq.index: [] for seq in sequences}
+        self.cpu_tables: dict[int, list[int]] = {}
+        self.free = list(range(self.gpu_blocks))
+        self.cpu_free = list(range(self.cpu_blocks))
+        block_bytes = self.pool[0].row_bytes * self.block_size * self.spec.num_layers
+        index = 0
+        while scheduler.waiting or scheduler.running or scheduler.swapped:
+            before = {seq.index: (seq.generated, seq.cached, seq.tokens) for seq in sequences}
+            swapped_before = {seq.index for seq in scheduler.swapped}
+            finished_before = len(scheduler.finished)
+            iteration = scheduler.step()
+            batch = [seq.index for seq in sequences if seq.generated > before[seq.index][0]]
+            rows = sum(before[i][2] for i in batch) if iteration.kind == "prefill" else len(batch)
+            log.begin(iteration.kind, f"{iteration.kind} {index}", 1, rows, len(batch))
+            swapped_after = {seq.index for seq in scheduler.swapped}
+            for seq in sequences:  # preempted by recompute this iteration: its KV is dropped
+                if seq.cached == 0 and before[seq.index][1] > 0 and seq.index not in swapped_after:
+                    self.release(seq.index)
+            for i in sorted(swapped_after - swapped_before):
+                self.swap_out(i)
+            for i in sorted(swapped_before - swapped_after):
+                self.swap_in(i)
+            if iteration.kind == "prefill":
+                self.prefill(batch, [before[i][2] for i in batch], device)
+            else:
+                self.decode(batch, [before[i][2] for i in batch], device)
+            for seq in scheduler.finished[finished_before:]:
+                self.release(seq.index)
+            swapped_blocks = sum(len(table) for table in self.cpu_tables.values())
+            log.end(self.gpu_blocks * block_bytes, swapped_blocks * block_bytes, iteration.counters)
+            index += 1
+        return torch.tensor([self.tokens[seq.index][self.prompt_len:] for seq in sequences])
+
+    # ---- blocks ------------------------------------------------------------------------------------------------------
+    def release(self, seq: int) -> None:
+        self.free.extend(self.tables[seq])
+        self.tables[seq] = []
+
+    def reserve(self, seq: int, tokens: int) -> None:
+        """Blocks for the first `tokens` positions of a sequence."""
+        table = self.tables[seq]
+        while len(table) < ceil_div(tokens, self.block_size):
+            if not self.free:
+                raise RuntimeError("vllm: the scheduler admitted more blocks than the pool holds")
+            table.append(self.free.pop())
+
+    def slots(self, seq: int, positions: Tensor) -> Tensor:
+        table = torch.tensor(self.tables[seq], device=positions.device)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def copy_blocks(self, src_pool: list[TokenRows], src: list[int], dst_pool: list[TokenRows], dst: list[int],
+                    direction: str) -> None:
+        """One copy per block and layer, as vLLM's swap_blocks (K and V of a token are one row here)."""
+        bs = self.block_size
+        for layer in range(self.spec.num_layers):
+            for a, b in zip(src, dst):
+                self.tiers.copy(dst_pool[layer].data[b * bs:(b + 1) * bs], src_pool[layer].data[a * bs:(a + 1) * bs],
+                                direction, f"kv_swap_{'out' if direction == 'd2h' else 'in'}")
+        self.tiers.host_wait(self.tiers.event(direction))  # the blocks are free (or usable) once copied
+
+    def swap_out(self, seq: int) -> None:
+        table = self.tables[seq]
+        self.cpu_tables[seq] = [self.cpu_free.pop() for _ in table]
+        self.copy_blocks(self.pool, table, self.swap_space, self.cpu_tables[seq], "d2h")
+        self.release(seq)
+
+    def swap_in(self, seq: int) -> None:
+        cpu_table = self.cpu_tables.pop(seq)
+        self.tables[seq] = [self.free.pop() for _ in cpu_table]
+        self.copy_blocks(self.swap_space, cpu_table, self.pool, self.tables[seq], "h2d")
+        self.tiers.wait("compute", self.tiers.event("h2d"))
+        self.cpu_free.extend(cpu_table)
+
+    # ---- iterations --------------------------------------------------------------------------------------------------
+    def prefill(self, batch: list[int], lengths: list[int], device: torch.device) -> None:
+        """Prompt passes (with the generated tokens of recomputed sequences), grouped by length."""
+        for length in sorted(set(lengths)):
+            group = [seq for seq, n in zip(batch, lengths) if n == length]
+            for seq in group:
+                self.reserve(seq, length)
+            tokens = torch.tensor([self.tokens[seq][:length] for seq in group], device=device)
+            positions = torch.arange(length, device=device)
+            slots = torch.stack([self.slots(seq, positions) for seq in group])  # [group, length]
+            model = self.model
+            rope = model.rope(positions)
+            x = self.embed(model, tokens, positions)
+            for index, layer in enumerate(model.layers):
+                self.timeline.layer = index
+                x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.prefill_attend(index, slots, q, k, v))
+            self.timeline.layer = -1
+            for seq, token in zip(group, self.sample(model, x)[:, 0].tolist()):
+                self.tokens[seq].append(token)
+
+    def prefill_attend(self, index: int, slots: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        y = self.causal_attention(q, k, v)
+        self.pool[index].data[slots.T, 0] = kv_rows(k, v)  # rows [length, group, width] at slots [length, group]
+        return y
+
+    def decode(self, batch: list[int], lengths: list[int], device: torch.device) -> None:
+        """One token per sequence at its own position, attending its own blocks."""
+        model = self.model
+        for seq, n in zip(batch, lengths):
+            self.reserve(seq, n)
+        tokens = torch.tensor([[self.tokens[seq][-1]] for seq in batch], device=device)
+        positions = torch.tensor([[n - 1] for n in lengths], device=device)  # [batch, 1]
+        longest = max(lengths)
+        span = torch.arange(longest, device=device)
+        slots = torch.stack([self.slots(seq, span.clamp(max=n - 1)) for seq, n in zip(batch, lengths)])
+        length = torch.tensor(lengths, device=device)
+        rope = model.rope(positions)
+        x = self.embed(model, tokens, positions)
+        for index, layer in enumerate(model.layers):
+            self.timeline.layer = index
+            x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.attend(index, slots, length, q, k, v))
+        self.timeline.layer = -1
+        for seq, token in zip(batch, self.sample(model, x)[:, 0].tolist()):
+            self.tokens[seq].append(token)
+
+    def attend(self, index: int, slots: Tensor, lengths: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        pool = self.pool[index].data[:, 0]
+        with self.span("attention", "attention"):
+            newest = slots.gather(1, (lengths - 1)[:, None])[:, 0]
+            pool[newest] = kv_rows(k, v)[0]
+            keys, values = split_kv(pool[slots], self.spec.num_kv_heads)
+            out, _ = dense_decode_attention(q[:, 0], keys, values, lengths)
+        return out.reshape(len(lengths), 1, -1)

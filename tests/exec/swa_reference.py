@@ -1,0 +1,109 @@
+"""A plain-PyTorch reference of Sparse Window Attention decoding, step by step, over the whole attention history.
+
+As the house plan defines SWA: at a decode step with n cached tokens (the new one included), k = swa_window(n, s);
+the step attends to the k most recent tokens and to the k older ones with the largest attention weight summed over
+heads over the last k rows of attention history (ties to the older token); while n < 2k it attends to all n. The
+history is every query's row of head-summed attention probabilities: the prompt's causal rows, then one row per
+decode step (zero where the step did not attend). Sums are taken in the kernels' fixed-point units, so a sum is
+exact and ties are real ties. One token set per layer and sequence. With `int8`, every K/V row is stored through the
+kernels' INT8 round trip (per token, groups of min(64, head_dim) channels); the prompt's attention reads its K/V
+as computed, decode steps read them from the cache.
+
+No tiers, no ring, no incremental sums: every K/V stays in one dense buffer and each step recomputes its selection
+from the stored rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from alisa_exec.kernels.int8_kv import quantize_reference
+from alisa_exec.kernels.selection import to_fixed_point
+from alisa_exec.model import Transformer
+from alisa_sim.swa import swa_window
+
+
+def _stored(k: torch.Tensor, v: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [batch, seq, kv_heads, d] as the cache gives them back."""
+    if not int8:
+        return k, v
+    batch, seq, heads, d = k.shape
+    row = torch.cat((k.reshape(batch, seq, -1), v.reshape(batch, seq, -1)), dim=-1)
+    group = min(64, d)
+    data, scale, zero = quantize_reference(row.reshape(1, 1, -1, row.shape[-1]), 1, group)
+    values = (data.float().view(-1, row.shape[-1] // group, group) * scale.float().view(-1, row.shape[-1] // group, 1)
+              + zero.float().view(-1, row.shape[-1] // group, 1)).to(k.dtype).view(batch, seq, -1)
+    k2, v2 = values.split(heads * d, dim=-1)
+    return k2.view(batch, seq, heads, d), v2.view(batch, seq, heads, d)
+
+
+def _attend(q, keys, values, allowed):
+    """q [b, H, m, d]; keys, values [b, Hkv, P, d]; allowed [b, m, P] -> outputs [b, m, H*d], head-summed probs."""
+    batch, heads, rows, d = q.shape
+    group = heads // keys.shape[1]
+    scores = (q.float() @ keys.float().repeat_interleave(group, 1).transpose(-1, -2)) / math.sqrt(d)
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    out = (probs @ values.float().repeat_interleave(group, 1)).to(q.dtype)
+    return out.transpose(1, 2).reshape(batch, rows, -1), probs.sum(dim=1)
+
+
+def select(history: list[torch.Tensor], n: int, sparsity: float) -> torch.Tensor:
+    """Which of the n positions a step attends, [batch, P] bool, from the history rows ([batch, P] each)."""
+    batch, total = history[0].shape
+    k = swa_window(n, sparsity)
+    chosen = torch.zeros(batch, total, dtype=torch.bool)
+    chosen[:, n - k:n] = True
+    older = n - k
+    if older <= k:
+        chosen[:, :older] = True
+        return chosen
+    window = history[-k:]
+    sums = sum(to_fixed_point(row) for row in window)[:, :older]
+    top = torch.sort(sums, dim=1, descending=True, stable=True).indices[:, :k]
+    chosen.scatter_(1, top, True)
+    return chosen
+
+
+@torch.no_grad()
+def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsity: float,
+                 int8: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens [batch, gen_len] and each step's logits [batch, vocab] (the prefill's first)."""
+    batch, s = prompt.shape
+    spec = model.spec
+    total = s + gen_len - 1
+    model.setup_tables(total)
+    kv_shape = (batch, spec.num_kv_heads, total, spec.dim_per_head)
+    keys = [torch.zeros(kv_shape, dtype=model.tok_embeddings.weight.dtype) for _ in model.layers]
+    values = [torch.zeros_like(t) for t in keys]
+    history: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    tokens, logits_log = [], []
+    token, positions = prompt, torch.arange(s)
+    for step in range(gen_len):
+        n = s + step
+        x = model.embed(token, positions)
+        rope = model.rope(positions)
+        for index, layer in enumerate(model.layers):
+            q, k, v = layer.attention.split_heads(layer.attention.wqkv(layer.attention_norm(x)), rope)
+            stored_k, stored_v = _stored(k, v, int8)
+            keys[index][:, :, positions] = stored_k.transpose(1, 2)
+            values[index][:, :, positions] = stored_v.transpose(1, 2)
+            if step == 0:  # the prompt: causal and dense, over its own K/V as computed (the cache stores them)
+                allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(batch, s, s)
+                y, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
+                probs = F.pad(probs, (0, total - s))
+            else:
+                allowed = select(history[index], n, sparsity)[:, None]
+                y, probs = _attend(q.transpose(1, 2), keys[index], values[index], allowed)
+            history[index].extend(probs.unbind(dim=1))
+            h = x + layer.attention.wo(y)
+            x = h + layer.feed_forward(layer.ffn_norm(h))
+        logits = model.logits(x[:, -1:])[:, 0]
+        logits_log.append(logits)
+        token = logits.argmax(dim=-1, keepdim=True)
+        tokens.append(token)
+        positions = torch.tensor([n])
+    return torch.cat(tokens, dim=1), logits_log
+
