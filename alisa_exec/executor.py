@@ -7,7 +7,7 @@ from the simulator's count: the run's dtype (float32 on the CPU), so the model s
 size; and what the executor holds that the simulator counts otherwise (the kernels' selection ring, a packed
 attention workspace, a spare window slot, embeddings FlexGen leaves on the GPU). When the real GPU bytes of a plan
 exceed the budget (`memory.gpu_gb`, else the profile's GPU), the planner is asked again for a capacity smaller by
-the excess, at most `MAX_REPLANS` times; the Result records the capacity the plan was made for. A plan that still
+the excess (twice that when the plan did not change), at most `MAX_REPLANS` times; the Result records the capacity the plan was made for. A plan that still
 does not fit, or that the simulator's own accounting rejects, is a SpecError (exit 2) before anything is allocated.
 """
 
@@ -33,7 +33,7 @@ from alisa_sim.results import step_stats
 from alisa_sim.simulator import Simulation, simulate_with_policy
 from alisa_sim.workload import ResolvedWorkload
 
-MAX_REPLANS = 3
+MAX_REPLANS = 8
 DETAILED_STEPS = 64  # steps whose ops are timed one by one (all of them in shorter runs)
 COMPUTE_KINDS = ("gemm", "attention", "elementwise", "selection", "recompute")
 
@@ -81,7 +81,7 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
     """The plan to run and its memory, checked against the budget before anything is allocated."""
     name = wl.policy.name
     budget = wl.gpu_capacity_bytes
-    capacity, previous, replans = budget, None, 0
+    capacity, previous, cut, replans = budget, None, 0, 0
     with torch.device("meta"):
         meta_model = Transformer(wl.model).to(dtype)
     while True:
@@ -93,9 +93,12 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
         policy.allocate(dry)
         gpu = {**dry.held[GPU], **policy.transient_gpu_bytes()}
         need = sum(gpu.values())
-        if need <= budget or replans == MAX_REPLANS or (previous is not None and need >= previous):
+        if need <= budget or replans == MAX_REPLANS or capacity <= 0:
             break
-        capacity, previous, replans = capacity - (need - budget), need, replans + 1
+        # Ask for less by the excess; when that did not change the plan (its sizes come in whole tokens or
+        # blocks), ask for twice as much less.
+        cut = 2 * cut if previous is not None and need >= previous else need - budget
+        capacity, previous, replans = capacity - cut, need, replans + 1
     capped_by = ("memory.gpu_gb" if wl.workload.memory.gpu_gb is not None
                  else f"hardware profile '{wl.hardware.name}' GPU memory")
     if need > budget:
