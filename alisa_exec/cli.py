@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,34 @@ from alisa_sim.results import write_json_atomic
 from alisa_sim.workload import load_workload
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+def _size(nbytes: float) -> str:
+    from alisa_exec.executor import size
+
+    return size(nbytes)
+
+
+PLAN_KEYS = {"alisa": ("kv_sparsity", "int8", "p1", "p2", "alpha", "beta"), "h2o": ("kv_sparsity",),
+             "streamingllm": ("kv_sparsity", "sinks"), "vllm": ("block_size", "preemption_mode")}
+COUNTER_LABELS = {"fetched_tokens": "KV token rows fetched (H2D)", "offloaded_tokens": "KV token rows offloaded (D2H)",
+                  "recomputed_tokens": "KV token rows recomputed", "evicted_tokens": "tokens evicted",
+                  "preemptions": "preemptions", "swapped_out_blocks": "blocks swapped out"}
+
+
+def plan_line(result: dict) -> str | None:
+    """The plan's main choices in one line (tiered policies)."""
+    plan = result["plan"]
+    name = plan["policy"]
+    if name == "flexgen":
+        return f"FlexGen {plan['flexgen_cli']}"
+    parts = [f"{key}={plan['params'][key]}" for key in PLAN_KEYS.get(name, ()) if key in plan["params"]]
+    if name == "alisa":
+        parts.append(f"{plan['gpu_kv_budget_tokens']} GPU tokens per sequence")
+    if name == "vllm":
+        parts.append(f"{plan['kv_pool']['gpu_blocks']} GPU blocks")
+    return f"{name}: " + ", ".join(parts) if parts else None
 
 
 def print_summary(result: dict, console: Console) -> None:
@@ -27,21 +52,36 @@ def print_summary(result: dict, console: Console) -> None:
     console.print(f"[bold]{result['model']}[/] ({result['weights']} weights, {result['dtype']}) on "
                   f"[bold]{result['device']}[/], policy [bold]{wl['policy']['name']}[/], batch {wl['batch_size']}, "
                   f"prompt {wl['prompt_len']}, generate {wl['gen_len']}")
+    line = plan_line(result) if wl["policy"]["name"] != "dense" else None
+    if line:
+        console.print(f"plan: {line}")
     m = result["metrics"]
+    setup = result["setup_s"]
     table = Table("metric", "measured", title="alisa-exec measurement")
-    for label, value in [
+    rows = [
         ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
         ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
         ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
         ("total", f"{m['total_s']:.3f} s"),
         ("decode step mean / p90 / max",
          " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
-        ("peak device memory", _gb(m["peak_gpu_bytes"])),
-        ("load / warm-up", f"{result['setup_s']['load_s']:.1f} s / {result['setup_s']['warmup_s']:.1f} s"),
-    ]:
+        ("peak GPU / CPU memory", f"{_size(m['peak_gpu_bytes'])} / {_size(m['peak_cpu_bytes'])}"),
+        ("copied H2D / D2H", f"{_size(m['h2d_bytes'])} / {_size(m['d2h_bytes'])}"),
+        *((label, f"{m[key]:,}") for key, label in COUNTER_LABELS.items() if m.get(key)),
+        ("load" + (" / warm-up" if "warmup_s" in setup else ""),
+         " / ".join(f"{setup[key]:.1f} s" for key in ("load_s", "warmup_s") if key in setup)),
+    ]
+    for label, value in rows:
         table.add_row(label, value)
     console.print(table)
-    breakdown = Table("kind", "device time", title="time by kind (profiled prefill + decode steps)")
+    if len(result["phases"]) > 1 or (result["phases"] and result["phases"][0]["phase"] != 1):
+        phases = Table("phase", "decode steps", "time", "GPU / CPU KV at the end", title="KV phases")
+        for phase in result["phases"]:
+            phases.add_row(str(phase["phase"]), f"{phase['first_step']}-{phase['last_step']}",
+                           f"{phase['time_s']:.3f} s",
+                           f"{_size(phase['gpu_kv_bytes_end'])} / {_size(phase['cpu_kv_bytes_end'])}")
+        console.print(phases)
+    breakdown = Table("kind", "device time", title="time by kind")
     for kind, seconds in result["breakdown_s"].items():
         if seconds:
             breakdown.add_row(kind, f"{seconds * 1e3:.2f} ms")
@@ -53,14 +93,23 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     wl = load_workload(args.workload)
     device = resolve_device(args.device)
+    if device.type == "cpu":  # the Triton kernels (SWA selection) run under the interpreter, set before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
                           weights=args.weights)
     log = Console(stderr=True).print if not args.json else (lambda _: None)
-    result, trace = run_workload(wl, options, log=log)
-    out = Path(args.out) if args.out else (Path("reports") / "runs" /
-                                           f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
-    write_json_atomic(out / "result.json", result)
-    write_json_atomic(out / "trace.json", trace)
+    written = None
+    try:
+        result, trace = run_workload(wl, options, log=log)
+        out = Path(args.out) if args.out else (Path("reports") / "runs" /
+                                               f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
+        # Each file is written whole or not at all (write_json_atomic), the Result first.
+        written = write_json_atomic(out / "result.json", result)
+        write_json_atomic(out / "trace.json", trace)
+    except KeyboardInterrupt:
+        done = f"{written} is complete, the trace was not written" if written else "no Result JSON was written"
+        print(f"alisa-exec: interrupted; {done}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -87,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alisa-exec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute a workload and write its measured Result JSON and Chrome trace")
-    run.add_argument("workload", help="workload YAML file or plan JSON from `alisa-sim plan --json` (policy dense)")
+    run.add_argument("workload", help="workload YAML file (the simulator's planner makes its plan) or plan JSON from "
+                                      "`alisa-sim plan --json` (its choices pinned); policies dense, alisa, flexgen, "
+                                      "accelerate, vllm, h2o, streamingllm")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                      help="default: float16 on cuda, float32 on cpu")

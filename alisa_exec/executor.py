@@ -7,8 +7,9 @@ from the simulator's count: the run's dtype (float32 on the CPU), so the model s
 size; and what the executor holds that the simulator counts otherwise (the kernels' selection ring, a packed
 attention workspace, a spare window slot, embeddings FlexGen leaves on the GPU). When the real GPU bytes of a plan
 exceed the budget (`memory.gpu_gb`, else the profile's GPU), the planner is asked again for a capacity smaller by
-the excess (twice that when the plan did not change), at most `MAX_REPLANS` times; the Result records the capacity the plan was made for. A plan that still
-does not fit, or that the simulator's own accounting rejects, is a SpecError (exit 2) before anything is allocated.
+the excess (twice that when the plan did not change), at most `MAX_REPLANS` times; the Result records the capacity
+the plan was made for. A plan that still does not fit, or that the simulator's own accounting rejects, is a
+SpecError (exit 2) before anything is allocated.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def _parts(nbytes: dict[str, int]) -> str:
     return " + ".join(f"{name} {size(value)}" for name, value in nbytes.items() if value)
 
 
+def check_simulated(wl: ResolvedWorkload, sim: Policy) -> Simulation:
+    """The simulation of this very plan (the prediction to compare with); a SpecError if it runs out of memory."""
+    simulation = simulate_with_policy(wl, sim)
+    if simulation.oom_error:
+        raise SpecError(f"the {sim.name} plan does not fit by the simulator's accounting: {simulation.oom_error}")
+    return simulation
+
+
 def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> ExecutorPlan:
     """The plan to run and its memory, checked against the budget before anything is allocated."""
     name = wl.policy.name
@@ -93,6 +102,8 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
         policy.allocate(dry)
         gpu = {**dry.held[GPU], **policy.transient_gpu_bytes()}
         need = sum(gpu.values())
+        if previous is None:
+            check_simulated(planned, sim)  # a plan that does not fit by its own accounting fails as such
         if need <= budget or replans == MAX_REPLANS or capacity <= 0:
             break
         # Ask for less by the excess; when that did not change the plan (its sizes come in whole tokens or
@@ -118,9 +129,7 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
             raise SpecError(f"the {name} plan needs {size(need)} on the GPU but only {size(free)} are free")
-    simulation = simulate_with_policy(planned, sim)
-    if simulation.oom_error:
-        raise SpecError(f"the {name} plan does not fit by the simulator's accounting: {simulation.oom_error}")
+    simulation = check_simulated(planned, sim)
     notes = []
     if replans:
         notes.append(f"planned for {size(capacity)} of GPU memory instead of the budget's {size(budget)}: the "

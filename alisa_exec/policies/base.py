@@ -109,7 +109,7 @@ class ExecPolicy(ABC):
     def start(self, tiers: Tiers, timeline: Timeline) -> None:
         self.tiers, self.timeline = tiers, timeline
 
-    # ---- shared pieces of a forward pass -------------------------------------------------------------------------------
+    # ---- shared pieces of a forward pass -----------------------------------------------------------------------------
     def span(self, name: str, kind: str, track: str = "compute", stream=None):
         return self.timeline.span(track, name, kind, stream)
 

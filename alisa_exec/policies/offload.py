@@ -33,7 +33,8 @@ PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w_up", "feed_forw
 
 
 def attend_rows(q: Tensor, rows: Tensor, kv_heads: int) -> Tensor:
-    """Decode attention of q [batch, 1, heads, d] over token rows [T, batch, 2 x kv_heads x d]: [batch, 1, heads x d]."""
+    """Decode attention of q [batch, 1, heads, d] over token rows [T, batch, 2 x kv_heads x d], [batch, 1, heads x d]
+    out."""
     keys, values = split_kv(rows.transpose(0, 1), kv_heads)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=kv_heads != q.shape[2])
     return y.transpose(1, 2).flatten(2)
@@ -212,7 +213,8 @@ class FlexGenExec(ExecPolicy):
             n = s + step
             log.begin("decode", f"decode {step}", phase, self.batch, self.batch)
             self.counters = {"fetched_tokens": 0, "offloaded_tokens": 0}
-            out[:, step:step + 1] = self.run_block(out[:, step - 1:step], torch.tensor([n - 1], device=prompt.device), n)
+            positions = torch.tensor([n - 1], device=prompt.device)
+            out[:, step:step + 1] = self.run_block(out[:, step - 1:step], positions, n)
             log.end(*self.kv_bytes(n), self.counters)
         return out
 
