@@ -85,8 +85,9 @@ class AlisaExec(ExecPolicy):
         if self.offload_end:
             self.kv_stage = [self.ring[0].staging(tiers, GPU, "kv_staging", rows) for _ in range(2)]
             self.kv_host = [self.cpu[0].staging(tiers, CPU, "kv_staging", rows) for _ in range(2)]
-            self.index_stage = [tiers.empty(GPU, "kv_staging", (3, rows), torch.int64) for _ in range(2)]
-            self.index_host = [tiers.empty(CPU, "kv_staging", (3, rows), torch.int64) for _ in range(2)]
+            # (sequence, slot in the attended list, position) of each staged row, one contiguous block per copy
+            self.index_stage = [tiers.empty(GPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
+            self.index_host = [tiers.empty(CPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
             self.selected_host = tiers.empty(CPU, "selection_indices", (spec.num_layers, rows), torch.int32)
         self.input_stage = self.input_host = None
         if self.input_end:
@@ -233,27 +234,28 @@ class AlisaExec(ExecPolicy):
             selected = self.selected_positions(index, self.num_tokens, host=True)
             live = (selected >= deleted_end) & (selected < fetch_end)
             deleted = selected < deleted_end
-            counts = []
+            entries = []
             for mask, rows, host in ((live, self.cpu, self.kv_host), (deleted, self.inputs, self.input_host)):
                 seq, slot = mask.nonzero(as_tuple=True)
-                counts.append(len(seq))
+                position = selected[seq, slot].long()
                 if len(seq):
-                    position = selected[seq, slot].long()
                     rows[index].flat_rows(position * self.batch + seq, tuple(p[:len(seq)] for p in host[buffer]))
-                    first = 0 if rows is self.cpu else counts[0]
-                    self.index_host[buffer][:, first:first + len(seq)] = torch.stack((seq, slot, position))
-        fetched, recomputed = counts
+                entries.append((seq, slot, position))
+            fetched, recomputed = len(entries[0][0]), len(entries[1][0])
+            total = fetched + recomputed
+            if total:
+                indices = torch.stack([torch.cat(parts) for parts in zip(*entries)])
+                self.index_host[buffer][:3 * total].view(3, total).copy_(indices)
         after = (self.consumed[buffer],)
         for stage, host, count, name in ((self.kv_stage, self.kv_host, fetched, "kv_fetch"),
                                          (self.input_stage, self.input_host, recomputed, "input_fetch")):
             if count:
                 for dst, src in zip(stage[buffer], host[buffer]):
                     self.fetched[buffer] = tiers.copy(dst[:count], src[:count], "h2d", name, after)
-        if fetched + recomputed:
-            self.fetched[buffer] = tiers.copy(self.index_stage[buffer][:, :fetched + recomputed],
-                                              self.index_host[buffer][:, :fetched + recomputed], "h2d", "indices",
-                                              after)
-            tiers.moved["h2d"] -= 3 * (fetched + recomputed) * 8  # indices, not KV: not counted
+        if total:
+            self.fetched[buffer] = tiers.copy(self.index_stage[buffer][:3 * total], self.index_host[buffer][:3 * total],
+                                              "h2d", "indices", after)
+            tiers.moved["h2d"] -= 3 * total * 8  # indices, not KV: not counted
         self.counters["fetched_tokens"] += fetched
         self.counters["recomputed_tokens"] += recomputed
         self.pending[index] = (buffer, fetched, recomputed, self.fetched[buffer])
@@ -286,7 +288,7 @@ class AlisaExec(ExecPolicy):
         """Put the fetched rows and the recomputed K/V of the deleted selected tokens in their places."""
         buffer, fetched, recomputed, ready = self.pending[index]
         self.tiers.wait("compute", ready)
-        seq, slot, position = self.index_stage[buffer][:, :fetched + recomputed]
+        seq, slot, position = self.index_stage[buffer][:3 * (fetched + recomputed)].view(3, -1)
         if fetched:
             with self.span("unpack", "attention"):
                 packed[seq[:fetched], slot[:fetched]] = self.ring[index].decode(
