@@ -104,8 +104,8 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
         need = sum(gpu.values())
         if previous is None:
             check_simulated(planned, sim)  # a plan that does not fit by its own accounting fails as such
-        if need <= budget or replans == MAX_REPLANS or capacity <= 0:
-            break
+        if need <= budget or replans == MAX_REPLANS or sim.static_memory().gpu_bytes > capacity:
+            break  # it fits, or asking for less has run its course (or left the plan no room for any KV)
         # Ask for less by the excess; when that did not change the plan (its sizes come in whole tokens or
         # blocks), ask for twice as much less.
         cut = 2 * cut if previous is not None and need >= previous else need - budget
