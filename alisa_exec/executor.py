@@ -35,7 +35,8 @@ from alisa_sim.simulator import Simulation, simulate_with_policy
 from alisa_sim.workload import ResolvedWorkload
 
 MAX_REPLANS = 8
-DETAILED_STEPS = 64  # steps whose ops are timed one by one (all of them in shorter runs)
+DETAILED_STEPS = 64
+WARMUP_STEPS = 2  # decode steps of the plan run once, untimed, before the measured run  # steps whose ops are timed one by one (all of them in shorter runs)
 COMPUTE_KINDS = ("gemm", "attention", "elementwise", "selection", "recompute")
 
 
@@ -154,8 +155,9 @@ class Measured:
 
 def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weights: str, seed: int,
             log: Callable[[str], None] = lambda _: None,
-            on_step: Callable[[StepRecord], None] | None = None) -> Measured:
-    """Load the model, allocate the tiers and generate the whole workload, timing every step."""
+            on_step: Callable[[StepRecord], None] | None = None, warmup_steps: int = WARMUP_STEPS) -> Measured:
+    """Load the model, allocate the tiers, warm up on the plan's first steps, then generate the whole workload,
+    timing every step."""
     wl, policy = plan.workload, plan.policy
     overlap = plan.sim.overlap
     timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), DETAILED_STEPS))
@@ -171,10 +173,22 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
     policy.start(tiers, timeline)
     prompt = torch.randint(0, wl.model.vocab_size, (wl.workload.batch_size, wl.workload.prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if warmup_steps:
+        # The prefill and the first steps of the plan, untimed: kernels compile and libraries initialise here.
+        log(f"warming up: the prefill and {warmup_steps} decode steps")
+        policy.start(tiers, Timeline(device, set()))
+        with torch.no_grad():
+            policy.generate(model, prompt, StepLog(tiers, policy.timeline), warmup_steps)
+        tiers.moved = dict.fromkeys(tiers.moved, 0)
+        if policy.logits_log is not None:
+            policy.logits_log.clear()
+        policy.start(tiers, timeline)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    load_s = time.perf_counter() - t0
+    warmup_s = time.perf_counter() - t0
     log(f"generating {wl.workload.gen_len} tokens for {wl.workload.batch_size} sequences ({policy.name})")
     steps = StepLog(tiers, timeline, on_step)
     timeline.start()
@@ -186,7 +200,7 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
     else:  # the "GPU" tier is host memory: what it holds plus the working set as the simulator counts it
         peak_gpu = tiers.bytes(GPU) + sum(policy.transient_gpu_bytes().values())
     return Measured(steps.records, marks, spans, tokens.cpu(), int(peak_gpu), tiers.bytes(CPU), dict(tiers.moved),
-                    {"load_s": load_s})
+                    {"load_s": load_s, "warmup_s": warmup_s})
 
 
 # ---- the Result JSON and the trace ---------------------------------------------------------------------------------

@@ -13,10 +13,13 @@ the executor holds more than the simulator counts) and `execute`; the prediction
 plan (`ExecutorPlan.simulation`) on the card's profile (hw_profiles/h100.yaml or h200.yaml by the device name, or
 --hardware). Targets at batch 64: ALISA >= 2x FlexGen and ahead of accelerate; the prediction error of every run.
 
+dense, vllm, h2o and streamingllm need their (kept) KV cache on the GPU; where the shared budget cannot hold it they
+run at their own budget (dense's weights, buffers and KV cache over vLLM's 0.9 utilization), marked "own".
+
 Time: accelerate and FlexGen at batch 64 take minutes each (the whole KV cache, or most weights, cross PCIe every
 step), so runs go in priority order (batch 64 of alisa, flexgen and accelerate first, then the other policies, then
-the slow baselines at smaller batches) and a run whose predicted time x 1.5 would overrun --budget-s is skipped and
-marked so. On one H100/H200, from the repository root (pip install -e '.[exec,dev]'):
+the slow baselines at smaller batches); a run predicted to overrun what is left of --budget-s is skipped, and one
+that passes --max-run-s is aborted, its throughput then reported as an upper bound ("< x"). Both are marked. On one H100/H200, from the repository root (pip install -e '.[exec,dev]'):
     python benchmarks/exec_policies.py --out reports/exec_policies
 On the CPU, a smoke run with a tiny model and a quick CPU profile (a minute):
     python benchmarks/exec_policies.py --smoke
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from alisa_exec import executor  # noqa: E402
 from alisa_exec.executor import size  # noqa: E402
 from alisa_exec.profiler import measure_profile, software_versions, write_profile  # noqa: E402
-from alisa_exec.runner import DTYPES, default_dtype, device_name, resolve_device  # noqa: E402
+from alisa_exec.runner import DTYPES, ExecOptions, default_dtype, device_name, resolve_device, run_workload  # noqa: E402,E501
 from alisa_exec.weights import DUMMY  # noqa: E402
 from alisa_sim.cost_model import CostModel  # noqa: E402
 from alisa_sim.errors import SpecError  # noqa: E402
@@ -55,6 +58,7 @@ from alisa_sim.workload import resolve_workload  # noqa: E402
 
 SPARSITY = 0.8
 SLOW = ("flexgen", "accelerate")
+OWN_BUDGET = ("dense", "vllm", "h2o", "streamingllm")  # run at their own budget where the shared one is too small
 TARGET_VS_FLEXGEN = 2.0
 SMOKE_MODEL = dict(name="tiny-opt", family="opt", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
                    ffn_dim=256, vocab_size=512, max_position_embeddings=128, tie_word_embeddings=True, norm_eps=1e-5,
@@ -108,45 +112,80 @@ def plan_summary(plan: executor.ExecutorPlan) -> str:
     return ""
 
 
-def run_one(args, batch: int, name: str, gpu_gb: float, device, dtype, started: float) -> dict:
-    row = {"batch": batch, "policy": name, "gpu_gb": gpu_gb}
-    wl = resolve_workload(workload_data(args, batch, policies(args.prompt_len, args.gen_len)[name], gpu_gb))
-    try:
-        if name == "dense":
-            from alisa_exec.runner import ExecOptions, run_workload
-            from alisa_sim.simulator import simulate
+class RunAborted(Exception):
+    """A run passed its time limit (raised from the executor's per-step callback)."""
 
-            predicted = simulate(wl)
-            if predicted.oom_error:
-                raise SpecError(predicted.oom_error)
-            predicted_s = sum(r.duration_s for r in predicted.steps)
-            row["plan"] = ""
-        else:
-            plan = executor.plan_run(wl, device, dtype)
-            predicted = plan.simulation
-            predicted_s = sum(r.duration_s for r in predicted.steps)
-            row.update(plan=plan_summary(plan), replans=plan.replans)
+    def __init__(self, steps: int):
+        super().__init__(f"aborted after {steps} steps")
+        self.steps = steps
+
+
+def own_budget_gb(args, batch: int, dtype: torch.dtype) -> float:
+    """A budget for the policies that need the whole (kept) KV cache on the GPU: dense's weights, working buffers and
+    KV cache at the longest context, over vLLM's default 0.9 utilization."""
+    wl = resolve_workload(workload_data(args, batch, {"name": "dense"}, None))
+    sim = make_policy(executor._with(wl, dtype, wl.gpu_capacity_bytes), CostModel(wl.hardware))
+    return (sim.static_memory().gpu_bytes + sim.kv_memory(wl.max_context()).gpu_bytes) / 0.9 / 1e9
+
+
+def predict(args, batch: int, name: str, gpu_gb: float, device, dtype):
+    """(workload, executor plan or None for dense, the simulation of the plan); SpecError if it does not fit."""
+    wl = resolve_workload(workload_data(args, batch, policies(args.prompt_len, args.gen_len)[name], gpu_gb))
+    if name == "dense":
+        from alisa_sim.simulator import simulate
+
+        simulation = simulate(executor._with(wl, dtype, wl.gpu_capacity_bytes))
+        if simulation.oom_error:
+            raise SpecError(simulation.oom_error)
+        return wl, None, simulation
+    plan = executor.plan_run(wl, device, dtype)
+    return wl, plan, plan.simulation
+
+
+def run_one(args, batch: int, name: str, budgets: dict, device, dtype, started: float) -> dict:
+    row = {"batch": batch, "policy": name, "gpu_gb": budgets["shared"][batch]}
+    try:
+        try:
+            wl, plan, predicted = predict(args, batch, name, row["gpu_gb"], device, dtype)
+        except SpecError as exc:
+            if name not in OWN_BUDGET:
+                raise
+            row.update(gpu_gb=budgets["own"][batch], budget="own", shared_budget_why=str(exc).splitlines()[0][:200])
+            wl, plan, predicted = predict(args, batch, name, row["gpu_gb"], device, dtype)
     except SpecError as exc:
         return {**row, "status": "does not fit", "why": str(exc).splitlines()[0][:300]}
+    predicted_s = sum(r.duration_s for r in predicted.steps)
     decode = [r.duration_s for r in predicted.decode_steps]
-    row.update(predicted_tok_s=batch * args.gen_len / predicted_s, predicted_s=predicted_s,
+    row.update(plan=plan_summary(plan) if plan else "", replans=plan.replans if plan else 0,
+               predicted_tok_s=batch * args.gen_len / predicted_s, predicted_s=predicted_s,
                predicted_step_ms=1e3 * sum(decode) / max(1, len(decode)))
-    if time.perf_counter() - started + 1.5 * predicted_s + args.setup_s > args.budget_s:
-        return {**row, "status": f"skipped (predicted {predicted_s:.0f} s)"}
+    left = args.budget_s - (time.perf_counter() - started) - args.setup_s
+    if predicted_s > left:
+        return {**row, "status": f"skipped (predicted {predicted_s:.0f} s, {max(0.0, left):.0f} s left)"}
+    limit = min(left, args.max_run_s)
     t0 = time.perf_counter()
-    if name == "dense":
-        result, _ = run_workload(wl, ExecOptions(device, dtype, DUMMY))
-    else:
-        measured = executor.execute(plan, device, dtype, DUMMY, 0)
-        result = executor.build_result(plan, measured, device_name(device), dtype, DUMMY)
-        del measured, plan
+
+    def on_step(record) -> None:
+        if time.perf_counter() - t0 > limit:
+            raise RunAborted(record.step + 1)
+
+    try:
+        if plan is None:
+            result, _ = run_workload(wl, ExecOptions(device, dtype, DUMMY))
+        else:
+            measured = executor.execute(plan, device, dtype, DUMMY, 0, on_step=on_step)
+            result = executor.build_result(plan, measured, device_name(device), dtype, DUMMY)
+    except RunAborted as stop:
+        elapsed = time.perf_counter() - t0
+        # The whole run would take longer than this, so its throughput is below batch x gen_len / elapsed.
+        return {**row, "status": f"aborted at {elapsed:.0f} s ({stop.steps} of {len(predicted.steps)} steps)",
+                "measured_tok_s_below": batch * args.gen_len / elapsed, "wall_s": elapsed}
     m = result["metrics"]
     phases = sorted({p["phase"] for p in result["phases"]})
     row.update(status="measured", measured_tok_s=m["throughput_tok_s"], total_s=m["total_s"],
                measured_step_ms=1e3 * m["decode_step_s"]["mean"], h2d_gb=m["h2d_bytes"] / 1e9,
                phases="/".join(map(str, phases)), wall_s=time.perf_counter() - t0,
-               peak_gpu_gb=m["peak_gpu_bytes"] / 1e9,
-               error=m["throughput_tok_s"] / row["predicted_tok_s"] - 1)
+               peak_gpu_gb=m["peak_gpu_bytes"] / 1e9, error=m["throughput_tok_s"] / row["predicted_tok_s"] - 1)
     return row
 
 
@@ -159,17 +198,31 @@ def free_memory(device: torch.device) -> None:
 
 
 def targets(rows: list[dict], batch: int) -> list[str]:
-    got = {r["policy"]: r.get("measured_tok_s") for r in rows if r["batch"] == batch}
+    """ALISA against FlexGen and accelerate at one batch; an aborted baseline gives a lower bound on the ratio."""
+    at = {r["policy"]: r for r in rows if r["batch"] == batch}
+    alisa = at.get("alisa", {}).get("measured_tok_s")
     lines = []
-    alisa = got.get("alisa")
     for other, need, text in (("flexgen", TARGET_VS_FLEXGEN, f">= {TARGET_VS_FLEXGEN:g}x"), ("accelerate", 1.0, "> 1x")):
-        if alisa and got.get(other):
-            ratio = alisa / got[other]
-            ok = ratio >= need if other == "flexgen" else ratio > need
-            lines.append(f"batch {batch}: alisa / {other} = {ratio:.2f}x (target {text}): {'ok' if ok else 'MISS'}")
-        else:
+        row = at.get(other, {})
+        theirs = row.get("measured_tok_s") or row.get("measured_tok_s_below")
+        if not (alisa and theirs):
             lines.append(f"batch {batch}: alisa / {other}: not measured")
+            continue
+        ratio = alisa / theirs
+        ok = ratio >= need if other == "flexgen" else ratio > need
+        bound = "" if "measured_tok_s" in row else " at least (the baseline was aborted)"
+        lines.append(f"batch {batch}: alisa / {other} = {ratio:.2f}x{bound} (target {text}): {'ok' if ok else 'MISS'}")
     return lines
+
+
+def measured_cell(row: dict) -> str:
+    if row.get("status") == "measured":
+        return f"{row['measured_tok_s']:.1f}"
+    return f"< {row['measured_tok_s_below']:.1f}" if "measured_tok_s_below" in row else "-"
+
+
+def budget_cell(row: dict) -> str:
+    return size(row["gpu_gb"] * 1e9) + (" (own)" if row.get("budget") == "own" else "")
 
 
 def render(rows: list[dict], title: str) -> Table:
@@ -177,8 +230,8 @@ def render(rows: list[dict], title: str) -> Table:
                   "error", "decode step ms\nmeasured / pred.", "H2D GB", "status", title=title)
     for r in rows:
         measured = r.get("status") == "measured"
-        table.add_row(str(r["batch"]), r["policy"], r.get("plan", ""), size(r["gpu_gb"] * 1e9), r.get("phases", ""),
-                      f"{r['measured_tok_s']:.1f}" if measured else "-",
+        table.add_row(str(r["batch"]), r["policy"], r.get("plan", ""), budget_cell(r), r.get("phases", ""),
+                      measured_cell(r),
                       f"{r['predicted_tok_s']:.1f}" if "predicted_tok_s" in r else "-",
                       f"{r['error']:+.0%}" if measured else "-",
                       (f"{r['measured_step_ms']:.2f} / " if measured else "- / ")
@@ -194,8 +247,8 @@ def markdown(rows: list[dict], header: str, target_lines: list[str]) -> str:
     for r in rows:
         measured = r.get("status") == "measured"
         lines.append(
-            f"| {r['batch']} | {r['policy']} | {r.get('plan', '')} | {size(r['gpu_gb'] * 1e9)} | {r.get('phases', '')} | "
-            + (f"{r['measured_tok_s']:.1f}" if measured else "-") + " | "
+            f"| {r['batch']} | {r['policy']} | {r.get('plan', '')} | {budget_cell(r)} | {r.get('phases', '')} | "
+            + measured_cell(r) + " | "
             + (f"{r['predicted_tok_s']:.1f}" if "predicted_tok_s" in r else "-") + " | "
             + (f"{r['error']:+.0%}" if measured else "-") + " | "
             + (f"{r['measured_step_ms']:.2f}" if measured else "-") + " / "
@@ -230,7 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-on-gpu", type=float, help="share of ALISA's KV cache at the longest context the GPU "
                         "budget leaves room for (default 0.15; 1.0 with --smoke, where the tiny model's working "
                         "buffers outweigh its KV cache)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="wall-time budget: later runs are skipped")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="wall-time budget: runs predicted to overrun "
+                        "what is left are skipped")
+    parser.add_argument("--max-run-s", type=float, default=150.0, help="a run is aborted past this (its throughput "
+                        "is then reported as a bound)")
     parser.add_argument("--setup-s", type=float, default=15.0, help="allowance per run for loading and allocating")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU with a quick CPU profile")
     parser.add_argument("--out", type=Path, help="folder for exec_policies-<device>-<date>.json and .md")
@@ -257,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             write_profile(measure_profile("cpu-quick", device, quick=True, progress=lambda _: None),
                           Path(args.hardware))
         args.hardware = args.hardware or card_profile(device)
-        budgets = {batch: budget_gb(args, batch, dtype) for batch in args.batches}
+        budgets = {"shared": {batch: budget_gb(args, batch, dtype) for batch in args.batches},
+                    "own": {batch: own_budget_gb(args, batch, dtype) for batch in args.batches}}
         rows = []
         for batch, name in order(args.batches, args.policies):
-            log(f"batch {batch}: {name} under {size(budgets[batch] * 1e9)} ({time.perf_counter() - started:.0f} s in)")
-            row = run_one(args, batch, name, budgets[batch], device, dtype, started)
-            log(f"  {row['status']}" + (f": {row['measured_tok_s']:.1f} tok/s measured, "
-                                        f"{row['predicted_tok_s']:.1f} predicted" if row["status"] == "measured"
-                                        else ""))
+            log(f"batch {batch}: {name} ({time.perf_counter() - started:.0f} s in)")
+            row = run_one(args, batch, name, budgets, device, dtype, started)
+            log(f"  {size(row['gpu_gb'] * 1e9)} budget: {row['status']}"
+                + (f": {row['measured_tok_s']:.1f} tok/s measured, {row['predicted_tok_s']:.1f} predicted"
+                   if row["status"] == "measured" else ""))
             rows.append(row)
             free_memory(device)
     rows.sort(key=lambda r: (r["batch"], args.policies.index(r["policy"])))

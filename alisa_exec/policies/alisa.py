@@ -96,9 +96,13 @@ class AlisaExec(ExecPolicy):
         self.workspace = tiers.empty(GPU, "attention_workspace", (batch, self.attended, self.kv_width), self.dtype)
 
     # ---- the run ---------------------------------------------------------------------------------------------------
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
         self.model = model
         layers = self.spec.num_layers
+        for index, state in enumerate(self.selection):  # a fresh selection state for every run (one at a time)
+            self.selection[index] = None
+            self.selection[index] = LocalAttentionSum(self.batch, self.positions, self.sparsity, state.scores.device,
+                                                      self.prompt_len)
         self.selected_device: list[Tensor | None] = [None] * layers
         self.selected_event = [None] * layers  # the step's selection has reached the host
         self.offload_event = [None] * layers  # the latest offload of a layer has landed in the CPU pool
@@ -107,7 +111,7 @@ class AlisaExec(ExecPolicy):
         self.pending: list[tuple | None] = [None] * layers
         out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
         out[:, :1] = self.prefill(prompt, log)
-        for step in range(1, self.decode_steps + 1):
+        for step in range(1, self.last_step(decode_steps) + 1):
             out[:, step:step + 1] = self.decode(out[:, step - 1:step], step, log)
         return out
 

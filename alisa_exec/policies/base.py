@@ -103,11 +103,17 @@ class ExecPolicy(ABC):
 
     # ---- the run ---------------------------------------------------------------------------------------------------
     @abstractmethod
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
-        """Greedy tokens [batch, gen_len] (the prefill's first), recording every step in `log`."""
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
+        """Greedy tokens [batch, gen_len] (the prefill's first), recording every step in `log`; with `decode_steps`,
+        only the prefill and that many decode steps of the plan (a warm-up), the other tokens left unset."""
+
+    def last_step(self, decode_steps: int | None) -> int:
+        return self.decode_steps if decode_steps is None else min(decode_steps, self.decode_steps)
 
     def start(self, tiers: Tiers, timeline: Timeline) -> None:
+        """Run on these tiers, recording ops (copies included) on this timeline."""
         self.tiers, self.timeline = tiers, timeline
+        tiers.timeline = timeline
 
     # ---- shared pieces of a forward pass -----------------------------------------------------------------------------
     def span(self, name: str, kind: str, track: str = "compute", stream=None):

@@ -44,7 +44,7 @@ class _EvictionExec(ExecPolicy):
         per_token = self.batch * self.spec.num_layers * self.spec.kv_bytes_per_token_per_layer(self.dtype.itemsize)
         return self.count * per_token, 0
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
         s = self.prompt_len
         out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
         log.begin("prefill", "prefill", 1, self.batch * s, self.batch)
@@ -58,7 +58,7 @@ class _EvictionExec(ExecPolicy):
         self.timeline.layer = -1
         out[:, :1] = self.sample(model, x)
         log.end(*self.kv_bytes(), {"evicted_tokens": (s - self.count) * self.batch})
-        for step in range(1, self.decode_steps + 1):
+        for step in range(1, self.last_step(decode_steps) + 1):
             n = s + step
             log.begin("decode", f"decode {step}", 1, self.batch, self.batch)
             kept = self.sim.kept(n)

@@ -53,7 +53,7 @@ class AccelerateExec(ExecPolicy):
     def kv_bytes(self, tokens: int) -> tuple[int, int]:
         return 0, tokens * self.batch * self.spec.num_layers * self.cpu[0].row_bytes
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
         layers = self.spec.num_layers
         self.loaded, self.consumed, self.stored = [None, None], [None, None], [None] * layers
         out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
@@ -68,7 +68,7 @@ class AccelerateExec(ExecPolicy):
         self.timeline.layer = -1
         out[:, :1] = self.sample(model, x)
         log.end(*self.kv_bytes(s))
-        for step in range(1, self.decode_steps + 1):
+        for step in range(1, self.last_step(decode_steps) + 1):
             n = s + step
             log.begin("decode", f"decode {step}", 2, self.batch, self.batch)
             positions = torch.tensor([n - 1], device=prompt.device)
@@ -196,7 +196,7 @@ class FlexGenExec(ExecPolicy):
         return per * self.gpu_heads, per * self.cpu_heads
 
     # ---- the block schedule ----------------------------------------------------------------------------------------
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
         self.model = model
         layers = self.spec.num_layers
         self.weights_loaded, self.weights_used = [None, None], [None, None]
@@ -209,7 +209,7 @@ class FlexGenExec(ExecPolicy):
         self.counters = {"fetched_tokens": 0, "offloaded_tokens": 0}
         out[:, :1] = self.run_block(prompt, torch.arange(s, device=prompt.device), s)
         log.end(*self.kv_bytes(s), self.counters)
-        for step in range(1, self.decode_steps + 1):
+        for step in range(1, self.last_step(decode_steps) + 1):
             n = s + step
             log.begin("decode", f"decode {step}", phase, self.batch, self.batch)
             self.counters = {"fetched_tokens": 0, "offloaded_tokens": 0}

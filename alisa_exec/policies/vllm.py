@@ -37,7 +37,7 @@ class VllmExec(ExecPolicy):
         self.swap_space = [TokenRows(tiers, CPU, "kv_swap_space", self.cpu_blocks * self.block_size, 1,
                                      self.kv_width, self.dtype) for _ in layers]
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog) -> Tensor:
+    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
         self.model, device = model, prompt.device
         scheduler = self.sim.scheduler()
         sequences = list(scheduler.waiting)
@@ -47,8 +47,9 @@ class VllmExec(ExecPolicy):
         self.free = list(range(self.gpu_blocks))
         self.cpu_free = list(range(self.cpu_blocks))
         block_bytes = self.pool[0].row_bytes * self.block_size * self.spec.num_layers
-        index = 0
-        while scheduler.waiting or scheduler.running or scheduler.swapped:
+        index, decodes = 0, 0
+        while ((scheduler.waiting or scheduler.running or scheduler.swapped)
+               and (decode_steps is None or decodes < decode_steps)):
             before = {seq.index: (seq.generated, seq.cached, seq.tokens) for seq in sequences}
             swapped_before = {seq.index for seq in scheduler.swapped}
             finished_before = len(scheduler.finished)
@@ -73,7 +74,9 @@ class VllmExec(ExecPolicy):
             swapped_blocks = sum(len(table) for table in self.cpu_tables.values())
             log.end(self.gpu_blocks * block_bytes, swapped_blocks * block_bytes, iteration.counters)
             index += 1
-        return torch.tensor([self.tokens[seq.index][self.prompt_len:] for seq in sequences])
+            decodes += iteration.kind == "decode"
+        generated = [self.tokens[seq.index][self.prompt_len:] for seq in sequences]
+        return torch.tensor([tokens + [0] * (self.gen_len - len(tokens)) for tokens in generated])
 
     # ---- blocks ------------------------------------------------------------------------------------------------------
     def release(self, seq: int) -> None:
