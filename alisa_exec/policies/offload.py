@@ -14,7 +14,9 @@ buffers on the H2D stream one layer ahead, appends the new token there, attends,
 - the batch runs as `num_gpu_batches` GPU batches of `gpu_batch_size` in FlexGen's zig-zag order: per layer, every
   GPU batch in turn, the CPU heads' KV of the next batch loaded while this one computes;
 - `cpu_attention` (FlexGen's --cpu-cache-compute): the CPU heads' query and new K/V go down, attention over them runs
-  on the CPU in float32 (as FlexGen does), and the output comes back;
+  on the CPU, and the output comes back. It reads the cache in its own dtype (SDPA accumulates in float32) rather
+  than copying it to float32 first as FlexGen does, which is about 3x faster on a CPU: if anything, this FlexGen is
+  quicker than the original and than the simulator's model of it;
 - activations between layers live on the CPU when hc >= 50% (FlexGen places a tensor where its midpoint falls):
   each GPU batch's hidden state goes down after a layer and comes back before the next.
 """
@@ -340,14 +342,13 @@ class FlexGenExec(ExecPolicy):
         return torch.cat(outputs, dim=-1)
 
     def cpu_attend(self, index: int, k_batch: int, n: int, q: Tensor, new_rows: Tensor) -> Tensor:
-        """Attention of the CPU heads on the CPU, in float32 over the cache: q and the new K/V go down, the output
-        comes back."""
+        """Attention of the CPU heads on the CPU over the cache: q and the new K/V go down, the output comes back."""
         tiers, pool = self.tiers, self.cpu_kv[index][k_batch].data
         q_host = torch.empty(q.shape, dtype=q.dtype, pin_memory=tiers.cuda)
         tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu"), tiers.copy(pool[n - 1], new_rows, "d2h",
                                                                                 "qkv_to_cpu"))
         with self.span("cpu_attention", "cpu", track="cpu"):
-            y = attend_rows(q_host.float(), pool[:n].float(), self.cpu_heads).to(q.dtype)
+            y = attend_rows(q_host, pool[:n], self.cpu_heads)
         out = torch.empty(y.shape, dtype=y.dtype, device=q.device)
         tiers.wait("compute", tiers.copy(out, y.pin_memory() if tiers.cuda else y, "h2d", "attention_to_gpu"))
         return out

@@ -233,3 +233,21 @@ def test_ctrl_c_during_a_run_leaves_a_complete_result_or_none(tmp_path):
     assert files in ([], ["result.json"], ["result.json", "trace.json"])
     if files:
         assert json.loads((out / "result.json").read_text())["metrics"]["oom"] is False
+
+
+def test_policies_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/exec_policies.py on the CPU: a tiny model, a quick CPU profile, measured beside predicted."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import exec_policies
+
+    assert exec_policies.main(["--smoke", "--batches", "2", "--policies", "alisa,flexgen,h2o", "--out",
+                               str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("exec_policies-cpu-*.json")).read_text())
+    rows = {row["policy"]: row for row in report["rows"]}
+    assert set(rows) == {"alisa", "flexgen", "h2o"} and all(row["batch"] == 2 for row in rows.values())
+    for row in rows.values():
+        assert row["status"] == "measured" and row["measured_tok_s"] > 0 and row["predicted_tok_s"] > 0
+    assert rows["alisa"]["phases"] == "2" and "p1=0" in rows["alisa"]["plan"]
+    assert "alisa / flexgen" in capsys.readouterr().out
+    assert (tmp_path / next(tmp_path.glob("*.json")).with_suffix(".md").name).exists()
+    del sys.modules["exec_policies"]
