@@ -121,18 +121,21 @@ def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
     device = tokens.device
     x = _embed(model, tokens, torch.arange(seq, device=device))
     rope = _rope(model, seq)
-    selectors = [method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device) for _ in model.layers]
-    mask = selectors[0].mask(seq) if selectors[0].static else None
+    def make_selector() -> Selector:  # one layer's, made when the layer runs (its state is freed after)
+        return method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device)
+
+    first = make_selector()
+    mask = first.mask(seq) if first.static else None
     fused = probe is None and mask is not None
     additive = (torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
                 if fused and method.name != "dense" else None)
-    for index, (block, selector) in enumerate(zip(model.layers, selectors)):
+    for index, block in enumerate(model.layers):
         q, k, v = _qkv(block, x, rope, method.int8_kv)
         if fused:
             y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, attn_mask=additive, is_causal=additive is None,
                                                enable_gqa=True).view(q.shape)
         else:
-            y, probs, kept = _masked_attention(q, k, v, selector, mask)
+            y, probs, kept = _masked_attention(q, k, v, first if first.static else make_selector(), mask)
             if probe is not None:
                 probe(index, probs, kept)
             del probs, kept

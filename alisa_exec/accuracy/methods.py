@@ -157,21 +157,22 @@ class SlidingWindowSum(Selector):
     """SWA: k recent tokens plus the top-k older ones by attention summed over the last k steps (and over the heads
     of a group: all heads, or one KV head's query group with `per_head`).
 
-    The window sum is a difference of prefix sums: `prefix[:, :, t]` is the sum of the first t observed rows."""
+    The window sum is a difference of prefix sums of the observed rows, kept for the last `span` row counts (a
+    ring: the longest window plus one)."""
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  per_head: bool = False):
         super().__init__(kv_sparsity, kv_heads, max_tokens, device)
         self.groups = kv_heads if per_head else 1
         self.windows = self._per_step(swa_window)
-        self.prefix = torch.zeros(self.batch, self.groups, max_tokens + 1, max_tokens, dtype=torch.int64,
-                                  device=device)
+        self.span = int(self.windows.max()) + 1
+        self.prefix = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
         self.observed = 0
 
     def keep(self, num_tokens: int) -> Tensor:
         k, recent = self._recent(num_tokens)
-        first = (self.observed - k).clamp(min=0)
-        window = (self.prefix[:, :, self.observed, :num_tokens]
+        first = (self.observed - k).clamp(min=0) % self.span
+        window = (self.prefix[:, :, self.observed % self.span, :num_tokens]
                   - self.prefix[torch.arange(self.batch, device=self.device), :, first, :num_tokens])
         older = ~recent
         chosen = top_older(torch.where(older, window, -1), torch.minimum(k, num_tokens - k))
@@ -179,8 +180,9 @@ class SlidingWindowSum(Selector):
 
     def observe(self, probs: Tensor) -> None:
         row = to_fixed_point(probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None])
-        self.prefix[:, :, self.observed + 1] = self.prefix[:, :, self.observed]
-        self.prefix[:, :, self.observed + 1, :row.shape[-1]] += row
+        now, after = self.observed % self.span, (self.observed + 1) % self.span
+        self.prefix[:, :, after] = self.prefix[:, :, now]
+        self.prefix[:, :, after, :row.shape[-1]] += row
         self.observed += 1
 
 
