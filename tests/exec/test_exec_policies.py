@@ -1,7 +1,8 @@
 """Every executor policy runs its plan and gets the dense policy's tokens when nothing is dropped, and `alisa` equals
 a plain-PyTorch SWA reference step by step, whatever the GPU budget forces onto the CPU or into recompute.
 
-CPU, float32, the tiny random OPT and LLaMA (GQA) models; the "GPU" tier is a second host pool. Memory caps are
+CPU, float32, the tiny random OPT and LLaMA (GQA) models; the "GPU" tier is a second host pool. On a CUDA machine the
+same tests also run on the GPU (float32, so tokens still compare exactly), with pinned memory and side streams. Memory caps are
 chosen from the plan itself (a bisection on `memory.gpu_gb` for the GPU window wanted) so that Phase II happens from
 the prompt on, and pinned p2/beta put Phase III in; vLLM gets a pool of a few blocks so that it preempts. The SWA
 selection runs the kernels' LocalAttentionSum (Triton, under the interpreter); attention runs the kernels' PyTorch
@@ -22,6 +23,9 @@ from alisa_sim.workload import resolve_workload
 from swa_reference import swa_generate
 
 CPU = torch.device("cpu")
+DEVICES = [pytest.param(CPU, id="cpu"),
+           pytest.param(torch.device("cuda"), id="cuda", marks=[
+               pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 BATCH, PROMPT_LEN, GEN_LEN = 3, 12, 12
 SEED = 0
 MODELS = ["opt", "llama-gqa"]
@@ -41,21 +45,21 @@ def prompt_of(wl):
                          generator=torch.Generator().manual_seed(SEED))
 
 
-def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False):
-    plan = executor.plan_run(workload(folder, policy, gpu_gb), CPU, torch.float32)
+def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False, device=CPU):
+    plan = executor.plan_run(workload(folder, policy, gpu_gb), device, torch.float32)
     if keep_logits:
         plan.policy.logits_log = []
-    measured = executor.execute(plan, CPU, torch.float32, str(folder), SEED)
+    measured = executor.execute(plan, device, torch.float32, str(folder), SEED)
     return plan, measured
 
 
-def tight_cap(folder, policy: dict) -> float:
+def tight_cap(folder, policy: dict, device=CPU) -> float:
     """About the smallest memory.gpu_gb the plan fits in (the GPU then holds a few tokens per sequence at most)."""
     low, high = 1e-5, 1e-2
     for _ in range(16):
         middle = (low * high) ** 0.5
         try:
-            executor.plan_run(workload(folder, policy, middle), CPU, torch.float32)
+            executor.plan_run(workload(folder, policy, middle), device, torch.float32)
             high = middle
         except SpecError:
             low = middle
@@ -109,12 +113,13 @@ def total(measured, counter: str) -> int:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", MODELS)
-def test_every_policy_gets_the_dense_tokens_at_sparsity_0(tiny_hf_models, dense_tokens, name, case):
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_policy_gets_the_dense_tokens_at_sparsity_0(tiny_hf_models, dense_tokens, device, name, case):
     folder = tiny_hf_models[name][1]
     policy, cap = CASES[case]
-    gpu_gb = {"tight": lambda: tight_cap(folder, policy), "blocks": lambda: vllm_cap(folder, policy, 9),
+    gpu_gb = {"tight": lambda: tight_cap(folder, policy, device), "blocks": lambda: vllm_cap(folder, policy, 9),
               None: lambda: None}[cap]()
-    plan, measured = run(folder, policy, gpu_gb)
+    plan, measured = run(folder, policy, gpu_gb, device=device)
     assert torch.equal(measured.tokens, dense_tokens[name])
     phases = {record.phase for record in measured.records if record.kind == "decode"}
     if case.startswith("alisa"):
@@ -171,12 +176,13 @@ SWA_CASES = {
 
 @pytest.mark.parametrize("case", list(SWA_CASES))
 @pytest.mark.parametrize("name", MODELS)
-def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, name, case):
+@pytest.mark.parametrize("device", DEVICES)
+def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, device, name, case):
     folder = tiny_hf_models[name][1]
     extra, cap = SWA_CASES[case]
     policy = {"name": "alisa", "int8": False, **extra}
-    gpu_gb = tight_cap(folder, policy) if cap else None
-    plan, measured = run(folder, policy, gpu_gb, keep_logits=True)
+    gpu_gb = tight_cap(folder, policy, device) if cap else None
+    plan, measured = run(folder, policy, gpu_gb, keep_logits=True, device=device)
     wl = plan.workload
     model = load_model(wl.model, str(folder), torch.float32, CPU, SEED)
     want_tokens, want_logits = swa_generate(model, prompt_of(wl), GEN_LEN, policy["kv_sparsity"], policy["int8"])
