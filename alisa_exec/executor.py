@@ -35,8 +35,8 @@ from alisa_sim.simulator import Simulation, simulate_with_policy
 from alisa_sim.workload import ResolvedWorkload
 
 MAX_REPLANS = 8
-DETAILED_STEPS = 64
-WARMUP_STEPS = 2  # decode steps of the plan run once, untimed, before the measured run  # steps whose ops are timed one by one (all of them in shorter runs)
+DETAILED_STEPS = 64  # steps whose ops are timed one by one (all of them in shorter runs)
+WARMUP_STEPS = 2  # decode steps of the plan run once, untimed, before the measured run
 COMPUTE_KINDS = ("gemm", "attention", "elementwise", "selection", "recompute")
 
 

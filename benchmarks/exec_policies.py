@@ -4,24 +4,24 @@ the very plan that ran.
 Default (issue 7): OPT-6.7B with dummy fp16 weights, prompt 128, 512 generated tokens, batch 8, 16, 32 and 64. The
 GPU budget (`memory.gpu_gb`) at a batch is what ALISA's plan holds besides the KV cache (weights, staging, selection
 state, activations, logits, as the simulator counts them) plus 15% of the batch's INT8 KV cache at the longest
-context, so ALISA at 80% KV sparsity is in Phase II from the prompt on, and in Phase III where its planner finds
-recompute worth it (batch 64 on a measured H100/H200 profile; --kv-on-gpu changes the 15%). Policies at that budget: alisa (80%), flexgen (its
-LP's placement), accelerate, vllm (max_model_len = prompt + generated), dense, h2o and streamingllm (80%).
+context (--kv-on-gpu), so ALISA at 80% KV sparsity is in Phase II from the prompt on, and in Phase III where its
+planner finds recompute worth it (batch 64 on a measured H100/H200 profile). Policies at that budget: alisa (80%),
+flexgen (its LP's placement), accelerate, vllm (max_model_len = prompt + generated), dense, h2o and streamingllm
+(80%). dense, vllm, h2o and streamingllm need their (kept) KV cache on the GPU; where the shared budget cannot hold
+it they run at their own budget (dense's weights, buffers and KV cache over vLLM's 0.9 utilization), marked "own".
 
 A run is `alisa_exec.executor.plan_run` (the simulator's policy object for the workload, re-planned for less when
 the executor holds more than the simulator counts) and `execute`; the prediction is the simulation of that same
 plan (`ExecutorPlan.simulation`) on the card's profile (hw_profiles/h100.yaml or h200.yaml by the device name, or
 --hardware). Targets at batch 64: ALISA >= 2x FlexGen and ahead of accelerate; the prediction error of every run.
 
-dense, vllm, h2o and streamingllm need their (kept) KV cache on the GPU; where the shared budget cannot hold it they
-run at their own budget (dense's weights, buffers and KV cache over vLLM's 0.9 utilization), marked "own".
-
 Time: accelerate and FlexGen at batch 64 take minutes each (the whole KV cache, or most weights, cross PCIe every
-step), so runs go in priority order (batch 64 of alisa, accelerate and flexgen first, then the other policies from the
-largest batch down, then the slow baselines at smaller batches); a run predicted to overrun what is left of --budget-s is skipped, and one
-that passes --max-run-s is aborted, its throughput then reported as an upper bound ("< x"). Both are marked. On one H100/H200, from the repository root (pip install -e '.[exec,dev]'):
+step), so runs go in priority order (batch 64 of alisa, accelerate and flexgen first, then the other policies from
+the largest batch down, then the slow baselines at smaller batches); a run predicted to overrun what is left of
+--budget-s is skipped, and one that passes --max-run-s is aborted, its throughput then reported as an upper bound
+("< x"). Both are marked. On one H100/H200, from the repository root (pip install -e '.[exec,dev]'), about 7 min:
     python benchmarks/exec_policies.py --out reports/exec_policies
-On the CPU, a smoke run with a tiny model and a quick CPU profile (a minute):
+On the CPU, a smoke run with a tiny model and a quick CPU profile (under a minute):
     python benchmarks/exec_policies.py --smoke
 """
 
@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from alisa_exec import executor  # noqa: E402
 from alisa_exec.executor import size  # noqa: E402
 from alisa_exec.profiler import measure_profile, software_versions, write_profile  # noqa: E402
-from alisa_exec.runner import DTYPES, ExecOptions, default_dtype, device_name, resolve_device, run_workload  # noqa: E402,E501
+from alisa_exec.runner import (DTYPES, ExecOptions, default_dtype, device_name, resolve_device,  # noqa: E402
+                               run_workload)
 from alisa_exec.weights import DUMMY  # noqa: E402
 from alisa_sim.cost_model import CostModel  # noqa: E402
 from alisa_sim.errors import SpecError  # noqa: E402
@@ -202,7 +203,8 @@ def targets(rows: list[dict], batch: int) -> list[str]:
     at = {r["policy"]: r for r in rows if r["batch"] == batch}
     alisa = at.get("alisa", {}).get("measured_tok_s")
     lines = []
-    for other, need, text in (("flexgen", TARGET_VS_FLEXGEN, f">= {TARGET_VS_FLEXGEN:g}x"), ("accelerate", 1.0, "> 1x")):
+    goals = (("flexgen", TARGET_VS_FLEXGEN, f">= {TARGET_VS_FLEXGEN:g}x"), ("accelerate", 1.0, "> 1x"))
+    for other, need, text in goals:
         row = at.get(other, {})
         theirs = row.get("measured_tok_s") or row.get("measured_tok_s_below")
         if not (alisa and theirs):
@@ -243,7 +245,7 @@ def render(rows: list[dict], title: str) -> Table:
 
 def markdown(rows: list[dict], header: str, target_lines: list[str]) -> str:
     lines = [header, "", "| batch | policy | plan | GPU budget | phases | measured tok/s | predicted tok/s | error | "
-             "decode step ms (measured / predicted) | H2D GB | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode step ms (measured / predicted) | H2D GB | status |", "|" + "---|" * 11]
     for r in rows:
         measured = r.get("status") == "measured"
         lines.append(

@@ -1,11 +1,11 @@
 """Every executor policy runs its plan and gets the dense policy's tokens when nothing is dropped, and `alisa` equals
 a plain-PyTorch SWA reference step by step, whatever the GPU budget forces onto the CPU or into recompute.
 
-CPU, float32, the tiny random OPT and LLaMA (GQA) models; the "GPU" tier is a second host pool. On a CUDA machine the
-same tests also run on the GPU (float32, so tokens still compare exactly), with pinned memory and side streams. Memory caps are
-chosen from the plan itself (a bisection on `memory.gpu_gb` for the GPU window wanted) so that Phase II happens from
-the prompt on, and pinned p2/beta put Phase III in; vLLM gets a pool of a few blocks so that it preempts. The SWA
-selection runs the kernels' LocalAttentionSum (Triton, under the interpreter); attention runs the kernels' PyTorch
+CPU, float32, the tiny random OPT and LLaMA (GQA) models; the "GPU" tier is a second host pool. On a CUDA machine
+the same tests also run on the GPU (float32, so tokens still compare exactly), with pinned memory and side streams.
+Memory caps are the tightest the plan fits (a bisection on `memory.gpu_gb`), so that Phase II starts with the
+prompt, and pinned p2/beta put Phase III in; vLLM gets a pool of a few blocks so that it preempts. The SWA selection
+runs the kernels' LocalAttentionSum (Triton, under the interpreter on the CPU); attention runs the kernels' PyTorch
 path (`dense_decode_attention`), since the fused Triton kernel needs fp16 or bf16.
 """
 
