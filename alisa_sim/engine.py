@@ -164,6 +164,11 @@ class StepSimulator:
                           period if unrolled < num_layers else 0.0, timed)
 
 
+def _gb(nbytes: float) -> str:
+    """GB with two decimals, or three significant digits below 10 MB (tiny models)."""
+    return f"{nbytes / 1e9:.2f}" if nbytes >= 1e7 else f"{nbytes / 1e9:.3g}"
+
+
 class OutOfMemory(Exception):
     """A placement needs more memory than a device has; reported as an `oom` Result, not raised to the user."""
 
@@ -186,9 +191,9 @@ class MemoryPool:
         held = {**self.held, **usage}
         total = sum(held.values())
         if total > self.container.capacity:
-            detail = ", ".join(f"{purpose} {nbytes / 1e9:.2f}" for purpose, nbytes in held.items() if nbytes)
-            raise OutOfMemory(f"out of {self.device} memory {when}: needs {total / 1e9:.2f} GB ({detail}) "
-                              f"but the {self.device} has {self.container.capacity / 1e9:.2f} GB")
+            detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)
+            raise OutOfMemory(f"out of {self.device} memory {when}: needs {_gb(total)} GB ({detail}) "
+                              f"but the {self.device} has {_gb(self.container.capacity)} GB")
         delta = total - self.container.level
         if delta > 0:
             self.container.put(delta)

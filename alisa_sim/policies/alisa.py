@@ -61,17 +61,30 @@ class AlisaPolicy(Policy):
         return k, min(context, 2 * k)
 
     def _selection_state_bytes(self) -> float:
-        """fp32 local attention sums per sequence and layer (per head with per-head selection)."""
+        """The executor's selection state per sequence and layer (per head with per-head selection): int64 local
+        sums over every position, and a ring of the last k + 1 attention rows (as wide as 2k or the prompt)."""
+        if self.cfg.kv_sparsity == 0:
+            return 0.0  # attending to every token needs no selection
         per_layer = self.model.num_heads if self.cfg.selection == "per_head" else 1
-        return self.batch * self.wl.max_context() * self.model.num_layers * per_layer * 4
+        positions = self.wl.max_context() - 1  # the last generated token's KV is never computed
+        k = swa_window(positions, self.cfg.kv_sparsity)
+        # int64 sums per position; the ring's int32 positions and fp32 probabilities, k + 1 rows of max(2k, s)
+        per_sequence = 8 * positions + 8 * (k + 1) * max(2 * k, self.prompt_len)
+        return self.batch * self.model.num_layers * per_layer * per_sequence
 
-    def _staging_bytes(self) -> float:
-        """Two prefetch buffers of one layer's selected tokens (and their layer inputs for recompute)."""
+    def _staging_bytes(self) -> dict[str, float]:
+        """Two prefetch buffers of one layer's selected tokens (and their layer inputs when recompute is on), and
+        with the gather kernel the packed K/V the attention reads."""
+        m = self.model
         k, attended = self.selected(self.wl.max_context())
-        return 2 * self.batch * attended * (self.kv_token_layer + self.input_token_layer)
+        per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
+        staging = {"kv_staging": 2 * self.batch * attended * per_token}
+        if self.cfg.attention_kernel == "gather":
+            staging["attention_workspace"] = self.batch * attended * 2 * m.kv_dim * m.dtype_bytes
+        return staging
 
     def static_memory(self) -> MemoryUse:
-        return MemoryUse(gpu={"weights": self.model.weight_bytes, "kv_staging": self._staging_bytes(),
+        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._staging_bytes(),
                               "selection_state": self._selection_state_bytes(), **self.activation_buffers()})
 
     def _gpu_token_budget(self) -> int:
@@ -120,7 +133,8 @@ class AlisaPolicy(Policy):
 
     def plan(self) -> dict:
         plan = super().plan()
-        chosen = {"p1": self.schedule.p1, "p2": self.schedule.p2, "alpha": self.schedule.alpha,
+        # A schedule that never leaves Phase I has p1 past the run; p2 is pinned no earlier so the plan validates.
+        chosen = {"p1": self.schedule.p1, "p2": max(self.schedule.p2, self.schedule.p1), "alpha": self.schedule.alpha,
                   "beta": self.schedule.beta}
         plan["params"].update(chosen)
         plan["workload"]["policy"].update(chosen)  # so running the plan runs this very schedule
@@ -146,7 +160,11 @@ class AlisaPolicy(Policy):
     def offloaded(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Tokens per sequence that leave the GPU window at this step (the prefill offloads its own)."""
         now = self.residency(step, schedule)
-        before = self.residency(step - 1, schedule) if step > 1 else Residency(1, self.prompt_len, 0, 0)
+        if step > 1:
+            before = self.residency(step - 1, schedule)
+        else:  # what the prefill left on the GPU (it offloads the prompt beyond the budget itself)
+            on_gpu = min(self.prompt_len, self.gpu_tokens)
+            before = Residency(1, on_gpu, self.prompt_len - on_gpu, 0)
         return max(0, (now.on_cpu + now.deleted) - (before.on_cpu + before.deleted))
 
     # ---- templates ---------------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_tight_alisa_run_writes_the_simulators_result_keys_and_a_trace_with_copy
 
 
 def test_the_executor_runs_the_plan_json_the_simulator_wrote(tmp_path, capsys):
-    workload = write_workload(tmp_path, {"name": "alisa", "kv_sparsity": 0.0, "int8": False}, gpu_gb=0.00065)
+    workload = write_workload(tmp_path, {"name": "alisa", "kv_sparsity": 0.0, "int8": False}, gpu_gb=0.00068)
     assert sim_main(["plan", str(workload), "--json"]) == 0
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(capsys.readouterr().out)
@@ -157,7 +157,7 @@ def test_the_executor_runs_the_plan_json_the_simulator_wrote(tmp_path, capsys):
     assert result["workload"] == planned["workload"]
     assert result["plan"]["params"] == planned["params"]  # the same p1, p2, alpha, beta
     assert result["plan"]["gpu_kv_budget_tokens"] == planned["gpu_kv_budget_tokens"] < 16 + 24 - 1
-    assert result["plan_gpu_capacity_bytes"] == 0.00065e9  # fitted as planned, no re-planning
+    assert result["plan_gpu_capacity_bytes"] == 0.00068e9  # fitted as planned, no re-planning
 
 
 def sim_static_gb(folder: Path, policy: dict) -> float:
@@ -189,14 +189,15 @@ def test_a_plan_that_cannot_run_exits_2_before_allocating(tmp_path, capsys, poli
 
 
 def test_the_executor_plans_for_what_it_really_holds(tmp_path):
-    """SWA's selection ring and the packed attention workspace are more than the simulator counts: at the tightest
-    budget the planner is asked again for less, and the run then fits the budget."""
+    """The simulator counts SWA's selection state as the executor holds it, but not the executor's own extras (the
+    staged row indices, a spare window slot): at the tightest budget the planner is asked again for less, and the
+    run then fits the budget."""
     policy = {"name": "alisa", "kv_sparsity": 0.5, "int8": False, "p2": 2, "beta": 0.5}
     wl = load_workload(write_workload(tmp_path, policy, tight_gb(tmp_path, policy)))
     plan = executor.plan_run(wl, DEVICE, torch.float32)
     assert plan.replans > 0 and plan.workload.gpu_capacity_bytes < wl.gpu_capacity_bytes
     assert sum(plan.gpu_bytes.values()) <= wl.gpu_capacity_bytes
-    assert plan.gpu_bytes["selection_state"] > plan.sim.static_memory().gpu["selection_state"]
+    assert plan.gpu_bytes["selection_state"] == plan.sim.static_memory().gpu["selection_state"]
     assert any("planned for" in note for note in plan.notes)
 
 
