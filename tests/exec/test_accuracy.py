@@ -195,12 +195,6 @@ def test_evaluate_rows_stats_and_selection_stats_file_round_trip(gqa_model, tmp_
     assert written[0].name == "perplexity.html"
 
 
-def test_shipped_default_selection_stats_is_measured():
-    stats = load_selection_stats()
-    assert sorted(stats.by_sparsity) == ["0.5", "0.8", "0.9"]
-    assert "alisa-exec eval" in stats.measured_by
-
-
 def test_bad_method_is_a_spec_error():
     with pytest.raises(SpecError, match="unknown method"):
         parse_methods("swa,nope")
