@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alisa_sim.errors import load_json_file, validate
 
-DEFAULT_STATS = Path(__file__).resolve().parent / "data" / "selection_stats_default.json"
+DEFAULT_STATS = Path(__file__).resolve().parent / "data" / "selection_stats_default.json"  # measured on SmolLM2-135M
+# The assumption before any measurement: global picks spread evenly over every age outside the local window.
+UNIFORM_STATS = DEFAULT_STATS.with_name("selection_stats_uniform.json")
 FORMAT = "alisa-selection-stats/1"
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from alisa_sim.cost_model import CostModel
 from alisa_sim.policies import make_policy
 from alisa_sim.results import build_result
+from alisa_sim.selection_stats import UNIFORM_STATS
 from alisa_sim.simulator import simulate
 from alisa_sim.workload import resolve_workload
 
@@ -72,16 +73,16 @@ def fig11(console: Console) -> None:
     console.print(table)
 
 
-def fig12(console: Console) -> None:
+def fig12(console: Console, stats: str | None, label: str) -> None:
     flexgen = run("opt-30b", "paper-h100-80g", 64, {"name": "flexgen"})["metrics"]["throughput_tok_s"]
     phases = Table("kv sparsity", "INT8", "p1", "p2", "beta", "phase I / II / III time (s)",
                    "GPU / CPU KV at end (GB)", "total (s)", "total without recompute (s)", "recompute speed-up",
-                   title="Fig. 12: OPT-30B, b=64, s=128, n=512 on paper-h100-80g (20 GB/s link)")
+                   title=f"Fig. 12: OPT-30B, b=64, s=128, n=512 on paper-h100-80g (20 GB/s link), {label}")
     ablation = Table("kv sparsity", "FlexGen (tok/s)", "SWA, static split", "+ dynamic scheduling", "+ INT8",
-                     title="Fig. 12 ablation: throughput (tok/s) and the gain of each step")
+                     title=f"Fig. 12 ablation: throughput (tok/s) and the gain of each step, {label}")
     for sparsity in SPARSITIES:
         for int8 in (False, True):
-            policy = {"name": "alisa", "kv_sparsity": sparsity, "int8": int8}
+            policy = {"name": "alisa", "kv_sparsity": sparsity, "int8": int8, "selection_stats": stats}
             result = run("opt-30b", "paper-h100-80g", 64, {**policy, "recompute": True})
             without = run("opt-30b", "paper-h100-80g", 64, {**policy, "recompute": False})["metrics"]["total_s"]
             params, by_phase = result["plan"]["params"], {p["phase"]: p for p in result["phases"]}
@@ -91,7 +92,8 @@ def fig12(console: Console) -> None:
                            f"{end['gpu_kv_bytes_end'] / 1e9:.1f} / {end['cpu_kv_bytes_end'] / 1e9:.1f}",
                            f"{result['metrics']['total_s']:.1f}", f"{without:.1f}",
                            f"{without / result['metrics']['total_s']:.2f}x")
-        steps = [run("opt-30b", "paper-h100-80g", 64, {"name": "alisa", "kv_sparsity": sparsity, **options})
+        steps = [run("opt-30b", "paper-h100-80g", 64, {"name": "alisa", "kv_sparsity": sparsity,
+                                                       "selection_stats": stats, **options})
                  ["metrics"]["throughput_tok_s"] for options in (
                      {"dynamic_scheduling": False, "int8": False, "recompute": False},
                      {"dynamic_scheduling": True, "int8": False, "recompute": True},
@@ -114,7 +116,8 @@ def main() -> None:
     if "11" in figures:
         fig11(console)
     if "12" in figures:
-        fig12(console)
+        fig12(console, None, "measured selection_stats (SmolLM2-135M)")
+        fig12(console, str(UNIFORM_STATS), "picks spread evenly over the ages")
 
 
 if __name__ == "__main__":

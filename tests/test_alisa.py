@@ -9,6 +9,7 @@ from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
 from alisa_sim.policies import make_policy
 from alisa_sim.results import build_result
+from alisa_sim.selection_stats import UNIFORM_STATS
 from alisa_sim.simulator import simulate
 from alisa_sim.swa import swa_window
 from alisa_sim.workload import load_workload, resolve_workload
@@ -133,20 +134,28 @@ def _fig12(**options) -> dict:
     return _result(policy)
 
 
-def test_fig12_higher_sparsity_enters_phase_three_later():
-    starts = []
-    for sparsity in (0.5, 0.8, 0.9):
-        phases = {p["phase"]: p for p in _fig12(kv_sparsity=sparsity)["phases"]}
-        assert 3 in phases
-        starts.append(phases[3]["first_step"])
-    assert starts == sorted(starts) and starts[0] < starts[-1]
+def _phase3_start(**options) -> float:
+    phases = {p["phase"]: p for p in _fig12(**options)["phases"]}
+    return phases[3]["first_step"] if 3 in phases else float("inf")
 
 
-def test_fig12_recompute_cuts_total_time():
-    """The paper: recompute cuts total time about 1.2-1.3x. The simulation gives 1.41x at 80% sparsity (fp16 KV;
-    docs/paper-comparison.md explains the gap)."""
-    with_recompute = _fig12(recompute=True)["metrics"]["total_s"]
-    without = _fig12(recompute=False)["metrics"]["total_s"]
+@pytest.mark.parametrize("stats", [None, str(UNIFORM_STATS)])
+def test_fig12_higher_sparsity_enters_phase_three_later(stats):
+    """With the measured selection_stats (SmolLM2: global picks mostly young) Phase III starts at 50% sparsity only;
+    with picks spread evenly over the ages it starts at every sparsity, later the sparser (docs/paper-comparison.md)."""
+    starts = [_phase3_start(kv_sparsity=sparsity, selection_stats=stats) for sparsity in (0.5, 0.8, 0.9)]
+    assert starts == sorted(starts) and starts[0] < float("inf")
+    if stats:
+        assert starts[-1] < float("inf") and starts[0] < starts[-1]
+
+
+@pytest.mark.parametrize("stats,sparsity", [(None, 0.5), (str(UNIFORM_STATS), 0.8)])
+def test_fig12_recompute_cuts_total_time(stats, sparsity):
+    """The paper: recompute cuts total time about 1.2-1.3x. The simulation (fp16 KV) gives 1.52x at 50% with the
+    measured pick ages and 1.42x at 80% with uniform ones; where the fetches hide behind compute it gains nothing
+    (docs/paper-comparison.md)."""
+    with_recompute = _fig12(recompute=True, kv_sparsity=sparsity, selection_stats=stats)["metrics"]["total_s"]
+    without = _fig12(recompute=False, kv_sparsity=sparsity, selection_stats=stats)["metrics"]["total_s"]
     assert with_recompute < without / 1.15
 
 
