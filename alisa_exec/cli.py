@@ -13,6 +13,7 @@ from rich.table import Table
 
 from alisa_exec.accuracy.command import add_eval_parser
 from alisa_sim.errors import SpecError
+from alisa_sim.cli import timing_rows
 from alisa_sim.results import write_json_atomic
 from alisa_sim.workload import load_workload
 
@@ -58,13 +59,7 @@ def print_summary(result: dict, console: Console) -> None:
     m = result["metrics"]
     setup = result["setup_s"]
     table = Table("metric", "measured", title="alisa-exec measurement")
-    rows = [
-        ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
-        ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
-        ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
-        ("total", f"{m['total_s']:.3f} s"),
-        ("decode step mean / p90 / max",
-         " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
+    rows = timing_rows(m) + [
         ("peak GPU / CPU memory", f"{_size(m['peak_gpu_bytes'])} / {_size(m['peak_cpu_bytes'])}"),
         ("copied H2D / D2H", f"{_size(m['h2d_bytes'])} / {_size(m['d2h_bytes'])}"),
         *((label, f"{m[key]:,}") for key, label in COUNTER_LABELS.items() if m.get(key)),

@@ -38,6 +38,18 @@ def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
 
+def timing_rows(m: dict) -> list[tuple[str, str]]:
+    """The time and throughput rows of a Result's metrics, as both runners print them."""
+    return [
+        ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
+        ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
+        ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
+        ("total", f"{m['total_s']:.3f} s"),
+        ("decode step mean / p90 / max",
+         " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
+    ]
+
+
 def print_summary(result: dict, console: Console) -> None:
     wl = result["workload"]
     console.print(f"[bold]{result['model']}[/] on [bold]{result['hardware']}[/], policy [bold]{wl['policy']['name']}[/], "
@@ -45,13 +57,7 @@ def print_summary(result: dict, console: Console) -> None:
                   f"{'' if wl['overlap'] else ', overlap off'}")
     m = result["metrics"]
     table = Table("metric", "predicted", title="alisa-sim prediction")
-    for label, value in [
-        ("throughput", f"{m['throughput_tok_s']:.1f} tok/s"),
-        ("prefill", f"{m['prefill_s'] * 1e3:.1f} ms ({m['prefill_throughput_tok_s']:.0f} tok/s)"),
-        ("decode", f"{m['decode_s']:.3f} s ({m['decode_throughput_tok_s']:.1f} tok/s)"),
-        ("total", f"{m['total_s']:.3f} s"),
-        ("decode step mean / p90 / max",
-         " / ".join(f"{m['decode_step_s'][key] * 1e3:.2f}" for key in ("mean", "p90", "max")) + " ms"),
+    for label, value in timing_rows(m) + [
         ("peak GPU / CPU memory", f"{_gb(m['peak_gpu_bytes'])} / {_gb(m['peak_cpu_bytes'])}"),
         ("H2D / D2H traffic", f"{_gb(m['h2d_bytes'])} / {_gb(m['d2h_bytes'])}"),
     ]:
