@@ -32,12 +32,17 @@ class DeviceClock:
         else:
             self._marks.append(time.perf_counter())
 
+    def since_start(self, marker) -> float:
+        """Seconds from the first mark to `marker` (a mark this clock made)."""
+        if self.cuda:
+            return self._marks[0].elapsed_time(marker) / 1e3
+        return marker - self._marks[0]
+
     def seconds(self) -> list[float]:
         """Every mark's time since the first one (waits for the device)."""
         if self.cuda:
             torch.cuda.synchronize()
-            return [self._marks[0].elapsed_time(event) / 1e3 for event in self._marks]
-        return [t - self._marks[0] for t in self._marks]
+        return [self.since_start(marker) for marker in self._marks]
 
 
 @dataclass

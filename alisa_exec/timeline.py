@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alisa_exec.generate import DeviceClock
+
 TRACKS = ("compute", "h2d", "d2h", "cpu")
 TRACK_NAMES = {"compute": "GPU compute", "h2d": "H2D copy", "d2h": "D2H copy", "cpu": "CPU"}
 
@@ -48,7 +50,7 @@ class Timeline:
         self.detailed = detailed
         self.step = 0
         self.layer = -1
-        self._marks: list = []
+        self.clock = DeviceClock(device)  # step boundaries
         self._spans: list[tuple] = []
         self._origin_host = 0.0
 
@@ -56,22 +58,14 @@ class Timeline:
         """The origin of the run's clock (the start of step 0)."""
         if self.cuda:
             torch.cuda.synchronize()
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._marks.append(event)
+        self.clock.mark()
+        if self.cuda:
             torch.cuda.synchronize()
-        else:
-            self._marks.append(time.perf_counter())
         self._origin_host = time.perf_counter()
 
     def end_step(self) -> None:
         """Mark the end of the current step on the compute stream (when its tokens are sampled)."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self._marks.append(event)
-        else:
-            self._marks.append(time.perf_counter())
+        self.clock.mark()
         self.step += 1
 
     @property
@@ -103,20 +97,12 @@ class Timeline:
 
     def resolve(self) -> tuple[list[float], list[Span]]:
         """Step boundaries (seconds since the start; one more than the steps) and every recorded span."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            origin = self._marks[0]
-            marks = [0.0] + [origin.elapsed_time(event) / 1e3 for event in self._marks[1:]]
+        marks = self.clock.seconds()
 
-            def seconds(marker) -> float:
-                if isinstance(marker, float):
-                    return marker - self._origin_host
-                return origin.elapsed_time(marker) / 1e3
-        else:
-            marks = [t - self._marks[0] for t in self._marks]
-
-            def seconds(marker) -> float:
-                return marker - self._marks[0]
+        def seconds(marker) -> float:
+            if self.cuda and isinstance(marker, float):  # a CPU-track span, timed on the host
+                return marker - self._origin_host
+            return self.clock.since_start(marker)
         spans = [Span(track, name, kind, step, layer, seconds(start), seconds(end))
                  for track, name, kind, step, layer, start, end in self._spans]
         return marks, spans

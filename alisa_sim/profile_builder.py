@@ -291,6 +291,28 @@ def derived_link(measured_link: dict, pinned_GBps: float, name: str, note: str) 
     }
 
 
+def _derived_tables(gpu: GpuDatasheet, calibration: Calibration, shapes: dict, gather_ratio_source: dict,
+                    gemm_s, decode_s, prefill_s) -> dict:
+    """A derived GPU section's fields beside its source note: the datasheet figures and the tables of times over
+    `shapes`, gather20_s keeping gather_ratio_source's measured ratio of gathered to full decode attention."""
+    gather_ratio = {(r["b"], r["L"]): r["gather20_s"] / r["s"] for r in gather_ratio_source["decode_attention_fp16"]}
+    return {
+        "name": gpu.name,
+        "memory_bytes": gpu.memory_bytes,
+        "hbm_GBps": _significant(gpu.memory_GBps * calibration.hbm_copy_efficiency),
+        "peak_fp16_tflops": gpu.peak_fp16_tflops,
+        "launch_overhead_s": LAUNCH_OVERHEAD_S,
+        "gemm_fp16": [_Row(m=r["m"], k=r["k"], n=r["n"], s=_significant(s))
+                      for r, s in zip(shapes["gemm_fp16"], gemm_s)],
+        "decode_attention_fp16": [
+            _Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s),
+                 gather20_s=_significant(s * gather_ratio[r["b"], r["L"]]))
+            for r, s in zip(shapes["decode_attention_fp16"], decode_s)],
+        "prefill_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s))
+                                   for r, s in zip(shapes["prefill_attention_fp16"], prefill_s)],
+    }
+
+
 def derived_gpu(gpu: GpuDatasheet, calibration: Calibration, shapes: dict, gather_ratio_source: dict) -> dict:
     """GPU tables from the datasheet by the calibrated roofline, over the shapes of another profile's measurements.
     gather20_s keeps the measured H100 ratio of gathered to full decode attention at the same (b, L)."""
@@ -300,7 +322,6 @@ def derived_gpu(gpu: GpuDatasheet, calibration: Calibration, shapes: dict, gathe
     gemm_s = calibration.gemm.time_s(*_gemm_work(gemm_rows), gpu)
     decode_s = calibration.decode_attention.time_s(*_decode_work(decode_rows), gpu)
     prefill_s = calibration.prefill_attention.time_s(*_prefill_work(prefill_rows), gpu)
-    gather_ratio = {(r["b"], r["L"]): r["gather20_s"] / r["s"] for r in gather_ratio_source["decode_attention_fp16"]}
     return {
         "source": {"kind": "derived", "note": (
             f"{gpu.name} datasheet ({gpu.peak_fp16_tflops:g} TFLOPS fp16 tensor, {gpu.memory_GBps:g} GB/s); tables "
@@ -308,17 +329,7 @@ def derived_gpu(gpu: GpuDatasheet, calibration: Calibration, shapes: dict, gathe
             "latency with the efficiencies fitted on the measured H100 (see provenance); hbm_GBps = datasheet "
             f"bandwidth x the measured H100 HBM copy efficiency; gather20_s = derived s x the measured H100 "
             f"gather20_s / s at the same (b, L); {LAUNCH_OVERHEAD_NOTE}")},
-        "name": gpu.name,
-        "memory_bytes": gpu.memory_bytes,
-        "hbm_GBps": _significant(gpu.memory_GBps * calibration.hbm_copy_efficiency),
-        "peak_fp16_tflops": gpu.peak_fp16_tflops,
-        "launch_overhead_s": LAUNCH_OVERHEAD_S,
-        "gemm_fp16": [_Row(m=r["m"], k=r["k"], n=r["n"], s=_significant(s)) for r, s in zip(gemm_rows, gemm_s)],
-        "decode_attention_fp16": [
-            _Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s),
-                 gather20_s=_significant(s * gather_ratio[r["b"], r["L"]])) for r, s in zip(decode_rows, decode_s)],
-        "prefill_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s))
-                                   for r, s in zip(prefill_rows, prefill_s)],
+        **_derived_tables(gpu, calibration, shapes, gather_ratio_source, gemm_s, decode_s, prefill_s),
     }
 
 
@@ -431,7 +442,6 @@ def fitted_t4_gpu(calibration: Calibration, shapes: dict, gather_ratio_source: d
     prefill_s = np.maximum(2 * causal_flops / FLEXGEN_T4["bmm_flops_p"],
                            qkvo_bytes / attention_memory_Bps) + calibration.prefill_attention.latency_s
 
-    gather_ratio = {(r["b"], r["L"]): r["gather20_s"] / r["s"] for r in gather_ratio_source["decode_attention_fp16"]}
     return {
         "source": {"kind": "fitted", "note": (
             f"{T4.name}; fitted: the compute rates FlexGen's authors fitted on this machine ({FLEXGEN_T4_SOURCE}): "
@@ -449,17 +459,7 @@ def fitted_t4_gpu(calibration: Calibration, shapes: dict, gather_ratio_source: d
             "H100-calibrated datasheet roofline); hbm_GBps = datasheet bandwidth x the measured H100 HBM copy "
             f"efficiency; peak_fp16_tflops = the datasheet's {T4.peak_fp16_tflops:g}; gather20_s = s x the measured "
             f"H100 gather20_s / s at the same (b, L); {LAUNCH_OVERHEAD_NOTE}")},
-        "name": T4.name,
-        "memory_bytes": T4.memory_bytes,
-        "hbm_GBps": _significant(T4.memory_GBps * calibration.hbm_copy_efficiency),
-        "peak_fp16_tflops": T4.peak_fp16_tflops,
-        "launch_overhead_s": LAUNCH_OVERHEAD_S,
-        "gemm_fp16": [_Row(m=r["m"], k=r["k"], n=r["n"], s=_significant(s)) for r, s in zip(gemm_rows, gemm_s)],
-        "decode_attention_fp16": [
-            _Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s),
-                 gather20_s=_significant(s * gather_ratio[r["b"], r["L"]])) for r, s in zip(decode_rows, decode_s)],
-        "prefill_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s))
-                                   for r, s in zip(prefill_rows, prefill_s)],
+        **_derived_tables(T4, calibration, shapes, gather_ratio_source, gemm_s, decode_s, prefill_s),
     }
 
 
