@@ -299,7 +299,7 @@ def run_check(stages: list[Stage], *, dry_run: bool, budget_s: float, work: Path
                 status, code, output = run_stage(command, limit, env, work / f"{stage.name}.log")
                 logs[stage.name] = output
                 note = {"ok": "", "failed": last_line(output),
-                        "timeout": f"killed at its limit of {limit:.0f} s"}[status]
+                        "timeout": f"interrupted at its limit of {limit:.0f} s"}[status]
                 outcome = Outcome(stage.name, status, time.monotonic() - stage_start, limit, command, code, note)
         except Exception:  # the check's own failure on this stage: logged, and the next stage goes on
             logs[stage.name] = logs.get(stage.name, "") + traceback.format_exc()
