@@ -120,6 +120,9 @@ class CpuSection(_Strict):
 class HardwareProfile(_Strict):
     name: str
     description: str
+    # What executes the ops: a CUDA GPU behind the host that issues them, or the CPU itself (host and device are one
+    # resource, as in profiles from `alisa-exec profile --device cpu`).
+    device_kind: Literal["cuda", "cpu"] = "cuda"
     provenance: Provenance
     gpu: GpuSection
     link: LinkSection
