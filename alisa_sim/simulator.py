@@ -172,26 +172,21 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
             record(runs.plan(step, template), timing, env.now)
             yield env.timeout(timing.duration_s)
             samples = runs.affine_run(step, last)
-            runs.sampled.pop(step, None)
-            if not samples:
-                step += 1
-                continue
             now = env.now
             for lo, hi in zip(samples, samples[1:]):
-                lo_timing, hi_timing = runs.sampled[lo][1], runs.sampled[hi][1]
+                (_, lo_timing), (hi_template, hi_timing) = runs.sampled[lo], runs.sampled[hi]
                 for inner in range(lo + 1, hi):
                     timing = InterpolatedTiming(lo_timing, hi_timing, (inner - lo) / (hi - lo), runs.simulation_of(inner))
                     record(runs.plan(inner, None), timing, now)
                     now += timing.duration_s
                     sim.interpolated_steps += 1
-                if lo != step:
-                    runs.sampled.pop(lo)
-                template, timing = runs.sampled[hi]
-                record(runs.plan(hi, template), timing, now)
-                now += timing.duration_s
-            runs.sampled.pop(samples[-1])
-            yield env.timeout(now - env.now)
-            step = samples[-1] + 1
+                record(runs.plan(hi, hi_template), hi_timing, now)
+                now += hi_timing.duration_s
+            for sample in samples or [step]:
+                runs.sampled.pop(sample, None)
+            if samples:
+                yield env.timeout(now - env.now)
+            step = (samples[-1] if samples else step) + 1
 
     try:
         env.run(env.process(run()))
