@@ -1,9 +1,9 @@
 """CostModel: op times in seconds, interpolated from the raw measurements of a hardware profile.
 
-GPU times are device times (CUDA-event timed in the profiles); the host's cost of issuing an op is separate (`host_s`,
-the profile's `launch_overhead_s` per kernel launch), and the engine puts it on the host resource. Every measured point is reproduced exactly; between points
-time follows a power law (linear in log-log), below the measured range it stays at the smallest measured time (the
-latency floor) and above it grows at the edge point's rate.
+GPU times are device times (CUDA-event timed in the profiles); the host's cost of issuing an op is separate
+(`host_s`: the profile's `launch_overhead_s` per kernel launch), and the engine puts it on the host resource. Every
+measured point is reproduced exactly; between points time follows a power law (linear in log-log), below the measured
+range it stays at the smallest measured time (the latency floor) and above it grows at the edge point's rate.
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import simpy
-
 from alisa_sim.ops import KINDS, LayerTemplate, Op
 
 SERIAL = "serial"
@@ -252,30 +250,25 @@ class OutOfMemory(Exception):
 
 
 class MemoryPool:
-    """A device's memory as a SimPy container, held by purpose (weights, kv, ...), with peak tracking."""
+    """A device's memory, held by purpose (weights, kv, ...), with peak tracking. Nothing ever waits for memory (a
+    placement that does not fit is an OutOfMemory result), so a level suffices where a SimPy container would only
+    add events."""
 
-    def __init__(self, env: simpy.Environment, device: str, capacity_bytes: int):
+    def __init__(self, device: str, capacity_bytes: int):
         self.device = device
-        self.container = simpy.Container(env, capacity=capacity_bytes, init=0)
+        self.capacity_bytes = capacity_bytes
         self.held: dict[str, float] = {}
+        self.level_bytes = 0.0
         self.peak_bytes = 0
-
-    @property
-    def capacity_bytes(self) -> int:
-        return int(self.container.capacity)
 
     def hold(self, usage: dict[str, float], when: str) -> None:
         """Set the bytes held for each purpose in `usage` (others unchanged); OutOfMemory if it would overflow."""
         held = {**self.held, **usage}
         total = sum(held.values())
-        if total > self.container.capacity:
+        if total > self.capacity_bytes:
             detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)
             raise OutOfMemory(f"out of {self.device} memory {when}: needs {_gb(total)} GB ({detail}) "
-                              f"but the {self.device} has {_gb(self.container.capacity)} GB")
-        delta = total - self.container.level
-        if delta > 0:
-            self.container.put(delta)
-        elif delta < 0:
-            self.container.get(-delta)
-        self.held = held
-        self.peak_bytes = max(self.peak_bytes, int(total))
+                              f"but the {self.device} has {_gb(self.capacity_bytes)} GB")
+        self.held, self.level_bytes = held, total
+        if total > self.peak_bytes:
+            self.peak_bytes = int(total)

@@ -54,6 +54,7 @@ class LayerTemplate:
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     head: list[Op] = field(default_factory=list)  # on the GPU before layer 0 (embedding)
     tail: list[Op] = field(default_factory=list)  # on the GPU after the last layer (final norm, LM head, sampling)
+    _ops: list[Op] = field(default_factory=list, repr=False)  # in the order added
     _lags: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (src, dst) -> lag
 
     def add(self, op: Op, after: tuple[str, ...] = (), after_previous: tuple[tuple[str, int], ...] = ()) -> None:
@@ -61,6 +62,7 @@ class LayerTemplate:
         if op.name in self.graph:
             raise ValueError(f"duplicate op {op.name!r}")
         self.graph.add_node(op.name, op=op)
+        self._ops.append(op)
         for name in after:
             self._edge(name, op.name, 0)
         for name, lag in after_previous:
@@ -82,7 +84,7 @@ class LayerTemplate:
 
     @property
     def ops(self) -> list[Op]:
-        return [self.graph.nodes[name]["op"] for name in self.graph.nodes]
+        return list(self._ops)
 
     @property
     def max_lag(self) -> int:
@@ -94,5 +96,5 @@ class LayerTemplate:
     def structure(self) -> tuple:
         """What the engine's schedule depends on besides times: ops and their resources in issue order, and the
         edges. Two templates with the same structure differ only in their ops' times and bytes."""
-        return (tuple((op.name, op.resource) for op in self.head), tuple((op.name, op.resource) for op in self.ops),
-                tuple((op.name, op.resource) for op in self.tail), tuple(self._lags.items()))
+        ops = self.head + self._ops + self.tail
+        return len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]), tuple(self._lags.items())

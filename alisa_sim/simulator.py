@@ -1,15 +1,19 @@
 """The simulation run: drives a policy's prefill and decode steps through the engine, holding memory as it goes.
 
-Decode steps whose op DAG has the same structure and whose op times, bytes and step time all follow one straight
-line in the step index are collapsed like layers: on such a run only a few steps are simulated and the others are
-interpolated. Why that is exact: a step's time is a max-plus expression of its op times (a maximum over paths of
-sums), so with op times affine in the step it is a convex function of the step; a convex function that meets a
-line at two points and at one point between them equals the line on the whole interval. The run is grown by
-doubling from an anchor step and its successor (which fix the line), each extension checked at its far end, the
-step before it and its middle, all with the copy streams idle at the step's start (which the same argument then
-proves for every step of the run). Phases are checked at every step; bytes must match exactly. Steps that do not
-line up (context-length staircases, the cost model's log-log interpolation between measured sizes, a critical
-path that changes) are simulated one by one.
+Decode steps are collapsed like layers where that is exact or within 1e-7 of the step time. The decode steps of a
+policy on the base step driver (Policy.steps) are grown into runs: from an anchor step, extensions of a few to
+thousands of steps are simulated at their first two, middle and last two steps, with the copy streams idle at the
+start, and accepted when every sample has the same op structure and phase as the anchor (phases are checked at every
+step), bytes on the chord of the extension exactly, and its time, breakdown and op times on the chord within 1e-7 of
+the step time; the steps between samples are interpolated on those chords. Why that is sound:
+- with op times affine in the step (the cost model above its measured sizes), a step's time, a max-plus expression
+  of its op times, is convex in the step, and a convex function that meets a chord at an interior point equals it on
+  the whole interval: exact, and the idle copy streams follow for every step of the run;
+- inside the cost model's measured cells op times are power laws of the context, bending one way, whose distance
+  from a chord is at most twice what the middle sample shows, so the interpolation stays within ~2e-7;
+- what does not line up (a context-length staircase such as SWA's window or an eviction budget, a critical path that
+  changes, a phase switch) fails the checks and is simulated step by step.
+Memory is held, and the KV of every step taken from the policy, step by step in either case.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from alisa_sim.workload import ResolvedWorkload
 # deepest models ~10^2 layers); they keep a mistyped workload from running for hours or exhausting memory.
 MAX_DECODE_STEPS = 1 << 20
 MAX_LAYERS = 4096
-_LINE_TOL = 1e-9  # relative deviation from the run's line that counts as on it (float rounding is ~1e-15)
+# Deviation from a chord, relative to the step time, that counts as on it: far above float rounding (~1e-15), far
+# below what a context-length staircase or a changing critical path shows, and within the 1e-6 that tests demand.
+_LINE_TOL = 1e-7
+_MIN_SPAN = 4
 
 
 @dataclass
@@ -140,8 +147,8 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
     check_engine_limits(workload)
     sim = Simulation(workload, policy)
     env = simpy.Environment()
-    gpu = MemoryPool(env, "GPU", workload.gpu_capacity_bytes)
-    cpu = MemoryPool(env, "CPU", workload.cpu_capacity_bytes)
+    gpu = MemoryPool("GPU", workload.gpu_capacity_bytes)
+    cpu = MemoryPool("CPU", workload.cpu_capacity_bytes)
     stepper = StepSimulator(overlap=policy.overlap, host_is_device=workload.hardware.device_kind == "cpu")
     num_layers = workload.model.num_layers
 
@@ -176,17 +183,17 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
             for lo, hi in zip(samples, samples[1:]):
                 (_, lo_timing), (hi_template, hi_timing) = runs.sampled[lo], runs.sampled[hi]
                 for inner in range(lo + 1, hi):
-                    timing = InterpolatedTiming(lo_timing, hi_timing, (inner - lo) / (hi - lo), runs.simulation_of(inner))
+                    weight = (inner - lo) / (hi - lo)
+                    timing = InterpolatedTiming(lo_timing, hi_timing, weight, runs.simulation_of(inner))
                     record(runs.plan(inner, None), timing, now)
                     now += timing.duration_s
                     sim.interpolated_steps += 1
                 record(runs.plan(hi, hi_template), hi_timing, now)
                 now += hi_timing.duration_s
-            for sample in samples or [step]:
-                runs.sampled.pop(sample, None)
             if samples:
                 yield env.timeout(now - env.now)
             step = (samples[-1] if samples else step) + 1
+            runs.forget_before(step)
 
     try:
         env.run(env.process(run()))
@@ -205,6 +212,7 @@ class _DecodeRuns:
         # Steps timed with the copy streams idle at their start: the samples of a run, and the anchor.
         self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
         self._phases: dict[int, int] = {}
+        self.span = _MIN_SPAN
 
     def plan(self, step: int, template: LayerTemplate | None) -> StepPlan:
         """Decode step `step` as Policy.steps() yields it (tests/test_simulator.py checks the two agree)."""
@@ -233,50 +241,60 @@ class _DecodeRuns:
             self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {})
         return self.sampled[step]
 
+    def forget_before(self, step: int) -> None:
+        """Drop the samples of steps already recorded (or interpolated past)."""
+        for done in [x for x in self.sampled if x < step]:
+            del self.sampled[done]
+
     def simulation_of(self, step: int) -> Callable[[], StepTiming]:
         """Simulate an interpolated step again, for its op schedule (copy streams idle at its start, as proven)."""
         return lambda: self.stepper.time_step(self.policy.decode_template(step), self.num_layers, {})
 
     @staticmethod
     def _point(template: LayerTemplate, timing: StepTiming) -> tuple[list[float], list[int]]:
-        """What must lie on the run's line: every op's device and host time, the step time, and (exactly) bytes."""
+        """What must lie on the run's chords: the step time, its breakdown by kind and by resource, every op's device
+        and host time, and (exactly) bytes."""
         ops = template.head + template.ops + template.tail
-        return ([op.duration_s for op in ops] + [op.host_s for op in ops] + [timing.duration_s],
-                [op.nbytes for op in ops])
+        return ([timing.duration_s, *timing.parts_s.values(), *timing.busy_s.values()]
+                + [op.duration_s for op in ops] + [op.host_s for op in ops], [op.nbytes for op in ops])
 
     def affine_run(self, anchor: int, last: int) -> list[int]:
-        """Steps anchor, anchor + 1, ..., end that prove anchor..end lie on one line, end as far as doubling reaches;
-        empty unless the run reaches past anchor + 1. Each is in `sampled`, timed with idle copy streams."""
-        if last < anchor + 2 or anchor not in self.sampled:
+        """Steps anchor < ... < end, each simulated with idle copy streams and kept in `sampled`, between which every
+        step lies on the chord of its two neighbours in the list (empty if the run does not reach past anchor + 1).
+        The run grows from the anchor by extensions of `span` steps, each checked at its first and last two steps
+        and its middle; a failed extension is retried at half the span, down to 4 steps."""
+        if last < anchor + 2 or anchor not in self.sampled or self.sampled[anchor][1].carry_s:
             return []
-        template, timing = self.sampled[anchor]
-        structure, phase = template.structure(), self.phase(anchor)
-        if timing.carry_s or self.phase(anchor + 1) != phase:
-            return []
-        next_template, next_timing = self._idle(anchor + 1)
-        if next_timing.carry_s or next_template.structure() != structure:
-            return []
-        line = (anchor, self._point(template, timing), self._point(next_template, next_timing))
-        samples, end, span = [anchor, anchor + 1], anchor + 1, 4
+        structure, phase = self.sampled[anchor][0].structure(), self.phase(anchor)
+        same_phase_until = anchor
+        samples, end, span = [anchor], anchor, self.span
         while end < last:
-            new_end = min(anchor + span, last)
-            if any(self.phase(x) != phase for x in range(end + 1, new_end + 1)):
+            new_end = min(end + span, last)
+            while same_phase_until < new_end and self.phase(same_phase_until + 1) == phase:
+                same_phase_until += 1
+            points = sorted({end + 1, (end + new_end) // 2, new_end - 1, new_end} - {end})
+            if same_phase_until >= new_end and all(self._on_chord(x, structure, end, new_end) for x in points):
+                samples += points
+                end, span = new_end, 2 * span
+            elif span > _MIN_SPAN and new_end - end > _MIN_SPAN:
+                span //= 2
+            else:
                 break
-            points = sorted({(end + new_end) // 2, new_end - 1, new_end} - {end})
-            if not all(self._on_line(x, structure, line) for x in points):
-                break
-            samples += points
-            end, span = new_end, 2 * span
+        self.span = max(_MIN_SPAN, span // 2)  # where the next run starts looking
         return samples if end > anchor + 1 else []
 
-    def _on_line(self, x: int, structure: tuple, line: tuple) -> bool:
-        template, timing = self._idle(x)
-        if timing.carry_s or template.structure() != structure:
+    def _on_chord(self, x: int, structure: tuple, lo: int, hi: int) -> bool:
+        """Whether step x (timed with idle copy streams) has the structure and lies on the chord from lo to hi."""
+        points = []
+        for step in (lo, x, hi):
+            template, timing = self._idle(step)
+            if timing.carry_s or template.structure() != structure:
+                return False
+            points.append(self._point(template, timing))
+        (f0, i0), (f, i), (f1, i1) = points
+        w = (x - lo) / (hi - lo)
+        if any((b + (x - lo) * (c - b) // (hi - lo) != v) or ((x - lo) * (c - b)) % (hi - lo)
+               for v, b, c in zip(i, i0, i1)):
             return False
-        x0, (f0, i0), (f1, i1) = line
-        floats, ints = self._point(template, timing)
-        k = x - x0
-        if any(b + k * (c - b) != v for v, b, c in zip(ints, i0, i1)):
-            return False
-        return all(abs(b + k * (c - b) - v) <= _LINE_TOL * max(abs(v), abs(b), abs(c))
-                   for v, b, c in zip(floats, f0, f1))
+        scale = _LINE_TOL * max(f[0], f0[0], f1[0])  # relative to the step time
+        return all(abs(b + w * (c - b) - v) <= scale for v, b, c in zip(f, f0, f1))

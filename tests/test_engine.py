@@ -84,7 +84,8 @@ def test_transfer_bound_pipeline_runs_at_transfer_rate():
     # Loads dominate: after the first load, each layer costs one load; compute hides behind it.
     t = _offload_layer(3.0, 0.1, 0.2, 0.3, 0.01)
     timing = StepSimulator().run_step(t, 40)
-    assert timing.duration_s == pytest.approx(0.01 + 40 * 3.0 + 0.2 + 0.3 + 0.5)  # the first load waits on the head's launch
+    # the first load waits for the head's launch
+    assert timing.duration_s == pytest.approx(0.01 + 40 * 3.0 + 0.2 + 0.3 + 0.5)
     assert timing.simulated_layers < 40  # collapsed
     assert timing.h2d_bytes == 40 * 100 and timing.d2h_bytes == 40 * 10
 
@@ -176,9 +177,9 @@ def test_template_rejects_unknown_dependencies_and_bad_ops():
 
 
 def test_memory_pool_tracks_peak_and_reports_overflow():
-    pool = MemoryPool(simpy.Environment(), "GPU", capacity_bytes=100)
+    pool = MemoryPool("GPU", capacity_bytes=100)
     pool.hold({"weights": 60, "kv": 30}, "at start")
     pool.hold({"kv": 10}, "later")
-    assert pool.peak_bytes == 90 and pool.container.level == 70
+    assert pool.peak_bytes == 90 and pool.level_bytes == 70
     with pytest.raises(OutOfMemory, match=r"out of GPU memory at step 9: needs 1.1e-07 GB \(weights 6e-08"):
         pool.hold({"kv": 50}, "at step 9")
