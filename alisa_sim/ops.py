@@ -27,14 +27,16 @@ class Op:
         object.__setattr__(self, "duration_s", sum(seconds for _, seconds in self.parts))
 
 
+_KINDS = frozenset(KINDS)
+
+
 def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: int = 0) -> Op:
     """An op of `parts` device seconds by kind on `resource`, issued by the host in `host_s` (the engine puts the two
     on separate resources: on a GPU the device runs behind the host, on a CPU device they add)."""
     if resource not in RESOURCES:
         raise ValueError(f"unknown resource {resource!r}")
-    unknown = set(parts) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown op kinds {sorted(unknown)}")
+    if not _KINDS.issuperset(parts):
+        raise ValueError(f"unknown op kinds {sorted(set(parts) - _KINDS)}")
     if host_s < 0 or any(seconds < 0 for seconds in parts.values()):
         raise ValueError(f"op {name!r} has a negative time")
     return Op(name, resource, tuple(parts.items()), nbytes, host_s)
@@ -51,18 +53,16 @@ class LayerTemplate:
     issued before it.
     """
 
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     head: list[Op] = field(default_factory=list)  # on the GPU before layer 0 (embedding)
     tail: list[Op] = field(default_factory=list)  # on the GPU after the last layer (final norm, LM head, sampling)
-    _ops: list[Op] = field(default_factory=list, repr=False)  # in the order added
+    _ops: dict[str, Op] = field(default_factory=dict, repr=False)  # by name, in the order added
     _lags: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (src, dst) -> lag
 
     def add(self, op: Op, after: tuple[str, ...] = (), after_previous: tuple[tuple[str, int], ...] = ()) -> None:
         """Add `op` depending on ops of this layer (`after`) and on (name, lag) ops of earlier layers."""
-        if op.name in self.graph:
+        if op.name in self._ops:
             raise ValueError(f"duplicate op {op.name!r}")
-        self.graph.add_node(op.name, op=op)
-        self._ops.append(op)
+        self._ops[op.name] = op
         for name in after:
             self._edge(name, op.name, 0)
         for name, lag in after_previous:
@@ -75,16 +75,23 @@ class LayerTemplate:
         self._edge(src, dst, lag)
 
     def _edge(self, src: str, dst: str, lag: int) -> None:
-        if src not in self.graph or dst not in self.graph:
+        if src not in self._ops or dst not in self._ops:
             raise ValueError(f"{dst!r} depends on unknown op {src!r}")
         # A pair linked twice keeps the shorter lag: waiting on this layer's op implies waiting on an earlier one's.
-        lag = min(lag, self._lags.get((src, dst), lag))
-        self.graph.add_edge(src, dst, lag=lag)
-        self._lags[src, dst] = lag
+        self._lags[src, dst] = min(lag, self._lags.get((src, dst), lag))
 
     @property
     def ops(self) -> list[Op]:
-        return list(self._ops)
+        return list(self._ops.values())
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The layer's DAG as a networkx graph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
+        engine reads the ops and lags directly."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from((name, {"op": op}) for name, op in self._ops.items())
+        graph.add_edges_from((src, dst, {"lag": lag}) for (src, dst), lag in self._lags.items())
+        return graph
 
     @property
     def max_lag(self) -> int:
@@ -96,5 +103,5 @@ class LayerTemplate:
     def structure(self) -> tuple:
         """What the engine's schedule depends on besides times: ops and their resources in issue order, and the
         edges. Two templates with the same structure differ only in their ops' times and bytes."""
-        ops = self.head + self._ops + self.tail
+        ops = [*self.head, *self._ops.values(), *self.tail]
         return len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]), tuple(self._lags.items())

@@ -183,3 +183,11 @@ def test_memory_pool_tracks_peak_and_reports_overflow():
     assert pool.peak_bytes == 90 and pool.level_bytes == 70
     with pytest.raises(OutOfMemory, match=r"out of GPU memory at step 9: needs 1.1e-07 GB \(weights 6e-08"):
         pool.hold({"kv": 50}, "at step 9")
+
+
+def test_the_layer_dag_as_a_networkx_graph():
+    t = _offload_layer(3.0, 1.0, 2.0, 1.5, 0.25)
+    graph = t.graph
+    assert list(graph.nodes) == [op.name for op in t.ops]
+    assert graph.edges["kv_load", "attention"]["lag"] == 0 and graph.edges["attention", "kv_load"]["lag"] == 2
+    assert graph.nodes["attention"]["op"].duration_s == 2.0
