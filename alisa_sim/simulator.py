@@ -18,10 +18,14 @@ Memory is held, and the KV of every step taken from the policy, step by step in 
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import simpy
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming, TimedOp
@@ -32,8 +36,9 @@ from alisa_sim.policies.base import Policy as BasePolicy
 from alisa_sim.workload import ResolvedWorkload
 
 # Engine limits, far past any real deployment (the longest generations served are ~10^5 tokens per sequence; the
-# deepest models ~10^2 layers); they keep a mistyped workload from running for hours or exhausting memory.
-MAX_DECODE_STEPS = 1 << 20
+# deepest models ~10^2 layers); they keep a mistyped workload from running for minutes or exhausting memory (a run
+# keeps a record of every step, about 2 KB each).
+MAX_DECODE_STEPS = 500_000
 MAX_LAYERS = 4096
 # Deviation from a chord, relative to the step time, that counts as on it: far above float rounding (~1e-15), far
 # below what a context-length staircase or a changing critical path shows, and within the 1e-6 that tests demand.
@@ -123,6 +128,48 @@ class InterpolatedTiming:
     def events(self) -> Iterator[TimedOp]:
         """The step's ops, simulated now (collapsed runs keep no op schedule)."""
         return self._simulate().events()
+
+
+class SimulationProgress:
+    """An `on_step` callback that reports a long simulation: nothing for its first `after_s` seconds, then on a
+    terminal a bar with the tokens done and the time left, elsewhere (logs, CI) a line every `every_s` seconds."""
+
+    def __init__(self, workload: ResolvedWorkload, console: Console | None = None, after_s: float = 1.0,
+                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.console = console or Console(stderr=True)
+        self.total = workload.workload.batch_size * workload.workload.gen_len
+        self.after_s, self.every_s, self.clock = after_s, every_s, clock
+        self.start, self.last_line = clock(), -math.inf
+        self.done = 0
+        self._bar: Progress | None = None
+
+    def __enter__(self) -> SimulationProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, record: StepRecord) -> None:
+        self.done += record.plan.sequences  # tokens sampled (a vLLM recompute prefill samples one per sequence too)
+        now = self.clock()
+        if now - self.start < self.after_s:
+            return
+        if not self.console.is_terminal:
+            if now - self.last_line >= self.every_s or self.done >= self.total:
+                self.last_line = now
+                share = min(1.0, self.done / self.total)
+                left = (now - self.start) * (1 - share) / share if share else float("nan")
+                self.console.print(f"simulating: {share:.0%} ({self.done}/{self.total} tokens), "
+                                   f"{now - self.start:.0f} s elapsed, about {left:.0f} s left", highlight=False)
+            return
+        if self._bar is None:
+            self._bar = Progress(TextColumn("simulating"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total} tokens"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+            self._task = self._bar.add_task("tokens", total=self.total)
+            self._bar.start()
+        self._bar.update(self._task, completed=self.done)
 
 
 def check_engine_limits(wl: ResolvedWorkload) -> None:

@@ -10,6 +10,7 @@ import pytest
 from alisa_sim import engine, simulator
 from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
+from alisa_sim.errors import SpecError
 from alisa_sim.results import build_result
 from alisa_sim.simulator import simulate
 from alisa_sim.trace import build_trace
@@ -222,3 +223,33 @@ def test_decode_plans_of_the_collapsing_driver_are_the_policys():
         ours = record.plan
         assert (ours.phase, ours.kv, ours.kind, ours.label, ours.tokens, ours.sequences, ours.counters) == (
             plan.phase, plan.kv, plan.kind, plan.label, plan.tokens, plan.sequences, plan.counters)
+
+
+def test_progress_stays_quiet_on_short_runs_and_prints_lines_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    wl = _workload(gen_len=50)
+    ticks = iter(range(1000))
+    quiet_out, lines_out = io.StringIO(), io.StringIO()
+    quiet = simulator.SimulationProgress(wl, Console(file=quiet_out), after_s=1e9, clock=lambda: 0.0)
+    simulate(wl, on_step=quiet)
+    assert quiet_out.getvalue() == "" and quiet.done == 8 * 50
+    # A clock that advances 1 s per step: a line once 3 s have passed, then every 10 s, and one at the end.
+    lines = simulator.SimulationProgress(wl, Console(file=lines_out, width=200), after_s=3, every_s=10,
+                                         clock=lambda: float(next(ticks)))
+    simulate(wl, on_step=lines)
+    printed = lines_out.getvalue().splitlines()
+    assert printed[-1].startswith("simulating: 100% (400/400 tokens)")
+    assert len(printed) == 6 and printed[0] == "simulating: 6% (24/400 tokens), 3 s elapsed, about 47 s left"
+    bar_out = io.StringIO()
+    with simulator.SimulationProgress(wl, Console(file=bar_out, force_terminal=True, width=120), after_s=3,
+                                      clock=lambda: float(next(ticks))) as bar:
+        simulate(wl, on_step=bar)
+    assert "simulating" in bar_out.getvalue() and "tokens" in bar_out.getvalue()
+
+
+def test_engine_limits_are_a_clear_error():
+    with pytest.raises(SpecError, match="past the simulator's limit of 500001 generated tokens"):
+        simulate(_workload(gen_len=500_002, model="llama-7b"))
