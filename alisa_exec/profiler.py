@@ -361,6 +361,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     profile = {
         "name": name,
         "description": f"measured by alisa-exec profile{' --quick' if quick else ''} --device {device.type}: {machine}",
+        "device_kind": device.type,
         "provenance": {"machine": machine, "date": datetime.date.today().isoformat(), "method": method,
                        "software": software_versions(device), "notes": notes},
         "gpu": {

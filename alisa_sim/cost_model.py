@@ -1,9 +1,9 @@
 """CostModel: op times in seconds, interpolated from the raw measurements of a hardware profile.
 
-GPU times are device times (CUDA-event timed in the profiles); the host cost of issuing a kernel is separate, in
-`launch_overhead_s`, for the caller to add per launch. Every measured point is reproduced exactly; between points
-time follows a power law (linear in log-log), below the measured range it stays at the smallest measured time (the
-latency floor) and above it grows at the edge point's rate.
+GPU times are device times (CUDA-event timed in the profiles); the host's cost of issuing an op is separate
+(`host_s`: the profile's `launch_overhead_s` per kernel launch), and the engine puts it on the host resource. Every
+measured point is reproduced exactly; between points time follows a power law (linear in log-log), below the measured
+range it stays at the smallest measured time (the latency floor) and above it grows at the edge point's rate.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ class CostModel:
         self._cpu_attention_log_Bps = np.log([cpu_bytes[b] / cpu_s[b] for b in cpu_batches])
         self._cpu_gemm_flops_per_s = {dtype: tflops * 1e12 for dtype, tflops in cpu.gemm_tflops.items()}
         self._cpu_copy_Bps = cpu.copy_GBps * 1e9
+
+    # ---- host ---------------------------------------------------------------------------------------------------
+
+    def host_s(self, kernels: int) -> float:
+        """Host time to issue an op of `kernels` eager kernel launches (or copy calls)."""
+        return kernels * self.launch_overhead_s
 
     # ---- GPU ----------------------------------------------------------------------------------------------------
 

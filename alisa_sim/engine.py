@@ -1,26 +1,33 @@
-"""The SimPy engine: runs one step's per-layer op DAG on the machine's streams (GPU, H2D, D2H, CPU) and times it.
+"""The engine: times one step's per-layer op DAG on the machine's resources: the host that issues the ops, and the
+device streams (GPU compute, H2D and D2H copy engines, CPU compute) that run them.
 
-Each resource is a SimPy process that executes its ops in issue order, an op starting once the resource is
-free and every op it depends on has finished: CUDA-stream semantics, so prefetch overlap falls out of the
-resources rather than out of a formula. With `overlap=False` every op runs on one serial resource, which
-adds the terms (the paper's Eq. 4 accounting).
+The host issues every op in program order (the head, the layers, the tail), spending each op's `host_s`. On a CUDA
+device each stream runs its ops in issue order behind the host: an op starts once it is issued, every op it depends
+on has finished and its stream is free, so prefetch overlap and launch-bound stretches both fall out of the
+resources rather than out of a formula. On a CPU device host and device are one resource: every op takes its host
+and device time one after the other (`host_is_device`). With `overlap=False` all device work runs on one serial
+stream, which adds the terms (the paper's Eq. 4 accounting).
 
-Layers are identical, so a step is a max-plus linear recurrence over layers. The engine simulates the first
-few layers; once the completion times of consecutive layers differ by one common shift for as many layers as
-the DAG reaches back, every later layer provably repeats that shift, and the rest is extrapolated exactly.
-If no period appears, more layers are simulated, up to all of them.
+Since every op depends only on ops issued before it and each resource runs in issue order, one pass over the ops in
+program order is the whole discrete-event simulation (the list schedule SimPy processes per resource would produce;
+tests/test_engine.py checks the two against each other).
+
+Layers are identical, so a step is a max-plus linear recurrence over layers driven by the host's issue times, which
+grow by the layer's host time H per layer. The engine simulates the first few layers; once the completion times of
+consecutive layers differ by one common shift P >= H for as many layers as the DAG reaches back, every later layer
+provably repeats that shift (P > H means the host no longer binds: had it bound an op, that op's shift would be at
+most H), and the rest is extrapolated exactly. If no period appears, more layers are simulated, up to all of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
-
-import simpy
+from typing import Callable, Iterator
 
 from alisa_sim.ops import KINDS, LayerTemplate, Op
 
 SERIAL = "serial"
+HOST = "host"
 _FIRST_UNROLL = 4
 _REL_TOL = 1e-9
 
@@ -36,132 +43,201 @@ class TimedOp:
     end: float
 
 
+class _Program:
+    """A template's structure compiled for the list schedule: per op its lane (the resource it queues on), its label
+    (the resource it is reported on) and its dependencies as indices into the layer's ops."""
+
+    def __init__(self, template: LayerTemplate, lane_of: Callable[[Op], str], label_of: Callable[[Op], str],
+                 compute_lane: str):
+        layer_ops = template.ops
+        index = {op.name: i for i, op in enumerate(layer_ops)}
+        self.lane_names: list[str] = []
+        self.names = [[op.name for op in ops] for ops in (template.head, layer_ops, template.tail)]
+        self.labels = [[label_of(op) for op in ops] for ops in (template.head, layer_ops, template.tail)]
+        self.lanes = [[self._lane(lane_of(op)) for op in ops] for ops in (template.head, layer_ops, template.tail)]
+        self.deps = [tuple((index[src], lag) for src, lag in template.dependencies(op.name)) for op in layer_ops]
+        self.reach = max(1, template.max_lag)
+        self.compute_lane = self._lane(compute_lane)  # the stream that samples the step's token
+
+    def _lane(self, name: str) -> int:
+        if name not in self.lane_names:
+            self.lane_names.append(name)
+        return self.lane_names.index(name)
+
+
 @dataclass
 class StepTiming:
     duration_s: float  # step start until the step's token is sampled
     carry_s: dict[str, float]  # per copy stream: how long it stays busy after the step ends
-    busy_s: dict[str, float]
+    busy_s: dict[str, float]  # device seconds per resource, and the host's issue seconds under "host"
     parts_s: dict[str, float]
     h2d_bytes: int
     d2h_bytes: int
     num_layers: int
     simulated_layers: int
     period_s: float  # per-layer shift of the collapsed layers (0 when every layer was simulated)
-    timed_ops: list[TimedOp] = field(repr=False)
+    _spans: Callable[[], Iterator[TimedOp]] = field(repr=False, compare=False, default=lambda: iter(()))
 
     def events(self) -> Iterator[TimedOp]:
-        """Every op of the step, the collapsed layers reconstructed by shifting the last simulated layer."""
-        yield from self.timed_ops
-        last = self.simulated_layers - 1
-        period_ops = [t for t in self.timed_ops if t.layer == last]
-        for layer in range(self.simulated_layers, self.num_layers):
-            shift = (layer - last) * self.period_s
-            for t in period_ops:
-                yield TimedOp(t.resource, t.name, layer, t.start + shift, t.end + shift)
+        """Every op of the step in issue order, the collapsed layers reconstructed by shifting the last simulated
+        layer."""
+        return self._spans()
 
 
 class StepSimulator:
     """Times steps one after another, carrying copy-stream backlogs from each step into the next."""
 
-    def __init__(self, overlap: bool = True):
+    def __init__(self, overlap: bool = True, host_is_device: bool = False):
         self.overlap = overlap
-        self._carry: dict[str, float] = {}
+        self.host_is_device = host_is_device
+        self.carry_s: dict[str, float] = {}  # the copy backlog the next step starts with
+        self._programs: dict[tuple, _Program] = {}
 
-    def _resource(self, op: Op) -> str:
+    def _lane(self, op: Op) -> str:
+        return op.resource if self.overlap and not self.host_is_device else SERIAL
+
+    def _label(self, op: Op) -> str:
         return op.resource if self.overlap else SERIAL
 
+    def program(self, template: LayerTemplate) -> _Program:
+        """The compiled structure of a template, shared by every template of the same structure."""
+        key = template.structure()
+        program = self._programs.get(key)
+        if program is None:
+            compute = "gpu" if self.overlap and not self.host_is_device else SERIAL
+            program = self._programs[key] = _Program(template, self._lane, self._label, compute)
+        return program
+
     def run_step(self, template: LayerTemplate, num_layers: int) -> StepTiming:
-        unrolled = min(num_layers, max(_FIRST_UNROLL, 2 * max(1, template.max_lag) + 2))
+        """Time the step after the previous one (its copy backlog delays this step's copies)."""
+        timing = self.time_step(template, num_layers, self.carry_s)
+        self.carry_s = timing.carry_s
+        return timing
+
+    def time_step(self, template: LayerTemplate, num_layers: int, carry: dict[str, float]) -> StepTiming:
+        """Time a step that starts with the copy streams busy for `carry` seconds; no state changes."""
+        program = self.program(template)
+        sections = (template.head, template.ops, template.tail)
+        if self.host_is_device:  # one resource: each op's host time and device time in a row
+            device = [[op.host_s + op.duration_s for op in ops] for ops in sections]
+            host = [[0.0] * len(ops) for ops in sections]
+        else:
+            device = [[op.duration_s for op in ops] for ops in sections]
+            host = [[op.host_s for op in ops] for ops in sections]
+        layer_host_s = sum(host[1])
+        unrolled = min(num_layers, max(_FIRST_UNROLL, 2 * program.reach + 2))
         while True:
-            ends, timed = self._simulate(template, unrolled)
-            period = self._period(template, ends, unrolled) if unrolled < num_layers else 0.0
+            free, head_spans, starts, ends = self._sweep(program, device, host, unrolled, carry)
+            period = self._period(program, ends, layer_host_s) if unrolled < num_layers else 0.0
             if period is not None:
                 break
             unrolled = min(num_layers, 2 * unrolled)
-        return self._finish(template, num_layers, unrolled, period, ends, timed)
-
-    def _simulate(self, template: LayerTemplate, layers: int) -> tuple[dict, list[TimedOp]]:
-        """Run the first `layers` layers (plus the head) in a fresh SimPy environment; exact for those layers,
-        because an op only ever waits on ops of its own or earlier layers."""
-        env = simpy.Environment()
-        done: dict[tuple[int, str], simpy.Event] = {}
-        ends: dict[tuple[int, str], float] = {}
-        timed: list[TimedOp] = []
-        queues: dict[str, list[tuple[int, Op]]] = {}
-        for op in template.head:
-            queues.setdefault(self._resource(op), []).append((-1, op))
-        names = list(template.graph.nodes)
-        for layer in range(layers):
-            for name in names:
-                op = template.graph.nodes[name]["op"]
-                queues.setdefault(self._resource(op), []).append((layer, op))
-        for queue in queues.values():
-            for layer, op in queue:
-                done[(layer, op.name)] = env.event()
-        deps = {name: template.dependencies(name) for name in names}
-
-        def stream(resource: str, queue: list[tuple[int, Op]]):
-            ready = self._carry.get(resource, 0.0)
-            if ready > 0:
-                yield env.timeout(ready)
-            for layer, op in queue:
-                for src, lag in deps.get(op.name, ()) if layer >= 0 else ():
-                    if layer - lag >= 0 and not (event := done[(layer - lag, src)]).processed:
-                        yield event
-                start = env.now
-                yield env.timeout(op.duration_s)
-                ends[(layer, op.name)] = env.now
-                timed.append(TimedOp(resource, op.name, layer, start, env.now))
-                done[(layer, op.name)].succeed()
-
-        for resource, queue in queues.items():
-            env.process(stream(resource, queue))
-        env.run()
-        return ends, timed
+        return self._finish(template, program, device, host, num_layers, unrolled, period, free, head_spans,
+                            starts, ends)
 
     @staticmethod
-    def _period(template: LayerTemplate, ends: dict, layers: int) -> float | None:
-        """The common per-layer shift if the last layers repeat exactly (long enough to be provably periodic)."""
-        reach = max(1, template.max_lag)
-        if layers - 1 - reach < reach:
+    def _sweep(program: _Program, device: list, host: list, layers: int, carry: dict[str, float]):
+        """List-schedule the head and the first `layers` layers: exact for those layers, because an op only ever
+        waits on ops issued before it."""
+        free = [carry.get(name, 0.0) for name in program.lane_names]
+        clock = 0.0  # the host's issue clock
+        head_spans = []
+        for lane, d, h in zip(program.lanes[0], device[0], host[0]):
+            clock += h
+            start = max(clock, free[lane])
+            free[lane] = start + d
+            head_spans.append((start, start + d))
+        lanes, deps, durations, hosts = program.lanes[1], program.deps, device[1], host[1]
+        count = len(lanes)
+        starts: list[list[float]] = []
+        ends: list[list[float]] = []
+        for layer in range(layers):
+            row_start = [0.0] * count
+            row_end = [0.0] * count
+            for i in range(count):
+                clock += hosts[i]
+                lane = lanes[i]
+                t = free[lane] if free[lane] > clock else clock
+                for j, lag in deps[i]:
+                    if lag == 0:
+                        ready = row_end[j]
+                    elif layer >= lag:
+                        ready = ends[layer - lag][j]
+                    else:
+                        continue
+                    if ready > t:
+                        t = ready
+                row_start[i] = t
+                free[lane] = row_end[i] = t + durations[i]
+            starts.append(row_start)
+            ends.append(row_end)
+        return free, head_spans, starts, ends
+
+    @staticmethod
+    def _period(program: _Program, ends: list[list[float]], layer_host_s: float) -> float | None:
+        """The common per-layer shift if the last layers repeat exactly (long enough to be provably periodic), and
+        no shorter than the host's time per layer (else the host is still falling behind and will bind)."""
+        reach = program.reach
+        layers = len(ends)
+        if layers - 1 - reach < reach or not ends[0]:
             return None
-        names = list(template.graph.nodes)
-        period = ends[(layers - 1, names[0])] - ends[(layers - 2, names[0])]
-        tolerance = _REL_TOL * max(1.0, ends[(layers - 1, names[0])])
+        last = ends[-1]
+        period = last[0] - ends[-2][0]
+        tolerance = _REL_TOL * max(abs(value) for value in last)
+        if period < layer_host_s - tolerance:
+            return None
         for layer in range(layers - reach, layers):
-            for name in names:
-                if abs(ends[(layer, name)] - ends[(layer - 1, name)] - period) > tolerance:
+            for now, before in zip(ends[layer], ends[layer - 1]):
+                if abs(now - before - period) > tolerance:
                     return None
         return period
 
-    def _finish(self, template: LayerTemplate, num_layers: int, unrolled: int, period: float,
-                ends: dict, timed: list[TimedOp]) -> StepTiming:
+    def _finish(self, template: LayerTemplate, program: _Program, device: list, host: list, num_layers: int,
+                unrolled: int, period: float, free: list[float], head_spans: list, starts: list, ends: list
+                ) -> StepTiming:
         shift = (num_layers - unrolled) * period
-        stream_end: dict[str, float] = {}
-        for t in timed:
-            end = t.end + (shift if t.layer == unrolled - 1 else 0.0)
-            stream_end[t.resource] = max(stream_end.get(t.resource, 0.0), end)
-        gpu = "gpu" if self.overlap else SERIAL
-        clock = stream_end.get(gpu, 0.0)
-        for op in template.tail:  # after the last layer's GPU work: final norm, LM head, sampling
-            timed.append(TimedOp(self._resource(op), op.name, num_layers, clock, clock + op.duration_s))
-            clock += op.duration_s
-        duration = max(clock, stream_end.get(gpu, 0.0))
-        self._carry = {res: end - duration for res, end in stream_end.items() if end > duration}
+        lane_end = list(free)
+        if shift:
+            for lane, end in zip(program.lanes[1], ends[-1]):  # each lane's last op is in the last layer
+                lane_end[lane] = max(lane_end[lane], end + shift)
+        clock = sum(host[0]) + num_layers * sum(host[1])  # the host has issued every layer
+        tail_spans = []
+        for lane, d, h in zip(program.lanes[2], device[2], host[2]):
+            clock += h
+            start = max(clock, lane_end[lane])
+            lane_end[lane] = start + d
+            tail_spans.append((start, start + d))
+        duration = lane_end[program.compute_lane]
+        carry = {name: end - duration for name, end in zip(program.lane_names, lane_end) if end > duration}
 
-        busy: dict[str, float] = {}
+        busy: dict[str, float] = {HOST: 0.0}
         parts = dict.fromkeys(KINDS, 0.0)
         h2d = d2h = 0
-        for op, count in [(op, num_layers) for op in template.ops] + [(op, 1) for op in template.head + template.tail]:
-            busy[self._resource(op)] = busy.get(self._resource(op), 0.0) + count * op.duration_s
-            for kind, seconds in op.parts:
-                parts[kind] += count * seconds
-            if op.resource == "h2d":
-                h2d += count * op.nbytes
-            elif op.resource == "d2h":
-                d2h += count * op.nbytes
-        return StepTiming(duration, dict(self._carry), busy, parts, h2d, d2h, num_layers, unrolled,
-                          period if unrolled < num_layers else 0.0, timed)
+        for ops, labels, count in ((template.head, program.labels[0], 1), (template.ops, program.labels[1], num_layers),
+                                   (template.tail, program.labels[2], 1)):
+            for op, label in zip(ops, labels):
+                busy[label] = busy.get(label, 0.0) + count * op.duration_s
+                busy[HOST] += count * op.host_s
+                for kind, seconds in op.parts:
+                    parts[kind] += count * seconds
+                if op.resource == "h2d":
+                    h2d += count * op.nbytes
+                elif op.resource == "d2h":
+                    d2h += count * op.nbytes
+        collapsed_period = period if unrolled < num_layers else 0.0
+
+        def spans() -> Iterator[TimedOp]:
+            for name, label, (start, end) in zip(program.names[0], program.labels[0], head_spans):
+                yield TimedOp(label, name, -1, start, end)
+            for layer in range(num_layers):
+                row = min(layer, unrolled - 1)
+                offset = (layer - row) * collapsed_period
+                for name, label, start, end in zip(program.names[1], program.labels[1], starts[row], ends[row]):
+                    yield TimedOp(label, name, layer, start + offset, end + offset)
+            for name, label, (start, end) in zip(program.names[2], program.labels[2], tail_spans):
+                yield TimedOp(label, name, num_layers, start, end)
+
+        return StepTiming(duration, carry, busy, parts, h2d, d2h, num_layers, unrolled, collapsed_period, spans)
 
 
 def _gb(nbytes: float) -> str:
@@ -174,30 +250,25 @@ class OutOfMemory(Exception):
 
 
 class MemoryPool:
-    """A device's memory as a SimPy container, held by purpose (weights, kv, ...), with peak tracking."""
+    """A device's memory, held by purpose (weights, kv, ...), with peak tracking. Nothing ever waits for memory (a
+    placement that does not fit is an OutOfMemory result), so a level suffices where a SimPy container would only
+    add events."""
 
-    def __init__(self, env: simpy.Environment, device: str, capacity_bytes: int):
+    def __init__(self, device: str, capacity_bytes: int):
         self.device = device
-        self.container = simpy.Container(env, capacity=capacity_bytes, init=0)
+        self.capacity_bytes = capacity_bytes
         self.held: dict[str, float] = {}
+        self.level_bytes = 0.0
         self.peak_bytes = 0
-
-    @property
-    def capacity_bytes(self) -> int:
-        return int(self.container.capacity)
 
     def hold(self, usage: dict[str, float], when: str) -> None:
         """Set the bytes held for each purpose in `usage` (others unchanged); OutOfMemory if it would overflow."""
         held = {**self.held, **usage}
         total = sum(held.values())
-        if total > self.container.capacity:
+        if total > self.capacity_bytes:
             detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)
             raise OutOfMemory(f"out of {self.device} memory {when}: needs {_gb(total)} GB ({detail}) "
-                              f"but the {self.device} has {_gb(self.container.capacity)} GB")
-        delta = total - self.container.level
-        if delta > 0:
-            self.container.put(delta)
-        elif delta < 0:
-            self.container.get(-delta)
-        self.held = held
-        self.peak_bytes = max(self.peak_bytes, int(total))
+                              f"but the {self.device} has {_gb(self.capacity_bytes)} GB")
+        self.held, self.level_bytes = held, total
+        if total > self.peak_bytes:
+            self.peak_bytes = int(total)

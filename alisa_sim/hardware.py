@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -120,6 +121,9 @@ class CpuSection(_Strict):
 class HardwareProfile(_Strict):
     name: str
     description: str
+    # What executes the ops: a CUDA GPU behind the host that issues them, or the CPU itself (host and device are one
+    # resource, as in profiles from `alisa-exec profile --device cpu`).
+    device_kind: Literal["cuda", "cpu"] = "cuda"
     provenance: Provenance
     gpu: GpuSection
     link: LinkSection
@@ -134,5 +138,12 @@ def load_hardware_profile(ref: str | Path) -> HardwareProfile:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
             raise SpecError(f"unknown hardware profile {str(ref)!r} (known: {known}; or give a path to a YAML file)")
-    data = load_yaml_file(path, "hardware profile")
-    return validate(HardwareProfile, data, str(path))
+    stat = path.stat() if path.is_file() else None  # a missing file gets load_yaml_file's message
+    return _load_profile_file(str(path), stat and stat.st_mtime_ns, stat and stat.st_size)
+
+
+@lru_cache(maxsize=32)
+def _load_profile_file(path: str, mtime_ns: int | None, size: int | None) -> HardwareProfile:
+    """A profile file parsed and validated once per version of the file (a sweep loads the same few profiles for
+    every point; the YAML parse is most of a short simulation's time). Profiles are frozen, so sharing is safe."""
+    return validate(HardwareProfile, load_yaml_file(path, "hardware profile"), path)

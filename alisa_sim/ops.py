@@ -13,36 +13,33 @@ KINDS = ("gemm", "attention", "elementwise", "selection", "h2d", "d2h", "recompu
 
 @dataclass(frozen=True)
 class Op:
-    """One operation: it occupies `resource` for `duration_s`; `parts` splits that time by kind for the breakdown."""
+    """One operation: the host spends `host_s` issuing it, then it occupies `resource` for `duration_s` of device time;
+    `parts` splits the device time by kind for the breakdown."""
 
     name: str
     resource: str
     parts: tuple[tuple[str, float], ...]
     nbytes: int = 0  # bytes moved over PCIe (h2d / d2h ops)
+    host_s: float = 0.0  # host time to issue the op (its kernel launches, a copy's call), filled by the cost model
     duration_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "duration_s", sum(seconds for _, seconds in self.parts))
 
 
-def make_op(name: str, resource: str, parts: dict[str, float], kernels: int = 1, launch_overhead_s: float = 0.0,
-            nbytes: int = 0) -> Op:
-    """An op whose time is its device work, or the host's time to launch its kernels when that is longer.
+_KINDS = frozenset(KINDS)
 
-    The host issues kernels ahead of the GPU, so in steady state an op takes max(device time, launches);
-    the launch-bound excess is attributed to the op's kinds in proportion.
-    """
+
+def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: int = 0) -> Op:
+    """An op of `parts` device seconds by kind on `resource`, issued by the host in `host_s` (the engine puts the two
+    on separate resources: on a GPU the device runs behind the host, on a CPU device they add)."""
     if resource not in RESOURCES:
         raise ValueError(f"unknown resource {resource!r}")
-    unknown = set(parts) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown op kinds {sorted(unknown)}")
-    device_s = sum(parts.values())
-    floor_s = kernels * launch_overhead_s
-    if device_s < floor_s:
-        scale = floor_s / device_s if device_s > 0 else 0.0
-        parts = {kind: seconds * scale for kind, seconds in parts.items()} if device_s > 0 else {next(iter(parts)): floor_s}
-    return Op(name, resource, tuple(parts.items()), nbytes)
+    if not _KINDS.issuperset(parts):
+        raise ValueError(f"unknown op kinds {sorted(set(parts) - _KINDS)}")
+    if host_s < 0 or any(seconds < 0 for seconds in parts.values()):
+        raise ValueError(f"op {name!r} has a negative time")
+    return Op(name, resource, tuple(parts.items()), nbytes, host_s)
 
 
 @dataclass
@@ -51,19 +48,21 @@ class LayerTemplate:
 
     Edges carry a `lag`: 0 for a dependency inside the layer, 1 on the previous layer's op, 2 on the one before
     (double buffering: a prefetch may reuse a buffer only once the op two layers back has consumed it).
-    Each resource runs its ops in issue order: layer by layer, within a layer in the order they were added
-    (a CUDA stream's semantics).
+    The host issues the ops in program order (the head, then layer by layer in the order they were added, then the
+    tail) and each resource runs its ops in that order (a CUDA stream's semantics). An op only ever depends on ops
+    issued before it.
     """
 
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     head: list[Op] = field(default_factory=list)  # on the GPU before layer 0 (embedding)
     tail: list[Op] = field(default_factory=list)  # on the GPU after the last layer (final norm, LM head, sampling)
+    _ops: dict[str, Op] = field(default_factory=dict, repr=False)  # by name, in the order added
+    _lags: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (src, dst) -> lag
 
     def add(self, op: Op, after: tuple[str, ...] = (), after_previous: tuple[tuple[str, int], ...] = ()) -> None:
         """Add `op` depending on ops of this layer (`after`) and on (name, lag) ops of earlier layers."""
-        if op.name in self.graph:
+        if op.name in self._ops:
             raise ValueError(f"duplicate op {op.name!r}")
-        self.graph.add_node(op.name, op=op)
+        self._ops[op.name] = op
         for name in after:
             self._edge(name, op.name, 0)
         for name, lag in after_previous:
@@ -76,17 +75,33 @@ class LayerTemplate:
         self._edge(src, dst, lag)
 
     def _edge(self, src: str, dst: str, lag: int) -> None:
-        if src not in self.graph or dst not in self.graph:
+        if src not in self._ops or dst not in self._ops:
             raise ValueError(f"{dst!r} depends on unknown op {src!r}")
-        self.graph.add_edge(src, dst, lag=lag)
+        # A pair linked twice keeps the shorter lag: waiting on this layer's op implies waiting on an earlier one's.
+        self._lags[src, dst] = min(lag, self._lags.get((src, dst), lag))
 
     @property
     def ops(self) -> list[Op]:
-        return [self.graph.nodes[name]["op"] for name in self.graph.nodes]
+        return list(self._ops.values())
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The layer's DAG as a networkx graph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
+        engine reads the ops and lags directly."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from((name, {"op": op}) for name, op in self._ops.items())
+        graph.add_edges_from((src, dst, {"lag": lag}) for (src, dst), lag in self._lags.items())
+        return graph
 
     @property
     def max_lag(self) -> int:
-        return max((lag for _, _, lag in self.graph.edges(data="lag")), default=0)
+        return max(self._lags.values(), default=0)
 
     def dependencies(self, name: str) -> list[tuple[str, int]]:
-        return [(src, lag) for src, _, lag in self.graph.in_edges(name, data="lag")]
+        return [(src, lag) for (src, dst), lag in self._lags.items() if dst == name]
+
+    def structure(self) -> tuple:
+        """What the engine's schedule depends on besides times: ops and their resources in issue order, and the
+        edges. Two templates with the same structure differ only in their ops' times and bytes."""
+        ops = [*self.head, *self._ops.values(), *self.tail]
+        return len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]), tuple(self._lags.items())

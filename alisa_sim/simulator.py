@@ -1,21 +1,55 @@
-"""The simulation run: drives a policy's prefill and decode steps through the engine, holding memory as it goes."""
+"""The simulation run: drives a policy's prefill and decode steps through the engine, holding memory as it goes.
+
+Decode steps are collapsed like layers where that is exact or within 1e-7 of the step time. The decode steps of a
+policy on the base step driver (Policy.steps) are grown into runs: from an anchor step, extensions of a few to
+thousands of steps are simulated at their first two, middle and last two steps, with the copy streams idle at the
+start, and accepted when every sample has the same op structure and phase as the anchor (phases are checked at every
+step), bytes on the chord of the extension exactly, and its time, breakdown and op times on the chord within 1e-7 of
+the step time; the steps between samples are interpolated on those chords. Why that is sound:
+- with op times affine in the step (the cost model above its measured sizes), a step's time, a max-plus expression
+  of its op times, is convex in the step, and a convex function that meets a chord at an interior point equals it on
+  the whole interval: exact, and the idle copy streams follow for every step of the run;
+- inside the cost model's measured cells op times are power laws of the context, bending one way, whose distance
+  from a chord is at most twice what the middle sample shows, so the interpolation stays within ~2e-7;
+- what does not line up (a context-length staircase such as SWA's window or an eviction budget, a critical path that
+  changes, a phase switch) fails the checks and is simulated step by step.
+Memory is held, and the KV of every step taken from the policy, step by step in either case.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import simpy
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from alisa_sim.cost_model import CostModel
-from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming
+from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming, TimedOp
+from alisa_sim.errors import SpecError
+from alisa_sim.ops import LayerTemplate
 from alisa_sim.policies import Policy, StepPlan, make_policy
+from alisa_sim.policies.base import Policy as BasePolicy
 from alisa_sim.workload import ResolvedWorkload
+
+# Engine limits, far past any real deployment (the longest generations served are ~10^5 tokens per sequence; the
+# deepest models ~10^2 layers); they keep a mistyped workload from running for minutes or exhausting memory (a run
+# keeps a record of every step, about 2 KB each).
+MAX_DECODE_STEPS = 500_000
+MAX_LAYERS = 4096
+# Deviation from a chord, relative to the step time, that counts as on it: far above float rounding (~1e-15), far
+# below what a context-length staircase or a changing critical path shows, and within the 1e-6 that tests demand.
+_LINE_TOL = 1e-7
+_MIN_SPAN = 4
 
 
 @dataclass
 class StepRecord:
-    """One timed step of the run, in order (the prefill is normally step 0)."""
+    """One timed step of the run, in order (the prefill is normally step 0). A step of a collapsed run has no
+    template in its plan (`plan.template` is None); its `timing.events()` simulate it on demand."""
 
     step: int
     plan: StepPlan
@@ -47,6 +81,7 @@ class Simulation:
     peak_gpu_bytes: int = 0
     peak_cpu_bytes: int = 0
     oom_error: str | None = None
+    interpolated_steps: int = 0  # decode steps of collapsed runs (not simulated one by one)
 
     @property
     def prefill_steps(self) -> list[StepRecord]:
@@ -57,34 +92,155 @@ class Simulation:
         return [r for r in self.steps if r.plan.kind == "decode"]
 
 
+class InterpolatedTiming:
+    """The timing of a step inside a collapsed run: on the line between the run's simulated steps `lo` and `hi`."""
+
+    __slots__ = ("lo", "hi", "weight", "duration_s", "h2d_bytes", "d2h_bytes", "_simulate")
+    carry_s: dict[str, float] = {}  # a collapsed run keeps the copy streams idle between steps
+    simulated_layers = 0
+
+    def __init__(self, lo: StepTiming, hi: StepTiming, weight: float, simulate_step: Callable[[], StepTiming]):
+        self.lo, self.hi, self.weight = lo, hi, weight
+        self.duration_s = lo.duration_s + weight * (hi.duration_s - lo.duration_s)
+        self.h2d_bytes = lo.h2d_bytes + round(weight * (hi.h2d_bytes - lo.h2d_bytes))
+        self.d2h_bytes = lo.d2h_bytes + round(weight * (hi.d2h_bytes - lo.d2h_bytes))
+        self._simulate = simulate_step
+
+    def _between(self, lo: dict[str, float], hi: dict[str, float]) -> dict[str, float]:
+        return {key: value + self.weight * (hi[key] - value) for key, value in lo.items()}
+
+    @property
+    def busy_s(self) -> dict[str, float]:
+        return self._between(self.lo.busy_s, self.hi.busy_s)
+
+    @property
+    def parts_s(self) -> dict[str, float]:
+        return self._between(self.lo.parts_s, self.hi.parts_s)
+
+    @property
+    def num_layers(self) -> int:
+        return self.lo.num_layers
+
+    @property
+    def period_s(self) -> float:
+        return self.lo.period_s + self.weight * (self.hi.period_s - self.lo.period_s)
+
+    def events(self) -> Iterator[TimedOp]:
+        """The step's ops, simulated now (collapsed runs keep no op schedule)."""
+        return self._simulate().events()
+
+
+class SimulationProgress:
+    """An `on_step` callback that reports a long simulation: nothing for its first `after_s` seconds, then on a
+    terminal a bar with the tokens done and the time left, elsewhere (logs, CI) a line every `every_s` seconds."""
+
+    def __init__(self, workload: ResolvedWorkload, console: Console | None = None, after_s: float = 1.0,
+                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.console = console or Console(stderr=True)
+        self.total = workload.workload.batch_size * workload.workload.gen_len
+        self.after_s, self.every_s, self.clock = after_s, every_s, clock
+        self.start, self.last_line = clock(), -math.inf
+        self.done = 0
+        self._bar: Progress | None = None
+
+    def __enter__(self) -> SimulationProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, record: StepRecord) -> None:
+        self.done += record.plan.sequences  # tokens sampled (a vLLM recompute prefill samples one per sequence too)
+        now = self.clock()
+        if now - self.start < self.after_s:
+            return
+        if not self.console.is_terminal:
+            if now - self.last_line >= self.every_s or self.done >= self.total:
+                self.last_line = now
+                share = min(1.0, self.done / self.total)
+                left = (now - self.start) * (1 - share) / share if share else float("nan")
+                self.console.print(f"simulating: {share:.0%} ({self.done}/{self.total} tokens), "
+                                   f"{now - self.start:.0f} s elapsed, about {left:.0f} s left", highlight=False)
+            return
+        if self._bar is None:
+            self._bar = Progress(TextColumn("simulating"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total} tokens"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+            self._task = self._bar.add_task("tokens", total=self.total)
+            self._bar.start()
+        self._bar.update(self._task, completed=self.done)
+
+
+def check_engine_limits(wl: ResolvedWorkload) -> None:
+    """SpecError for a workload past the engine's limits (see README, Limits)."""
+    if wl.decode_steps > MAX_DECODE_STEPS:
+        raise SpecError(f"gen_len = {wl.workload.gen_len} is past the simulator's limit of {MAX_DECODE_STEPS + 1} "
+                        "generated tokens per sequence")
+    if wl.model.num_layers > MAX_LAYERS:
+        raise SpecError(f"model {wl.model.name} has {wl.model.num_layers} layers, past the simulator's limit of "
+                        f"{MAX_LAYERS}")
+
+
 def simulate(workload: ResolvedWorkload, on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the whole run; `on_step(record)` is called after each step (for progress bars)."""
+    check_engine_limits(workload)
     return simulate_with_policy(workload, make_policy(workload, CostModel(workload.hardware)), on_step)
 
 
 def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
                          on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the run under an already built policy (a planner's candidate)."""
+    check_engine_limits(workload)
     sim = Simulation(workload, policy)
     env = simpy.Environment()
-    gpu = MemoryPool(env, "GPU", workload.gpu_capacity_bytes)
-    cpu = MemoryPool(env, "CPU", workload.cpu_capacity_bytes)
-    stepper = StepSimulator(overlap=policy.overlap)
+    gpu = MemoryPool("GPU", workload.gpu_capacity_bytes)
+    cpu = MemoryPool("CPU", workload.cpu_capacity_bytes)
+    stepper = StepSimulator(overlap=policy.overlap, host_is_device=workload.hardware.device_kind == "cpu")
     num_layers = workload.model.num_layers
+
+    def record(plan: StepPlan, timing: StepTiming, start_s: float) -> None:
+        when = f"in {plan.label}"
+        gpu.hold({"kv": 0.0, **plan.kv.gpu}, when)
+        cpu.hold({"kv": 0.0, **plan.kv.cpu}, when)
+        sim.steps.append(StepRecord(len(sim.steps), plan, start_s, timing))
+        if on_step:
+            on_step(sim.steps[-1])
 
     def run():
         static = policy.static_memory()
         gpu.hold(static.gpu, "before the prefill")
         cpu.hold(static.cpu, "before the prefill")
-        for index, plan in enumerate(policy.steps()):
-            when = f"in {plan.label}"
-            gpu.hold({"kv": 0.0, **plan.kv.gpu}, when)
-            cpu.hold({"kv": 0.0, **plan.kv.cpu}, when)
-            timing = stepper.run_step(plan.template, num_layers)
-            sim.steps.append(StepRecord(index, plan, env.now, timing))
+        if type(policy).steps is not BasePolicy.steps:  # a policy with its own step driver (vLLM's scheduler)
+            for plan in policy.steps():
+                record(plan, stepper.run_step(plan.template, num_layers), env.now)
+                yield env.timeout(sim.steps[-1].duration_s)
+            return
+        prefill = next(iter(policy.steps()))
+        record(prefill, stepper.run_step(prefill.template, num_layers), env.now)
+        yield env.timeout(sim.steps[-1].duration_s)
+        runs = _DecodeRuns(policy, stepper, num_layers)
+        step, last = 1, workload.decode_steps
+        while step <= last:
+            template, timing = runs.timed(step)
+            record(runs.plan(step, template), timing, env.now)
             yield env.timeout(timing.duration_s)
-            if on_step:
-                on_step(sim.steps[-1])
+            samples = runs.affine_run(step, last)
+            now = env.now
+            for lo, hi in zip(samples, samples[1:]):
+                (_, lo_timing), (hi_template, hi_timing) = runs.sampled[lo], runs.sampled[hi]
+                for inner in range(lo + 1, hi):
+                    weight = (inner - lo) / (hi - lo)
+                    timing = InterpolatedTiming(lo_timing, hi_timing, weight, runs.simulation_of(inner))
+                    record(runs.plan(inner, None), timing, now)
+                    now += timing.duration_s
+                    sim.interpolated_steps += 1
+                record(runs.plan(hi, hi_template), hi_timing, now)
+                now += hi_timing.duration_s
+            if samples:
+                yield env.timeout(now - env.now)
+            step = (samples[-1] if samples else step) + 1
+            runs.forget_before(step)
 
     try:
         env.run(env.process(run()))
@@ -92,3 +248,100 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
         sim.oom_error = str(exc)
     sim.peak_gpu_bytes, sim.peak_cpu_bytes = gpu.peak_bytes, cpu.peak_bytes
     return sim
+
+
+class _DecodeRuns:
+    """The decode steps of a policy on the base step driver: each step's template and timing, and the search for
+    runs of steps that lie on one line (see the module docstring)."""
+
+    def __init__(self, policy: Policy, stepper: StepSimulator, num_layers: int):
+        self.policy, self.stepper, self.num_layers = policy, stepper, num_layers
+        # Steps timed with the copy streams idle at their start: the samples of a run, and the anchor.
+        self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
+        self._phases: dict[int, int] = {}
+        self.span = _MIN_SPAN
+
+    def plan(self, step: int, template: LayerTemplate | None) -> StepPlan:
+        """Decode step `step` as Policy.steps() yields it (tests/test_simulator.py checks the two agree)."""
+        policy = self.policy
+        return StepPlan(template, self.phase(step), policy.kv_memory(policy.context(step)), "decode",
+                        f"decode {step}", policy.batch, policy.batch)
+
+    def phase(self, step: int) -> int:
+        if step not in self._phases:
+            self._phases[step] = self.policy.phase(step)
+        return self._phases[step]
+
+    def timed(self, step: int) -> tuple[LayerTemplate, StepTiming]:
+        """The step's template and timing after the previous step (whose copy backlog it inherits); kept in
+        `sampled` when it started with idle copy streams."""
+        if self.stepper.carry_s:
+            template = self.policy.decode_template(step)
+            return template, self.stepper.run_step(template, self.num_layers)
+        template, timing = self._idle(step)
+        self.stepper.carry_s = timing.carry_s
+        return template, timing
+
+    def _idle(self, step: int) -> tuple[LayerTemplate, StepTiming]:
+        if step not in self.sampled:
+            template = self.policy.decode_template(step)
+            self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {})
+        return self.sampled[step]
+
+    def forget_before(self, step: int) -> None:
+        """Drop the samples of steps already recorded (or interpolated past)."""
+        for done in [x for x in self.sampled if x < step]:
+            del self.sampled[done]
+
+    def simulation_of(self, step: int) -> Callable[[], StepTiming]:
+        """Simulate an interpolated step again, for its op schedule (copy streams idle at its start, as proven)."""
+        return lambda: self.stepper.time_step(self.policy.decode_template(step), self.num_layers, {})
+
+    @staticmethod
+    def _point(template: LayerTemplate, timing: StepTiming) -> tuple[list[float], list[int]]:
+        """What must lie on the run's chords: the step time, its breakdown by kind and by resource, every op's device
+        and host time, and (exactly) bytes."""
+        ops = template.head + template.ops + template.tail
+        return ([timing.duration_s, *timing.parts_s.values(), *timing.busy_s.values()]
+                + [op.duration_s for op in ops] + [op.host_s for op in ops], [op.nbytes for op in ops])
+
+    def affine_run(self, anchor: int, last: int) -> list[int]:
+        """Steps anchor < ... < end, each simulated with idle copy streams and kept in `sampled`, between which every
+        step lies on the chord of its two neighbours in the list (empty if the run does not reach past anchor + 1).
+        The run grows from the anchor by extensions of `span` steps, each checked at its first and last two steps
+        and its middle; a failed extension is retried at half the span, down to 4 steps."""
+        if last < anchor + 2 or anchor not in self.sampled or self.sampled[anchor][1].carry_s:
+            return []
+        structure, phase = self.sampled[anchor][0].structure(), self.phase(anchor)
+        same_phase_until = anchor
+        samples, end, span = [anchor], anchor, self.span
+        while end < last:
+            new_end = min(end + span, last)
+            while same_phase_until < new_end and self.phase(same_phase_until + 1) == phase:
+                same_phase_until += 1
+            points = sorted({end + 1, (end + new_end) // 2, new_end - 1, new_end} - {end})
+            if same_phase_until >= new_end and all(self._on_chord(x, structure, end, new_end) for x in points):
+                samples += points
+                end, span = new_end, 2 * span
+            elif span > _MIN_SPAN and new_end - end > _MIN_SPAN:
+                span //= 2
+            else:
+                break
+        self.span = max(_MIN_SPAN, span // 2)  # where the next run starts looking
+        return samples if end > anchor + 1 else []
+
+    def _on_chord(self, x: int, structure: tuple, lo: int, hi: int) -> bool:
+        """Whether step x (timed with idle copy streams) has the structure and lies on the chord from lo to hi."""
+        points = []
+        for step in (lo, x, hi):
+            template, timing = self._idle(step)
+            if timing.carry_s or template.structure() != structure:
+                return False
+            points.append(self._point(template, timing))
+        (f0, i0), (f, i), (f1, i1) = points
+        w = (x - lo) / (hi - lo)
+        if any((b + (x - lo) * (c - b) // (hi - lo) != v) or ((x - lo) * (c - b)) % (hi - lo)
+               for v, b, c in zip(i, i0, i1)):
+            return False
+        scale = _LINE_TOL * max(f[0], f0[0], f1[0])  # relative to the step time
+        return all(abs(b + w * (c - b) - v) <= scale for v, b, c in zip(f, f0, f1))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from alisa_sim import engine
+from alisa_sim import engine, simulator
 from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
+from alisa_sim.errors import SpecError
 from alisa_sim.results import build_result
 from alisa_sim.simulator import simulate
 from alisa_sim.trace import build_trace
@@ -163,3 +164,92 @@ def test_simulator_runs_without_torch(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["metrics"]["throughput_tok_s"] > 0
+
+
+LLAMA3_8B = {"name": "llama-3-8b", "family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32,
+             "num_kv_heads": 8, "ffn_dim": 14336, "vocab_size": 128256, "max_position_embeddings": 131072,
+             "tie_word_embeddings": False, "norm_eps": 1e-5, "rope_theta": 500000.0}
+
+
+def _step_by_step(monkeypatch, wl):
+    """The same run with every decode step simulated (no run of steps collapsed)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(simulator._DecodeRuns, "affine_run", lambda self, anchor, last: [])
+        return simulate(wl)
+
+
+@pytest.mark.parametrize("case", [
+    # dense across the end of the profile's measured attention sizes (log-log cells below it, linear above)
+    dict(model=LLAMA3_8B, batch_size=1, prompt_len=64_000, gen_len=3000),
+    dict(model=LLAMA3_8B, batch_size=4, prompt_len=2000, gen_len=1500, overlap=False),
+    dict(model="opt-6.7b", batch_size=16, prompt_len=128, gen_len=600, policy={"name": "accelerate"},
+         hardware="paper-h100-80g"),
+    dict(model="opt-6.7b", batch_size=8, prompt_len=128, gen_len=400, policy={"name": "zero"}),
+    dict(model="opt-6.7b", batch_size=8, prompt_len=128, gen_len=400, policy={"name": "h2o", "kv_sparsity": 0.8}),
+    dict(model="opt-30b", batch_size=64, prompt_len=128, gen_len=512, policy={"name": "alisa", "kv_sparsity": 0.8},
+         hardware="paper-h100-80g"),
+    dict(model="opt-13b", batch_size=32, prompt_len=128, gen_len=300, policy={"name": "flexgen"},
+         hardware="paper-v100-32g"),
+])
+def test_collapsed_steps_equal_step_by_step_simulation(monkeypatch, case):
+    wl = _workload(**case)
+    collapsed, full = simulate(wl), _step_by_step(monkeypatch, wl)
+    assert full.interpolated_steps == 0 and len(collapsed.steps) == len(full.steps)
+    for a, b in zip(collapsed.steps, full.steps):
+        assert a.duration_s == pytest.approx(b.duration_s, rel=1e-6)
+        assert a.start_s == pytest.approx(b.start_s, rel=1e-6)
+        assert (a.phase, a.gpu_kv_bytes, a.cpu_kv_bytes, a.plan.label) == (b.phase, b.gpu_kv_bytes, b.cpu_kv_bytes,
+                                                                           b.plan.label)
+        assert (a.timing.h2d_bytes, a.timing.d2h_bytes) == (b.timing.h2d_bytes, b.timing.d2h_bytes)
+    print(f"{collapsed.interpolated_steps} of {wl.decode_steps} decode steps interpolated")
+    ra, rb = build_result(collapsed), build_result(full)
+    assert ra["metrics"]["peak_gpu_bytes"] == rb["metrics"]["peak_gpu_bytes"]
+    for key in ("total_s", "decode_s", "throughput_tok_s"):
+        assert ra["metrics"][key] == pytest.approx(rb["metrics"][key], rel=1e-6)
+    for kind, seconds in rb["breakdown_s"].items():  # within 1e-6 of the run's time
+        assert ra["breakdown_s"][kind] == pytest.approx(seconds, abs=1e-6 * rb["metrics"]["total_s"])
+    if case["model"] == LLAMA3_8B:
+        assert collapsed.interpolated_steps > wl.decode_steps / 2  # most steps of a dense run are interpolated
+        step = collapsed.steps[len(collapsed.steps) // 2]  # an interpolated step still has its op schedule
+        assert step.plan.template is None
+        assert max(e.end for e in step.timing.events()) == pytest.approx(step.duration_s, rel=1e-6)
+
+
+def test_decode_plans_of_the_collapsing_driver_are_the_policys():
+    wl = _workload(policy={"name": "alisa", "kv_sparsity": 0.8}, model="opt-30b", hardware="paper-h100-80g",
+                   batch_size=64, gen_len=40)
+    sim = simulate(wl)
+    for record, plan in zip(sim.steps, sim.policy.steps()):
+        ours = record.plan
+        assert (ours.phase, ours.kv, ours.kind, ours.label, ours.tokens, ours.sequences, ours.counters) == (
+            plan.phase, plan.kv, plan.kind, plan.label, plan.tokens, plan.sequences, plan.counters)
+
+
+def test_progress_stays_quiet_on_short_runs_and_prints_lines_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    wl = _workload(gen_len=50)
+    ticks = iter(range(1000))
+    quiet_out, lines_out = io.StringIO(), io.StringIO()
+    quiet = simulator.SimulationProgress(wl, Console(file=quiet_out), after_s=1e9, clock=lambda: 0.0)
+    simulate(wl, on_step=quiet)
+    assert quiet_out.getvalue() == "" and quiet.done == 8 * 50
+    # A clock that advances 1 s per step: a line once 3 s have passed, then every 10 s, and one at the end.
+    lines = simulator.SimulationProgress(wl, Console(file=lines_out, width=200), after_s=3, every_s=10,
+                                         clock=lambda: float(next(ticks)))
+    simulate(wl, on_step=lines)
+    printed = lines_out.getvalue().splitlines()
+    assert printed[-1].startswith("simulating: 100% (400/400 tokens)")
+    assert len(printed) == 6 and printed[0] == "simulating: 6% (24/400 tokens), 3 s elapsed, about 47 s left"
+    bar_out = io.StringIO()
+    with simulator.SimulationProgress(wl, Console(file=bar_out, force_terminal=True, width=120), after_s=3,
+                                      clock=lambda: float(next(ticks))) as bar:
+        simulate(wl, on_step=bar)
+    assert "simulating" in bar_out.getvalue() and "tokens" in bar_out.getvalue()
+
+
+def test_engine_limits_are_a_clear_error():
+    with pytest.raises(SpecError, match="past the simulator's limit of 500001 generated tokens"):
+        simulate(_workload(gen_len=500_002, model="llama-7b"))

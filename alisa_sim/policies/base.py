@@ -10,7 +10,7 @@ from alisa_sim.cost_model import CostModel
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
-# Kernel launches per fused op of a layer, for the host-overhead floor (eager PyTorch, one kernel per torch op).
+# Kernel launches per fused op of a layer, for the host's issue cost (eager PyTorch, one kernel per torch op).
 _PRE_ATTENTION_KERNELS = 4  # norm, QKV GEMM, rotary/bias, KV cache write
 _ATTENTION_KERNELS = 2
 _POST_ATTENTION_KERNELS = 8  # out proj, residual, norm, MLP GEMMs, activation, residual
@@ -109,7 +109,7 @@ class Policy(ABC):
         return self.prompt_len + step
 
     def _gpu_op(self, name: str, parts: dict[str, float], kernels: int) -> Op:
-        return make_op(name, "gpu", parts, kernels, self.cost.launch_overhead_s)
+        return make_op(name, "gpu", parts, host_s=self.cost.host_s(kernels))
 
     def _elementwise_s(self, rows: int) -> float:
         return self.cost.hbm_s(_HIDDEN_PASSES * rows * self.model.hidden_size * self.model.dtype_bytes)
@@ -142,7 +142,8 @@ class Policy(ABC):
         return self._gpu_op(name, {"attention": seconds}, _ATTENTION_KERNELS)
 
     def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
-        return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)}, nbytes=int(nbytes))
+        return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)},
+                       host_s=self.cost.host_s(1), nbytes=int(nbytes))
 
     @property
     def overlap(self) -> bool:
