@@ -1,0 +1,91 @@
+"""What `alisa-sim plan` shows: a planner's choice beside the candidates it rejected, each priced from a few sampled
+steps; only the front-runners are simulated in full, the others are listed as pruned with the reason.
+
+A candidate is a front-runner when it is the planner's choice or its sampled estimate is within FRONT_RUNNER_MARGIN
+of the best estimate; the choice itself never depends on these simulations (FlexGen chooses by its LP, ALISA by its
+schedule search).
+"""
+
+from __future__ import annotations
+
+from alisa_sim.cost_model import CostModel
+from alisa_sim.errors import SpecError
+from alisa_sim.planner.alisa_search import alternatives, estimate_decode_s, search_schedule
+from alisa_sim.planner.flexgen_lp import search
+from alisa_sim.planner.pricing import sampled_steps, step_time_s
+from alisa_sim.policies.alisa import AlisaPolicy
+from alisa_sim.policies.flexgen import FlexGenPolicy
+from alisa_sim.results import build_result
+from alisa_sim.simulator import simulate_with_policy
+from alisa_sim.workload import ResolvedWorkload
+
+FRONT_RUNNER_MARGIN = 0.05
+FLEXGEN_SAMPLES = 4  # decode steps sampled to price a FlexGen candidate (its step time is near linear in context)
+
+
+def _simulated_metrics(wl: ResolvedWorkload, policy) -> dict | None:
+    """The full simulation's metrics; None when it runs out of memory (a simulated candidate that is not pruned
+    and has no simulated number ran out of memory)."""
+    sim = simulate_with_policy(wl, policy)
+    return None if sim.oom_error else build_result(sim)["metrics"]
+
+
+def _run_estimate_s(policy: FlexGenPolicy) -> float:
+    """Prefill plus decode time from the engine's time of the prefill and a few evenly sampled decode steps."""
+    layers, overlap = policy.model.num_layers, policy.overlap
+    steps, weight = sampled_steps(1, policy.wl.decode_steps, FLEXGEN_SAMPLES) if policy.wl.decode_steps else ([], 0)
+    return step_time_s(policy.prefill_template(), layers, overlap) + weight * sum(
+        step_time_s(policy.decode_template(step), layers, overlap) for step in steps)
+
+
+def flexgen_report(wl: ResolvedWorkload, cost: CostModel, show: int) -> dict:
+    """FlexGen's LP search: the best `show` candidates by LP estimate, each priced from sampled steps, the front-runners
+    simulated in full; the plan of the LP's choice."""
+    solutions = search(wl, cost)
+    if not solutions:
+        raise SpecError(f"flexgen: no placement of {wl.model.name} at batch {wl.workload.batch_size} fits this machine")
+    tokens = wl.workload.batch_size * wl.workload.gen_len
+    policies = [FlexGenPolicy(wl, cost, solution.setting) for solution in solutions[:show]]
+    sampled = [tokens / _run_estimate_s(policy) for policy in policies]
+    best = max(sampled)
+    candidates = []
+    for rank, (solution, policy, estimate) in enumerate(zip(solutions, policies, sampled), 1):
+        row = {"flexgen_cli": solution.setting.cli(), "lp_throughput_tok_s": solution.lp_throughput(tokens),
+               "sampled_throughput_tok_s": estimate, "simulated_throughput_tok_s": None, "pruned": None}
+        if rank == 1 or estimate >= best * (1 - FRONT_RUNNER_MARGIN):
+            metrics = _simulated_metrics(wl, policy)
+            row["simulated_throughput_tok_s"] = None if metrics is None else metrics["throughput_tok_s"]
+        else:
+            row["pruned"] = f"-{1 - estimate / best:.0%}: sampled estimate below the best candidate's {best:.2f} tok/s"
+        candidates.append(row)
+    return {**policies[0].plan(), "chosen": candidates[0], "candidates": candidates, "feasible": len(solutions)}
+
+
+def alisa_report(wl: ResolvedWorkload, cost: CostModel) -> dict:
+    """ALISA's schedule search: the chosen schedule and the alternatives it rejected, each estimated from sampled
+    steps, the front-runners simulated in full; what the Phase III search timed and what it ruled out by bound."""
+    probe = AlisaPolicy(wl, cost)
+    found = search_schedule(probe)
+    chosen = AlisaPolicy(wl, cost, found.schedule)
+    schedules = [("chosen", found.schedule)] + alternatives(probe, found)
+    estimates = {schedule: estimate_decode_s(probe, schedule) for _, schedule in schedules}
+    best = min(estimates.values())
+    totals: dict = {}
+    rows = []
+    for what, schedule in schedules:
+        estimate = estimates[schedule]
+        row = {"what": what, **vars(schedule), "estimated_decode_s": estimate, "simulated_total_s": None,
+               "pruned": None}
+        if schedule in totals or what == "chosen" or estimate <= best * (1 + FRONT_RUNNER_MARGIN):
+            if schedule not in totals:
+                metrics = _simulated_metrics(wl, AlisaPolicy(wl, cost, schedule))
+                totals[schedule] = None if metrics is None else metrics["total_s"]
+            row["simulated_total_s"] = totals[schedule]
+        else:
+            row["pruned"] = f"+{estimate / best - 1:.0%}: estimate above the best one's {best:.2f} s"
+        rows.append(row)
+    phase3 = {"sampled_steps": found.samples, "betas_simulated": found.betas_simulated,
+              "betas_pruned": found.betas_pruned, "step_timings": found.steps_simulated,
+              "step_timings_without_bounds": len(found.samples) * len(found.betas_simulated + found.betas_pruned)}
+    return {**chosen.plan(), "chosen": rows[0], "alternatives": rows[1:],
+            "phase3_search": phase3}
