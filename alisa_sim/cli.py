@@ -98,11 +98,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
     """FlexGen's LP search: the candidates by LP estimate, priced from sampled steps, the front-runners simulated."""
     from alisa_sim.cost_model import CostModel
-    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, flexgen_report
+    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, MAX_SIMULATED, flexgen_report
 
     plan = flexgen_report(wl, CostModel(wl.hardware), show)
     candidates = plan["candidates"]
-    table = Table("rank", "FlexGen flags", "LP estimate (tok/s)", "sampled estimate (tok/s)", "simulated (tok/s)",
+    table = Table("rank", "FlexGen flags", "LP (tok/s)", "sampled (tok/s)", "simulated (tok/s)",
                   title=f"FlexGen policy search: {plan['feasible']} feasible candidates, best {len(candidates)}")
     for rank, c in enumerate(candidates, 1):
         simulated = f"pruned ({c['pruned'].split(':')[0]})" if c["pruned"] else (
@@ -110,8 +110,9 @@ def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
         table.add_row(str(rank), c["flexgen_cli"], f"{c['lp_throughput_tok_s']:.2f}",
                       f"{c['sampled_throughput_tok_s']:.2f}", simulated)
     console.print(table)
-    console.print(f"simulated in full: the LP's choice and candidates within {FRONT_RUNNER_MARGIN:.0%} of the best "
-                  "sampled estimate (prefill and a few decode steps timed by the engine); the others pruned")
+    console.print(f"LP: FlexGen's estimate; sampled: the engine's time of the prefill and a few decode steps; simulated in full: the "
+                  f"LP's choice and the best estimates within {FRONT_RUNNER_MARGIN:.0%} ({MAX_SIMULATED} at most), the "
+                  "others pruned (+: estimated time over the best)")
     console.print(f"chosen (FlexGen's LP): [bold]{plan['chosen']['flexgen_cli']}[/]")
     return plan
 
@@ -119,7 +120,7 @@ def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
 def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
     """ALISA's schedule search: the chosen p1/p2/alpha/beta and the alternatives it rejected, the best simulated."""
     from alisa_sim.cost_model import CostModel
-    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, alisa_report
+    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, MAX_SIMULATED, alisa_report
 
     plan = alisa_report(wl, CostModel(wl.hardware))
     table = Table("schedule", "p1", "p2", "alpha", "beta", "search estimate (decode s)", "simulated total (s)",
@@ -131,8 +132,8 @@ def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
         table.add_row(row["what"], str(row["p1"]), str(row["p2"]), f"{row['alpha']:g}", f"{row['beta']:g}",
                       f"{row['estimated_decode_s']:.2f}", simulated)
     console.print(table)
-    console.print(f"simulated in full: the choice and alternatives within {FRONT_RUNNER_MARGIN:.0%} of the best "
-                  "estimate; the others pruned")
+    console.print(f"simulated in full: the choice and the best estimates within {FRONT_RUNNER_MARGIN:.0%} "
+                  f"({MAX_SIMULATED} at most), the others pruned (+: estimated time over the best)")
     search = plan["phase3_search"]
     if search["sampled_steps"]:
         pruned = search["betas_pruned"]

@@ -20,7 +20,28 @@ from alisa_sim.simulator import simulate_with_policy
 from alisa_sim.workload import ResolvedWorkload
 
 FRONT_RUNNER_MARGIN = 0.05
+MAX_SIMULATED = 3  # full simulations per report, the choice included
 FLEXGEN_SAMPLES = 4  # decode steps sampled to price a FlexGen candidate (its step time is near linear in context)
+
+
+def prune(estimates_s: list[float], chosen: int = 0) -> list[str | None]:
+    """For each candidate's estimated time: None when it is simulated in full (the choice, then the best estimates
+    within FRONT_RUNNER_MARGIN of the best one, MAX_SIMULATED in all), else why it is not."""
+    best = min(estimates_s)
+    simulated = {chosen}
+    for index in sorted(range(len(estimates_s)), key=estimates_s.__getitem__):
+        if len(simulated) < MAX_SIMULATED and estimates_s[index] <= best * (1 + FRONT_RUNNER_MARGIN):
+            simulated.add(index)
+    reasons: list[str | None] = []
+    for index, estimate in enumerate(estimates_s):
+        slower = f"+{estimate / best - 1:.0%}"
+        if index in simulated:
+            reasons.append(None)
+        elif estimate > best * (1 + FRONT_RUNNER_MARGIN):
+            reasons.append(f"{slower}: estimate more than {FRONT_RUNNER_MARGIN:.0%} above the best one")
+        else:
+            reasons.append(f"{slower}: not among the {MAX_SIMULATED} best estimates")
+    return reasons
 
 
 def _simulated_metrics(wl: ResolvedWorkload, policy) -> dict | None:
@@ -46,17 +67,14 @@ def flexgen_report(wl: ResolvedWorkload, cost: CostModel, show: int) -> dict:
         raise SpecError(f"flexgen: no placement of {wl.model.name} at batch {wl.workload.batch_size} fits this machine")
     tokens = wl.workload.batch_size * wl.workload.gen_len
     policies = [FlexGenPolicy(wl, cost, solution.setting) for solution in solutions[:show]]
-    sampled = [tokens / _run_estimate_s(policy) for policy in policies]
-    best = max(sampled)
+    estimates_s = [_run_estimate_s(policy) for policy in policies]
     candidates = []
-    for rank, (solution, policy, estimate) in enumerate(zip(solutions, policies, sampled), 1):
+    for solution, policy, estimate_s, pruned in zip(solutions, policies, estimates_s, prune(estimates_s)):
         row = {"flexgen_cli": solution.setting.cli(), "lp_throughput_tok_s": solution.lp_throughput(tokens),
-               "sampled_throughput_tok_s": estimate, "simulated_throughput_tok_s": None, "pruned": None}
-        if rank == 1 or estimate >= best * (1 - FRONT_RUNNER_MARGIN):
+               "sampled_throughput_tok_s": tokens / estimate_s, "simulated_throughput_tok_s": None, "pruned": pruned}
+        if pruned is None:
             metrics = _simulated_metrics(wl, policy)
             row["simulated_throughput_tok_s"] = None if metrics is None else metrics["throughput_tok_s"]
-        else:
-            row["pruned"] = f"-{1 - estimate / best:.0%}: sampled estimate below the best candidate's {best:.2f} tok/s"
         candidates.append(row)
     return {**policies[0].plan(), "chosen": candidates[0], "candidates": candidates, "feasible": len(solutions)}
 
@@ -67,25 +85,18 @@ def alisa_report(wl: ResolvedWorkload, cost: CostModel) -> dict:
     probe = AlisaPolicy(wl, cost)
     found = search_schedule(probe)
     chosen = AlisaPolicy(wl, cost, found.schedule)
-    schedules = [("chosen", found.schedule)] + alternatives(probe, found)
-    estimates = {schedule: estimate_decode_s(probe, schedule) for _, schedule in schedules}
-    best = min(estimates.values())
-    totals: dict = {}
-    rows = []
-    for what, schedule in schedules:
-        estimate = estimates[schedule]
-        row = {"what": what, **vars(schedule), "estimated_decode_s": estimate, "simulated_total_s": None,
-               "pruned": None}
-        if schedule in totals or what == "chosen" or estimate <= best * (1 + FRONT_RUNNER_MARGIN):
-            if schedule not in totals:
-                metrics = _simulated_metrics(wl, AlisaPolicy(wl, cost, schedule))
-                totals[schedule] = None if metrics is None else metrics["total_s"]
-            row["simulated_total_s"] = totals[schedule]
-        else:
-            row["pruned"] = f"+{estimate / best - 1:.0%}: estimate above the best one's {best:.2f} s"
-        rows.append(row)
+    named = [("chosen", found.schedule)] + alternatives(probe, found)
+    schedules = list(dict.fromkeys(schedule for _, schedule in named))  # an alternative may be the choice itself
+    estimates_s = [estimate_decode_s(probe, schedule) for schedule in schedules]
+    pruned = dict(zip(schedules, prune(estimates_s)))
+    totals = {}
+    for schedule in schedules:
+        if pruned[schedule] is None:
+            metrics = _simulated_metrics(wl, chosen if schedule == found.schedule else AlisaPolicy(wl, cost, schedule))
+            totals[schedule] = None if metrics is None else metrics["total_s"]
+    rows = [{"what": what, **vars(schedule), "estimated_decode_s": estimates_s[schedules.index(schedule)],
+             "simulated_total_s": totals.get(schedule), "pruned": pruned[schedule]} for what, schedule in named]
     phase3 = {"sampled_steps": found.samples, "betas_simulated": found.betas_simulated,
               "betas_pruned": found.betas_pruned, "step_timings": found.steps_simulated,
               "step_timings_without_bounds": len(found.samples) * len(found.betas_simulated + found.betas_pruned)}
-    return {**chosen.plan(), "chosen": rows[0], "alternatives": rows[1:],
-            "phase3_search": phase3}
+    return {**chosen.plan(), "chosen": rows[0], "alternatives": rows[1:], "phase3_search": phase3}
