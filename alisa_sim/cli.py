@@ -195,7 +195,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from alisa_sim.calibrate import (FIT_METRICS, PARAMETERS, calibrate, check_disjoint, describe_values,
-                                     fitted_profile_data, mape, prepare_runs, write_profile_yaml)
+                                     fitted_profile_data, mape, prepare_runs, refuse_if_worse, write_profile_yaml)
     from alisa_sim.hardware import load_hardware_profile
     from alisa_sim.validate import load_results
 
@@ -220,9 +220,11 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     base = load_hardware_profile(hardware)
     holdout_runs = prepare_runs(holdout, hardware)
     fit = calibrate(prepare_runs(measured, hardware), base, parameters, shapes_of=holdout_runs)
+    refuse_if_worse(fit)
     holdout_errors = {run.name: run.errors_pct(fit.profile) for run in holdout_runs}
     write_profile_yaml(fitted_profile_data(fit, out.stem, holdout_errors), out)
     summary = {"profile": str(out), "base": base.name, "values": fit.values, "inert": fit.inert,
+               "at_bound": fit.at_bound,
                "launch_overhead_s": fit.profile.gpu.launch_overhead_s, "evaluations": fit.evaluations,
                "mape_pct": {side: {metric: mape(errors, metric) for metric in FIT_METRICS}
                             for side, errors in (("fit_before", fit.base_errors), ("fit_after", fit.fit_errors),
@@ -234,7 +236,7 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
                                                "of the set)")
     for name in parameters:
         table.add_row(name, "not identifiable: left alone" if name in fit.inert
-                      else describe_values({name: fit.values[name]}))
+                      else describe_values({name: fit.values[name]}, fit.at_bound))
     console.print(table)
     errors = Table("runs", *(f"{metric} MAPE" for metric in FIT_METRICS), title="errors of the predictions")
     for side, label in (("fit_before", "fit set, base profile"), ("fit_after", "fit set, fitted profile"),
@@ -242,6 +244,9 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
         cells = [summary["mape_pct"][side][metric] for metric in FIT_METRICS]
         errors.add_row(label, *("-" if c is None else f"{c:.1f}%" for c in cells))
     console.print(errors)
+    for name, end in fit.at_bound.items():
+        console.print(f"[yellow]{name} ended at the {end} end of its range: the runs ask for more than it allows "
+                      "(look for an op the profile does not time rather than trusting the factor)[/]")
     console.print(f"wrote {out} (validate it on held-out runs: alisa-sim run MEASURED/result.json --hardware {out})")
     return 0
 
