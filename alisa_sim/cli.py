@@ -136,9 +136,9 @@ def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
                   f"({MAX_SIMULATED} at most), the others pruned (+: estimated time over the best)")
     search = plan["phase3_search"]
     if search["sampled_steps"]:
-        pruned = search["betas_pruned"]
-        console.print(f"Phase III search: {search['step_timings_without_bounds']} (beta, sampled step) pairs, "
-                      f"{search['step_timings']} timed by the engine, the rest ruled out by a lower bound on their "
+        pruned = search["betas_ruled_out"]
+        console.print(f"Phase III search: {search['pairs']} (beta, sampled step) pairs, "
+                      f"{search['pairs_timed']} timed by the engine, the rest ruled out by a lower bound on their "
                       "time" + (f" (betas never timed: {', '.join(map(str, pruned))})" if pruned else ""))
     return plan
 

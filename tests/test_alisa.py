@@ -142,8 +142,8 @@ def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_p
             assert row["pruned"].startswith(f"+{row['estimated_decode_s'] / best - 1:.0%}: ")
     assert any("more than 5% above the best" in (row["pruned"] or "") for row in rows)
     search = plan["phase3_search"]
-    assert search["step_timings_without_bounds"] == 120 and 0 < search["step_timings"] < 30
-    assert 0.6 in search["betas_simulated"] and 0.6 not in search["betas_pruned"] and search["betas_pruned"]
+    assert search["pairs"] == 120 and 0 < search["pairs_timed"] < 30
+    assert 0.6 in search["betas_timed"] and 0.6 not in search["betas_ruled_out"] and search["betas_ruled_out"]
     assert main(["plan", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "pruned (+" in printed and "ruled out by a lower bound" in printed and "betas never timed" in printed
@@ -301,7 +301,7 @@ def test_search_times_few_of_its_candidates_and_chooses_as_timing_them_all_would
     wl = _workload(_alisa(kv_sparsity=0.5, int8=True, selection_stats=str(UNIFORM_STATS)))
     probe = AlisaPolicy(wl, CostModel(wl.hardware))
     found = search_schedule(probe)
-    assert found.steps_simulated < len(found.samples) * (len(BETAS) - 1) / 4 and found.betas_pruned
+    assert found.pairs_timed < len(found.samples) * (len(BETAS) - 1) / 4 and found.betas_ruled_out
     layers, last = wl.model.num_layers, wl.decode_steps
 
     def timed(step, p2, beta):

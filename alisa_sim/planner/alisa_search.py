@@ -21,7 +21,7 @@ from step 1) are estimated from sampled steps too, for `alisa-sim plan` to print
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,24 +33,20 @@ MAX_SAMPLES = 12
 MIN_GAIN = 0.01
 
 
-@dataclass
 class _Candidate:
     """One schedule at the sampled steps: each step's lower bound from its DAG, its engine time when asked."""
 
-    policy: AlisaPolicy
-    schedule: AlisaSchedule
-    samples: list[int]
-    bounds: dict[int, float] = field(init=False)
-    times: dict[int, float] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._templates = {step: self.policy.decode_template(step, self.schedule) for step in self.samples}
-        self.bounds = {step: step_lower_bound_s(template, self.policy.model.num_layers, self.policy.overlap)
+    def __init__(self, policy: AlisaPolicy, schedule: AlisaSchedule, samples: list[int]):
+        self.samples = samples
+        self._layers, self._overlap = policy.model.num_layers, policy.overlap
+        self._templates = {step: policy.decode_template(step, schedule) for step in samples}
+        self.bounds = {step: step_lower_bound_s(template, self._layers, self._overlap)
                        for step, template in self._templates.items()}
+        self.times: dict[int, float] = {}  # engine times taken so far
 
     def time(self, step: int) -> float:
         if step not in self.times:
-            self.times[step] = step_time_s(self._templates[step], self.policy.model.num_layers, self.policy.overlap)
+            self.times[step] = step_time_s(self._templates[step], self._layers, self._overlap)
         return self.times[step]
 
     def faster_than(self, step: int, seconds: float) -> bool:
@@ -68,9 +64,9 @@ class _Candidate:
 class SearchResult:
     schedule: AlisaSchedule
     samples: list[int]  # the decode steps the Phase III search timed (empty when it did not run)
-    betas_simulated: list[float]  # betas timed by the engine; the others were ruled out by their bound
-    betas_pruned: list[float]
-    steps_simulated: int  # (beta, step) pairs timed by the engine, of len(betas) x len(samples)
+    betas_timed: list[float]  # betas timed by the engine at one sampled step or more
+    betas_ruled_out: list[float]  # betas whose bound alone ruled them out
+    pairs_timed: int  # (beta, sampled step) pairs timed by the engine, of len(betas) x len(samples)
 
 
 def estimate_decode_s(policy: AlisaPolicy, schedule: AlisaSchedule) -> float:
@@ -94,8 +90,8 @@ def search_schedule(policy: AlisaPolicy) -> SearchResult:
         return SearchResult(replace(base, beta=cfg.beta if cfg.p2 <= last else 0.0), [], [], [], 0)
 
     samples, _ = sampled_steps(max(1, p1), last, MAX_SAMPLES)
-    without = _Candidate(policy, replace(base, p2=never), samples)
-    without_s = {j: without.time(j) for j in samples}
+    layers, overlap = policy.model.num_layers, policy.overlap
+    without_s = {j: step_time_s(policy.decode_template(j, replace(base, p2=never)), layers, overlap) for j in samples}
     betas = (cfg.beta,) if cfg.beta is not None else BETAS[1:]
     candidates = {b: _Candidate(policy, replace(base, p2=0, beta=b), samples) for b in betas}
     # Branch and bound: betas in order of their bound; the first beta (in BETAS order) of least summed time wins.

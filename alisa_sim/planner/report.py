@@ -96,7 +96,7 @@ def alisa_report(wl: ResolvedWorkload, cost: CostModel) -> dict:
             totals[schedule] = None if metrics is None else metrics["total_s"]
     rows = [{"what": what, **vars(schedule), "estimated_decode_s": estimates_s[schedules.index(schedule)],
              "simulated_total_s": totals.get(schedule), "pruned": pruned[schedule]} for what, schedule in named]
-    phase3 = {"sampled_steps": found.samples, "betas_simulated": found.betas_simulated,
-              "betas_pruned": found.betas_pruned, "step_timings": found.steps_simulated,
-              "step_timings_without_bounds": len(found.samples) * len(found.betas_simulated + found.betas_pruned)}
+    phase3 = {"sampled_steps": found.samples, "betas_timed": found.betas_timed,
+              "betas_ruled_out": found.betas_ruled_out, "pairs_timed": found.pairs_timed,
+              "pairs": len(found.samples) * len(found.betas_timed + found.betas_ruled_out)}
     return {**chosen.plan(), "chosen": rows[0], "alternatives": rows[1:], "phase3_search": phase3}
