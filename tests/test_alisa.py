@@ -281,7 +281,7 @@ def _templates():
 
 def test_step_lower_bound_never_exceeds_the_engine():
     """The bound the search prunes by holds for every policy's step DAG; it is exact without overlap and, on
-    ALISA's steps, within 3% of the engine's time (so it prunes)."""
+    ALISA's steps, within 10% of the engine's time (so it prunes; today within 3%)."""
     assert {"dense", "accelerate", "zero", "vllm", "flexgen", "alisa"} <= set(POLICIES)
     ratios = []
     for wl, template in _templates():
@@ -292,27 +292,34 @@ def test_step_lower_bound_never_exceeds_the_engine():
             assert bound == pytest.approx(engine, rel=1e-9)
         elif wl.policy.name == "alisa":
             ratios.append(bound / engine)
-    assert min(ratios) > 0.97
+    assert min(ratios) > 0.9
 
 
-def test_search_times_few_of_its_candidates_and_chooses_as_timing_them_all_would():
-    """On a Phase III workload the search times under a quarter of its (beta, step) pairs; timing every one of them
-    with the engine picks the same beta and p2."""
-    wl = _workload(_alisa(kv_sparsity=0.5, int8=True, selection_stats=str(UNIFORM_STATS)))
+@pytest.mark.parametrize("model,hardware,batch,overlap,options", [
+    ("opt-30b", "paper-h100-80g", 64, True, {"kv_sparsity": 0.5}),
+    ("opt-30b", "paper-h100-80g", 64, False, {"kv_sparsity": 0.8, "int8": False}),
+    ("opt-30b", "paper-h100-80g", 64, True, {"kv_sparsity": 0.8, "int8": False, "selection": "per_head"}),
+    ("llama-33b", "paper-h100-80g", 64, True, {"int8": False, "attention_kernel": "fused"}),
+    ("opt-13b", "paper-v100-32g", 64, True, {"int8": False}),
+])
+def test_search_chooses_as_timing_every_candidate_would(model, hardware, batch, overlap, options):
+    """The bounded search picks the beta and p2 that timing all (beta, sampled step) pairs with the engine picks
+    (the search as it was before bounding), and times at most a third of the pairs."""
+    wl = _workload(_alisa(selection_stats=str(UNIFORM_STATS), **options), model=model, hardware=hardware, batch=batch,
+                   overlap=overlap)
     probe = AlisaPolicy(wl, CostModel(wl.hardware))
     found = search_schedule(probe)
-    assert found.pairs_timed < len(found.samples) * (len(BETAS) - 1) / 4 and found.betas_ruled_out
-    layers, last = wl.model.num_layers, wl.decode_steps
+    p1, layers, last = found.schedule.p1, wl.model.num_layers, wl.decode_steps
 
     def timed(step, p2, beta):
-        schedule = AlisaSchedule(found.schedule.p1, p2, 0.0, beta)
-        return step_time_s(probe.decode_template(step, schedule), layers, probe.overlap)
+        return step_time_s(probe.decode_template(step, AlisaSchedule(p1, p2, 0.0, beta)), layers, probe.overlap)
 
     without = {j: timed(j, last + 1, 0.0) for j in found.samples}
     with_beta = {b: {j: timed(j, 0, b) for j in found.samples} for b in BETAS[1:]}
     beta = min(BETAS[1:], key=lambda b: sum(min(without[j], with_beta[b][j]) for j in found.samples))
-    p2 = next(j for j in found.samples if with_beta[beta][j] < without[j] * 0.99)
-    assert (found.schedule.beta, found.schedule.p2) == (beta, p2) == (0.6, 430)
+    p2 = next((j for j in found.samples if with_beta[beta][j] < without[j] * 0.99), last + 1)
+    assert (found.schedule.p2, found.schedule.beta) == (p2, beta if p2 <= last else 0.0) and p2 <= last
+    assert found.pairs_timed <= len(found.samples) * (len(BETAS) - 1) / 3
 
 
 def test_an_unplanned_alisa_policy_says_how_to_plan_it():
