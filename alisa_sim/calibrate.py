@@ -19,6 +19,10 @@ no prediction of the runs even at the ends of its range (copies in runs without 
 them: it is left alone and the provenance says so. The fitted profile is the base profile with those rows and
 overheads changed, `source.kind: fitted`, and the fit (runs, values, errors) in its provenance; check it on runs that
 were not used to fit it (`--holdout`).
+
+A fit never makes things worse silently: a profile whose error on its own fit runs (the mean absolute error over
+every fitted time) is above the base profile's is refused, and a parameter that ends at the edge of its range is
+reported as such (the runs ask for more than the range allows: a missing op, not a factor to fit).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ BOUNDS = {"launch_overhead": 1000.0, "gemm": 20.0, "attention": 20.0, "elementwi
 HOST_RANGE_S = (1e-9, 1e-2)  # the host seconds per call searched over (log scale)
 HOST_START_S = 1e-5
 PRIOR_WEIGHT = 0.05  # residual per unit log multiplier: a 2x change costs as much as a 3.5% misprediction
+AT_BOUND_LOG = 0.01  # a fitted value within 1% of an end of its range is at that bound
 FIT_METRICS = ("prefill_s", "decode_step_mean_s")
 _COPY_FIELDS = ("h2d_pinned_s", "d2h_pinned_s", "h2d_pageable_s", "d2h_pageable_s")
 
@@ -163,6 +168,7 @@ class Calibration:
     fit_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # run name -> metric -> error, after
     base_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # the same with the base profile
     evaluations: int = 0
+    at_bound: dict[str, str] = field(default_factory=dict)  # fitted parameter -> "lower" | "upper" end of its range
 
     @property
     def profile(self) -> HardwareProfile:
@@ -221,6 +227,10 @@ def calibrate(runs: list[Run], base: HardwareProfile, parameters: tuple[str, ...
                         options={"initial_simplex": simplex, "maxfev": max_evaluations, "xatol": 1e-3,
                                  "fatol": 1e-6})
         calibration.values = values(best.x)
+        for name, x in zip(free, best.x):
+            low, high = _bounds(name)
+            if x <= low + AT_BOUND_LOG or x >= high - AT_BOUND_LOG:
+                calibration.at_bound[name] = "lower" if x <= low + AT_BOUND_LOG else "upper"
     calibration.fit_errors = {run.name: run.errors_pct(calibration.profile) for run in runs}
     calibration.base_errors = {run.name: run.errors_pct(base) for run in runs}
     return calibration
@@ -231,9 +241,28 @@ def mape(errors: dict[str, dict[str, float]], metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def describe_values(values: dict[str, float]) -> str:
-    return ", ".join(f"host +{v * 1e6:.3g} us per GEMM/attention call" if name == "host" else f"{name} x{v:.3g}"
+def overall_mape(errors: dict[str, dict[str, float]]) -> float | None:
+    """Mean absolute error in percent over every fitted time of every run."""
+    values = [abs(e) for run in errors.values() for e in run.values()]
+    return sum(values) / len(values) if values else None
+
+
+def describe_values(values: dict[str, float], at_bound: dict[str, str] | None = None) -> str:
+    at_bound = at_bound or {}
+    return ", ".join((f"host +{v * 1e6:.3g} us per GEMM/attention call" if name == "host" else f"{name} x{v:.3g}")
+                     + (f" (at its {at_bound[name]} bound)" if name in at_bound else "")
                      for name, v in values.items()) or "none"
+
+
+def refuse_if_worse(calibration: Calibration) -> None:
+    """SpecError when the fitted profile predicts its own fit runs worse than the base profile does."""
+    before, after = overall_mape(calibration.base_errors), overall_mape(calibration.fit_errors)
+    if before is not None and after > before:
+        count = sum(len(run) for run in calibration.fit_errors.values())
+        raise SpecError(f"calibration made its own fit runs worse: error over their {count} fitted times "
+                        f"{before:.1f}% with the base profile, {after:.1f}% fitted "
+                        f"({describe_values(calibration.values, calibration.at_bound)}); no profile written. "
+                        "Fit fewer parameters (--params) or check the measured runs.")
 
 
 def check_disjoint(fit: list[LoadedResult], holdout: list[LoadedResult]) -> None:
@@ -250,7 +279,7 @@ def fitted_profile_data(calibration: Calibration, name: str, holdout_errors: dic
     base, m = calibration.base, calibration.values
     profile = calibration.profile
     data = profile.model_dump(mode="json")
-    fit_text = describe_values(m)
+    fit_text = describe_values(m, calibration.at_bound)
     if "launch_overhead" in m:
         fit_text += f" (launch_overhead_s {base.gpu.launch_overhead_s:.3g} -> {profile.gpu.launch_overhead_s:.3g})"
     runs = "; ".join(f"{run.name} ({run.measured.path})" for run in calibration.fit_runs)
@@ -261,6 +290,9 @@ def fitted_profile_data(calibration: Calibration, name: str, holdout_errors: dic
              f"fitted: {fit_text}; fit-set errors: {summary}",
              "GEMM table resampled first: rows added for the (k, n) of the runs' models at the base profile's "
              "interpolated times, so a per-call host term is added once per call"]
+    if calibration.at_bound:
+        notes.append("at the end of their range (the runs ask for more; a missing op, not a factor): "
+                     + ", ".join(f"{name} ({end} bound)" for name, end in calibration.at_bound.items()))
     if calibration.inert:
         notes.append(f"not identifiable from these runs (no effect on their predictions), left alone: "
                      f"{', '.join(calibration.inert)}")

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from alisa_sim.errors import SpecError
 from alisa_sim.results import build_result, write_json_atomic
-from alisa_sim.simulator import simulate, simulate_with_policy
+from alisa_sim.simulator import simulate
 from alisa_sim.trace import build_trace
 from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
 
@@ -96,53 +96,51 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _flexgen_plan(wl: ResolvedWorkload, console: Console, show: int) -> dict:
-    """FlexGen's LP search: the candidates by LP estimate, the best few also simulated, the LP's choice."""
+    """FlexGen's LP search: the candidates by LP estimate, priced from sampled steps, the front-runners simulated."""
     from alisa_sim.cost_model import CostModel
-    from alisa_sim.planner.flexgen_lp import search
-    from alisa_sim.policies.flexgen import FlexGenPolicy
+    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, MAX_SIMULATED, flexgen_report
 
-    cost = CostModel(wl.hardware)
-    solutions = search(wl, cost)
-    if not solutions:
-        raise SpecError(f"flexgen: no placement of {wl.model.name} at batch {wl.workload.batch_size} fits this machine")
-    tokens = wl.workload.batch_size * wl.workload.gen_len
-    table = Table("rank", "FlexGen flags", "LP estimate (tok/s)", "simulated (tok/s)",
-                  title=f"FlexGen policy search: {len(solutions)} feasible candidates, best {min(show, len(solutions))}")
-    candidates = []
-    for rank, solution in enumerate(solutions[:show], 1):
-        sim = simulate_with_policy(wl, FlexGenPolicy(wl, cost, solution.setting))
-        simulated = None if sim.oom_error else build_result(sim)["metrics"]["throughput_tok_s"]
-        candidates.append({"flexgen_cli": solution.setting.cli(), "lp_throughput_tok_s": solution.lp_throughput(tokens),
-                           "simulated_throughput_tok_s": simulated})
-        table.add_row(str(rank), solution.setting.cli(), f"{solution.lp_throughput(tokens):.2f}",
-                      "oom" if simulated is None else f"{simulated:.2f}")
+    plan = flexgen_report(wl, CostModel(wl.hardware), show)
+    candidates = plan["candidates"]
+    table = Table("rank", "FlexGen flags", "LP (tok/s)", "sampled (tok/s)", "simulated (tok/s)",
+                  title=f"FlexGen policy search: {plan['feasible']} feasible candidates, best {len(candidates)}")
+    for rank, c in enumerate(candidates, 1):
+        simulated = f"pruned ({c['pruned'].split(':')[0]})" if c["pruned"] else (
+            "oom" if c["simulated_throughput_tok_s"] is None else f"{c['simulated_throughput_tok_s']:.2f}")
+        table.add_row(str(rank), c["flexgen_cli"], f"{c['lp_throughput_tok_s']:.2f}",
+                      f"{c['sampled_throughput_tok_s']:.2f}", simulated)
     console.print(table)
-    console.print(f"chosen (FlexGen's LP): [bold]{solutions[0].setting.cli()}[/]")
-    plan = FlexGenPolicy(wl, cost, solutions[0].setting).plan()
-    return {**plan, "chosen": candidates[0], "candidates": candidates}
+    console.print(f"LP: FlexGen's estimate; sampled: the engine's time of the prefill and a few decode steps; simulated in full: the "
+                  f"LP's choice and the best estimates within {FRONT_RUNNER_MARGIN:.0%} ({MAX_SIMULATED} at most), the "
+                  "others pruned (+: estimated time over the best)")
+    console.print(f"chosen (FlexGen's LP): [bold]{plan['chosen']['flexgen_cli']}[/]")
+    return plan
 
 
 def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
-    """ALISA's schedule search: the chosen p1/p2/alpha/beta and the alternatives it rejected, each simulated."""
+    """ALISA's schedule search: the chosen p1/p2/alpha/beta and the alternatives it rejected, the best simulated."""
     from alisa_sim.cost_model import CostModel
-    from alisa_sim.planner.alisa_search import search_schedule
-    from alisa_sim.policies.alisa import AlisaPolicy
+    from alisa_sim.planner.report import FRONT_RUNNER_MARGIN, MAX_SIMULATED, alisa_report
 
-    cost = CostModel(wl.hardware)
-    chosen_policy = AlisaPolicy(wl, cost)
-    search = search_schedule(chosen_policy)
+    plan = alisa_report(wl, CostModel(wl.hardware))
     table = Table("schedule", "p1", "p2", "alpha", "beta", "search estimate (decode s)", "simulated total (s)",
-                  title=f"ALISA schedule search (GPU KV budget {chosen_policy.gpu_tokens} tokens per sequence; "
+                  title=f"ALISA schedule search (GPU KV budget {plan['gpu_kv_budget_tokens']} tokens per sequence; "
                         f"p2 past {wl.decode_steps} = never)")
-    rows = []
-    for what, schedule, estimate in [("chosen", search.schedule, search.estimated_decode_s)] + search.alternatives:
-        sim = simulate_with_policy(wl, AlisaPolicy(wl, cost, schedule))
-        total = None if sim.oom_error else build_result(sim)["metrics"]["total_s"]
-        rows.append({"what": what, **vars(schedule), "estimated_decode_s": estimate, "simulated_total_s": total})
-        table.add_row(what, str(schedule.p1), str(schedule.p2), f"{schedule.alpha:g}", f"{schedule.beta:g}",
-                      f"{estimate:.2f}", "oom" if total is None else f"{total:.2f}")
+    for row in [plan["chosen"]] + plan["alternatives"]:
+        simulated = f"pruned ({row['pruned'].split(':')[0]})" if row["pruned"] else (
+            "oom" if row["simulated_total_s"] is None else f"{row['simulated_total_s']:.2f}")
+        table.add_row(row["what"], str(row["p1"]), str(row["p2"]), f"{row['alpha']:g}", f"{row['beta']:g}",
+                      f"{row['estimated_decode_s']:.2f}", simulated)
     console.print(table)
-    return {**chosen_policy.plan(), "alternatives": rows[1:]}
+    console.print(f"simulated in full: the choice and the best estimates within {FRONT_RUNNER_MARGIN:.0%} "
+                  f"({MAX_SIMULATED} at most), the others pruned (+: estimated time over the best)")
+    search = plan["phase3_search"]
+    if search["sampled_steps"]:
+        pruned = search["betas_ruled_out"]
+        console.print(f"Phase III search: {search['pairs']} (beta, sampled step) pairs, "
+                      f"{search['pairs_timed']} timed by the engine, the rest ruled out by a lower bound on their "
+                      "time" + (f" (betas never timed: {', '.join(map(str, pruned))})" if pruned else ""))
+    return plan
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
@@ -153,10 +151,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     elif wl.policy.name == "alisa":
         plan = _alisa_plan(wl, quiet)
     else:
-        from alisa_sim.cost_model import CostModel
-        from alisa_sim.policies import make_policy
+        from alisa_sim.planner import make_policy
 
-        plan = make_policy(wl, CostModel(wl.hardware)).plan()
+        plan = make_policy(wl).plan()
         quiet.print_json(data=plan)
     if args.json:
         print(json.dumps(plan, indent=1))
@@ -198,7 +195,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from alisa_sim.calibrate import (FIT_METRICS, PARAMETERS, calibrate, check_disjoint, describe_values,
-                                     fitted_profile_data, mape, prepare_runs, write_profile_yaml)
+                                     fitted_profile_data, mape, prepare_runs, refuse_if_worse, write_profile_yaml)
     from alisa_sim.hardware import load_hardware_profile
     from alisa_sim.validate import load_results
 
@@ -223,9 +220,11 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     base = load_hardware_profile(hardware)
     holdout_runs = prepare_runs(holdout, hardware)
     fit = calibrate(prepare_runs(measured, hardware), base, parameters, shapes_of=holdout_runs)
+    refuse_if_worse(fit)
     holdout_errors = {run.name: run.errors_pct(fit.profile) for run in holdout_runs}
     write_profile_yaml(fitted_profile_data(fit, out.stem, holdout_errors), out)
     summary = {"profile": str(out), "base": base.name, "values": fit.values, "inert": fit.inert,
+               "at_bound": fit.at_bound,
                "launch_overhead_s": fit.profile.gpu.launch_overhead_s, "evaluations": fit.evaluations,
                "mape_pct": {side: {metric: mape(errors, metric) for metric in FIT_METRICS}
                             for side, errors in (("fit_before", fit.base_errors), ("fit_after", fit.fit_errors),
@@ -237,7 +236,7 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
                                                "of the set)")
     for name in parameters:
         table.add_row(name, "not identifiable: left alone" if name in fit.inert
-                      else describe_values({name: fit.values[name]}))
+                      else describe_values({name: fit.values[name]}, fit.at_bound))
     console.print(table)
     errors = Table("runs", *(f"{metric} MAPE" for metric in FIT_METRICS), title="errors of the predictions")
     for side, label in (("fit_before", "fit set, base profile"), ("fit_after", "fit set, fitted profile"),
@@ -245,6 +244,9 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
         cells = [summary["mape_pct"][side][metric] for metric in FIT_METRICS]
         errors.add_row(label, *("-" if c is None else f"{c:.1f}%" for c in cells))
     console.print(errors)
+    for name, end in fit.at_bound.items():
+        console.print(f"[yellow]{name} ended at the {end} end of its range: the runs ask for more than it allows "
+                      "(look for an op the profile does not time rather than trusting the factor)[/]")
     console.print(f"wrote {out} (validate it on held-out runs: alisa-sim run MEASURED/result.json --hardware {out})")
     return 0
 
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("workload", help="workload YAML file")
     plan.add_argument("--hardware", help="hardware profile name or YAML path, overriding the workload's")
     plan.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's")
-    plan.add_argument("--candidates", type=int, default=5, help="how many of the best candidates to simulate")
+    plan.add_argument("--candidates", type=int, default=5,
+                      help="FlexGen: how many of the best LP candidates to price (the front-runners are simulated)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (alisa-sim/alisa-exec run take it)")
     plan.set_defaults(handler=cmd_plan)
     validate = sub.add_parser("validate", help="pair predicted and measured results; error per metric, MAPE, HTML")

@@ -7,7 +7,11 @@ import pytest
 
 from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
-from alisa_sim.policies import make_policy
+from alisa_sim.planner import make_policy
+from alisa_sim.planner.alisa_search import BETAS, search_schedule
+from alisa_sim.planner.pricing import step_lower_bound_s, step_time_s
+from alisa_sim.policies import POLICIES
+from alisa_sim.policies.alisa import AlisaPolicy, AlisaSchedule
 from alisa_sim.results import build_result
 from alisa_sim.selection_stats import UNIFORM_STATS
 from alisa_sim.simulator import simulate
@@ -112,7 +116,216 @@ def test_plan_json_pins_the_schedule(tmp_path, capsys):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert main(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--json"]) == 0
     chosen_total = json.loads(capsys.readouterr().out)["metrics"]["total_s"]
+    assert chosen_total == pytest.approx(plan["chosen"]["simulated_total_s"])
     assert chosen_total <= min(a["simulated_total_s"] for a in plan["alternatives"]) * 1.02
+
+
+def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_path, capsys):
+    """Phase III at 50% sparsity with INT8 and picks spread evenly: beta 0.6 from p2 = 430. Of the seven schedules
+    the report prices, the choice and the two best estimates are simulated; the others are pruned, each saying why;
+    the Phase III search timed few of its 120 (beta, step) pairs and says which betas it never timed."""
+    path = tmp_path / "w.yaml"
+    path.write_text(f"model: opt-30b\nhardware: paper-h100-80g\nbatch_size: 64\nprompt_len: 128\ngen_len: 512\n"
+                    f"policy: {{name: alisa, kv_sparsity: 0.5, selection_stats: {UNIFORM_STATS}}}\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    chosen = [(row["p1"], row["p2"], row["beta"]) for row in (plan["params"], plan["chosen"])]
+    assert chosen == [(333, 430, 0.6)] * 2
+    rows = [plan["chosen"]] + plan["alternatives"]
+    simulated = [row for row in rows if row["pruned"] is None]
+    assert len(rows) == 7 and len(simulated) == 3 and simulated[0]["what"] == "chosen"
+    assert all(row["simulated_total_s"] > 0 for row in simulated)
+    best = min(row["estimated_decode_s"] for row in rows)
+    for row in rows:
+        if row["pruned"]:
+            assert row["simulated_total_s"] is None and row["estimated_decode_s"] >= best
+            assert row["pruned"].startswith(f"+{row['estimated_decode_s'] / best - 1:.0%}: ")
+    assert any("more than 5% above the best" in (row["pruned"] or "") for row in rows)
+    search = plan["phase3_search"]
+    assert search["pairs"] == 120 and 0 < search["pairs_timed"] < 30
+    assert 0.6 in search["betas_timed"] and 0.6 not in search["betas_ruled_out"] and search["betas_ruled_out"]
+    assert main(["plan", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "pruned (+" in printed and "ruled out by a lower bound" in printed and "betas never timed" in printed
+
+
+# ---- The schedule search: it times only what a lower bound cannot rule out, and chooses as before ---------------
+
+# The choices (p1, p2, alpha, beta) of the search as it was before it pruned by bound, when it timed every beta at
+# every sampled step (recorded 2026-12-01 at commit 69cd31b); bounding must change none of them.
+PINNED_FILE_SCHEDULES = [  # (workload file, policy override)
+    ("workloads/opt-13b-zero-16g.yaml", "alisa", (0, 128, 0.0, 0.0)),
+    ("workloads/opt-30b-accelerate.yaml", "alisa", (375, 512, 0.0, 0.0)),
+    ("workloads/opt-6.7b-dense-h200.yaml", "alisa", (14702, 32, 0.0, 0.0)),
+    ("workloads/paper/fig11-attention-opt6.7b.yaml", "alisa", (7517, 2, 0.0, 0.0)),
+    ("workloads/paper/fig11-attention-opt6.7b.yaml", None, (3933, 2, 0.0, 0.0)),
+    ("workloads/paper/fig12-opt30b.yaml", "alisa", (375, 512, 0.0, 0.0)),
+    ("workloads/paper/fig12-opt30b.yaml", None, (136, 512, 0.0, 0.0)),
+    ("workloads/paper/fig9-opt30b-b64.yaml", "alisa", (375, 512, 0.0, 0.0)),
+    ("workloads/paper/fig9-opt30b-b64.yaml", None, (375, 512, 0.0, 0.0)),
+]
+FIG9_P1 = {  # (model, batch): p1 of the Fig. 9 grid's ALISA points; none starts Phase III (p2 = 512)
+    ("opt-6.7b", 4): 18709, ("opt-6.7b", 8): 9265, ("opt-6.7b", 16): 4543, ("opt-6.7b", 32): 2182,
+    ("opt-6.7b", 64): 1002, ("opt-13b", 4): 4802, ("opt-13b", 8): 2317, ("opt-13b", 16): 1074, ("opt-13b", 32): 453,
+    ("opt-13b", 64): 142, ("llama-7b", 4): 18561, ("llama-7b", 8): 9189, ("llama-7b", 16): 4503,
+    ("llama-7b", 32): 2160, ("llama-7b", 64): 988, ("llama-13b", 4): 4612, ("llama-13b", 8): 2220,
+    ("llama-13b", 16): 1024, ("llama-13b", 32): 426, ("llama-13b", 64): 127, ("opt-30b", 4): 8411,
+    ("opt-30b", 8): 4125, ("opt-30b", 16): 1982, ("opt-30b", 32): 911, ("opt-30b", 64): 375, ("llama-33b", 4): 5722,
+    ("llama-33b", 8): 2782, ("llama-33b", 16): 1312, ("llama-33b", 32): 577, ("llama-33b", 64): 210,
+}
+FIG12_SCHEDULES = {  # Fig. 12's workload with (kv_sparsity, int8, recompute, selection_stats) changed
+    (0.5, False, True, "measured"): (108, 255, 0.0, 1.0), (0.5, False, False, "measured"): (114, 512, 0.0, 0.0),
+    (0.5, True, True, "measured"): (333, 512, 0.0, 0.0), (0.5, True, False, "measured"): (340, 512, 0.0, 0.0),
+    (0.5, False, True, "uniform"): (108, 181, 0.0, 1.0), (0.5, False, False, "uniform"): (114, 512, 0.0, 0.0),
+    (0.5, True, True, "uniform"): (333, 430, 0.0, 0.6), (0.5, True, False, "uniform"): (340, 512, 0.0, 0.0),
+    (0.8, False, True, "measured"): (136, 512, 0.0, 0.0), (0.8, False, False, "measured"): (138, 512, 0.0, 0.0),
+    (0.8, True, True, "measured"): (375, 512, 0.0, 0.0), (0.8, True, False, "measured"): (378, 512, 0.0, 0.0),
+    (0.8, False, True, "uniform"): (136, 272, 0.0, 1.0), (0.8, False, False, "uniform"): (138, 512, 0.0, 0.0),
+    (0.8, True, True, "uniform"): (375, 512, 0.0, 0.0), (0.8, True, False, "uniform"): (378, 512, 0.0, 0.0),
+    (0.9, False, True, "measured"): (142, 512, 0.0, 0.0), (0.9, False, False, "measured"): (144, 512, 0.0, 0.0),
+    (0.9, True, True, "measured"): (384, 512, 0.0, 0.0), (0.9, True, False, "measured"): (385, 512, 0.0, 0.0),
+    (0.9, False, True, "uniform"): (142, 343, 0.0, 0.7), (0.9, False, False, "uniform"): (144, 512, 0.0, 0.0),
+    (0.9, True, True, "uniform"): (384, 512, 0.0, 0.0), (0.9, True, False, "uniform"): (385, 512, 0.0, 0.0),
+}
+FIG9_GRID_PHASE3 = {  # (model, batch, int8, attention_kernel, selection_stats) at 80% sparsity: Phase III starts
+    ("opt-13b", 64, False, "fused", "measured"): (15, 511, 0.0, 0.4),
+    ("opt-13b", 64, True, "fused", "uniform"): (148, 511, 0.0, 0.1),
+    ("opt-13b", 64, False, "gather", "uniform"): (11, 375, 0.0, 0.2),
+    ("opt-13b", 64, False, "fused", "uniform"): (15, 286, 0.0, 0.3),
+    ("llama-13b", 64, False, "fused", "measured"): (6, 511, 0.0, 0.5),
+    ("llama-13b", 64, True, "fused", "uniform"): (133, 511, 0.0, 0.1),
+    ("llama-13b", 64, False, "gather", "uniform"): (3, 372, 0.0, 0.2),
+    ("llama-13b", 64, False, "fused", "uniform"): (6, 281, 0.0, 0.3),
+    ("opt-30b", 64, False, "fused", "measured"): (138, 511, 0.0, 0.4),
+    ("opt-30b", 64, True, "fused", "uniform"): (380, 511, 0.0, 0.1),
+    ("opt-30b", 64, False, "gather", "uniform"): (136, 272, 0.0, 1.0),
+    ("opt-30b", 64, False, "fused", "uniform"): (138, 240, 0.0, 1.0),
+    ("llama-33b", 32, False, "gather", "uniform"): (244, 438, 0.0, 0.6),
+    ("llama-33b", 32, False, "fused", "uniform"): (246, 391, 0.0, 0.8),
+    ("llama-33b", 64, False, "gather", "measured"): (49, 427, 0.0, 0.8),
+    ("llama-33b", 64, False, "fused", "measured"): (51, 386, 0.0, 0.9),
+    ("llama-33b", 64, True, "gather", "uniform"): (210, 402, 0.0, 0.5),
+    ("llama-33b", 64, True, "fused", "uniform"): (214, 376, 0.0, 0.7),
+    ("llama-33b", 64, False, "gather", "uniform"): (49, 175, 0.0, 1.0),
+    ("llama-33b", 64, False, "fused", "uniform"): (51, 135, 0.0, 1.0),
+}
+OPT30B_PHASE3 = {  # OPT-30B b=64, INT8 off, uniform selection_stats: (kv_sparsity, overlap, selection)
+    (0.5, True, "per_layer"): (108, 181, 0.0, 1.0), (0.5, True, "per_head"): (0, 1, 0.0, 0.8),
+    (0.5, False, "per_layer"): (108, 145, 0.0, 1.0), (0.5, False, "per_head"): (0, 1, 0.0, 0.8),
+    (0.8, True, "per_layer"): (136, 272, 0.0, 1.0), (0.8, True, "per_head"): (0, 140, 0.0, 1.0),
+    (0.8, False, "per_layer"): (136, 170, 0.0, 1.0), (0.8, False, "per_head"): (0, 47, 0.0, 1.0),
+}
+_STATS = {"measured": None, "uniform": str(UNIFORM_STATS)}
+
+
+def _schedule(wl) -> tuple:
+    schedule = make_policy(wl).schedule
+    return schedule.p1, schedule.p2, schedule.alpha, schedule.beta
+
+
+def _mismatches(cases: dict) -> dict:
+    """The cases (key: (workload, pinned schedule)) whose schedule the search now chooses differently."""
+    return {key: (pinned, now) for key, (wl, pinned) in cases.items() if (now := _schedule(wl)) != pinned}
+
+
+def test_search_keeps_its_choices_on_the_paper_workloads():
+    cases = {(path, policy): (load_workload(path, policy=policy), pinned) for path, policy, pinned
+             in PINNED_FILE_SCHEDULES}
+    hardware = dict(FIG9_MODELS)
+    for (model, batch), p1 in FIG9_P1.items():
+        wl = _workload(_alisa(kv_sparsity=0.8), model=model, hardware=hardware[model], batch=batch)
+        cases[model, batch] = (wl, (p1, 512, 0.0, 0.0))
+    fig12 = load_workload(FIG12).workload.model_dump()
+    for (sparsity, int8, recompute, stats), pinned in FIG12_SCHEDULES.items():
+        policy = {**fig12["policy"], "kv_sparsity": sparsity, "int8": int8, "recompute": recompute,
+                  "selection_stats": _STATS[stats]}
+        cases[sparsity, int8, recompute, stats] = (resolve_workload({**fig12, "policy": policy}), pinned)
+    assert not _mismatches(cases)
+
+
+def test_search_keeps_its_choices_where_phase_three_starts():
+    hardware = dict(FIG9_MODELS)
+    cases = {}
+    for (model, batch, int8, kernel, stats), pinned in FIG9_GRID_PHASE3.items():
+        policy = _alisa(kv_sparsity=0.8, int8=int8, attention_kernel=kernel, selection_stats=_STATS[stats])
+        cases[model, batch, int8, kernel, stats] = (_workload(policy, model=model, hardware=hardware[model],
+                                                              batch=batch), pinned)
+    for (sparsity, overlap, selection), pinned in OPT30B_PHASE3.items():
+        policy = _alisa(kv_sparsity=sparsity, int8=False, selection=selection, selection_stats=str(UNIFORM_STATS))
+        cases[sparsity, overlap, selection] = (_workload(policy, overlap=overlap), pinned)
+    assert not _mismatches(cases)
+
+
+def _templates():
+    """Step DAGs of every policy on the OPT-30B Fig. 12 shape, with transfers (Phases II and III, FlexGen blocks with
+    and without CPU attention), with and without overlap."""
+    for overlap in (True, False):
+        for policy in ({"name": "dense"}, {"name": "accelerate"}, {"name": "zero"}, {"name": "vllm"},
+                       {"name": "flexgen", "percent": [80, 20, 50, 50, 60, 40], "gpu_batch_size": 16,
+                        "num_gpu_batches": 4, "cpu_attention": False},
+                       {"name": "flexgen", "percent": [80, 20, 50, 50, 100, 0], "gpu_batch_size": 32,
+                        "num_gpu_batches": 2, "cpu_attention": True}):
+            wl = _workload(policy, overlap=overlap)
+            sim = make_policy(wl)
+            yield wl, sim.prefill_template()
+            for step in (1, 200, 511):
+                yield wl, sim.decode_template(step)
+        wl = _workload(_alisa(kv_sparsity=0.5, int8=False, selection_stats=str(UNIFORM_STATS)), overlap=overlap)
+        probe = AlisaPolicy(wl, CostModel(wl.hardware))
+        yield wl, probe.prefill_template()
+        for beta in (0.0, 0.3, 1.0):
+            schedule = AlisaSchedule(probe.natural_p1(), 0 if beta else 512, 0.0, beta)
+            for step in (1, 120, 300, 511):
+                yield wl, probe.decode_template(step, schedule)
+
+
+def test_step_lower_bound_never_exceeds_the_engine():
+    """The bound the search prunes by holds for every policy's step DAG; it is exact without overlap and, on
+    ALISA's steps, within 10% of the engine's time (so it prunes; today within 3%)."""
+    assert {"dense", "accelerate", "zero", "vllm", "flexgen", "alisa"} <= set(POLICIES)
+    ratios = []
+    for wl, template in _templates():
+        layers, overlap = wl.model.num_layers, wl.workload.overlap
+        engine, bound = step_time_s(template, layers, overlap), step_lower_bound_s(template, layers, overlap)
+        assert 0 < bound <= engine * (1 + 1e-12), (wl.policy.name, overlap)
+        if not overlap:
+            assert bound == pytest.approx(engine, rel=1e-9)
+        elif wl.policy.name == "alisa":
+            ratios.append(bound / engine)
+    assert min(ratios) > 0.9
+
+
+@pytest.mark.parametrize("model,hardware,batch,overlap,options", [
+    ("opt-30b", "paper-h100-80g", 64, True, {"kv_sparsity": 0.5}),
+    ("opt-30b", "paper-h100-80g", 64, False, {"kv_sparsity": 0.8, "int8": False}),
+    ("opt-30b", "paper-h100-80g", 64, True, {"kv_sparsity": 0.8, "int8": False, "selection": "per_head"}),
+    ("llama-33b", "paper-h100-80g", 64, True, {"int8": False, "attention_kernel": "fused"}),
+    ("opt-13b", "paper-v100-32g", 64, True, {"int8": False}),
+])
+def test_search_chooses_as_timing_every_candidate_would(model, hardware, batch, overlap, options):
+    """The bounded search picks the beta and p2 that timing all (beta, sampled step) pairs with the engine picks
+    (the search as it was before bounding), and times at most a third of the pairs."""
+    wl = _workload(_alisa(selection_stats=str(UNIFORM_STATS), **options), model=model, hardware=hardware, batch=batch,
+                   overlap=overlap)
+    probe = AlisaPolicy(wl, CostModel(wl.hardware))
+    found = search_schedule(probe)
+    p1, layers, last = found.schedule.p1, wl.model.num_layers, wl.decode_steps
+
+    def timed(step, p2, beta):
+        return step_time_s(probe.decode_template(step, AlisaSchedule(p1, p2, 0.0, beta)), layers, probe.overlap)
+
+    without = {j: timed(j, last + 1, 0.0) for j in found.samples}
+    with_beta = {b: {j: timed(j, 0, b) for j in found.samples} for b in BETAS[1:]}
+    beta = min(BETAS[1:], key=lambda b: sum(min(without[j], with_beta[b][j]) for j in found.samples))
+    p2 = next((j for j in found.samples if with_beta[beta][j] < without[j] * 0.99), last + 1)
+    assert (found.schedule.p2, found.schedule.beta) == (p2, beta if p2 <= last else 0.0) and p2 <= last
+    assert found.pairs_timed <= len(found.samples) * (len(BETAS) - 1) / 3
+
+
+def test_an_unplanned_alisa_policy_says_how_to_plan_it():
+    wl = _workload(_alisa())
+    with pytest.raises(RuntimeError, match="alisa_sim.planner.make_policy"):
+        AlisaPolicy(wl, CostModel(wl.hardware)).schedule
 
 
 def test_bad_alisa_options():

@@ -8,10 +8,11 @@ import pytest
 from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
+from alisa_sim.planner import make_policy
 from alisa_sim.planner.flexgen_lp import search
 from alisa_sim.results import build_result
 from alisa_sim.simulator import simulate
-from alisa_sim.workload import resolve_workload
+from alisa_sim.workload import load_workload, resolve_workload
 
 
 def _workload(model="opt-6.7b", hardware="t4-16g", batch=8, prompt=512, gen=32, **policy):
@@ -87,6 +88,68 @@ def test_lp_choice_respects_memory_and_is_simulated_without_oom():
     assert best.gpu_batch_size * best.num_gpu_batches == 64
     assert best.percent[1] > 50  # most of OPT-30B's 60 GB of weights must live on the CPU of a 16 GB T4
     assert not _metrics(model="opt-30b", batch=64, prompt=512, gen=32)["oom"]
+
+
+# The LP search's choices before `alisa-sim plan` stopped simulating every candidate (recorded 2026-12-01 at commit
+# 69cd31b): the LP alone chooses, so they must not move.
+PINNED_FILE_SETTINGS = [  # (workload file, FlexGen flags) with the policy set to flexgen
+    ("workloads/opt-13b-zero-16g.yaml",
+     "--percent 60 40 0 100 0 100 --gpu-batch-size 2 --num-gpu-batches 8 --cpu-cache-compute"),
+    ("workloads/opt-30b-accelerate.yaml",
+     "--percent 83 17 59 41 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute"),
+    ("workloads/opt-6.7b-dense-h200.yaml", "--percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1"),
+    ("workloads/paper/fig11-attention-opt6.7b.yaml",
+     "--percent 100 0 100 0 100 0 --gpu-batch-size 64 --num-gpu-batches 1"),
+    ("workloads/paper/fig12-opt30b.yaml",
+     "--percent 83 17 59 41 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute"),
+    ("workloads/paper/fig9-opt30b-b64.yaml",
+     "--percent 83 17 59 41 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute"),
+]
+FIG9_SETTINGS = {  # (model, batch): the Fig. 9 grid's FlexGen points (all but the listed: everything on the GPU)
+    ("opt-6.7b", 64): "--percent 97 3 97 3 100 0 --gpu-batch-size 64 --num-gpu-batches 1",
+    ("opt-13b", 32): "--percent 87 13 67 33 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --cpu-cache-compute",
+    ("opt-13b", 64): "--percent 68 32 46 54 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute",
+    ("llama-7b", 64): "--percent 100 0 94 6 100 0 --gpu-batch-size 64 --num-gpu-batches 1",
+    ("llama-13b", 16): "--percent 100 0 97 3 100 0 --gpu-batch-size 16 --num-gpu-batches 1",
+    ("llama-13b", 32): "--percent 87 13 65 35 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --cpu-cache-compute",
+    ("llama-13b", 64): "--percent 68 32 45 55 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute",
+    ("opt-30b", 32): "--percent 97 3 92 8 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --cpu-cache-compute",
+    ("opt-30b", 64): "--percent 83 17 59 41 100 0 --gpu-batch-size 64 --num-gpu-batches 1 --cpu-cache-compute",
+    ("llama-33b", 32): "--percent 93 7 72 28 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --cpu-cache-compute",
+    ("llama-33b", 64): "--percent 79 21 49 51 85 15 --gpu-batch-size 16 --num-gpu-batches 4 --cpu-cache-compute",
+}
+FIG9_MODELS = {"opt-6.7b": "paper-v100-32g", "opt-13b": "paper-v100-32g", "llama-7b": "paper-v100-32g",
+               "llama-13b": "paper-v100-32g", "opt-30b": "paper-h100-80g", "llama-33b": "paper-h100-80g"}
+
+
+def test_lp_search_keeps_its_choices_on_the_paper_workloads():
+    chosen = {path: make_policy(load_workload(path, policy="flexgen")).setting.cli()
+              for path, _ in PINNED_FILE_SETTINGS}
+    assert chosen == dict(PINNED_FILE_SETTINGS)
+    grid = {}
+    for model, hardware in FIG9_MODELS.items():
+        for batch in (4, 8, 16, 32, 64):
+            wl = _workload(model=model, hardware=hardware, batch=batch, prompt=128, gen=512)
+            grid[model, batch] = make_policy(wl).setting.cli()
+    everything_on_the_gpu = {key: f"--percent 100 0 100 0 100 0 --gpu-batch-size {key[1]} --num-gpu-batches 1"
+                             for key in grid}
+    assert grid == {**everything_on_the_gpu, **FIG9_SETTINGS}
+
+
+def test_plan_prices_every_candidate_and_simulates_only_the_front_runners(capsys):
+    """OPT-30B at batch 64 on the paper's H100: the five best LP candidates are priced from sampled steps; the LP's
+    choice is simulated in full (its sampled estimate within 5% of the simulation), the others, estimated far slower,
+    are pruned with the reason."""
+    assert main(["plan", "workloads/paper/fig9-opt30b-b64.yaml", "--policy", "flexgen", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    chosen, *others = plan["candidates"]
+    assert plan["chosen"] == chosen and len(others) == 4 and plan["feasible"] > 5
+    assert chosen["pruned"] is None
+    assert chosen["sampled_throughput_tok_s"] == pytest.approx(chosen["simulated_throughput_tok_s"], rel=0.05)
+    for row in others:
+        assert row["simulated_throughput_tok_s"] is None
+        slower = chosen["sampled_throughput_tok_s"] / row["sampled_throughput_tok_s"] - 1
+        assert slower > 0.05 and row["pruned"] == f"+{slower:.0%}: estimate more than 5% above the best one"
 
 
 def test_plan_prints_flexgen_percent_line(tmp_path, capsys):

@@ -188,3 +188,50 @@ def test_fitted_profile_keeps_predictions_of_an_untouched_fit(tmp_path):
     assert fit.values == {} and fit.inert == ["copy"]
     assert runs[0].predict(fit.profile) == pytest.approx(runs[0].predict(base), rel=1e-12)
     assert yaml.safe_load(yaml.safe_dump(fit.profile.model_dump(mode="json")))["name"] == "h100"
+
+
+def _skewed(result: dict, prefill_scale: float, decode_scale: float) -> dict:
+    """A stand-in for an alisa-exec Result whose prefill and decode steps are off by different factors."""
+    measured = copy.deepcopy(result)
+    measured["source"] = "exec"
+    m = measured["metrics"]
+    m["prefill_s"] *= prefill_scale
+    m["decode_s"] *= decode_scale
+    m["decode_step_s"] = {k: v * decode_scale for k, v in m["decode_step_s"].items()}
+    m["total_s"] = m["prefill_s"] + m["decode_s"]
+    return measured
+
+
+SHAPES = [dict(model="opt-6.7b", batch_size=1, prompt_len=32), dict(model="opt-6.7b", batch_size=4, prompt_len=256)]
+
+
+def test_calibration_refuses_a_profile_that_predicts_its_own_runs_worse(tmp_path, capsys):
+    """Prefill measured 4x the prediction, decode steps half of it: one GEMM factor cannot fix both; the fit (least
+    squares in log) settles at x1.44, which takes the runs' error from 87.5% to 122%: refused, nothing written."""
+    for i, shape in enumerate(SHAPES):
+        _write(tmp_path / "fit", str(i), _skewed(_simulated(_workload(**shape)), 4.0, 0.5))
+    out = tmp_path / "h100-fitted.yaml"
+    assert main(["calibrate", str(tmp_path / "fit"), "--hardware", "h100", "--params", "gemm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "calibration made its own fit runs worse" in err and "87.5% with the base profile" in err
+    assert "no profile written" in err and "gemm x1.4" in err
+    assert not out.exists() and not list(tmp_path.glob("*.yaml*"))
+
+
+def test_calibration_reports_a_parameter_that_lands_at_its_bound(tmp_path, capsys):
+    """Runs measured 50x slower than predicted: GEMM time is allowed at most x20, the fit ends there; the profile is
+    still better than the base on the fit runs, so it is written, saying the factor is at its bound."""
+    for i, shape in enumerate(SHAPES):
+        _write(tmp_path / "fit", str(i), _as_measured(_simulated(_workload(**shape)), 50.0))
+    out = tmp_path / "h100-fitted.yaml"
+    args = ["calibrate", str(tmp_path / "fit"), "--hardware", "h100", "--params", "gemm", "--out", str(out)]
+    assert main(args + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["at_bound"] == {"gemm": "upper"} and summary["values"]["gemm"] == pytest.approx(20, rel=0.02)
+    assert summary["mape_pct"]["fit_after"]["decode_step_mean_s"] < summary["mape_pct"]["fit_before"][
+        "decode_step_mean_s"]
+    notes = " ".join(load_hardware_profile(out).provenance.notes)
+    assert "gemm x20 (at its upper bound)" in notes and "gemm (upper bound)" in notes
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "at its upper bound" in printed and "ended at the upper end of its range" in printed

@@ -10,60 +10,74 @@ What it does, precisely:
    that minimises the summed time when every sampled step may pick the better of no recompute and that beta
    (the paper's greedy choice); p2 is the first sampled step where that beta beats no recompute by more than 1%.
    If none does, Phase III never starts. A workload's own p2 or beta is kept as given.
+The search simulates only what it cannot bound: each (beta, step) is first priced by a lower bound on the engine's
+time from the step's DAG (planner/pricing.py). A sampled step whose bound is no faster than no recompute counts as no
+recompute without being simulated, and the betas are simulated best bound first until the next bound cannot beat
+the best summed time found; so the choice is the one that timing every candidate would make, exactly.
 The rejected alternatives (no Phase III, beta +- 0.2, p2 a sample earlier or later, offloading the final CPU share
-from step 1) are
-estimated the same way, for `alisa-sim plan` to print.
+from step 1) are estimated from sampled steps too, for `alisa-sim plan` to print.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from alisa_sim.engine import StepSimulator
+from alisa_sim.planner.pricing import at_least, beyond, sampled_steps, step_lower_bound_s, step_time_s
+from alisa_sim.policies.alisa import AlisaPolicy, AlisaSchedule
 
 BETAS = tuple(round(float(b), 1) for b in np.linspace(0, 1, 11))
 MAX_SAMPLES = 12
 MIN_GAIN = 0.01
 
 
-@dataclass(frozen=True)
-class AlisaSchedule:
-    """The planner's choice: phase switch steps, the least CPU share of KV and the deleted share of CPU KV."""
+class _Candidate:
+    """One schedule at the sampled steps: each step's lower bound from its DAG, its engine time when asked."""
 
-    p1: int  # first decode step of Phase II
-    p2: int  # first decode step of Phase III (past the last step: never)
-    alpha: float
-    beta: float
+    def __init__(self, policy: AlisaPolicy, schedule: AlisaSchedule, samples: list[int]):
+        self.samples = samples
+        self._layers, self._overlap = policy.model.num_layers, policy.overlap
+        self._templates = {step: policy.decode_template(step, schedule) for step in samples}
+        self.bounds = {step: step_lower_bound_s(template, self._layers, self._overlap)
+                       for step, template in self._templates.items()}
+        self.times: dict[int, float] = {}  # engine times taken so far
+
+    def time(self, step: int) -> float:
+        if step not in self.times:
+            self.times[step] = step_time_s(self._templates[step], self._layers, self._overlap)
+        return self.times[step]
+
+    def faster_than(self, step: int, seconds: float) -> bool:
+        return not at_least(self.bounds[step], seconds) and self.time(step) < seconds
+
+    def best_of_s(self, baseline: dict[int, float]) -> float:
+        """Summed time when each sampled step takes the better of this schedule and the baseline."""
+        return sum(self.time(j) if self.faster_than(j, baseline[j]) else baseline[j] for j in self.samples)
+
+    def best_of_bound_s(self, baseline: dict[int, float]) -> float:
+        return sum(min(baseline[j], self.bounds[j]) for j in self.samples)
 
 
 @dataclass(frozen=True)
 class SearchResult:
     schedule: AlisaSchedule
-    alternatives: list[tuple[str, AlisaSchedule, float]]  # (what, schedule, estimated decode time in s)
-    estimated_decode_s: float
+    samples: list[int]  # the decode steps the Phase III search timed (empty when it did not run)
+    betas_timed: list[float]  # betas timed by the engine at one sampled step or more
+    betas_ruled_out: list[float]  # betas whose bound alone ruled them out
+    pairs_timed: int  # (beta, sampled step) pairs timed by the engine, of len(betas) x len(samples)
 
 
-def _sampled_steps(first: int, last: int) -> tuple[list[int], float]:
-    count = last - first + 1
-    samples = sorted({int(x) for x in np.linspace(first, last, min(count, MAX_SAMPLES)).round()})
-    return samples, count / len(samples)
-
-
-def _step_time(policy, step: int, schedule) -> float:
-    return StepSimulator(overlap=policy.overlap).run_step(policy.decode_template(step, schedule),
-                                                          policy.model.num_layers).duration_s
-
-
-def estimate_decode_s(policy, schedule, steps: list[int] | None = None) -> float:
+def estimate_decode_s(policy: AlisaPolicy, schedule: AlisaSchedule) -> float:
     """Decode time under `schedule`, from the engine's time of evenly sampled steps."""
-    last = policy.wl.decode_steps
-    steps, weight = (steps, (last / len(steps))) if steps else _sampled_steps(1, last)
-    return weight * sum(_step_time(policy, step, schedule) for step in steps)
+    steps, weight = sampled_steps(1, policy.wl.decode_steps, MAX_SAMPLES)
+    return weight * sum(step_time_s(policy.decode_template(step, schedule), policy.model.num_layers, policy.overlap)
+                        for step in steps)
 
 
-def search_schedule(policy) -> SearchResult:
+def search_schedule(policy: AlisaPolicy) -> SearchResult:
+    """The schedule for `policy` (built without one), and what the search timed to find it."""
     cfg, last = policy.cfg, policy.wl.decode_steps
     natural = policy.natural_p1()
     p1 = min(cfg.p1, natural) if cfg.p1 is not None else natural
@@ -71,35 +85,53 @@ def search_schedule(policy) -> SearchResult:
     never = last + 1
     base = AlisaSchedule(p1, cfg.p2 if cfg.p2 is not None else never, alpha, cfg.beta if cfg.beta is not None else 0.0)
     if not (cfg.recompute and cfg.dynamic_scheduling) or p1 > last:
-        return SearchResult(base, [], estimate_decode_s(policy, base))
+        return SearchResult(base, [], [], [], 0)
+    if cfg.p2 is not None and cfg.beta is not None:
+        return SearchResult(replace(base, beta=cfg.beta if cfg.p2 <= last else 0.0), [], [], [], 0)
 
-    samples, _ = _sampled_steps(max(1, p1), last)
-    without = {j: _step_time(policy, j, replace(base, p2=never)) for j in samples}
+    samples, _ = sampled_steps(max(1, p1), last, MAX_SAMPLES)
+    layers, overlap = policy.model.num_layers, policy.overlap
+    without_s = {j: step_time_s(policy.decode_template(j, replace(base, p2=never)), layers, overlap) for j in samples}
     betas = (cfg.beta,) if cfg.beta is not None else BETAS[1:]
-    with_beta = {b: {j: _step_time(policy, j, replace(base, p2=0, beta=b)) for j in samples} for b in betas}
-    beta = min(betas, key=lambda b: sum(min(without[j], with_beta[b][j]) for j in samples))
+    candidates = {b: _Candidate(policy, replace(base, p2=0, beta=b), samples) for b in betas}
+    # Branch and bound: betas in order of their bound; the first beta (in BETAS order) of least summed time wins.
+    beta, best_s = None, math.inf
+    bounds = {b: candidates[b].best_of_bound_s(without_s) for b in betas}
+    for b in sorted(betas, key=bounds.get):
+        if beyond(bounds[b], best_s):  # so are the bounds of the betas left
+            break
+        total = candidates[b].best_of_s(without_s)
+        if total < best_s or (total == best_s and b < beta):
+            beta, best_s = b, total
+    chosen = candidates[beta]
     if cfg.p2 is not None:
         p2 = cfg.p2
     else:
-        p2 = next((j for j in samples if with_beta[beta][j] < without[j] * (1 - MIN_GAIN)), never)
-    chosen = replace(base, p2=p2, beta=beta if p2 <= last else 0.0)
+        p2 = next((j for j in samples if chosen.faster_than(j, without_s[j] * (1 - MIN_GAIN))), never)
+    simulated = [b for b in betas if candidates[b].times]
+    return SearchResult(replace(base, p2=p2, beta=beta if p2 <= last else 0.0), samples, simulated,
+                        [b for b in betas if b not in simulated], sum(len(c.times) for c in candidates.values()))
 
-    alternatives = [("no Phase III (no recompute)", replace(base, p2=never, beta=0.0))]
-    for other in (beta - 0.2, beta + 0.2):
+
+def alternatives(policy: AlisaPolicy, search: SearchResult) -> list[tuple[str, AlisaSchedule]]:
+    """The schedules the search rejected, for `alisa-sim plan` to set beside its choice."""
+    chosen, last, samples = search.schedule, policy.wl.decode_steps, search.samples
+    out = [("no Phase III (no recompute)", replace(chosen, p2=last + 1, beta=0.0))]
+    p2 = chosen.p2
+    for other in (chosen.beta - 0.2, chosen.beta + 0.2):
         if 0 < other <= 1 and p2 <= last:
-            alternatives.append((f"beta = {other:.1f}", replace(chosen, beta=round(other, 1))))
-    if p2 <= last:
+            out.append((f"beta = {other:.1f}", replace(chosen, beta=round(other, 1))))
+    if p2 <= last and samples:
         index = samples.index(p2) if p2 in samples else 0
         for neighbour in (index - 1, index + 1):
             if 0 <= neighbour < len(samples):
-                alternatives.append((f"p2 = {samples[neighbour]}", replace(chosen, p2=samples[neighbour])))
+                out.append((f"p2 = {samples[neighbour]}", replace(chosen, p2=samples[neighbour])))
     final_share = 1 - policy.gpu_tokens / policy.wl.max_context()
-    if p1 > 1 and final_share > 0:
-        alternatives.append((f"offload {final_share:.0%} from step 1", replace(chosen, p1=1, alpha=round(final_share, 3))))
-    estimates = [(what, schedule, estimate_decode_s(policy, schedule)) for what, schedule in alternatives]
-    return SearchResult(chosen, estimates, estimate_decode_s(policy, chosen))
+    if chosen.p1 > 1 and final_share > 0:
+        out.append((f"offload {final_share:.0%} from step 1", replace(chosen, p1=1, alpha=round(final_share, 3))))
+    return out
 
 
-def plan_schedule(policy) -> AlisaSchedule:
+def plan_schedule(policy: AlisaPolicy) -> AlisaSchedule:
     """The schedule the search chooses."""
     return search_schedule(policy).schedule

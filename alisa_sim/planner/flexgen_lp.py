@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linprog
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
@@ -97,6 +96,8 @@ def solve_lp(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_atte
         bounds[:3] = [(p / 100, p / 100) for p in percent[1::2]]
     objective = np.zeros(5)
     objective[_TPRE], objective[_TGEN] = m.num_layers, (n - 1) * m.num_layers
+    from scipy.optimize import linprog  # half a second to import, and only FlexGen's LP needs it
+
     solved = linprog(objective, A_ub=np.array(a_ub), b_ub=np.array(b_ub), bounds=bounds, method="highs")
     if not solved.success:
         return None

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 from alisa_sim.ops import LayerTemplate
-from alisa_sim.planner.alisa_search import AlisaSchedule, plan_schedule
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
 from alisa_sim.swa import swa_window
@@ -25,6 +24,16 @@ from alisa_sim.swa import swa_window
 INT8_GROUP = 64
 INT8_BYTES_PER_VALUE = 1 + 4 / INT8_GROUP
 _SELECTION_KERNELS = 3  # local-sum update (add newest row, subtract the row leaving), top-k, sort
+
+
+@dataclass(frozen=True)
+class AlisaSchedule:
+    """The planner's choice: phase switch steps, the least CPU share of KV and the deleted share of CPU KV."""
+
+    p1: int  # first decode step of Phase II
+    p2: int  # first decode step of Phase III (past the last step: never)
+    alpha: float
+    beta: float
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class Residency:
 
 
 class AlisaPolicy(Policy):
+    """Built without a schedule, the policy answers sizes, budgets and the traffic of a schedule passed in (what
+    the schedule search asks); `alisa_sim.planner.make_policy` builds it with the searched schedule."""
+
     name = "alisa"
 
     def __init__(self, workload, cost, schedule: AlisaSchedule | None = None):
@@ -52,7 +64,13 @@ class AlisaPolicy(Policy):
         # The static split of the ablation: every token's KV split along heads, sized for the longest context.
         longest = workload.max_context()
         self.static_cpu_share = max(cfg.alpha or 0.0, 1 - self.gpu_tokens / longest)
-        self.schedule = schedule or plan_schedule(self)
+        self._schedule = schedule
+
+    @property
+    def schedule(self) -> AlisaSchedule:
+        if self._schedule is None:
+            raise RuntimeError("this ALISA policy has no schedule yet: build it with alisa_sim.planner.make_policy")
+        return self._schedule
 
     # ---- sizes and budgets -----------------------------------------------------------------------------------------
     def selected(self, context: int) -> tuple[int, int]:

@@ -57,15 +57,11 @@ def flexgen_static_memory(policy: Policy, weights_cpu: float, kv_cpu: float, act
 class FlexGenPolicy(Policy):
     name = "flexgen"
 
-    def __init__(self, workload, cost, setting: FlexGenSetting | None = None):
+    def __init__(self, workload, cost, setting: FlexGenSetting):
+        """`setting` is the workload's, completed by the LP search (`alisa_sim.planner.make_policy`)."""
         super().__init__(workload, cost)
-        cfg = workload.policy
-        if setting is None:
-            from alisa_sim.planner.flexgen_lp import complete_setting  # the LP needs the policy's cost terms
-
-            setting = complete_setting(workload, cost)
         self.setting = setting
-        self.cfg = cfg
+        self.cfg = workload.policy
         wg, wc, cg, cc, hg, hc = (p / 100 for p in setting.percent)
         self.weights_cpu_share, self.activations_cpu_share = wc, hc
         m = self.model

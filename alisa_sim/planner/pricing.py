@@ -1,0 +1,83 @@
+"""How the planners price a candidate without simulating its whole run: the engine's time of a few sampled steps, and
+a lower bound on a step's engine time read off its op DAG alone, so that a candidate the bound rules out is never
+simulated.
+
+The bound holds for the engine's semantics (engine.py): every op on a resource runs after the ones issued before it
+on that resource, an op starts only once its dependencies have ended, and the tail (final norm, LM head) runs after
+the GPU's last op. So a fresh step (no copy backlog carried in) lasts at least
+- the GPU's busy time plus the tail, and
+- for each other resource and each of its ops X in the last layer: the time that resource is busy up to X (all of
+  its earlier ops run before X) plus the longest chain of ops that depend on X inside that layer and end on the GPU,
+  plus the tail.
+A backlog carried in only delays a step (the engine is monotone in start times), so the bound holds there too.
+Without overlap every op runs on one serial resource and the bound is the sum of all op times, which is exact.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+
+from alisa_sim.engine import StepSimulator
+from alisa_sim.ops import LayerTemplate
+
+# A bound compared with an exact time is taken this much lower, so that rounding in the two sums never prunes a
+# candidate whose exact time ties the best one.
+BOUND_SLACK = 1e-9
+
+
+def sampled_steps(first: int, last: int, count: int) -> tuple[list[int], float]:
+    """At most `count` decode steps spread evenly over first..last (both ends included), and how many steps of the
+    range each stands for."""
+    span = last - first + 1
+    samples = sorted({int(x) for x in np.linspace(first, last, min(span, count)).round()})
+    return samples, span / len(samples)
+
+
+def step_time_s(template: LayerTemplate, num_layers: int, overlap: bool) -> float:
+    """The engine's time of one step run fresh (no copy backlog from an earlier step)."""
+    return StepSimulator(overlap=overlap).run_step(template, num_layers).duration_s
+
+
+def step_lower_bound_s(template: LayerTemplate, num_layers: int, overlap: bool) -> float:
+    """A lower bound on `step_time_s` of the template, from its op times and dependencies (see the module)."""
+    graph = template.graph
+    ops = {name: graph.nodes[name]["op"] for name in graph.nodes}
+    tail_s = sum(op.duration_s for op in template.tail)
+    if not overlap:
+        return sum(op.duration_s for op in template.head) + num_layers * sum(op.duration_s for op in ops.values()) \
+            + tail_s
+    busy: dict[str, float] = {}
+    for op in template.head:
+        busy[op.resource] = busy.get(op.resource, 0.0) + op.duration_s
+    for op in ops.values():
+        busy[op.resource] = busy.get(op.resource, 0.0) + num_layers * op.duration_s
+    bound = busy.get("gpu", 0.0)
+    # to_gpu[name]: the longest chain of ops after `name` in its layer that ends on the GPU (0 for a GPU op with none
+    # after it); None when nothing on the GPU depends on it within the layer.
+    same_layer = nx.DiGraph((src, dst) for src, dst, lag in graph.edges(data="lag") if lag == 0)
+    same_layer.add_nodes_from(graph.nodes)
+    to_gpu: dict[str, float | None] = {}
+    for name in reversed(list(nx.topological_sort(same_layer))):
+        chains = [ops[after].duration_s + to_gpu[after] for after in same_layer.successors(name)
+                  if to_gpu[after] is not None]
+        if ops[name].resource == "gpu":
+            chains.append(0.0)
+        to_gpu[name] = max(chains, default=None)
+    issued_after: dict[str, float] = {}  # per resource: time of its ops issued after the one at hand in the layer
+    for name in reversed(list(graph.nodes)):
+        resource = ops[name].resource
+        if resource != "gpu" and to_gpu[name] is not None:
+            bound = max(bound, busy[resource] - issued_after.get(resource, 0.0) + to_gpu[name])
+        issued_after[resource] = issued_after.get(resource, 0.0) + ops[name].duration_s
+    return bound + tail_s
+
+
+def at_least(bound_s: float, than_s: float) -> bool:
+    """Whether a lower bound proves a time no shorter than `than_s`, rounding aside."""
+    return bound_s * (1 - BOUND_SLACK) >= than_s
+
+
+def beyond(bound_s: float, than_s: float) -> bool:
+    """Whether a lower bound proves a time strictly longer than `than_s`, rounding aside."""
+    return bound_s * (1 - BOUND_SLACK) > than_s
