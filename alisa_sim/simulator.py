@@ -196,7 +196,7 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
     env = simpy.Environment()
     gpu = MemoryPool("GPU", workload.gpu_capacity_bytes)
     cpu = MemoryPool("CPU", workload.cpu_capacity_bytes)
-    stepper = StepSimulator(overlap=policy.overlap, host_is_device=workload.hardware.device_kind == "cpu")
+    stepper = policy.stepper()
     num_layers = workload.model.num_layers
 
     def record(plan: StepPlan, timing: StepTiming, start_s: float) -> None:

@@ -267,16 +267,16 @@ def _templates():
                         "num_gpu_batches": 2, "cpu_attention": True}):
             wl = _workload(policy, overlap=overlap)
             sim = make_policy(wl)
-            yield wl, sim.prefill_template()
+            yield sim, sim.prefill_template()
             for step in (1, 200, 511):
-                yield wl, sim.decode_template(step)
+                yield sim, sim.decode_template(step)
         wl = _workload(_alisa(kv_sparsity=0.5, int8=False, selection_stats=str(UNIFORM_STATS)), overlap=overlap)
         probe = AlisaPolicy(wl, CostModel(wl.hardware))
-        yield wl, probe.prefill_template()
+        yield probe, probe.prefill_template()
         for beta in (0.0, 0.3, 1.0):
             schedule = AlisaSchedule(probe.natural_p1(), 0 if beta else 512, 0.0, beta)
             for step in (1, 120, 300, 511):
-                yield wl, probe.decode_template(step, schedule)
+                yield probe, probe.decode_template(step, schedule)
 
 
 def test_step_lower_bound_never_exceeds_the_engine():
@@ -284,9 +284,9 @@ def test_step_lower_bound_never_exceeds_the_engine():
     ALISA's steps, within 10% of the engine's time (so it prunes; today within 3%)."""
     assert {"dense", "accelerate", "zero", "vllm", "flexgen", "alisa"} <= set(POLICIES)
     ratios = []
-    for wl, template in _templates():
-        layers, overlap = wl.model.num_layers, wl.workload.overlap
-        engine, bound = step_time_s(template, layers, overlap), step_lower_bound_s(template, layers, overlap)
+    for policy, template in _templates():
+        wl, layers, overlap = policy.wl, policy.model.num_layers, policy.overlap
+        engine, bound = step_time_s(policy, template), step_lower_bound_s(template, layers, overlap)
         assert 0 < bound <= engine * (1 + 1e-12), (wl.policy.name, overlap)
         if not overlap:
             assert bound == pytest.approx(engine, rel=1e-9)
@@ -309,10 +309,10 @@ def test_search_chooses_as_timing_every_candidate_would(model, hardware, batch, 
                    overlap=overlap)
     probe = AlisaPolicy(wl, CostModel(wl.hardware))
     found = search_schedule(probe)
-    p1, layers, last = found.schedule.p1, wl.model.num_layers, wl.decode_steps
+    p1, last = found.schedule.p1, wl.decode_steps
 
     def timed(step, p2, beta):
-        return step_time_s(probe.decode_template(step, AlisaSchedule(p1, p2, 0.0, beta)), layers, probe.overlap)
+        return step_time_s(probe, probe.decode_template(step, AlisaSchedule(p1, p2, 0.0, beta)))
 
     without = {j: timed(j, last + 1, 0.0) for j in found.samples}
     with_beta = {b: {j: timed(j, 0, b) for j in found.samples} for b in BETAS[1:]}

@@ -38,7 +38,7 @@ class _Candidate:
 
     def __init__(self, policy: AlisaPolicy, schedule: AlisaSchedule, samples: list[int]):
         self.samples = samples
-        self._layers, self._overlap = policy.model.num_layers, policy.overlap
+        self._policy, self._layers, self._overlap = policy, policy.model.num_layers, policy.overlap
         self._templates = {step: policy.decode_template(step, schedule) for step in samples}
         self.bounds = {step: step_lower_bound_s(template, self._layers, self._overlap)
                        for step, template in self._templates.items()}
@@ -46,7 +46,7 @@ class _Candidate:
 
     def time(self, step: int) -> float:
         if step not in self.times:
-            self.times[step] = step_time_s(self._templates[step], self._layers, self._overlap)
+            self.times[step] = step_time_s(self._policy, self._templates[step])
         return self.times[step]
 
     def faster_than(self, step: int, seconds: float) -> bool:
@@ -72,8 +72,7 @@ class SearchResult:
 def estimate_decode_s(policy: AlisaPolicy, schedule: AlisaSchedule) -> float:
     """Decode time under `schedule`, from the engine's time of evenly sampled steps."""
     steps, weight = sampled_steps(1, policy.wl.decode_steps, MAX_SAMPLES)
-    return weight * sum(step_time_s(policy.decode_template(step, schedule), policy.model.num_layers, policy.overlap)
-                        for step in steps)
+    return weight * sum(step_time_s(policy, policy.decode_template(step, schedule)) for step in steps)
 
 
 def search_schedule(policy: AlisaPolicy) -> SearchResult:
@@ -90,8 +89,7 @@ def search_schedule(policy: AlisaPolicy) -> SearchResult:
         return SearchResult(replace(base, beta=cfg.beta if cfg.p2 <= last else 0.0), [], [], [], 0)
 
     samples, _ = sampled_steps(max(1, p1), last, MAX_SAMPLES)
-    layers, overlap = policy.model.num_layers, policy.overlap
-    without_s = {j: step_time_s(policy.decode_template(j, replace(base, p2=never)), layers, overlap) for j in samples}
+    without_s = {j: step_time_s(policy, policy.decode_template(j, replace(base, p2=never))) for j in samples}
     betas = (cfg.beta,) if cfg.beta is not None else BETAS[1:]
     candidates = {b: _Candidate(policy, replace(base, p2=0, beta=b), samples) for b in betas}
     # Branch and bound: betas in order of their bound; the first beta (in BETAS order) of least summed time wins.

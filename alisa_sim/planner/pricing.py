@@ -18,8 +18,8 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from alisa_sim.engine import StepSimulator
 from alisa_sim.ops import LayerTemplate
+from alisa_sim.policies.base import Policy
 
 # A bound compared with an exact time is taken this much lower, so that rounding in the two sums never prunes a
 # candidate whose exact time ties the best one.
@@ -34,9 +34,9 @@ def sampled_steps(first: int, last: int, count: int) -> tuple[list[int], float]:
     return samples, span / len(samples)
 
 
-def step_time_s(template: LayerTemplate, num_layers: int, overlap: bool) -> float:
-    """The engine's time of one step run fresh (no copy backlog from an earlier step)."""
-    return StepSimulator(overlap=overlap).run_step(template, num_layers).duration_s
+def step_time_s(policy: Policy, template: LayerTemplate) -> float:
+    """The engine's time of one of `policy`'s steps run fresh (no copy backlog from an earlier step)."""
+    return policy.stepper().run_step(template, policy.model.num_layers).duration_s
 
 
 def step_lower_bound_s(template: LayerTemplate, num_layers: int, overlap: bool) -> float:

@@ -53,10 +53,9 @@ def _simulated_metrics(wl: ResolvedWorkload, policy) -> dict | None:
 
 def _run_estimate_s(policy: FlexGenPolicy) -> float:
     """Prefill plus decode time from the engine's time of the prefill and a few evenly sampled decode steps."""
-    layers, overlap = policy.model.num_layers, policy.overlap
     steps, weight = sampled_steps(1, policy.wl.decode_steps, FLEXGEN_SAMPLES) if policy.wl.decode_steps else ([], 0)
-    return step_time_s(policy.prefill_template(), layers, overlap) + weight * sum(
-        step_time_s(policy.decode_template(step), layers, overlap) for step in steps)
+    return step_time_s(policy, policy.prefill_template()) + weight * sum(
+        step_time_s(policy, policy.decode_template(step)) for step in steps)
 
 
 def flexgen_report(wl: ResolvedWorkload, cost: CostModel, show: int) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from alisa_sim.cost_model import CostModel
+from alisa_sim.engine import StepSimulator
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
@@ -149,6 +150,11 @@ class Policy(ABC):
     def overlap(self) -> bool:
         """Whether transfers may overlap compute (the workload's `overlap`; a policy may also turn it off)."""
         return self.wl.workload.overlap
+
+    def stepper(self) -> StepSimulator:
+        """A fresh engine for this policy's steps: overlap as the workload says, host and device one resource on a
+        CPU device."""
+        return StepSimulator(overlap=self.overlap, host_is_device=self.wl.hardware.device_kind == "cpu")
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
