@@ -47,6 +47,8 @@ class SearchResult:
 
 def _sampled_steps(first: int, last: int) -> tuple[list[int], float]:
     count = last - first + 1
+    if count <= 0:  # no decode step (gen_len 1: the prefill makes the only token)
+        return [], 0.0
     samples = sorted({int(x) for x in np.linspace(first, last, min(count, MAX_SAMPLES)).round()})
     return samples, count / len(samples)
 
