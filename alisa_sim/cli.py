@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Interrupted) as exc:
         name, code = interrupted_exit_code(exc)
-        print(f"alisa-sim: interrupted ({name}); the files written are whole (outputs are written at the end, a "
-              "sweep's table row by row: rerun it to resume), no partial file is left", file=sys.stderr)
+        kept = " (the table keeps its finished rows: rerun the sweep to resume)" if args.command == "sweep" else ""
+        print(f"alisa-sim: interrupted ({name}) before its outputs were written{kept}", file=sys.stderr)
         return code
 
 

@@ -60,15 +60,15 @@ def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def check_size(data, source: str) -> None:
-    """Refuse data nested past MAX_NESTING or holding more than MAX_VALUES values once YAML aliases are expanded (a
+def check_size(data, source: str, max_values: int = MAX_VALUES) -> None:
+    """Refuse data nested past MAX_NESTING or holding more than `max_values` values once YAML aliases are expanded (a
     'billion laughs' file is small on disk and huge to walk)."""
     stack, count = [(data, 0)], 0
     while stack:
         value, depth = stack.pop()
         count += 1
-        if count > MAX_VALUES:
-            raise SpecError(f"{source}: holds more than {MAX_VALUES:,} values (repeated YAML aliases?)")
+        if count > max_values:
+            raise SpecError(f"{source}: holds more than {max_values:,} values (repeated YAML aliases?)")
         if isinstance(value, (dict, list)):
             if depth >= MAX_NESTING:
                 raise SpecError(f"{source}: nested more than {MAX_NESTING} levels deep")

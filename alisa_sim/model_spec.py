@@ -240,10 +240,11 @@ def _from_hf_config(cfg: dict, name: str) -> dict:
     raise SpecError(f"{name}: unsupported model_type {model_type!r} (supported: opt, {', '.join(_LLAMA_LIKE)}, gpt_neox)")
 
 
-def load_model_spec(ref: str | dict) -> ModelSpec:
-    """A preset name, a path to a HF config.json (or its folder), or an inline mapping of ModelSpec fields."""
+def load_model_spec(ref: str | dict, source: str = "model") -> ModelSpec:
+    """A preset name, a path to a HF config.json (or its folder), or an inline mapping of ModelSpec fields (named
+    `source` in error messages)."""
     if isinstance(ref, dict):
-        return validate(ModelSpec, ref, "model")
+        return validate(ModelSpec, ref, source)
     if ref in PRESETS:
         return ModelSpec(**PRESETS[ref])
     path = Path(ref)
