@@ -2,10 +2,6 @@
 run that is right), the input limits, strict output JSON, and output paths that cannot be written."""
 
 import json
-import resource
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from alisa_sim.cli import main
 from alisa_sim.errors import SpecError
 from alisa_sim.results import write_json_files
 from alisa_sim.workload import load_workload
+from output_failures import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"name": "tiny-opt", "family": "opt", "hidden_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
@@ -227,48 +224,21 @@ def test_out_under_a_file(tmp_path, capsys):
     assert code == 2 and f"{parent} is a file, not a folder" in err and "Traceback" not in err
 
 
-def without_root_powers(command: list[str]) -> list[str]:
-    """Root writes anywhere: where the tests run as root, drop the capabilities that bypass file permissions."""
-    import os
-    import shutil
-
-    if os.geteuid() != 0:
-        return command
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: a read-only folder cannot be made")
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
-
-
 def test_out_in_a_read_only_folder(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     workload = write(tmp_path / "w.yaml", GOOD)
-    proc = subprocess.run(without_root_powers([sys.executable, "-m", "alisa_sim.cli", "run", str(workload), "--out",
-                                               str(locked / "out")]), capture_output=True, text=True, cwd=ROOT,
-                          env=_env())
+    proc = run_module("alisa_sim.cli", ["run", str(workload), "--out", str(locked / "out")], read_only=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"alisa-sim: error: cannot write into {locked / 'out'}: {locked} is not writable"
     assert list(locked.iterdir()) == []
 
 
-def _env():
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def _small_files_only():
-    """A file-size limit of 4 KB: a write past it fails with EFBIG, as a full filesystem fails with ENOSPC."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
-
 def test_full_filesystem_leaves_no_output(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "alisa_sim.cli", "run", str(write(tmp_path / "w.yaml", GOOD)),
-                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=_small_files_only, env=_env())
+    proc = run_module("alisa_sim.cli", ["run", str(write(tmp_path / "w.yaml", GOOD)), "--out", str(out)],
+                      small_files=True)
     assert proc.returncode == 2, proc.stderr
     assert "alisa-sim: error: cannot write" in proc.stderr and "File too large; nothing was written" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -285,9 +255,8 @@ def test_sweep_on_a_full_filesystem_leaves_no_empty_table(tmp_path):
     out = tmp_path / "table.csv"
     base = {**GOOD, "model": {**TINY, "name": "x" * 5000}}  # a row is past the 4 KB the writer may write
     sweep = write(tmp_path / "s.yaml", {"base": base, "batches": [1, 2]})
-    proc = subprocess.run([sys.executable, "-m", "alisa_sim.cli", "sweep", str(sweep), "--out", str(out), "--quiet",
-                           "--workers", "1"], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=_small_files_only, env=_env())
+    proc = run_module("alisa_sim.cli", ["sweep", str(sweep), "--out", str(out), "--quiet", "--workers", "1"],
+                      small_files=True)
     assert proc.returncode == 2, proc.stderr
     assert f"alisa-sim: error: cannot write {out}: File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists() and list(tmp_path.glob(".table.csv*")) == []
