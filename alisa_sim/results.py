@@ -47,28 +47,34 @@ def check_out_folder(folder: str | Path) -> Path:
     return folder
 
 
-def write_json_files(folder: str | Path, files: dict[str, dict]) -> list[Path]:
-    """Write each JSON document to a temporary `.NAME.writing-*` file in `folder`, then rename them all into place:
-    a reader sees whole files or none, and a failed or interrupted write leaves nothing behind."""
-    folder = check_out_folder(folder)
-    texts = {name: json_text(data, str(folder / name)) for name, data in files.items()}
+def write_texts_atomic(folder: Path, texts: dict[str, str]) -> None:
+    """Write each text to a temporary `.NAME.writing-*` file in `folder`, then rename them all into place: a reader
+    sees whole files or none, and a failed or interrupted write leaves no temporary file behind (OSError raised)."""
     temporary: dict[str, str] = {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             fd, temporary[name] = tempfile.mkstemp(prefix=f".{name}.writing-", dir=folder)
-            with os.fdopen(fd, "w") as handle:
+            with os.fdopen(fd, "w", newline="") as handle:
                 handle.write(text)
             os.chmod(temporary[name], 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         for name, tmp in temporary.items():
             os.replace(tmp, folder / name)
-    except BaseException as exc:
+    except BaseException:
         for tmp in temporary.values():
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SpecError(f"cannot write {', '.join(str(folder / n) for n in files)}: "
-                            f"{exc.strerror or exc}; nothing was written") from None
         raise
+
+
+def write_json_files(folder: str | Path, files: dict[str, dict]) -> list[Path]:
+    """Write JSON documents into `folder` strictly and together (write_texts_atomic); a write error is a SpecError."""
+    folder = check_out_folder(folder)
+    texts = {name: json_text(data, str(folder / name)) for name, data in files.items()}
+    try:
+        write_texts_atomic(folder, texts)
+    except OSError as exc:
+        raise SpecError(f"cannot write {', '.join(str(folder / n) for n in files)}: "
+                        f"{exc.strerror or exc}; nothing was written") from None
     return [folder / name for name in files]
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from alisa_sim.errors import SpecError, check_size, load_yaml_file, validate
 from alisa_sim.limits import MAX_SWEEP_POINTS
-from alisa_sim.results import check_out_folder
+from alisa_sim.results import check_out_folder, write_texts_atomic
 from alisa_sim.workload import POLICY_NAMES, BatchSize, KvSparsity, PolicyConfig
 
 COLUMNS = ("point", "status", "model", "hardware", "batch_size", "prompt_len", "gen_len", "policy", "kv_sparsity",
@@ -262,17 +262,11 @@ def read_table(path: Path) -> dict[str, dict]:
 
 
 def _write_sorted(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.writing-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_texts_atomic(path.parent, {path.name: text.getvalue()})
 
 
 def check_table_path(out: Path) -> None:
