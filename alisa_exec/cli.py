@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,13 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from alisa_exec.accuracy.command import add_eval_parser
-from alisa_sim.errors import SpecError
 from alisa_sim.cli import timing_rows
-from alisa_sim.results import write_json_atomic
+from alisa_sim.errors import EXIT_BAD_INPUT, Interrupted, SpecError, interrupted_exit_code, terminations_raised
+from alisa_sim.results import check_out_folder, json_text, write_json_files
 from alisa_sim.workload import load_workload
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 def _size(nbytes: float) -> str:
@@ -88,25 +84,17 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     wl = load_workload(args.workload)
     device = resolve_device(args.device)
+    out = check_out_folder(args.out if args.out else Path("reports") / "runs" /
+                           f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
     if device.type == "cpu":  # the Triton kernels (SWA selection) run under the interpreter, set before import
         os.environ.setdefault("TRITON_INTERPRET", "1")
     options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
                           weights=args.weights)
     log = Console(stderr=True).print if not args.json else (lambda _: None)
-    written = None
-    try:
-        result, trace = run_workload(wl, options, log=log)
-        out = Path(args.out) if args.out else (Path("reports") / "runs" /
-                                               f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
-        # Each file is written whole or not at all (write_json_atomic), the Result first.
-        written = write_json_atomic(out / "result.json", result)
-        write_json_atomic(out / "trace.json", trace)
-    except KeyboardInterrupt:
-        done = f"{written} is complete, the trace was not written" if written else "no Result JSON was written"
-        print(f"alisa-exec: interrupted; {done}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    result, trace = run_workload(wl, options, log=log)
+    write_json_files(out, {"result.json": result, "trace.json": trace})  # both whole, or neither
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json_text(result, "--json"), end="")
     else:
         print_summary(result, console)
         console.print(f"wrote {out / 'result.json'} and {out / 'trace.json'} (open the trace in ui.perfetto.dev)")
@@ -155,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
-        return args.handler(args, console)
+        with terminations_raised():
+            return args.handler(args, console)
     except SpecError as exc:
         print(f"alisa-exec: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Interrupted) as exc:
+        name, code = interrupted_exit_code(exc)
+        print(f"alisa-exec: interrupted ({name}) before its outputs were written", file=sys.stderr)
+        return code
     except ImportError as exc:
         print(f"alisa-exec: error: {exc.name or exc} is not installed; the executor needs the exec extra "
               "(pip install 'alisa[exec]')", file=sys.stderr)

@@ -3,10 +3,17 @@
 Each checkpoint format maps the decoder's parameter names to the checkpoint tensors they are made of; fused parameters
 (QKV, SwiGLU gate + up) concatenate their parts along the output dimension. llama.cpp's converter permutes the rows
 of LLaMA's Q and K projections (to the interleaved rotary layout); the GGUF reader undoes that permutation.
+
+A checkpoint is untrusted input: a corrupt file, a spec whose dimensions differ from the checkpoint's (its config.json
+or GGUF metadata, its number of layers), an integer tensor where a float one belongs and NaN or infinite weights are
+each a SpecError naming the file, never a traceback nor a run of the wrong model.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +26,12 @@ from alisa_exec.model import Transformer
 
 DUMMY = "dummy"
 DUMMY_STD = 0.02
+# What a corrupt GGUF file makes its reader raise (it indexes and reshapes memory-mapped arrays as the header says).
+_GGUF_READ_ERRORS = (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError)
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
+# Spec fields that must equal the checkpoint's; floats compared to float32 precision (GGUF stores them so).
+_MATCHED_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "vocab_size",
+                   "dim_per_head", "tie_word_embeddings", "rotary_pct", "rope_theta", "norm_eps")
 
 
 def hf_layout(spec: ModelSpec, prefix: str) -> dict[str, list[str]]:
@@ -81,19 +94,30 @@ class _SafetensorsFolder:
     """Tensors of every *.safetensors file in a Hugging Face model folder, read one at a time."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        self._errors = (SafetensorError, OSError)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise SpecError(f"{folder}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}
+        self._handles, self._where = [], {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except self._errors as exc:
+                raise SpecError(f"{file}: not a readable safetensors file: {exc}") from None
+            self._handles.append(handle)
+            self._where.update({name: (file, handle) for name in handle.keys()})
 
     def names(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        file, handle = self._where[name]
+        try:
+            return handle.get_tensor(name)
+        except self._errors as exc:
+            raise SpecError(f"{file}: tensor {name} cannot be read: {exc}") from None
 
 
 class _GGUFFile:
@@ -102,7 +126,9 @@ class _GGUFFile:
     def __init__(self, path: Path, spec: ModelSpec):
         import gguf
 
+        self._path = path
         self._dequantize = gguf.quants.dequantize
+        self._integer_types = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64")}
         self._tensors = {t.name: t for t in _gguf_reader(path).tensors}
         self._heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}
 
@@ -111,7 +137,12 @@ class _GGUFFile:
 
     def get(self, name: str) -> torch.Tensor:
         entry = self._tensors[name]
-        weight = torch.from_numpy(np.array(self._dequantize(entry.data, entry.tensor_type), dtype=np.float32))
+        if entry.tensor_type in self._integer_types:
+            raise SpecError(f"{self._path}: tensor {name} holds integers ({entry.tensor_type.name}), not weights")
+        try:
+            weight = torch.from_numpy(np.array(self._dequantize(entry.data, entry.tensor_type), dtype=np.float32))
+        except _GGUF_READ_ERRORS + (NotImplementedError,) as exc:
+            raise SpecError(f"{self._path}: tensor {name} cannot be read: {exc}") from None
         kind = name.split(".")[-2]
         return unpermute_rotary_rows(weight, self._heads[kind]) if kind in self._heads else weight
 
@@ -121,8 +152,8 @@ def _gguf_reader(path: Path):
 
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise SpecError(f"{path}: not a readable GGUF file: {exc}") from None
+    except _GGUF_READ_ERRORS as exc:
+        raise SpecError(f"{path}: not a readable GGUF file: {type(exc).__name__}: {exc}") from None
 
 
 def gguf_model_spec(path: str | Path) -> ModelSpec:
@@ -130,38 +161,44 @@ def gguf_model_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     reader = _gguf_reader(path)
 
-    def field(key: str, default=None):
+    def field(key: str, default=None, kind: type = int):
         entry = reader.fields.get(key)
         if entry is None:
             if default is None:
                 raise SpecError(f"{path}: GGUF metadata lacks {key}")
             return default
-        return entry.contents()
+        try:
+            value = entry.contents()
+            return value if kind is str else kind(value)
+        except _GGUF_READ_ERRORS as exc:
+            raise SpecError(f"{path}: GGUF metadata {key} is not a {kind.__name__}: {exc}") from None
 
-    arch = field("general.architecture")
+    arch = field("general.architecture", kind=str)
     if arch != "llama":
         raise SpecError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     names = {t.name for t in reader.tensors}
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise SpecError(f"{path}: GGUF file has no token_embd.weight tensor")
-    heads = int(field("llama.attention.head_count"))
-    hidden = int(field("llama.embedding_length"))
+    if len(embedding.shape) != 2:
+        raise SpecError(f"{path}: token_embd.weight has shape {list(embedding.shape)}, not two dimensions")
+    heads = field("llama.attention.head_count")
+    hidden = field("llama.embedding_length")
     return load_model_spec({
-        "name": str(field("general.name", path.stem)),
+        "name": str(field("general.name", path.stem, str)),
         "family": "llama",
         "hidden_size": hidden,
-        "num_layers": int(field("llama.block_count")),
+        "num_layers": field("llama.block_count"),
         "num_heads": heads,
-        "num_kv_heads": int(field("llama.attention.head_count_kv", heads)),
-        "ffn_dim": int(field("llama.feed_forward_length")),
+        "num_kv_heads": field("llama.attention.head_count_kv", heads),
+        "ffn_dim": field("llama.feed_forward_length"),
         "vocab_size": int(embedding.shape[1]),  # GGUF shapes list the fastest-varying dimension first
-        "max_position_embeddings": int(field("llama.context_length")),
-        "head_dim": int(field("llama.attention.key_length", hidden // heads)),
+        "max_position_embeddings": field("llama.context_length"),
+        "head_dim": field("llama.attention.key_length", hidden // heads if heads > 0 else 1),
         "tie_word_embeddings": "output.weight" not in names,
-        "norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
-    })
+        "norm_eps": field("llama.attention.layer_norm_rms_epsilon", kind=float),
+        "rope_theta": field("llama.rope.freq_base", 10000.0, float),
+    }, str(path))
 
 
 def weights_format(weights: str) -> str:
@@ -176,14 +213,38 @@ def weights_format(weights: str) -> str:
     raise SpecError(f"weights {weights!r}: not 'dummy', a Hugging Face safetensors folder nor a .gguf file")
 
 
+def check_spec_matches(spec: ModelSpec, checkpoint: ModelSpec, where: str) -> None:
+    """Refuse a spec that differs from the checkpoint's own in any dimension (or claims more positions)."""
+    wrong = []
+    for name in _MATCHED_FIELDS:
+        want, have = getattr(spec, name), getattr(checkpoint, name)
+        same = math.isclose(want, have, rel_tol=1e-6) if isinstance(want, float) else want == have
+        if not same:
+            wrong.append(f"{name} {want} (checkpoint: {have})")
+    if spec.max_position_embeddings > checkpoint.max_position_embeddings:
+        wrong.append(f"max_position_embeddings {spec.max_position_embeddings} "
+                     f"(checkpoint: {checkpoint.max_position_embeddings})")
+    if wrong:
+        raise SpecError(f"{where}: the {spec.name} spec does not match this checkpoint: {'; '.join(wrong)}")
+
+
+def _checkpoint_layers(names: set[str]) -> int:
+    """Decoder layers a checkpoint holds tensors of (the highest layer index + 1)."""
+    return max((int(m.group(1)) + 1 for name in names if (m := _LAYER_INDEX.search(name))), default=0)
+
+
 def _open_checkpoint(spec: ModelSpec, path: Path) -> tuple[dict[str, list[str]], Callable[[str], torch.Tensor]]:
-    """The layout that matches the checkpoint at `path` and a reader of its tensors by name."""
+    """The layout that matches the checkpoint at `path` and a reader of its tensors by name, after checking that
+    the checkpoint is the model the spec describes."""
     if weights_format(str(path)) == "gguf":
         if spec.family != "llama":
             raise SpecError(f"{path}: GGUF weights are supported for the LLaMA family only, not {spec.family}")
+        check_spec_matches(spec, gguf_model_spec(path), str(path))
         source = _GGUFFile(path, spec)
         layout = gguf_layout(spec)
     else:
+        if (path / "config.json").is_file():
+            check_spec_matches(spec, load_model_spec(str(path)), str(path / "config.json"))
         source = _SafetensorsFolder(path)
         names = source.names()
         prefix = next((p for p in ("model.", "") if hf_layout(spec, p)["tok_embeddings.weight"][0] in names), None)
@@ -195,6 +256,9 @@ def _open_checkpoint(spec: ModelSpec, path: Path) -> tuple[dict[str, list[str]],
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise SpecError(f"{path}: checkpoint lacks tensors the {spec.name} spec needs: {shown}")
+    layers = _checkpoint_layers(present)
+    if layers != spec.num_layers:
+        raise SpecError(f"{path}: checkpoint holds {layers} layers, the {spec.name} spec says {spec.num_layers}")
     return layout, source.get
 
 
@@ -210,11 +274,18 @@ def load_model(spec: ModelSpec, weights: str, dtype: torch.dtype, device: torch.
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state = {}
     for name, parts in layout.items():
-        tensor = torch.cat([read(part) for part in parts]) if len(parts) > 1 else read(parts[0])
+        pieces = [read(part) for part in parts]
+        for part, piece in zip(parts, pieces):
+            if not piece.dtype.is_floating_point:
+                raise SpecError(f"{weights}: tensor {part} holds {str(piece.dtype).removeprefix('torch.')}, "
+                                "not floating-point weights")
+        tensor = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if tuple(tensor.shape) != expected[name]:
             raise SpecError(f"{weights}: {' + '.join(parts)} has shape {tuple(tensor.shape)}, but the {spec.name} "
                             f"spec needs {expected[name]}")
         state[name] = tensor.to(device=device, dtype=dtype)
+        if not torch.isfinite(state[name]).all():
+            raise SpecError(f"{weights}: {' + '.join(parts)} holds NaN or infinite values (in {dtype})")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from alisa_sim.errors import SpecError
-from alisa_sim.results import build_result, write_json_atomic
-from alisa_sim.simulator import simulate
+from alisa_sim.errors import EXIT_BAD_INPUT, Interrupted, SpecError, interrupted_exit_code, terminations_raised
+from alisa_sim.results import build_result, check_out_folder, json_text, write_json_atomic, write_json_files
+from alisa_sim.simulator import SimulationProgress, simulate
 from alisa_sim.trace import build_trace
 from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
 
-EXIT_BAD_INPUT = 2
-_PROGRESS_MIN_STEPS = 256
 
 
 def _default_out(path: str, wl: ResolvedWorkload) -> Path:
@@ -26,12 +22,10 @@ def _default_out(path: str, wl: ResolvedWorkload) -> Path:
 
 
 def _simulate_with_progress(wl: ResolvedWorkload, show: bool):
-    if not show or wl.decode_steps < _PROGRESS_MIN_STEPS:
+    if not show:
         return simulate(wl)
-    with Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("tokens", total=wl.workload.batch_size * wl.workload.gen_len)
-        return simulate(wl, on_step=lambda record: progress.advance(task, record.plan.sequences))
+    with SimulationProgress(wl) as progress:
+        return simulate(wl, on_step=progress)
 
 
 def _gb(nbytes: float) -> str:
@@ -77,14 +71,13 @@ def print_summary(result: dict, console: Console) -> None:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
-    sim = _simulate_with_progress(wl, show=not args.json and sys.stderr.isatty())
+    out = check_out_folder(args.out if args.out else _default_out(args.workload, wl))
+    sim = _simulate_with_progress(wl, show=not args.json)
     result = build_result(sim)
-    out = Path(args.out) if args.out else _default_out(args.workload, wl)
-    write_json_atomic(out / "result.json", result)
-    if not sim.oom_error:
-        write_json_atomic(out / "trace.json", build_trace(sim))
+    write_json_files(out, {"result.json": result} if sim.oom_error
+                     else {"result.json": result, "trace.json": build_trace(sim)})
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json_text(result, "--json"), end="")
     elif not sim.oom_error:
         print_summary(result, console)
     if sim.oom_error:
@@ -156,7 +149,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         plan = make_policy(wl).plan()
         quiet.print_json(data=plan)
     if args.json:
-        print(json.dumps(plan, indent=1))
+        print(json_text(plan, "--json"), end="")
     return 0
 
 
@@ -165,7 +158,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from alisa_sim.validate import METRICS, load_results, validate
 
     document, pairs, unpaired = validate(load_results(args.results))
-    out = Path(args.out)
+    out = check_out_folder(args.out)
     write_json_atomic(out / "validation.json", document)
     figures = {"scatter": scatter_figure(document), "steps": step_curves_figure(pairs)}
     write_html(figures, out / "validation.html", "alisa-sim validate: predicted vs measured")
@@ -174,7 +167,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
         written, why = write_pngs(figures, out)
         png_note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
     if args.json:
-        print(json.dumps(document, indent=1))
+        print(json_text(document, "--json"), end="")
         return 0
     names = list(METRICS)
     table = Table("pair", *(METRICS[n][0] for n in names), title="error of the prediction, % (predicted - measured)")
@@ -200,6 +193,7 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
     from alisa_sim.validate import load_results
 
     out = Path(args.out)
+    check_out_folder(out.parent)
     if out.suffix not in (".yaml", ".yml"):
         raise SpecError(f"--out {out}: a profile is a YAML file, e.g. hw_profiles/NAME.yaml")
     parameters = tuple(p.strip() for p in args.params.split(",") if p.strip())
@@ -230,7 +224,7 @@ def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
                             for side, errors in (("fit_before", fit.base_errors), ("fit_after", fit.fit_errors),
                                                  ("holdout", holdout_errors))}}
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json_text(summary, "--json"), end="")
         return 0
     table = Table("parameter", "fitted", title=f"fitted on {len(fit.fit_runs)} runs ({fit.evaluations} simulations "
                                                "of the set)")
@@ -277,7 +271,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
     results, rows = load_inputs(args.results)
     figures = report_figures(results, rows)
-    out = Path(args.out)
+    out = check_out_folder(args.out)
     write_html(figures, out / "report.html", "alisa-sim report",
                f"<p>{len(results)} results, {len(rows)} sweep rows</p>")
     note = ""
@@ -346,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
-        return args.handler(args, console)
+        with terminations_raised():
+            return args.handler(args, console)
     except SpecError as exc:
         print(f"alisa-sim: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Interrupted) as exc:
+        name, code = interrupted_exit_code(exc)
+        kept = " (the table keeps its finished rows: rerun the sweep to resume)" if args.command == "sweep" else ""
+        print(f"alisa-sim: interrupted ({name}) before its outputs were written{kept}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alisa_sim.errors import SpecError, load_yaml_file, validate
+from alisa_sim.limits import MAX_MEMORY_BYTES, MAX_OP_S, MAX_RATE, MAX_TABLE_DIM, MIN_OP_S, MIN_RATE
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hw_profiles"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a count is an integer, not "12" or true; every number is finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# What physics allows a measurement to be: finite, positive and within MIN..MAX (alisa_sim/limits.py).
+Seconds = Annotated[float, Field(ge=MIN_OP_S, le=MAX_OP_S)]
+Rate = Annotated[float, Field(ge=MIN_RATE, le=MAX_RATE)]
+Dim = Annotated[int, Field(gt=0, le=MAX_TABLE_DIM)]
+MemoryBytes = Annotated[int, Field(gt=0, le=MAX_MEMORY_BYTES)]
 
 
 class Source(_Strict):
@@ -34,50 +43,50 @@ class Provenance(_Strict):
 
 
 class GemmRow(_Strict):
-    m: PositiveInt
-    k: PositiveInt
-    n: PositiveInt
-    s: PositiveFloat
+    m: Dim
+    k: Dim
+    n: Dim
+    s: Seconds
 
 
 class DecodeAttentionRow(_Strict):
     """One query per sequence over L cached tokens; `gather20_s` is the same with 20% of the tokens gathered first."""
 
-    b: PositiveInt
-    L: PositiveInt
-    H: PositiveInt
-    D: PositiveInt
-    s: PositiveFloat
-    gather20_s: PositiveFloat | None = None
+    b: Dim
+    L: Dim
+    H: Dim
+    D: Dim
+    s: Seconds
+    gather20_s: Seconds | None = None
 
 
 class PrefillAttentionRow(_Strict):
     """Causal attention over an L-token prompt."""
 
-    b: PositiveInt
-    L: PositiveInt
-    H: PositiveInt
-    D: PositiveInt
-    s: PositiveFloat
+    b: Dim
+    L: Dim
+    H: Dim
+    D: Dim
+    s: Seconds
 
 
 class CopyRow(_Strict):
     """One host<->device transfer of `bytes`, pinned and pageable host memory."""
 
-    bytes: PositiveInt
-    h2d_pinned_s: PositiveFloat
-    d2h_pinned_s: PositiveFloat
-    h2d_pageable_s: PositiveFloat
-    d2h_pageable_s: PositiveFloat
+    bytes: MemoryBytes
+    h2d_pinned_s: Seconds
+    d2h_pinned_s: Seconds
+    h2d_pageable_s: Seconds
+    d2h_pageable_s: Seconds
 
 
 class GpuSection(_Strict):
     source: Source
     name: str
-    memory_bytes: PositiveInt
-    hbm_GBps: PositiveFloat = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
-    peak_fp16_tflops: PositiveFloat
-    launch_overhead_s: PositiveFloat = Field(description="host time to issue one kernel (eager PyTorch)")
+    memory_bytes: MemoryBytes
+    hbm_GBps: Rate = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
+    peak_fp16_tflops: Rate
+    launch_overhead_s: Seconds = Field(description="host time to issue one kernel (eager PyTorch)")
     gemm_fp16: list[GemmRow] = Field(min_length=2)
     decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
     prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)
@@ -87,8 +96,9 @@ class LinkSection(_Strict):
     source: Source
     name: str
     copies: list[CopyRow] = Field(min_length=2)
-    bidirectional_factor: PositiveFloat = Field(
-        le=1.0, description="per-direction bandwidth when H2D and D2H run at once, as a share of one-way bandwidth")
+    bidirectional_factor: float = Field(
+        gt=0, le=1.0,
+        description="per-direction bandwidth when H2D and D2H run at once, as a share of one-way bandwidth")
 
     @model_validator(mode="after")
     def _sorted(self) -> "LinkSection":
@@ -99,22 +109,23 @@ class LinkSection(_Strict):
 
 
 class CpuDecodeAttentionRow(_Strict):
-    b: PositiveInt
-    L: PositiveInt
-    H: PositiveInt
-    D: PositiveInt
-    dtype: str
-    s: PositiveFloat
+    b: Dim
+    L: Dim
+    H: Dim
+    D: Dim
+    dtype: Literal["float32", "float16", "bfloat16"]
+    s: Seconds
 
 
 class CpuSection(_Strict):
     source: Source
     name: str
-    cores: PositiveInt
-    memory_bytes: PositiveInt
-    memcpy_GBps: PositiveFloat = Field(description="single-stream memcpy, bytes read + written per second / 1e9")
-    copy_GBps: PositiveFloat = Field(description="multi-threaded tensor copy, bytes read + written per second / 1e9")
-    gemm_tflops: dict[str, PositiveFloat] = Field(description="dense GEMM rate by dtype (float32, bfloat16)")
+    cores: Dim
+    memory_bytes: MemoryBytes
+    memcpy_GBps: Rate = Field(description="single-stream memcpy, bytes read + written per second / 1e9")
+    copy_GBps: Rate = Field(description="multi-threaded tensor copy, bytes read + written per second / 1e9")
+    gemm_tflops: dict[Literal["float32", "float16", "bfloat16"], Rate] = Field(
+        description="dense GEMM rate by dtype (float32, bfloat16)")
     decode_attention: list[CpuDecodeAttentionRow] = Field(min_length=1)
 
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alisa_sim.errors import SpecError, load_json_file, validate
+from alisa_sim.limits import MAX_FFN, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB
 
 Family = Literal["opt", "llama", "gpt_neox"]
 
@@ -30,23 +31,23 @@ class Gemm:
 class ModelSpec(BaseModel):
     """Architecture of a decoder-only LLM; all sizes in elements, byte counts derived."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     name: str
     family: Family
-    hidden_size: PositiveInt
-    num_layers: PositiveInt
-    num_heads: PositiveInt
-    num_kv_heads: PositiveInt
-    ffn_dim: PositiveInt
-    vocab_size: PositiveInt
-    max_position_embeddings: PositiveInt
-    head_dim: PositiveInt | None = None
+    hidden_size: int = Field(gt=0, le=MAX_HIDDEN)
+    num_layers: int = Field(gt=0, le=MAX_LAYERS)
+    num_heads: int = Field(gt=0, le=MAX_HEADS)
+    num_kv_heads: int = Field(gt=0, le=MAX_HEADS)
+    ffn_dim: int = Field(gt=0, le=MAX_FFN)
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
+    max_position_embeddings: int = Field(gt=0, le=MAX_POSITIONS)
+    head_dim: int | None = Field(default=None, gt=0, le=MAX_HEAD_DIM)
     tie_word_embeddings: bool
-    norm_eps: float = Field(gt=0)
+    norm_eps: float = Field(gt=0, lt=1)
     rope_theta: float = Field(default=10000.0, gt=0)
     rotary_pct: float = Field(default=1.0, gt=0, le=1)
-    dtype_bytes: PositiveInt = 2
+    dtype_bytes: int = Field(default=2, gt=0, le=8)
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelSpec":
@@ -56,6 +57,8 @@ class ModelSpec(BaseModel):
             raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads})")
         if self.family == "opt" and self.num_kv_heads != self.num_heads:
             raise ValueError("OPT has no grouped-query attention: num_kv_heads must equal num_heads")
+        if self.q_dim > MAX_HIDDEN:
+            raise ValueError(f"num_heads x head_dim = {self.q_dim:,} is past the limit of {MAX_HIDDEN:,}")
         return self
 
     # ---- shapes -------------------------------------------------------------
@@ -192,9 +195,12 @@ PRESETS: dict[str, dict] = {
 _LLAMA_LIKE = ("llama", "mistral")  # no Q/K/V biases (Qwen2 has them, so it is not one)
 
 
-def _rope_theta(cfg: dict) -> float:
+def _rope_theta(cfg: dict, name: str) -> float:
     """transformers 5 moved rope_theta under rope_parameters."""
-    return cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    nested = cfg.get("rope_parameters") or {}
+    if not isinstance(nested, dict):
+        raise SpecError(f"{name}: config.json field 'rope_parameters' must be a JSON object, got {nested!r:.40}")
+    return cfg.get("rope_theta") or nested.get("rope_theta") or 10000.0
 
 
 def _from_hf_config(cfg: dict, name: str) -> dict:
@@ -220,7 +226,7 @@ def _from_hf_config(cfg: dict, name: str) -> dict:
                         ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
                         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                         head_dim=cfg.get("head_dim"), tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(cfg))
+                        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(cfg, name))
         if model_type == "gpt_neox":
             return dict(name=name, family="gpt_neox", hidden_size=cfg["hidden_size"],
                         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
@@ -234,10 +240,11 @@ def _from_hf_config(cfg: dict, name: str) -> dict:
     raise SpecError(f"{name}: unsupported model_type {model_type!r} (supported: opt, {', '.join(_LLAMA_LIKE)}, gpt_neox)")
 
 
-def load_model_spec(ref: str | dict) -> ModelSpec:
-    """A preset name, a path to a HF config.json (or its folder), or an inline mapping of ModelSpec fields."""
+def load_model_spec(ref: str | dict, source: str = "model") -> ModelSpec:
+    """A preset name, a path to a HF config.json (or its folder), or an inline mapping of ModelSpec fields (named
+    `source` in error messages)."""
     if isinstance(ref, dict):
-        return validate(ModelSpec, ref, "model")
+        return validate(ModelSpec, ref, source)
     if ref in PRESETS:
         return ModelSpec(**PRESETS[ref])
     path = Path(ref)

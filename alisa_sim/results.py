@@ -3,31 +3,85 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from alisa_sim.errors import SpecError
 from alisa_sim.ops import KINDS
 from alisa_sim.simulator import Simulation
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON to a temporary file beside `path`, then rename: a reader sees the whole file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _non_finite_at(data, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in `data`, if any."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "(top level)"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite_at(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def json_text(data, what: str) -> str:
+    """Strict JSON (no NaN or Infinity, which strict parsers reject): a non-finite number is a SpecError naming it."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
+        return json.dumps(data, indent=1, allow_nan=False) + "\n"
+    except ValueError:
+        raise SpecError(f"{what}: the output would hold a non-finite number at '{_non_finite_at(data)}'; "
+                        "nothing was written") from None
+
+
+def check_out_folder(folder: str | Path) -> Path:
+    """Refuse, before any work, an output folder that is a file, lies under a file or cannot be written."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"cannot write into {folder}: {existing} is not writable")
+    return folder
+
+
+def write_texts_atomic(folder: Path, texts: dict[str, str]) -> None:
+    """Write each text to a temporary `.NAME.writing-*` file in `folder`, then rename them all into place: a reader
+    sees whole files or none, and a failed or interrupted write leaves no temporary file behind (OSError raised)."""
+    temporary: dict[str, str] = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            fd, temporary[name] = tempfile.mkstemp(prefix=f".{name}.writing-", dir=folder)
+            with os.fdopen(fd, "w", newline="") as handle:
+                handle.write(text)
+            os.chmod(temporary[name], 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        for name, tmp in temporary.items():
+            os.replace(tmp, folder / name)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temporary.values():
+            Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json_files(folder: str | Path, files: dict[str, dict]) -> list[Path]:
+    """Write JSON documents into `folder` strictly and together (write_texts_atomic); a write error is a SpecError."""
+    folder = check_out_folder(folder)
+    texts = {name: json_text(data, str(folder / name)) for name, data in files.items()}
+    try:
+        write_texts_atomic(folder, texts)
+    except OSError as exc:
+        raise SpecError(f"cannot write {', '.join(str(folder / n) for n in files)}: "
+                        f"{exc.strerror or exc}; nothing was written") from None
+    return [folder / name for name in files]
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write one JSON file whole or not at all (see write_json_files)."""
+    path = Path(path)
+    return write_json_files(path.parent, {path.name: data})[0]
 
 
 def step_stats(durations: list[float]) -> dict[str, float]:

@@ -29,17 +29,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming, TimedOp
-from alisa_sim.errors import SpecError
 from alisa_sim.ops import LayerTemplate
-from alisa_sim.policies import Policy, StepPlan, make_policy
+from alisa_sim.planner import make_policy
+from alisa_sim.policies import Policy, StepPlan
 from alisa_sim.policies.base import Policy as BasePolicy
 from alisa_sim.workload import ResolvedWorkload
 
-# Engine limits, far past any real deployment (the longest generations served are ~10^5 tokens per sequence; the
-# deepest models ~10^2 layers); they keep a mistyped workload from running for minutes or exhausting memory (a run
-# keeps a record of every step, about 2 KB each).
-MAX_DECODE_STEPS = 500_000
-MAX_LAYERS = 4096
 # Deviation from a chord, relative to the step time, that counts as on it: far above float rounding (~1e-15), far
 # below what a context-length staircase or a changing critical path shows, and within the 1e-6 that tests demand.
 _LINE_TOL = 1e-7
@@ -172,26 +167,14 @@ class SimulationProgress:
         self._bar.update(self._task, completed=self.done)
 
 
-def check_engine_limits(wl: ResolvedWorkload) -> None:
-    """SpecError for a workload past the engine's limits (see README, Limits)."""
-    if wl.decode_steps > MAX_DECODE_STEPS:
-        raise SpecError(f"gen_len = {wl.workload.gen_len} is past the simulator's limit of {MAX_DECODE_STEPS + 1} "
-                        "generated tokens per sequence")
-    if wl.model.num_layers > MAX_LAYERS:
-        raise SpecError(f"model {wl.model.name} has {wl.model.num_layers} layers, past the simulator's limit of "
-                        f"{MAX_LAYERS}")
-
-
 def simulate(workload: ResolvedWorkload, on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the whole run; `on_step(record)` is called after each step (for progress bars)."""
-    check_engine_limits(workload)
     return simulate_with_policy(workload, make_policy(workload, CostModel(workload.hardware)), on_step)
 
 
 def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
                          on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the run under an already built policy (a planner's candidate)."""
-    check_engine_limits(workload)
     sim = Simulation(workload, policy)
     env = simpy.Environment()
     gpu = MemoryPool("GPU", workload.gpu_capacity_bytes)

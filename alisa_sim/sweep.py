@@ -17,8 +17,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import hashlib
+import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -26,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from alisa_sim.errors import SpecError, load_yaml_file, validate
-from alisa_sim.workload import POLICY_NAMES, PolicyConfig
+from alisa_sim.errors import SpecError, check_size, load_yaml_file, validate
+from alisa_sim.limits import MAX_SWEEP_POINTS
+from alisa_sim.results import check_out_folder, write_texts_atomic
+from alisa_sim.workload import POLICY_NAMES, BatchSize, KvSparsity, PolicyConfig
 
 COLUMNS = ("point", "status", "model", "hardware", "batch_size", "prompt_len", "gen_len", "policy", "kv_sparsity",
            "policy_params", "throughput_tok_s", "prefill_s", "decode_s", "total_s", "decode_step_mean_s",
@@ -39,10 +43,11 @@ COLUMNS = ("point", "status", "model", "hardware", "batch_size", "prompt_len", "
 DONE = ("ok", "oom")
 SPARSITY_FIELD = "kv_sparsity"
 BACKENDS = ("local", "ray")
+MAX_BASE_VALUES = 10_000  # a workload holds ~30; every point copies (and hashes) the base
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Grid(_Strict):
@@ -50,9 +55,9 @@ class Grid(_Strict):
 
     models: list[str | dict] | None = Field(default=None, min_length=1)
     hardware: list[str] | None = Field(default=None, min_length=1)
-    batches: list[PositiveInt] | None = Field(default=None, min_length=1)
+    batches: list[BatchSize] | None = Field(default=None, min_length=1)
     policies: list[str | dict] | None = Field(default=None, min_length=1)
-    sparsities: list[float] | None = Field(default=None, min_length=1)
+    sparsities: list[KvSparsity] | None = Field(default=None, min_length=1)
 
 
 class SweepSpec(Grid):
@@ -84,7 +89,9 @@ def point_id(workload: dict) -> str:
 def expand(spec: SweepSpec, source: str = "sweep") -> list[Point]:
     """The points of the sweep in grid order (groups in order; axes nested models, hardware, batches, policies,
     sparsities), each once."""
+    check_size(spec.base, f"{source}: base", MAX_BASE_VALUES)
     points: dict[str, Point] = {}
+    grids = []
     for group in spec.groups or [Grid()]:
         axes = {name: getattr(group, name) or getattr(spec, name) for name in Grid.model_fields}
         for name, field in (("models", "model"), ("hardware", "hardware"), ("batches", "batch_size"),
@@ -93,6 +100,11 @@ def expand(spec: SweepSpec, source: str = "sweep") -> list[Point]:
                 if field not in spec.base:
                     raise SpecError(f"{source}: no '{name}' axis and no base.{field}")
                 axes[name] = [spec.base[field]]
+        grids.append(axes)
+    size = sum(math.prod(len(values) for values in axes.values() if values) for axes in grids)
+    if size > MAX_SWEEP_POINTS:
+        raise SpecError(f"{source}: {size:,} points is past the limit of {MAX_SWEEP_POINTS:,} per sweep")
+    for axes in grids:
         for model, hardware, batch, policy in itertools.product(axes["models"], axes["hardware"], axes["batches"],
                                                                 axes["policies"]):
             policy = {"name": policy} if isinstance(policy, str) else dict(policy)
@@ -234,23 +246,34 @@ def read_table(path: Path) -> dict[str, dict]:
     """Rows of an existing table by point (a partial last line, from a killed run, is skipped)."""
     if not path.exists():
         return {}
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return {}
-        if tuple(header) != COLUMNS:
-            raise SpecError(f"{path}: not a sweep table of this version (columns differ); write to another --out")
-        return {values[0]: dict(zip(COLUMNS, values)) for values in reader if len(values) == len(COLUMNS)}
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                return {}
+            if tuple(header) != COLUMNS:
+                raise SpecError(f"{path}: not a sweep table of this version (columns differ); write to another --out")
+            return {values[0]: dict(zip(COLUMNS, values)) for values in reader if len(values) == len(COLUMNS)}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SpecError(f"{path}: not a sweep table ({exc}); write to another --out") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the sweep table: {exc.strerror or exc}") from None
 
 
 def _write_sorted(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_texts_atomic(path.parent, {path.name: text.getvalue()})
+
+
+def check_table_path(out: Path) -> None:
+    """Refuse, before any simulation, a table path that is a folder or whose folder cannot be written."""
+    if out.is_dir():
+        raise SpecError(f"--out {out} is a folder: give the CSV file to write, e.g. {out / 'sweep.csv'}")
+    check_out_folder(out.parent)
 
 
 @dataclass
@@ -271,12 +294,32 @@ def run_sweep(points: list[Point], out: Path, base_dir: str = ".", backend: str 
         raise SpecError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     if workers < 1:
         raise SpecError(f"--workers must be at least 1, got {workers}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_table_path(out)
     rows = read_table(out)
     todo = [p for p in points if rows.get(p.id, {}).get("status") not in DONE]
     counts = dict.fromkeys(DONE + ("failed",), 0)
     started = time.perf_counter()
     fresh = not out.exists() or out.stat().st_size == 0
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _append_rows(out, fresh, todo, rows, counts, base_dir, backend, workers, run, ray_address, progress)
+        ids = [p.id for p in points]
+        mine = set(ids)
+        _write_sorted(out, [rows[i] for i in ids if i in rows] + [r for i, r in rows.items() if i not in mine])
+    except OSError as exc:
+        kept = out.exists() and bool(read_table(out))
+        if fresh and not kept:
+            out.unlink(missing_ok=True)  # no complete row made it: leave no empty table behind
+        raise SpecError(f"cannot write {out}: {exc.strerror or exc}; "
+                        + ("its complete rows are kept, rerun to resume" if kept else "nothing was written")) from None
+    failures = [rows[p.id] for p in todo if rows[p.id]["status"] == "failed"]
+    return SweepOutcome(out, len(points), len(points) - len(todo), counts, time.perf_counter() - started, failures)
+
+
+def _append_rows(out: Path, fresh: bool, todo: list[Point], rows: dict[str, dict], counts: dict[str, int],
+                 base_dir: str, backend: str, workers: int, run: Callable, ray_address: str | None,
+                 progress: bool) -> None:
+    """Simulate `todo`, appending each row to `out` (and to `rows`, counted in `counts`) as it finishes."""
     with out.open("a", newline="") as handle:
         if not fresh and not out.read_text().endswith("\n"):
             handle.write("\n")  # after a killed run's partial line
@@ -297,11 +340,6 @@ def run_sweep(points: list[Point], out: Path, base_dir: str = ".", backend: str 
                 counts[row["status"]] += 1
                 bar.update(task, advance=1, description=f"{backend}: {counts['ok']} ok, {counts['oom']} oom, "
                                                          f"{counts['failed']} failed")
-    ids = [p.id for p in points]
-    mine = set(ids)
-    _write_sorted(out, [rows[i] for i in ids if i in rows] + [r for i, r in rows.items() if i not in mine])
-    failures = [rows[p.id] for p in todo if rows[p.id]["status"] == "failed"]
-    return SweepOutcome(out, len(points), len(points) - len(todo), counts, time.perf_counter() - started, failures)
 
 
 def default_workers() -> int:

