@@ -280,7 +280,7 @@ def _templates():
 
 
 def test_step_lower_bound_never_exceeds_the_engine():
-    """The bound the search prunes by holds for every policy's step DAG; it is exact without overlap and, on
+    """The bound the search prunes by holds for every policy's step DAG; it is within 1% without overlap and, on
     ALISA's steps, within 10% of the engine's time (so it prunes; today within 3%)."""
     assert {"dense", "accelerate", "zero", "vllm", "flexgen", "alisa"} <= set(POLICIES)
     ratios = []
@@ -288,8 +288,8 @@ def test_step_lower_bound_never_exceeds_the_engine():
         wl, layers, overlap = policy.wl, policy.model.num_layers, policy.overlap
         engine, bound = step_time_s(policy, template), step_lower_bound_s(template, layers, overlap)
         assert 0 < bound <= engine * (1 + 1e-12), (wl.policy.name, overlap)
-        if not overlap:
-            assert bound == pytest.approx(engine, rel=1e-9)
+        if not overlap:  # the device's serial sum: short only by where the host falls behind (launch-bound ops)
+            assert bound >= 0.99 * engine
         elif wl.policy.name == "alisa":
             ratios.append(bound / engine)
     assert min(ratios) > 0.9

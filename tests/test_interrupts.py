@@ -15,7 +15,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 # Long enough to be interrupted mid-simulation (seconds); the progress bar says when the simulation has begun.
-LONG_SIM = {"model": "opt-6.7b", "hardware": "h100", "batch_size": 32, "prompt_len": 128, "gen_len": 1900,
+# ALISA's window staircase keeps every step simulated, so 60,000 of them take tens of seconds.
+LONG_SIM_SPEC = {"name": "llama-7b-long", "family": "llama", "hidden_size": 4096, "num_layers": 32, "num_heads": 32,
+                 "num_kv_heads": 32, "ffn_dim": 11008, "vocab_size": 32000, "max_position_embeddings": 131072,
+                 "tie_word_embeddings": False, "norm_eps": 1e-5}
+LONG_SIM = {"model": LONG_SIM_SPEC, "hardware": "h200", "batch_size": 1, "prompt_len": 128, "gen_len": 60000,
             "policy": {"name": "alisa"}}
 # A tiny LLaMA with room for a long generation on the CPU (a few ms a step).
 LONG_EXEC_SPEC = {"name": "tiny-llama-long", "family": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4,

@@ -10,7 +10,6 @@ import pytest
 from alisa_sim import engine, simulator
 from alisa_sim.cli import main
 from alisa_sim.cost_model import CostModel
-from alisa_sim.errors import SpecError
 from alisa_sim.results import build_result
 from alisa_sim.simulator import simulate
 from alisa_sim.trace import build_trace
@@ -248,8 +247,3 @@ def test_progress_stays_quiet_on_short_runs_and_prints_lines_off_a_terminal():
                                       clock=lambda: float(next(ticks))) as bar:
         simulate(wl, on_step=bar)
     assert "simulating" in bar_out.getvalue() and "tokens" in bar_out.getvalue()
-
-
-def test_engine_limits_are_a_clear_error():
-    with pytest.raises(SpecError, match="past the simulator's limit of 500001 generated tokens"):
-        simulate(_workload(gen_len=500_002, model="llama-7b"))

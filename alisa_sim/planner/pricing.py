@@ -9,8 +9,9 @@ the GPU's last op. So a fresh step (no copy backlog carried in) lasts at least
 - for each other resource and each of its ops X in the last layer: the time that resource is busy up to X (all of
   its earlier ops run before X) plus the longest chain of ops that depend on X inside that layer and end on the GPU,
   plus the tail.
-A backlog carried in only delays a step (the engine is monotone in start times), so the bound holds there too.
-Without overlap every op runs on one serial resource and the bound is the sum of all op times, which is exact.
+Every term also waits for the host to issue the step's first op. A backlog carried in only delays a step (the engine
+is monotone in start times), so the bound holds there too. Without overlap every op runs on one serial resource and
+the bound is the first op's issue plus the sum of all op times, exact unless the host falls behind the device.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def step_lower_bound_s(template: LayerTemplate, num_layers: int, overlap: bool) 
     """A lower bound on `step_time_s` of the template, from its op times and dependencies (see the module)."""
     graph = template.graph
     ops = {name: graph.nodes[name]["op"] for name in graph.nodes}
-    tail_s = sum(op.duration_s for op in template.tail)
+    # Nothing runs before the host has issued the first op.
+    tail_s = sum(op.duration_s for op in template.tail) + (template.head[0].host_s if template.head else 0.0)
     if not overlap:
         return sum(op.duration_s for op in template.head) + num_layers * sum(op.duration_s for op in ops.values()) \
             + tail_s
