@@ -11,10 +11,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from alisa_sim.compare import add_compare_parser
 from alisa_sim.errors import SpecError
+from alisa_sim.hardware_command import add_hardware_parser
+from alisa_sim.overrides import add_set_argument
+from alisa_sim.provenance import default_label, record_command
 from alisa_sim.results import build_result, write_json_atomic
 from alisa_sim.simulator import simulate, simulate_with_policy
 from alisa_sim.trace import build_trace
+from alisa_sim.units import gb, gib, memory_names, phase_step, result_on_cpu_device
 from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
 
 EXIT_BAD_INPUT = 2
@@ -34,10 +39,6 @@ def _simulate_with_progress(wl: ResolvedWorkload, show: bool):
         return simulate(wl, on_step=lambda record: progress.advance(task, record.plan.sequences))
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
-
-
 def timing_rows(m: dict) -> list[tuple[str, str]]:
     """The time and throughput rows of a Result's metrics, as both runners print them."""
     return [
@@ -52,21 +53,23 @@ def timing_rows(m: dict) -> list[tuple[str, str]]:
 
 def print_summary(result: dict, console: Console) -> None:
     wl = result["workload"]
-    console.print(f"[bold]{result['model']}[/] on [bold]{result['hardware']}[/], policy [bold]{wl['policy']['name']}[/], "
+    device, host = memory_names(result_on_cpu_device(result))
+    console.print(f"[bold]{result.get('label', '')}[/]: [bold]{result['model']}[/] on [bold]{result['hardware']}[/], "
+                  f"policy [bold]{wl['policy']['name']}[/], "
                   f"batch {wl['batch_size']}, prompt {wl['prompt_len']}, generate {wl['gen_len']}"
                   f"{'' if wl['overlap'] else ', overlap off'}")
     m = result["metrics"]
     table = Table("metric", "predicted", title="alisa-sim prediction")
     for label, value in timing_rows(m) + [
-        ("peak GPU / CPU memory", f"{_gb(m['peak_gpu_bytes'])} / {_gb(m['peak_cpu_bytes'])}"),
-        ("H2D / D2H traffic", f"{_gb(m['h2d_bytes'])} / {_gb(m['d2h_bytes'])}"),
+        (f"peak {device} / {host} memory", f"{gib(m['peak_gpu_bytes'])} / {gib(m['peak_cpu_bytes'])}"),
+        ("H2D / D2H traffic", f"{gb(m['h2d_bytes'])} / {gb(m['d2h_bytes'])}"),
     ]:
         table.add_row(label, value)
     console.print(table)
-    phases = Table("phase", "steps", "time", "GPU KV at end", "CPU KV at end", title="KV phases")
+    phases = Table("phase", "steps", "time", f"{device} KV at end", f"{host} KV at end", title="KV phases")
     for p in result["phases"]:
         phases.add_row(str(p["phase"]), f"{p['first_step']}-{p['last_step']}", f"{p['time_s']:.3f} s",
-                       _gb(p["gpu_kv_bytes_end"]), _gb(p["cpu_kv_bytes_end"]))
+                       gib(p["gpu_kv_bytes_end"]), gib(p["cpu_kv_bytes_end"]))
     console.print(phases)
     breakdown = Table("kind", "busy time", title="time by kind (streams overlap, so these may sum past total)")
     for kind, seconds in result["breakdown_s"].items():
@@ -76,9 +79,9 @@ def print_summary(result: dict, console: Console) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy, overrides=args.set)
     sim = _simulate_with_progress(wl, show=not args.json and sys.stderr.isatty())
-    result = build_result(sim)
+    result = {"label": args.label or default_label(args.workload), **build_result(sim)}
     out = Path(args.out) if args.out else _default_out(args.workload, wl)
     write_json_atomic(out / "result.json", result)
     if not sim.oom_error:
@@ -132,21 +135,22 @@ def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
     chosen_policy = AlisaPolicy(wl, cost)
     search = search_schedule(chosen_policy)
     table = Table("schedule", "p1", "p2", "alpha", "beta", "search estimate (decode s)", "simulated total (s)",
-                  title=f"ALISA schedule search (GPU KV budget {chosen_policy.gpu_tokens} tokens per sequence; "
-                        f"p2 past {wl.decode_steps} = never)")
+                  title=f"ALISA schedule search (GPU KV budget {chosen_policy.gpu_tokens} tokens per sequence, "
+                        f"{wl.decode_steps} decode steps)")
     rows = []
     for what, schedule, estimate in [("chosen", search.schedule, search.estimated_decode_s)] + search.alternatives:
         sim = simulate_with_policy(wl, AlisaPolicy(wl, cost, schedule))
         total = None if sim.oom_error else build_result(sim)["metrics"]["total_s"]
         rows.append({"what": what, **vars(schedule), "estimated_decode_s": estimate, "simulated_total_s": total})
-        table.add_row(what, str(schedule.p1), str(schedule.p2), f"{schedule.alpha:g}", f"{schedule.beta:g}",
+        table.add_row(what, phase_step(schedule.p1, wl.decode_steps), phase_step(schedule.p2, wl.decode_steps),
+                      f"{schedule.alpha:g}", f"{schedule.beta:g}",
                       f"{estimate:.2f}", "oom" if total is None else f"{total:.2f}")
     console.print(table)
     return {**chosen_policy.plan(), "alternatives": rows[1:]}
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy, overrides=args.set)
     quiet = Console(file=open("/dev/null", "w")) if args.json else console
     if wl.policy.name == "flexgen":
         plan = _flexgen_plan(wl, quiet, args.candidates)
@@ -165,7 +169,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from alisa_sim.report import scatter_figure, step_curves_figure, write_html, write_pngs
-    from alisa_sim.validate import METRICS, load_results, validate
+    from alisa_sim.validate import METRICS, load_results, pair_name, validate
 
     document, pairs, unpaired = validate(load_results(args.results))
     out = Path(args.out)
@@ -183,7 +187,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     table = Table("pair", *(METRICS[n][0] for n in names), title="error of the prediction, % (predicted - measured)")
     for pair in document["pairs"]:
         cells = [pair["metrics"][n]["error_pct"] for n in names]
-        table.add_row(pair["workload"], *("-" if e is None else f"{e:+.1f}" for e in cells))
+        table.add_row(pair_name(pair), *("-" if e is None else f"{e:+.1f}" for e in cells))
     summary = document["summary"]
     for key, label in (("mape", "MAPE"), ("worst", "worst |error|")):
         table.add_row(f"[bold]{label}[/]", *("-" if summary[n][key] is None else f"{summary[n][key]:.1f}"
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's (default parameters)")
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
     run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
+    run.add_argument("--label", help="the run's name in the Result, legends and tables (default: the workload "
+                                     "file's stem)")
+    add_set_argument(run)
     run.set_defaults(handler=cmd_run)
     plan = sub.add_parser("plan", help="show the plan a workload would run and why (ALISA: its schedule search; "
                                        "FlexGen: its LP policy search)")
@@ -303,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's")
     plan.add_argument("--candidates", type=int, default=5, help="how many of the best candidates to simulate")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (alisa-sim/alisa-exec run take it)")
+    add_set_argument(plan)
     plan.set_defaults(handler=cmd_plan)
     validate = sub.add_parser("validate", help="pair predicted and measured results; error per metric, MAPE, HTML")
     validate.add_argument("results", nargs="+", help="Result JSON files or folders of them (sim and exec, any order)")
@@ -336,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="folder for report.html and the PNGs")
     report.add_argument("--no-png", action="store_true", help="skip the PNG export (kaleido + Chromium)")
     report.set_defaults(handler=cmd_report)
+    add_hardware_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    record_command("alisa-sim", sys.argv[1:] if argv is None else argv)
     console = Console()
     try:
         return args.handler(args, console)
