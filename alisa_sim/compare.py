@@ -115,6 +115,11 @@ def run_compare(path: str, policies: list[str], batches: list[int] | None, basel
     return document, results
 
 
+def short_reason(reason: str | None) -> str:
+    """An OOM reason's first clause for the table (compare.json keeps all of it)."""
+    return (reason or "out of memory").split(":")[0].split(" needs ")[0]
+
+
 def print_table(document: dict, on_cpu_device: bool, console: Console) -> None:
     device, host = memory_names(on_cpu_device)
     table = Table("policy", "batch", "throughput (tok/s)", f"x {document['baseline']}", "prefill (ms)",
@@ -123,10 +128,11 @@ def print_table(document: dict, on_cpu_device: bool, console: Console) -> None:
                         f"traffic GB = 10^9 bytes)")
     for row in document["runs"]:
         m = row["metrics"]
-        memory = f"{gib(m['peak_gpu_bytes'])} / {gib(m['peak_cpu_bytes'])}"
+        memory = f"{gib(m['peak_gpu_bytes'])} / {gib(m['peak_cpu_bytes'])}" \
+            if m["peak_gpu_bytes"] or m["peak_cpu_bytes"] else "-"
         if row["oom"]:
             table.add_row(row["policy"], str(row["batch_size"]), "-", "-", "-", "-", memory, "-",
-                          f"[red]{row['reason']}[/]")
+                          f"[red]{short_reason(row['reason'])}[/]")
             continue
         ratio = row["vs_baseline"]["throughput_x"]
         table.add_row(row["policy"], str(row["batch_size"]), f"{m['throughput_tok_s']:.1f}",

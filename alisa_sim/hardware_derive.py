@@ -7,7 +7,8 @@ the measured cards' achieved-vs-peak curves and moves them onto the new card's p
 - every GPU table row (GEMM by shape, decode and prefill attention by batch and length) of a measured card is split
   into a kernel latency (the roofline fit of its family, alisa_sim.profile_builder.fit_calibration) and the work
   part; the work part's share of the card's own datasheet roofline, max(flops / peak, bytes / bandwidth), is the
-  achieved fraction at that shape, and the new card's row is latency + its roofline time / that fraction;
+  achieved fraction at that shape, and the new card's row is latency + its roofline time / that fraction
+  (transferred_times);
 - copies by size keep the measured latency floor; the rest scales with the PCIe peak (pinned), pageable copies
   take the slower of the measured host staging (scaled by host bandwidth) and the derived pinned copy;
 - the host's copy, memcpy and CPU attention scale with its copy bandwidth, its GEMM rate with its cores.
@@ -125,13 +126,16 @@ def _roofline_s(flops: np.ndarray, nbytes: np.ndarray, sheet: GpuDatasheet) -> n
 
 def transferred_times(rows: list[dict], work, latency_s: float, source: GpuDatasheet,
                       target: GpuDatasheet) -> np.ndarray:
-    """Row times on `target`: the source's latency plus the target's roofline time over the achieved fraction of
-    the source's roofline at that shape (at most 1: a row faster than its roofline counts as reaching it)."""
+    """Row times on `target`. A measured row is the source's kernel latency plus work that reached a fraction of the
+    source's datasheet roofline; on the target the same fraction of its roofline: latency + (measured - latency) x
+    target roofline / source roofline. A row already faster than latency + roofline (the fitted latency is too high
+    for it) counts as reaching the roofline and only its roofline part changes. Identity when target = source; never
+    faster than the target's roofline."""
     flops, nbytes = work(rows)
     measured = np.array([row["s"] for row in rows])
-    source_ideal = _roofline_s(flops, nbytes, source)
-    achieved = source_ideal / np.maximum(measured - latency_s, source_ideal)
-    return latency_s + _roofline_s(flops, nbytes, target) / achieved
+    source_ideal, target_ideal = _roofline_s(flops, nbytes, source), _roofline_s(flops, nbytes, target)
+    achieved = np.minimum(1.0, source_ideal / np.maximum(measured - latency_s, 1e-12))
+    return np.maximum(measured + (target_ideal - source_ideal) / achieved, target_ideal)
 
 
 def _geomean(arrays: list[np.ndarray]) -> np.ndarray:
