@@ -167,6 +167,9 @@ def derived_gpu_section(spec: DatasheetSpec, refs: list[tuple[dict, DatasheetSpe
                              for profile, _ in refs])
     hbm_efficiency = float(_geomean([np.array([profile["gpu"]["hbm_GBps"] / sheet.gpu.memory_GBps])
                                      for profile, sheet in refs])[0])
+    # The driver keeps part of the memory: a measured card reports a little less than its datasheet capacity.
+    usable = float(_geomean([np.array([profile["gpu"]["memory_bytes"] / (sheet.gpu.memory_GiB * GiB)])
+                             for profile, sheet in refs])[0])
     gemm_rows, gemm_s = tables["gemm_fp16"]
     decode_rows, decode_s = tables["decode_attention_fp16"]
     prefill_rows, prefill_s = tables["prefill_attention_fp16"]
@@ -174,13 +177,15 @@ def derived_gpu_section(spec: DatasheetSpec, refs: list[tuple[dict, DatasheetSpe
     return {
         "source": {"kind": "derived", "note": (
             f"{spec.gpu.source}. Derived, not measured: tables over the shapes of the measured {names}, each row = "
-            f"that card's fitted kernel latency + this card's roofline max(flops / {spec.gpu.fp16_tflops:g} TFLOP/s, "
-            f"bytes / {spec.gpu.memory_GBps:g} GB/s) / the share of its own datasheet roofline the measured card "
-            f"reached at that shape (geometric mean over the cards); hbm_GBps = datasheet bandwidth x the measured "
-            f"HBM copy efficiency ({hbm_efficiency:.3f}); gather20_s = s x the measured gather20_s / s; "
-            f"{spec.gpu.sm_count} SMs recorded, not used; {LAUNCH_OVERHEAD_NOTE}")},
+            f"that card's fitted kernel latency + (its measured time - that latency) x this card's roofline max(flops "
+            f"/ {spec.gpu.fp16_tflops:g} TFLOP/s, bytes / {spec.gpu.memory_GBps:g} GB/s) / the measured card's "
+            f"datasheet roofline, i.e. the same achieved share of the roofline at that shape (geometric mean over the "
+            f"cards); hbm_GBps = datasheet bandwidth x the measured "
+            f"HBM copy efficiency ({hbm_efficiency:.3f}); memory_bytes = the datasheet's {spec.gpu.memory_GiB:g} "
+            f"GiB x the share of their datasheet capacity the measured cards report ({usable:.4f}); gather20_s = s "
+            f"x the measured gather20_s / s; {spec.gpu.sm_count} SMs recorded, not used; {LAUNCH_OVERHEAD_NOTE}")},
         "name": spec.gpu.name,
-        "memory_bytes": int(spec.gpu.memory_GiB * GiB),
+        "memory_bytes": int(spec.gpu.memory_GiB * GiB * round(usable, 4)),
         "hbm_GBps": _significant(spec.gpu.memory_GBps * hbm_efficiency),
         "peak_fp16_tflops": spec.gpu.fp16_tflops,
         "launch_overhead_s": LAUNCH_OVERHEAD_S,
