@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import html
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from alisa_sim.validate import METRICS, LoadedResult, describe, load_result, pai
 
 COLORS = qualitative.Plotly + qualitative.D3
 LOG_AXIS_RATIO = 100
+DEFAULT_PNG_HEIGHT = 500
+OOM_DODGE = 1.06  # x factor between neighbouring lines' out-of-memory marks on the log batch axis
 # Engine resources of the op kinds that do not run on the GPU compute stream (alisa_sim.ops.KINDS).
 STREAM_OF_KIND = {"h2d": "H2D", "d2h": "D2H", "cpu": "CPU"}
 # Each validated metric's unit in the figures and the factor from the Result's value (seconds, bytes) to it.
@@ -119,6 +122,15 @@ def needs_log_axis(values: list[float]) -> bool:
     return bool(positive) and max(positive) >= LOG_AXIS_RATIO * min(positive)
 
 
+def log_ticks(values: list[float]) -> list[float]:
+    """Tick values 1, 2, 5 x 10^k covering `values` (plotly labels a log axis's minor ticks with bare digits)."""
+    positive = [v for v in values if v and v > 0]
+    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    ticks = [m * 10.0**k for k in range(low, high + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if min(positive) / 2 <= t <= max(positive) * 2]
+    return inside or ticks
+
+
 def throughput_figure(points: list[dict], title: str = "Throughput vs batch per policy (generated tokens / total "
                                                        "time)") -> go.Figure:
     """Fig. 9 style: one panel per model and machine, throughput over batch, one line per policy; runs out of
@@ -135,7 +147,7 @@ def throughput_figure(points: list[dict], title: str = "Throughput vs batch per 
         ran = [p["throughput"] for p in mine if p["throughput"] is not None]
         log = needs_log_axis(ran)
         floor = (min(ran) / 2 if log else 0.0) if ran else 1.0
-        for color, line in zip(COLORS * 4, lines):
+        for number, (color, line) in enumerate(zip(COLORS * 4, lines)):
             ok = sorted((p["batch"], p["throughput"]) for p in mine
                         if p["line"] == line and p["throughput"] is not None)
             if ok:
@@ -147,18 +159,23 @@ def throughput_figure(points: list[dict], title: str = "Throughput vs batch per 
                 in_legend.add(line)
             oom = sorted((p["batch"], p["oom"]) for p in mine if p["line"] == line and p["throughput"] is None)
             if oom:
-                fig.add_trace(go.Scatter(x=[b for b, _ in oom], y=[floor] * len(oom), mode="markers",
+                # Side by side along the floor: several policies may run out of memory at the same batch.
+                dodge = OOM_DODGE ** (number - (len(lines) - 1) / 2)
+                fig.add_trace(go.Scatter(x=[b * dodge for b, _ in oom], y=[floor] * len(oom), mode="markers",
                                          name=f"{line}: out of memory", legendgroup=line,
                                          showlegend=f"{line} oom" not in in_legend,
                                          marker={"color": color, "symbol": "x", "size": 12,
-                                                 "line": {"color": "red", "width": 2}},
+                                                 "line": {"color": "black", "width": 1}},
                                          text=[f"{line}, batch {b}: out of memory: {why}" for b, why in oom],
                                          hoverinfo="text"), row=row + 1, col=col + 1)
                 in_legend.add(f"{line} oom")
         fig.update_xaxes(type="log", title_text="batch", tickvals=sorted({p["batch"] for p in points}),
                          row=row + 1, col=col + 1)
-        fig.update_yaxes(type="log" if log else "linear", title_text="tokens/s" + (" (log)" if log else ""),
-                         rangemode="tozero" if not log else None, row=row + 1, col=col + 1)
+        if log:
+            fig.update_yaxes(type="log", title_text="tokens/s (log)", tickvals=log_ticks(ran + [floor]),
+                             row=row + 1, col=col + 1)
+        else:
+            fig.update_yaxes(title_text="tokens/s", rangemode="tozero", row=row + 1, col=col + 1)
     marked = " (x: out of memory, hover for why)" if any(p["throughput"] is None for p in points) else ""
     fig.update_layout(title=title + marked, height=max(420, 400 * rows))
     return fig
@@ -206,27 +223,28 @@ def breakdown_figure(results: list[LoadedResult]) -> go.Figure:
     device, _ = memory_names(on_cpu_device(results))
     kinds = [k for k in dict.fromkeys(k for r in results for k in r.data.get("breakdown_s", {}))
              if any(r.data["breakdown_s"].get(k) for r in results)]
-    rows = []  # (category, run index, stream)
+    rows = []  # (run index, stream)
     for index, r in enumerate(results):
         overlap = r.data["workload"].get("overlap", True)
-        streams = dict.fromkeys(stream_of(k, overlap) for k in kinds if r.data["breakdown_s"].get(k))
-        rows += [(f"{labels[index]} · {stream.replace('GPU', device)}", index, stream) for stream in streams]
-    categories = [category for category, _, _ in rows]
+        rows += [(index, stream) for stream in dict.fromkeys(stream_of(k, overlap) for k in kinds
+                                                             if r.data["breakdown_s"].get(k))]
+    # Two-level categories: the run, then its streams.
+    categories = [[labels[i] for i, _ in rows], [stream.replace("GPU", device) for _, stream in rows]]
     fig = go.Figure()
     for color, kind in zip(COLORS, kinds):
         values = [results[i].data["breakdown_s"].get(kind, 0.0)
                   if stream_of(kind, results[i].data["workload"].get("overlap", True)) == stream else 0.0
-                  for _, i, stream in rows]
+                  for i, stream in rows]
         fig.add_trace(go.Bar(y=categories, x=values, name=kind, orientation="h", marker_color=color,
                              hovertemplate="%{y}: " + kind + " %{x:.4g} s<extra></extra>"))
-    totals = [results[i].data["metrics"].get("total_s") for _, i, _ in rows]
-    fig.add_trace(go.Scatter(y=categories, x=totals, mode="markers", name="run's total time",
-                             marker={"symbol": "line-ns", "size": 22, "line": {"color": "black", "width": 3}},
+    fig.add_trace(go.Scatter(y=categories, x=[results[i].data["metrics"].get("total_s") for i, _ in rows],
+                             mode="markers", name="run's total time",
+                             marker={"symbol": "line-ns", "size": 18, "line": {"color": "black", "width": 3}},
                              hovertemplate="%{y}: total %{x:.4g} s<extra></extra>"))
     fig.update_layout(barmode="stack", title="Time by op kind, per stream (streams run at once; each bar stops at "
-                                             "or before the run's total, the black mark)",
-                      xaxis_title="seconds", yaxis={"autorange": "reversed"},
-                      height=max(360, 140 + 34 * len(rows)))
+                                             "or before the run's total time, the black mark)",
+                      xaxis_title="seconds", yaxis={"autorange": "reversed", "dtick": 1},
+                      height=max(360, 160 + 26 * len(rows) + 10 * len(results)))
     return fig
 
 
@@ -334,7 +352,9 @@ def write_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[list[Path],
     """PNG of every figure through kaleido; ([], why) when kaleido or its Chromium is missing."""
     paths = [folder / f"{name}.png" for name in figures]
     try:
-        pio.write_images(list(figures.values()), paths, width=1400)
+        # Each at its layout's height: tall figures (many runs) would be squeezed into kaleido's default.
+        pio.write_images(list(figures.values()), paths, width=1400,
+                         height=[fig.layout.height or DEFAULT_PNG_HEIGHT for fig in figures.values()])
     except Exception as exc:  # kaleido missing, no Chromium, or the browser failed to start: the HTML still stands
         return [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return paths, None
