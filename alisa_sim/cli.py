@@ -168,7 +168,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import scatter_figure, step_curves_figure, write_html, write_pngs
+    from alisa_sim.report import metric_label, scatter_figure, step_curves_figure, write_html, write_pngs
     from alisa_sim.validate import METRICS, load_results, pair_name, validate
 
     document, pairs, unpaired = validate(load_results(args.results))
@@ -184,7 +184,8 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(document, indent=1))
         return 0
     names = list(METRICS)
-    table = Table("pair", *(METRICS[n][0] for n in names), title="error of the prediction, % (predicted - measured)")
+    table = Table("pair", *(metric_label(n, document) for n in names),
+                  title="error of the prediction, % (predicted - measured)")
     for pair in document["pairs"]:
         cells = [pair["metrics"][n]["error_pct"] for n in names]
         table.add_row(pair_name(pair), *("-" if e is None else f"{e:+.1f}" for e in cells))

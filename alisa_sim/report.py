@@ -284,12 +284,20 @@ def report_figures(results: list[LoadedResult], rows: list[dict]) -> dict[str, g
 
 # ---- validation figures --------------------------------------------------------------------------------------------
 
+def metric_label(name: str, document: dict) -> str:
+    """A validated metric's name; GPU memory is the device's when every measured run had the CPU as its device."""
+    on_cpu = bool(document["pairs"]) and all(p.get("cpu_device") for p in document["pairs"])
+    label = METRICS[name][0]
+    return label.replace("GPU", memory_names(True)[0]) if on_cpu else label
+
+
 def scatter_figure(document: dict) -> go.Figure:
     """Predicted against measured for every metric in its unit, log axes, with the y = x line of a perfect
     prediction; hovering a point names its run and gives both values and the error."""
     names = [name for name in METRICS if document["summary"][name]["pairs"]]
     rows, cols = _grid(len(names))
-    titles = [f"{METRICS[n][0]} ({METRIC_UNITS[n][0]}): MAPE {document['summary'][n]['mape']:.1f}%" for n in names]
+    titles = [f"{metric_label(n, document)} ({METRIC_UNITS[n][0]}): MAPE {document['summary'][n]['mape']:.1f}%"
+              for n in names]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.08,
                         vertical_spacing=min(0.28, 0.6 / rows))
     for index, name in enumerate(names):
@@ -308,8 +316,9 @@ def scatter_figure(document: dict) -> go.Figure:
                                        f"error {p['metrics'][name]['error_pct']:+.1f}%"
                                        for p, m, q in zip(pairs, measured, predicted)],
                                  hoverinfo="text"), row=row + 1, col=col + 1)
-        fig.update_xaxes(type="log", title_text=f"measured ({unit})", row=row + 1, col=col + 1)
-        fig.update_yaxes(type="log", title_text=f"predicted ({unit})", row=row + 1, col=col + 1)
+        ticks = log_ticks([low, high])
+        fig.update_xaxes(type="log", title_text=f"measured ({unit})", tickvals=ticks, row=row + 1, col=col + 1)
+        fig.update_yaxes(type="log", title_text=f"predicted ({unit})", tickvals=ticks, row=row + 1, col=col + 1)
     fig.update_layout(title="Predicted vs measured (hover a point for its run)", height=max(420, 420 * rows))
     return fig
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from alisa_sim.errors import SpecError
+from alisa_sim.units import result_on_cpu_device
 
 # Metric name -> (label, how to read it from a Result's metrics).
 METRICS: dict[str, tuple[str, Callable[[dict], float]]] = {
@@ -133,7 +134,7 @@ def compare(predicted: LoadedResult, measured: LoadedResult) -> dict:
             "workload": describe(measured.data["workload"]), "policy": measured.data["workload"]["policy"]["name"],
             "predicted": predicted.path, "measured": measured.path,
             "hardware": {"predicted": predicted.data.get("hardware"), "measured": measured.data.get("hardware")},
-            "device": measured.data.get("device"),
+            "device": measured.data.get("device"), "cpu_device": result_on_cpu_device(measured.data),
             "oom": {"predicted": predicted.oom, "measured": measured.oom}, "metrics": metrics}
 
 
