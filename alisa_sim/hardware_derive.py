@@ -8,7 +8,7 @@ the measured cards' achieved-vs-peak curves and moves them onto the new card's p
   into a kernel latency (the roofline fit of its family, alisa_sim.profile_builder.fit_calibration) and the work
   part; the work part's share of the card's own datasheet roofline, max(flops / peak, bytes / bandwidth), is the
   achieved fraction at that shape, and the new card's row is latency + its roofline time / that fraction
-  (transferred_times);
+  (transferred_times); the 20%-gathered decode attention scales with the SM count instead (gathered_times);
 - copies by size keep the measured latency floor; the rest scales with the PCIe peak (pinned), pageable copies
   take the slower of the measured host staging (scaled by host bandwidth) and the derived pinned copy;
 - the host's copy, memcpy and CPU attention scale with its copy bandwidth, its GEMM rate with its cores.
@@ -138,6 +138,17 @@ def transferred_times(rows: list[dict], work, latency_s: float, source: GpuDatas
     return np.maximum(measured + (target_ideal - source_ideal) / achieved, target_ideal)
 
 
+def gathered_times(profile: dict, sheet: DatasheetSpec, target: DatasheetSpec) -> np.ndarray:
+    """gather20_s rows on the target: the decode family's latency + the measured rest x the SM-count ratio. Gathering
+    the selected tokens is bound by the SMs' issue rate, not by DRAM: the measured H100 and H200 (same SMs and
+    clocks, 1.43x apart in bandwidth) take the same time for it."""
+    rows = profile["gpu"]["decode_attention_fp16"]
+    latency_s = fit_calibration(profile, sheet.roofline_sheet()).decode_attention.latency_s
+    measured = np.array([row["gather20_s"] for row in rows])
+    scaled = latency_s + (measured - latency_s) * sheet.gpu.sm_count / target.gpu.sm_count
+    return np.where(measured > latency_s, scaled, measured)
+
+
 def _geomean(arrays: list[np.ndarray]) -> np.ndarray:
     return np.exp(np.mean(np.log(np.array(arrays)), axis=0))
 
@@ -163,8 +174,7 @@ def derived_gpu_section(spec: DatasheetSpec, refs: list[tuple[dict, DatasheetSpe
             times.append(transferred_times(profile["gpu"][table], work, family.latency_s, sheet.roofline_sheet(),
                                            target))
         tables[table] = (rows, _geomean(times))
-    gather_ratio = _geomean([np.array([row["gather20_s"] / row["s"] for row in profile["gpu"]["decode_attention_fp16"]])
-                             for profile, _ in refs])
+    gather_s = _geomean([gathered_times(profile, sheet, spec) for profile, sheet in refs])
     hbm_efficiency = float(_geomean([np.array([profile["gpu"]["hbm_GBps"] / sheet.gpu.memory_GBps])
                                      for profile, sheet in refs])[0])
     # The driver keeps part of the memory: a measured card reports a little less than its datasheet capacity.
@@ -182,8 +192,10 @@ def derived_gpu_section(spec: DatasheetSpec, refs: list[tuple[dict, DatasheetSpe
             f"datasheet roofline, i.e. the same achieved share of the roofline at that shape (geometric mean over the "
             f"cards); hbm_GBps = datasheet bandwidth x the measured "
             f"HBM copy efficiency ({hbm_efficiency:.3f}); memory_bytes = the datasheet's {spec.gpu.memory_GiB:g} "
-            f"GiB x the share of their datasheet capacity the measured cards report ({usable:.4f}); gather20_s = s "
-            f"x the measured gather20_s / s; {spec.gpu.sm_count} SMs recorded, not used; {LAUNCH_OVERHEAD_NOTE}")},
+            f"GiB x the share of their datasheet capacity the measured cards report ({usable:.4f}); gather20_s = the "
+            f"decode latency + the measured rest x the SM-count ratio (x {refs[0][1].gpu.sm_count} / "
+            f"{spec.gpu.sm_count} SMs; the gathered attention runs at the SMs' rate, not DRAM's: the same on the "
+            f"measured H100 and H200); {LAUNCH_OVERHEAD_NOTE}")},
         "name": spec.gpu.name,
         "memory_bytes": int(spec.gpu.memory_GiB * GiB * round(usable, 4)),
         "hbm_GBps": _significant(spec.gpu.memory_GBps * hbm_efficiency),
@@ -191,8 +203,8 @@ def derived_gpu_section(spec: DatasheetSpec, refs: list[tuple[dict, DatasheetSpe
         "launch_overhead_s": LAUNCH_OVERHEAD_S,
         "gemm_fp16": [_Row(m=r["m"], k=r["k"], n=r["n"], s=_significant(s)) for r, s in zip(gemm_rows, gemm_s)],
         "decode_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s),
-                                       gather20_s=_significant(s * g))
-                                  for r, s, g in zip(decode_rows, decode_s, gather_ratio)],
+                                       gather20_s=_significant(g))
+                                  for r, s, g in zip(decode_rows, decode_s, gather_s)],
         "prefill_attention_fp16": [_Row(b=r["b"], L=r["L"], H=r["H"], D=r["D"], s=_significant(s))
                                    for r, s in zip(prefill_rows, prefill_s)],
     }

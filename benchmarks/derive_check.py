@@ -18,7 +18,7 @@ FIG9 = Path(__file__).resolve().parent.parent / "workloads" / "sweeps" / "fig9.y
 # Not in Fig. 9: other lengths, models and policies (model, batch, prompt, generated, policy).
 HELD_OUT = [("opt-6.7b", 1, 512, 64, "dense"), ("opt-6.7b", 32, 512, 64, "dense"),
             ("llama-13b", 16, 1024, 128, "vllm"), ("pythia-12b", 8, 256, 64, "accelerate"),
-            ("opt-13b", 32, 2048, 64, "alisa"), ("llama-7b", 16, 512, 128, "h2o"),
+            ("opt-13b", 32, 1920, 64, "alisa"), ("llama-7b", 16, 512, 128, "h2o"),
             ("llama-33b", 4, 1024, 64, "streamingllm"), ("opt-30b", 32, 512, 32, "flexgen"),
             ("pythia-6.9b", 64, 128, 32, "dense"), ("llama-7b", 8, 4096, 32, "dense")]
 CHECKS = [("h100", "h100-sxm.yaml", "h200"), ("h200", "h200-sxm.yaml", "h100")]  # measured, its datasheet, curves
