@@ -168,7 +168,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import metric_label, scatter_figure, step_curves_figure, write_html, write_pngs
+    from alisa_sim.report import metric_label, png_note, scatter_figure, step_curves_figure, write_html
     from alisa_sim.validate import METRICS, load_results, pair_name, validate
 
     document, pairs, unpaired = validate(load_results(args.results))
@@ -176,10 +176,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     write_json_atomic(out / "validation.json", document)
     figures = {"scatter": scatter_figure(document), "steps": step_curves_figure(pairs)}
     write_html(figures, out / "validation.html", "alisa-sim validate: predicted vs measured")
-    png_note = ""
-    if args.png:
-        written, why = write_pngs(figures, out)
-        png_note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    png = png_note(figures, out) if args.png else ""
     if args.json:
         print(json.dumps(document, indent=1))
         return 0
@@ -197,7 +194,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     if unpaired:
         console.print("[yellow]unpaired (no result of the same workload and policy from the other side):[/] "
                       + ", ".join(r.path for r in unpaired))
-    console.print(f"wrote {out / 'validation.json'} and {out / 'validation.html'}{png_note}")
+    console.print(f"wrote {out / 'validation.json'} and {out / 'validation.html'}{png}")
     return 0
 
 
@@ -276,17 +273,14 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import load_inputs, report_figures, write_html, write_pngs
+    from alisa_sim.report import load_inputs, png_note, report_figures, write_html
 
     results, rows = load_inputs(args.results)
     figures = report_figures(results, rows)
     out = Path(args.out)
     write_html(figures, out / "report.html", "alisa-sim report",
                f"<p>{len(results)} results, {len(rows)} sweep rows</p>")
-    note = ""
-    if not args.no_png:
-        written, why = write_pngs(figures, out)
-        note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    note = "" if args.no_png else png_note(figures, out)
     console.print(f"wrote {out / 'report.html'}{note}: {', '.join(figures)}")
     return 0
 

@@ -171,7 +171,7 @@ def compare_figures(document: dict) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import write_html, write_pngs
+    from alisa_sim.report import png_note, write_html
 
     policies = _names(args.policies, "--policies")
     unknown = [p for p in policies if p not in POLICY_NAMES]
@@ -189,10 +189,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     write_json_atomic(out / "compare.json", document)
     figures = compare_figures(document)
     write_html(figures, out / "compare.html", f"alisa-sim compare: {label}")
-    png = ""
-    if args.png:
-        written, why = write_pngs(figures, out)
-        png = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    png = png_note(figures, out) if args.png else ""
     if args.json:
         print(json.dumps(document, indent=1))
         return 0

@@ -367,3 +367,9 @@ def write_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[list[Path],
     except Exception as exc:  # kaleido missing, no Chromium, or the browser failed to start: the HTML still stands
         return [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return paths, None
+
+
+def png_note(figures: dict[str, go.Figure], folder: Path) -> str:
+    """Write the PNGs and say so for the command's last line: " and N PNG", or " (no PNG: why)"."""
+    written, why = write_pngs(figures, folder)
+    return f" and {len(written)} PNG" if written else f" (no PNG: {why})"
