@@ -19,7 +19,7 @@ from alisa_sim.units import is_cpu_device
 PACKAGE = "alisa"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _command: list[str] | None = None
-_profile_hashes: dict[int, tuple[HardwareProfile, str]] = {}
+_last_profile_hash: tuple[HardwareProfile, str] | None = None
 
 
 def record_command(program: str, argv: list[str]) -> None:
@@ -52,13 +52,13 @@ def git_commit() -> dict | None:
 
 
 def profile_hash(profile: HardwareProfile) -> str:
-    """sha256 of the profile's canonical JSON: two Results share it only when every number of the profile agrees."""
-    cached = _profile_hashes.get(id(profile))
-    if cached is None or cached[0] is not profile:
+    """sha256 of the profile's canonical JSON: two Results share it only when every number of the profile agrees.
+    The last profile's hash is kept: sweeps and calibrations build many Results of one profile in a row."""
+    global _last_profile_hash
+    if _last_profile_hash is None or _last_profile_hash[0] is not profile:
         text = json.dumps(profile.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        cached = (profile, hashlib.sha256(text.encode()).hexdigest())
-        _profile_hashes[id(profile)] = cached
-    return cached[1]
+        _last_profile_hash = (profile, hashlib.sha256(text.encode()).hexdigest())
+    return _last_profile_hash[1]
 
 
 def run_metadata(profile: HardwareProfile, device: str | None = None) -> dict:
