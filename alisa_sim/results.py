@@ -12,6 +12,7 @@ import numpy as np
 
 from alisa_sim.errors import SpecError
 from alisa_sim.ops import KINDS
+from alisa_sim.provenance import run_metadata
 from alisa_sim.simulator import Simulation
 
 
@@ -118,6 +119,7 @@ def build_result(sim: Simulation) -> dict:
         "model": wl.model.name,
         "hardware": wl.hardware.name,
         "plan": sim.policy.plan(),
+        "run": run_metadata(wl.hardware),
     }
     if sim.oom_error:
         result["metrics"] = {"oom": True, "error": sim.oom_error, "peak_gpu_bytes": sim.peak_gpu_bytes,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from alisa_sim.errors import SpecError
+from alisa_sim.units import result_on_cpu_device
 
 # Metric name -> (label, how to read it from a Result's metrics).
 METRICS: dict[str, tuple[str, Callable[[dict], float]]] = {
@@ -129,11 +130,17 @@ def compare(predicted: LoadedResult, measured: LoadedResult) -> dict:
         pred, meas = values
         error = percent_error(pred, meas) if pred is not None and meas else None
         metrics[name] = {"predicted": pred, "measured": meas, "error_pct": error}
-    return {"workload": describe(measured.data["workload"]), "policy": measured.data["workload"]["policy"]["name"],
+    return {"label": measured.data.get("label") or predicted.data.get("label"),
+            "workload": describe(measured.data["workload"]), "policy": measured.data["workload"]["policy"]["name"],
             "predicted": predicted.path, "measured": measured.path,
             "hardware": {"predicted": predicted.data.get("hardware"), "measured": measured.data.get("hardware")},
-            "device": measured.data.get("device"),
+            "device": measured.data.get("device"), "cpu_device": result_on_cpu_device(measured.data),
             "oom": {"predicted": predicted.oom, "measured": measured.oom}, "metrics": metrics}
+
+
+def pair_name(pair: dict) -> str:
+    """A pair as rows and points name it: its run label (when the Results have one) and the workload."""
+    return f"{pair['label']}: {pair['workload']}" if pair.get("label") else pair["workload"]
 
 
 def summarize(pairs: list[dict]) -> dict:
@@ -145,7 +152,7 @@ def summarize(pairs: list[dict]) -> dict:
         if errors:
             worst, index = max(errors)
             summary[name] = {"mape": sum(e for e, _ in errors) / len(errors), "worst": worst,
-                             "worst_pair": pairs[index]["workload"], "pairs": len(errors)}
+                             "worst_pair": pair_name(pairs[index]), "pairs": len(errors)}
         else:
             summary[name] = {"mape": None, "worst": None, "worst_pair": None, "pairs": 0}
     return summary

@@ -11,6 +11,7 @@ from alisa_sim.errors import SpecError, load_json_file, load_yaml_file, validate
 from alisa_sim.hardware import HardwareProfile, load_hardware_profile
 from alisa_sim.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
+from alisa_sim.overrides import apply_overrides, describe_overrides
 
 GB = 1e9
 
@@ -233,13 +234,17 @@ def _resolve_ref(ref: str, base: Path | None) -> str:
 
 
 def resolve_workload(data: dict, source: str = "workload", base: Path | None = None,
-                     hardware: str | None = None, policy: str | None = None) -> ResolvedWorkload:
-    """Validate a workload mapping, apply command-line overrides and load what it names."""
+                     hardware: str | None = None, policy: str | None = None,
+                     overrides: list[str] | tuple[str, ...] = ()) -> ResolvedWorkload:
+    """Validate a workload mapping, apply command-line overrides (--hardware, --policy, then each --set KEY=VALUE)
+    and load what it names."""
     data = dict(data)
     if hardware is not None:
         data["hardware"] = hardware
     if policy is not None:
         data["policy"] = {"name": policy}
+    data = apply_overrides(data, overrides)
+    source += describe_overrides(overrides)
     workload = validate(Workload, data, source)
     if isinstance(workload.model, str):
         workload.model = _resolve_ref(workload.model, base)
@@ -257,7 +262,8 @@ def resolve_workload(data: dict, source: str = "workload", base: Path | None = N
     return resolved
 
 
-def load_workload(path: str | Path, hardware: str | None = None, policy: str | None = None) -> ResolvedWorkload:
+def load_workload(path: str | Path, hardware: str | None = None, policy: str | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> ResolvedWorkload:
     """Load and validate a workload YAML file, or the workload inside a Plan or Result JSON file (what
     `alisa-sim plan --json` and both runners write); `hardware` and `policy` override the file's choices."""
     path = Path(path)
@@ -268,4 +274,4 @@ def load_workload(path: str | Path, hardware: str | None = None, policy: str | N
         data = data["workload"]
     else:
         data = load_yaml_file(path, "workload")
-    return resolve_workload(data, str(path), path.parent, hardware, policy)
+    return resolve_workload(data, str(path), path.parent, hardware, policy, overrides)

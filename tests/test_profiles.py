@@ -10,7 +10,9 @@ import pytest
 from alisa_sim import profile_builder
 from alisa_sim.hardware import PROFILE_DIR, load_hardware_profile
 
-SHIPPED = ["h200", "h100", "paper-h100-80g", "paper-v100-32g", "t4-16g"]
+SHIPPED = ["h200", "h100", "paper-h100-80g", "paper-v100-32g", "t4-16g",
+           # from datasheets (tests/test_hardware_derive.py)
+           "a100-40g-sxm", "a100-80g-sxm", "a10g", "h100-pcie", "l4", "l40s", "rtx-3090", "rtx-4090", "t4", "v100-32g"]
 MEASURED = {"h200": profile_builder.H200_MEASUREMENTS, "h100": profile_builder.H100_MEASUREMENTS}
 
 

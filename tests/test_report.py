@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,103 @@ def test_nothing_to_plot_and_bad_tables_exit_2(tmp_path, capsys):
     bad.write_text("x,y\n1,2\n")
     assert main(["report", str(bad), "--out", str(tmp_path / "o"), "--no-png"]) == 2
     assert "not a sweep table" in capsys.readouterr().err
+
+
+# ---- what the figures show --------------------------------------------------------------------------------------
+
+def test_out_of_memory_runs_are_marked_and_wide_ranges_get_a_log_axis():
+    from alisa_sim.report import throughput_figure
+
+    points = [{"panel": "m on h", "line": "dense", "batch": b, "throughput": t, "oom": None}
+              for b, t in ((4, 10.0), (8, 20.0))]
+    points += [{"panel": "m on h", "line": "dense", "batch": 64, "throughput": None, "oom": "out of GPU memory"},
+               {"panel": "m on h", "line": "zero", "batch": 4, "throughput": 0.05, "oom": None}]
+    fig = throughput_figure(points)
+    oom = [t for t in fig.data if t.name == "dense: out of memory"]
+    assert len(oom) == 1 and oom[0].marker.symbol == "x" and "out of GPU memory" in oom[0].text[0]
+    assert fig.layout.yaxis.type == "log"  # 20 / 0.05 = 400x
+    assert min(fig.layout.yaxis.tickvals) <= 0.05 and "out of memory" in fig.layout.title.text
+    close = throughput_figure([p for p in points if p["line"] == "dense"])
+    assert close.layout.yaxis.type in (None, "linear")
+
+
+def test_breakdown_bars_stop_at_the_runs_total(tmp_path):
+    from alisa_sim.report import breakdown_figure
+    from alisa_sim.validate import load_results
+
+    _result(tmp_path)  # accelerate: GPU compute and H2D overlap
+    _result(tmp_path, overlap=False)
+    results = load_results([tmp_path])
+    fig = breakdown_figure(results)
+    bars = [t for t in fig.data if t.type == "bar"]
+    total = next(t for t in fig.data if t.name == "run's total time")
+    categories = list(zip(*bars[0].y))
+    assert {stream for _, stream in categories} == {"GPU compute", "H2D", "D2H", "serial"}
+    for row, (run, stream) in enumerate(categories):
+        stacked = sum(bar.x[row] for bar in bars)
+        assert stacked <= total.x[row] * (1 + 1e-9), (run, stream)
+        if stream in ("GPU compute", "serial"):
+            assert stacked == pytest.approx(total.x[row], rel=1e-6)  # compute + idle, or everything in series
+
+
+def test_runs_of_different_workloads_never_share_a_legend_entry(tmp_path):
+    from alisa_sim.report import throughput_points, unique_labels
+    from alisa_sim.validate import load_results
+
+    for name, sparsity in (("sparse-a", 0.5), ("sparse-b", 0.9)):
+        path = _result(tmp_path, policy={"name": "alisa", "kv_sparsity": sparsity})
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "label": name}))
+    _result(tmp_path, policy={"name": "alisa", "kv_sparsity": 0.7})  # no label: named by its workload
+    _result(tmp_path, policy={"name": "alisa", "kv_sparsity": 0.6})
+    results = load_results([tmp_path])
+    assert len(set(unique_labels(results))) == 4
+    lines = {p["line"] for p in throughput_points(results, [])}
+    assert {"sparse-a · alisa (sim)", "sparse-b · alisa (sim)"} <= lines
+
+
+def test_validation_scatter_has_units_and_names_its_points():
+    from alisa_sim.report import scatter_figure
+
+    def metrics(value):
+        return {name: {"predicted": value * 1.1, "measured": value, "error_pct": 10.0} for name in (
+            "prefill_s", "decode_step_mean_s", "total_s", "throughput_tok_s", "peak_gpu_bytes")}
+
+    pairs = [{"label": "run-a", "workload": "opt b=1", "metrics": metrics(0.5)},
+             {"label": None, "workload": "opt b=2", "metrics": metrics(2.0)}]
+    summary = {name: {"mape": 10.0, "worst": 10.0, "worst_pair": "x", "pairs": 2} for name in pairs[0]["metrics"]}
+    fig = scatter_figure({"pairs": pairs, "summary": summary})
+    titles = [fig.layout[f"xaxis{i or ''}"].title.text for i in range(6) if f"xaxis{i or ''}" in fig.layout]
+    assert {"measured (s)", "measured (ms)", "measured (tok/s)", "measured (GiB)"} <= set(titles)
+    points = next(t for t in fig.data if t.name == "runs")
+    assert points.text[0].startswith("run-a: opt b=1") and "measured 0.5 s" in points.text[0]
+    assert points.text[1].startswith("opt b=2")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_perplexity_plot_has_a_dense_baseline_and_renders(tmp_path):
+    from alisa_exec.accuracy.report import perplexity_figure, write_report
+
+    report = json.loads((Path(__file__).resolve().parent.parent / "reports" / "accuracy" / "results.json").read_text())
+    fig = perplexity_figure(report)
+    dense = [t for t in fig.data if t.legendgroup == "dense"]
+    contexts = {r["context"] for r in report["results"]}
+    assert len(dense) == len(contexts) and sum(bool(t.showlegend) for t in dense) == 1
+    assert dense[0].line.dash == "dash" and "<br>" in fig.layout.title.text and fig.layout.width >= 900
+    written = write_report(report, tmp_path / "accuracy")
+    dom, errors = render(written[0], tmp_path)
+    assert errors == [] and 'class="main-svg"' in dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_compare_page_renders(tmp_path):
+    workload = tmp_path / "w.yaml"
+    workload.write_text(json.dumps({"model": "opt-6.7b", "hardware": "paper-h100-80g", "batch_size": 4,
+                                    "prompt_len": 32, "gen_len": 4, "policy": {"name": "dense"},
+                                    "memory": {"gpu_gb": 16}}))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(workload), "--policies", "dense,accelerate", "--batches", "4,256",
+                 "--out", str(out), "--json"]) == 0
+    dom, errors = render(out / "compare.html", tmp_path)
+    assert errors == []
+    assert_rendered(dom, ["throughput", "ratio"])

@@ -11,31 +11,48 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from alisa_sim.report import log_ticks
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
 def perplexity_figure(report: dict) -> go.Figure:
+    """One panel per context: perplexity over KV sparsity per method, dense (no KV cut) as a dashed black baseline
+    across each panel and in the legend; the title on two lines so no width cuts it."""
     rows = report["results"]
     contexts = sorted({r["context"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"}) or [0.0]
     figure = make_subplots(rows=1, cols=len(contexts), subplot_titles=[f"context {c}" for c in contexts])
     palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for col, context in enumerate(contexts, start=1):
         for index, method in enumerate(methods):
             points = sorted((r["sparsity"], r["perplexity"]) for r in rows
                             if r["context"] == context and r["method"] == method)
+            if not points:
+                continue
             if method == "dense":
-                figure.add_hline(y=points[0][1], line_dash="dash", line_color="black", row=1, col=col,
-                                 annotation_text=f"dense {points[0][1]:.2f}" if col == 1 else None)
+                dense = points[0][1]
+                figure.add_trace(go.Scatter(x=[sparsities[0], sparsities[-1]], y=[dense, dense], mode="lines",
+                                            name=f"dense (no KV cut; {dense:.2f} at context {contexts[0]})"
+                                            if col == 1 else f"dense, context {context}",
+                                            legendgroup="dense", showlegend=col == 1,
+                                            line={"color": "black", "dash": "dash"},
+                                            hovertemplate=f"dense: perplexity {dense:.3f}<extra></extra>"),
+                                 row=1, col=col)
                 continue
             figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
                                         name=method, legendgroup=method, showlegend=col == 1,
                                         line_color=palette[index % len(palette)]),
                              row=1, col=col)
-        figure.update_xaxes(title_text="KV sparsity", row=1, col=col)
-        figure.update_yaxes(type="log", title_text="perplexity" if col == 1 else None, row=1, col=col)
-    figure.update_layout(title=f"{report['model']} on {Path(report['text']).name}: perplexity vs KV sparsity",
-                         template="plotly_white", width=520 * len(contexts) + 160, height=480)
+        figure.update_xaxes(title_text="KV sparsity (share of cached tokens not attended)", row=1, col=col)
+        shown = [r["perplexity"] for r in rows if r["context"] == context]
+        figure.update_yaxes(type="log", title_text="perplexity (log)" if col == 1 else None, tickvals=log_ticks(shown),
+                            row=1, col=col)
+    title = (f"Perplexity vs KV sparsity<br><sup>{report['model']} on {Path(report['text']).name}, "
+             f"{report.get('tokens_evaluated', '?')} tokens</sup>")
+    figure.update_layout(title={"text": title, "x": 0.02, "xanchor": "left"}, template="plotly_white",
+                         width=max(900, 520 * len(contexts) + 260), height=520, margin={"t": 110})
     return figure
 
 
