@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import pydantic
+
 import yaml
 
 from alisa_sim.limits import MAX_FILE_BYTES, MAX_NESTING, MAX_VALUES
@@ -92,12 +94,26 @@ def read_text_file(path: str | Path, what: str) -> str:
         raise SpecError(f"{path}: cannot read the {what} file: {exc.strerror}") from None
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """safe_load's loader that also reads exponent floats without a dot (`1e-5`) as numbers, as YAML 1.2 and JSON do
+    (YAML 1.1 makes them strings, which a strict numeric field then refuses)."""
+
+
+_SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    """`yaml.safe_load` of text, exponent floats without a dot included (see `_SafeLoader`)."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass: no object construction
+
+
 def load_yaml_file(path: str | Path, what: str) -> dict:
     """Read a YAML mapping with safe_load; missing files, syntax errors and oversized data become SpecError."""
     path = Path(path)
     text = read_text_file(path, what)
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:

@@ -7,7 +7,7 @@ import copy
 
 import yaml
 
-from alisa_sim.errors import SpecError
+from alisa_sim.errors import SpecError, parse_yaml
 
 
 def parse_assignment(text: str) -> tuple[list[str], object]:
@@ -18,7 +18,7 @@ def parse_assignment(text: str) -> tuple[list[str], object]:
     if not sep or not all(path):
         raise SpecError(f"--set {text!r}: expected KEY=VALUE with a dotted KEY, e.g. --set policy.kv_sparsity=0.9")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value
