@@ -159,7 +159,7 @@ class TokenRows:
     def __init__(self, tiers: Tiers, tier: str, purpose: str, slots: int, batch: int, width: int,
                  dtype: torch.dtype, int8: bool = False, group: int = INT8_GROUP, pinned: bool = True):
         self.dtype, self.int8, self.width = dtype, int8, width
-        self.triton = tiers.triton and tier == GPU
+        self.triton = tiers.triton
         self.group = min(group, width)
         if int8 and width % self.group:
             raise ValueError(f"INT8 rows of {width} values are not whole groups of {self.group}")
