@@ -143,6 +143,15 @@ class Tiers:
         return event
 
 
+def int8_group(width: int, most: int = INT8_GROUP) -> int:
+    """Channels per INT8 group for rows of `width`: the largest power of two up to `most` that divides it (the
+    kernels' groups are powers of two; `most` itself for the widths of real models)."""
+    group = 1
+    while group * 2 <= most and width % (group * 2) == 0:
+        group *= 2
+    return group
+
+
 def _slot_positions(index, slots: int, device: torch.device) -> Tensor:
     """Slot numbers [n] of an int, a slice or a tensor of slots."""
     if isinstance(index, slice):
@@ -160,9 +169,7 @@ class TokenRows:
                  dtype: torch.dtype, int8: bool = False, group: int = INT8_GROUP, pinned: bool = True):
         self.dtype, self.int8, self.width = dtype, int8, width
         self.triton = tiers.triton
-        self.group = min(group, width)
-        if int8 and width % self.group:
-            raise ValueError(f"INT8 rows of {width} values are not whole groups of {self.group}")
+        self.group = int8_group(width, group)
         shape = (slots, batch, width)
         self.data = tiers.empty(tier, purpose, shape, torch.uint8 if int8 else dtype, pinned)
         if int8:
@@ -201,7 +208,8 @@ class TokenRows:
             self.quantize_into(parts, torch.arange(n, device=values.device), values)
             return parts
         data, scale, zero = quantize_reference(values.reshape(1, 1, -1, self.width), 1, self.group)
-        return data.view(values.shape), scale.view(n, batch, -1), zero.view(n, batch, -1)
+        groups = self.width // self.group
+        return data.view(values.shape), scale.view(n, batch, groups), zero.view(n, batch, groups)
 
     def quantize_into(self, parts: tuple[Tensor, ...], slots: Tensor, values: Tensor) -> None:
         """The INT8 store kernel: quantize rows [n, batch, width] into stored parts at `slots` [n]."""
@@ -211,6 +219,8 @@ class TokenRows:
 
     def store(self, index, values: Tensor) -> None:
         """Store values [n, batch, width] at slots `index` (a slice, an int or a tensor of n slots)."""
+        if not values.shape[0]:
+            return
         if self.int8 and self.triton:
             self.quantize_into(self.parts, _slot_positions(index, self.data.shape[0], values.device),
                                values.to(self.dtype))

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from alisa_exec import ops
 from alisa_exec.kernels import LocalAttentionSum, prefill_window_rows
-from alisa_exec.kv_cache import CPU, GPU, INT8_GROUP, TokenRows, Tiers
+from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers, int8_group
 from alisa_exec.model import Transformer
 from alisa_exec.policies.base import ExecPolicy, Run, kv_rows, split_kv, unsupported
 
@@ -90,7 +90,7 @@ class AlisaExec(ExecPolicy):
     # ---- memory --------------------------------------------------------------------------------------------------
     def allocate(self, tiers: Tiers) -> None:
         spec, batch, layers = self.spec, self.batch, range(self.spec.num_layers)
-        group = min(INT8_GROUP, spec.dim_per_head)
+        group = int8_group(spec.dim_per_head)  # groups never straddle heads
         self.ring = [TokenRows(tiers, GPU, "kv", self.window, batch, self.kv_width, self.dtype, self.int8, group)
                      for _ in layers]
         self.cpu = [TokenRows(tiers, CPU, "kv", self.offload_end, batch, self.kv_width, self.dtype, self.int8, group)
@@ -112,6 +112,7 @@ class AlisaExec(ExecPolicy):
             self.index_stage = [tiers.empty(GPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
             self.index_host = [tiers.empty(CPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
             self.selected_host = tiers.empty(CPU, "selection_indices", (spec.num_layers, rows), torch.int32)
+        self.input_stage = self.input_host = []
         if self.input_end:
             self.input_stage = [self.inputs[0].staging(tiers, GPU, "kv_staging", rows) for _ in range(2)]
             self.input_host = [self.inputs[0].staging(tiers, CPU, "kv_staging", rows) for _ in range(2)]
