@@ -179,16 +179,18 @@ class LocalAttentionSum:
                 self.capacity, self.width, self.scores.stride(0), self.ring_positions.stride(0),
                 self.ring_positions.stride(1), BLOCK=self.BLOCK)
         self.summed_first, self.summed_end = max(self.summed_first, window_first), self.rows_pushed
-        return self._pick(num_tokens, k)
+        # On the GPU a pick without host syncs; off it the stable sort, fewer and cheaper ops there, the same picks.
+        return self._pick(num_tokens, k) if self.triton else select_reference(self.scores, num_tokens, k)
 
     def _update_torch(self, subtract: range, add: range) -> None:
-        """The update kernel's work in PyTorch: subtract and add ring rows (fixed point, so in any order)."""
-        for rows, sign in ((subtract, -1), (add, 1)):
-            for row in rows:
-                slot = row % self.capacity
-                positions = self.ring_positions[:, slot].long()
-                fixed = to_fixed_point(self.ring_probs[:, slot]) * sign
-                self.scores.scatter_add_(1, positions.clamp(min=0), torch.where(positions >= 0, fixed, 0))
+        """The update kernel's work in PyTorch: subtract and add ring rows in one scatter (fixed point, so the order
+        does not matter)."""
+        rows = list(subtract) + list(add)
+        slots = torch.tensor([row % self.capacity for row in rows], device=self.scores.device)
+        sign = torch.tensor([-1] * len(subtract) + [1] * len(add), device=self.scores.device)
+        positions = self.ring_positions[:, slots].long()  # [batch, rows, width]
+        fixed = to_fixed_point(self.ring_probs[:, slots]) * sign[None, :, None]
+        self.scores.scatter_add_(1, positions.clamp(min=0).flatten(1), torch.where(positions >= 0, fixed, 0).flatten(1))
 
     def _pick(self, num_tokens: int, k: int) -> Tensor:
         """k recent positions and the top-k older ones by the window sum, ties to the older; no host sync."""

@@ -84,13 +84,12 @@ def dense_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | No
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     q_groups = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = (q_groups @ k.transpose(-1, -2)).float() * sm_scale  # [batch, kv_heads, group, T]
-    if lengths is None:
-        valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=q.device)
+    if lengths is None:  # every entry counts
+        probs = torch.softmax(scores, dim=-1)
     else:
-        valid = torch.arange(num_tokens, device=q.device) < lengths[:, None].to(q.device)
-    valid = valid[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    probs = torch.where(valid, probs, 0.0)  # an empty row is all -inf, whose softmax is NaN
+        valid = (torch.arange(num_tokens, device=q.device) < lengths[:, None].to(q.device))[:, None, None, :]
+        probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+        probs = torch.where(valid, probs, 0.0)  # an empty row is all -inf, whose softmax is NaN
     out = (probs.to(v.dtype) @ v).reshape(batch, heads, head_dim).to(q.dtype)
     head_summed = probs.sum(dim=2)
     return out, head_summed if per_head else head_summed.sum(dim=1)

@@ -297,10 +297,13 @@ class AlisaExec(ExecPolicy):
             self.offload(index)
         return out.reshape(self.batch, 1, -1)
 
-    def stage(self, index: int) -> tuple[int, Tensor, Tensor]:
+    def stage(self, index: int) -> tuple[int, Tensor, Tensor] | None:
         """Make layer `index`'s staged rows ready: wait for the fetched ones, recompute the K/V of the selected
-        deleted tokens after them (in the cache's format); (buffer, sequence and slot of each staged row)."""
+        deleted tokens after them (in the cache's format); (buffer, sequence and slot of each staged row), or None
+        when the step selected nothing off the GPU."""
         buffer, fetched, recomputed, ready = self.run.pending[index]
+        if not fetched + recomputed:
+            return None
         self.tiers.wait("compute", ready)
         seq, slot, position = self.index_stage[buffer][:3 * (fetched + recomputed)].view(3, -1)
         if recomputed:
