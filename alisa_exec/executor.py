@@ -238,7 +238,7 @@ def breakdown(records: list[StepRecord], durations: list[float], spans: list[Spa
     timed = [i for i, b in enumerate(busy) if b is not None]
     total = dict.fromkeys(KINDS, 0.0)
     for i, record in enumerate(records):
-        candidates = [j for j in timed if records[j].kind == record.kind] or timed
+        candidates = [j for j in timed if records[j].info.kind == record.info.kind] or timed
         if not candidates:
             continue
         nearest = min(candidates, key=lambda j: abs(j - i))

@@ -147,10 +147,7 @@ class AlisaExec(ExecPolicy):
 
     def before_layer(self, index: int, group: int) -> None:
         if not self.run.prefill:
-            if index == 0:
-                self.prefetch(0)
-            if index + 1 < self.spec.num_layers:
-                self.prefetch(index + 1)
+            self.one_layer_ahead(index, self.prefetch)
 
     def needs_host(self, step: int) -> bool:
         """Whether a step reads anything from the CPU (so its selection must reach the host)."""

@@ -50,14 +50,6 @@ class StepRecord:
     d2h_bytes: int
     counters: dict[str, int]
 
-    @property
-    def kind(self) -> str:
-        return self.info.kind
-
-    @property
-    def phase(self) -> int:
-        return self.info.phase
-
     def row(self, start_s: float, time_s: float) -> StepRow:
         i = self.info
         return StepRow(self.step, i.kind, i.label, i.phase, start_s, time_s, i.tokens, i.sequences, self.gpu_kv_bytes,
@@ -244,6 +236,13 @@ class ExecPolicy(ABC):
 
     def before_layer(self, index: int, group: int) -> None:
         """Issue what must be under way before a layer's group runs (prefetches of what comes next)."""
+
+    def one_layer_ahead(self, index: int, fetch: Callable[[int], None]) -> None:
+        """Prefetch one layer ahead: `fetch(0)` before layer 0, and `fetch(index + 1)` before layer `index`."""
+        if index == 0:
+            fetch(0)
+        if index + 1 < self.spec.num_layers:
+            fetch(index + 1)
 
     def after_group(self, index: int, group: int, y: Tensor) -> None:
         """After a group's layer output is computed."""

@@ -144,10 +144,7 @@ class ZeroExec(DenseExec):
         return ZeroRun(model, super().new_run(model, prompt).out)
 
     def before_layer(self, index: int, group: int) -> None:
-        if index == 0:
-            self.load(0)
-        if index + 1 < self.spec.num_layers:
-            self.load(index + 1)
+        self.one_layer_ahead(index, self.load)
 
     def load(self, index: int) -> None:
         """Copy layer `index`'s weights into its buffer (H2D stream), once the layer two back is done with it."""

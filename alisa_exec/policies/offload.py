@@ -73,10 +73,7 @@ class AccelerateExec(ExecPolicy):
 
     def before_layer(self, index: int, group: int) -> None:
         if not self.run.prefill:
-            if index == 0:
-                self.load(0)
-            if index + 1 < self.spec.num_layers:
-                self.load(index + 1)
+            self.one_layer_ahead(index, self.load)
 
     def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)

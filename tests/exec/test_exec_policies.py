@@ -124,7 +124,7 @@ def test_every_policy_gets_the_dense_tokens_at_sparsity_0(tiny_hf_models, dense_
               None: lambda: None}[cap]()
     plan, measured = run(folder, policy, gpu_gb, device=device)
     assert torch.equal(measured.tokens, dense_tokens[name])
-    phases = {record.phase for record in measured.records if record.kind == "decode"}
+    phases = {record.info.phase for record in measured.records if record.info.kind == "decode"}
     if case.startswith("alisa"):
         assert 2 in phases and total(measured, "fetched_tokens") > 0 and total(measured, "offloaded_tokens") > 0
         assert (3 in phases) == (case == "alisa-phase-3")
@@ -165,10 +165,10 @@ def test_alisa_residency_follows_the_plan(tiny_hf_models):
     per_token = BATCH * spec.num_layers * spec.kv_bytes_per_token_per_layer(4)
     for record in measured.records:
         residency = plan.sim.residency(record.step)
-        assert record.phase == residency.phase
+        assert record.info.phase == residency.phase
         assert record.gpu_kv_bytes == residency.on_gpu * per_token
         assert record.cpu_kv_bytes >= residency.on_cpu * per_token
-    assert measured.records[-1].phase == 3 and plan.sim.residency(GEN_LEN - 1).deleted > 0
+    assert measured.records[-1].info.phase == 3 and plan.sim.residency(GEN_LEN - 1).deleted > 0
 
 
 SWA_CASES = {
@@ -197,7 +197,7 @@ def check_against_reference(folder, case: str, attention_kernel: str, device=CPU
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"step {step}"
     assert plan.sim.selected(PROMPT_LEN + GEN_LEN - 1)[1] < PROMPT_LEN + GEN_LEN - 1  # tokens were left out
     if cap:
-        assert {r.phase for r in measured.records[1:]} >= ({2, 3} if "p2" in extra else {2})
+        assert {r.info.phase for r in measured.records[1:]} >= ({2, 3} if "p2" in extra else {2})
     if "p2" in extra:
         assert total(measured, "recomputed_tokens") > 0 and max(deleted) > 0
     return plan, measured
