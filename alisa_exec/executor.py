@@ -178,10 +178,10 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
     timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), limit))
     t0 = time.perf_counter()
     log(f"loading {wl.model.name} ({weights}) on {device}")
-    model = load_model(wl.model, weights, dtype, device, seed)
-    model.setup_tables(policy.positions)
+    model = load_model(wl.model, weights, dtype, policy.load_device(device), seed)
     tiers = Tiers(device, overlap=plan.sim.overlap, timeline=timeline, triton=triton)
     policy.weight_placement(model, tiers)
+    model.setup_tables(policy.positions)
     log(f"allocating the {policy.name} plan's pools: {size(sum(plan.gpu_bytes.values()))} on the GPU in all "
         f"({size(tiers.bytes(GPU))} of weights), {size(sum(plan.cpu_bytes.values()))} on the CPU")
     policy.allocate(tiers)

@@ -128,6 +128,10 @@ class ExecPolicy(ABC):
         static = self.sim.static_memory().gpu
         return {purpose: int(static[purpose]) for purpose in ("activations", "logits") if purpose in static}
 
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the weights are loaded before `weight_placement` (the run's device, unless a policy streams them)."""
+        return device
+
     def weight_placement(self, model: Transformer, tiers: Tiers) -> None:
         """Move what the plan keeps off the GPU out of it (weights stay on the GPU unless a policy says otherwise)."""
         tiers.count(GPU, "weights", sum(p.numel() * p.element_size() for p in model.parameters()))

@@ -107,6 +107,9 @@ class ZeroExec(DenseExec):
     detail_limit = None
     cuda_graph = False  # the weight stream's copies and events run eagerly
 
+    def load_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")  # the layers never all sit on the GPU
+
     def weight_placement(self, model: Transformer, tiers: Tiers) -> None:
         layer_params = [list(layer.named_parameters()) for layer in model.layers]
         if any(p.dtype != self.dtype for params in layer_params for _, p in params):
@@ -123,7 +126,10 @@ class ZeroExec(DenseExec):
             return
         for host, layer, params in zip(self.host_weights, model.layers, layer_params):
             host.copy_(torch.cat([p.detach().flatten() for _, p in params]))
-            layer.to("meta")  # its GPU copy is freed; the staged copies stand in for it
+            layer.to("meta")  # the staged copies stand in for it
+        for name, child in model.named_children():
+            if name != "layers":
+                child.to(tiers.device)  # embeddings, the final norm and the LM head live on the GPU
         self.staged_layers = [self._bind(buffer, [name for name, _ in layer_params[0]]) for buffer in self.weight_stage]
 
     def _bind(self, buffer: Tensor, names: list[str]) -> Block:
