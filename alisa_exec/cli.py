@@ -21,7 +21,7 @@ from alisa_sim.units import gb, gib, memory_names, phase_step
 from alisa_sim.workload import load_workload
 
 
-PLAN_KEYS = {"alisa": ("kv_sparsity", "int8", "p1", "p2", "alpha", "beta"), "h2o": ("kv_sparsity",),
+PLAN_KEYS = {"alisa": ("kv_sparsity", "int8", "attention_kernel", "p1", "p2", "alpha", "beta"), "h2o": ("kv_sparsity",),
              "streamingllm": ("kv_sparsity", "sinks"), "vllm": ("block_size", "preemption_mode")}
 COUNTER_LABELS = {"fetched_tokens": "KV token rows fetched (H2D)", "offloaded_tokens": "KV token rows offloaded (D2H)",
                   "recomputed_tokens": "KV token rows recomputed", "evicted_tokens": "tokens evicted",
@@ -52,7 +52,7 @@ def print_summary(result: dict, console: Console) -> None:
                   f"{result['dtype']}) on [bold]{result['device']}[/], policy [bold]{wl['policy']['name']}[/], "
                   f"batch {wl['batch_size']}, "
                   f"prompt {wl['prompt_len']}, generate {wl['gen_len']}")
-    line = plan_line(result) if wl["policy"]["name"] != "dense" else None
+    line = plan_line(result)
     if line:
         console.print(f"plan: {line}")
     m = result["metrics"]
@@ -83,14 +83,15 @@ def print_summary(result: dict, console: Console) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from alisa_exec.runner import DTYPES, ExecOptions, default_dtype, resolve_device, run_workload
+    from alisa_exec.device import DTYPES, default_dtype, resolve_device
+    from alisa_exec.runner import ExecOptions, run_workload
 
     gguf = named_gguf(args.workload)
     wl = load_workload(args.workload, overrides=([gguf_model_override(gguf)] if gguf else []) + args.set)
     device = resolve_device(args.device)
     out = check_out_folder(args.out if args.out else Path("reports") / "runs" /
                            f"{Path(args.workload).stem}-{wl.policy.name}-exec-{device.type}")
-    if device.type == "cpu":  # the Triton kernels (SWA selection) run under the interpreter, set before import
+    if device.type == "cpu":  # Triton is imported with the kernels; off the GPU only its interpreter can load
         os.environ.setdefault("TRITON_INTERPRET", "1")
     options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
                           weights=resolve_weights(args.weights, gguf))
@@ -108,8 +109,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    from alisa_exec.device import resolve_device
     from alisa_exec.profiler import check_out_path, measure_profile, write_profile
-    from alisa_exec.runner import resolve_device
 
     out = Path(args.out)
     name = check_out_path(out)
@@ -126,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute a workload and write its measured Result JSON and Chrome trace")
     run.add_argument("workload", help="workload YAML file (the simulator's planner makes its plan) or plan JSON from "
-                                      "`alisa-sim plan --json` (its choices pinned); policies dense, alisa, flexgen, "
-                                      "accelerate, vllm, h2o, streamingllm")
+                                      "`alisa-sim plan --json` (its choices pinned); a policy the executor does not "
+                                      "run is refused with the list of those it runs")
     run.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     run.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                      help="default: float16 on cuda, float32 on cpu")

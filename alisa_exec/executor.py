@@ -1,8 +1,9 @@
-"""Running a KV policy's plan for real: plan for the memory the executor really has, check it before allocating
-anything, allocate the tiers, generate, and build the measured Result JSON and Chrome trace.
+"""Running a policy's plan for real, every policy the same way: plan for the memory the executor really has, check
+it before allocating anything, allocate the tiers, generate through the policy's step driver, and build the measured
+Result JSON and Chrome trace with the simulator's builders (`alisa_sim.results`, `alisa_sim.trace`).
 
-The plan is the simulator's: the policy object `alisa_sim.policies.make_policy` builds for the workload (a Plan JSON
-comes back as its workload, with the planner's choices pinned). Two things can make the executor's bytes differ
+The plan is the simulator's: the policy object `simulator_policy` makes for the workload, its planner run (a Plan
+JSON comes back as its workload, with the planner's choices pinned). Two things can make the executor's bytes differ
 from the simulator's count: the run's dtype (float32 on the CPU), so the model spec is taken with the run's dtype
 size; and what the executor holds that the simulator counts otherwise (the kernels' selection ring, a packed
 attention workspace, a spare window slot, embeddings FlexGen leaves on the GPU). When the real GPU bytes of a plan
@@ -21,17 +22,19 @@ from typing import Callable
 
 import torch
 
+from alisa_exec.device import host_available_bytes
 from alisa_exec.kv_cache import CPU, GPU, Tiers
 from alisa_exec.model import Transformer
 from alisa_exec.policies import EXEC_POLICIES, ExecPolicy, StepLog, StepRecord
-from alisa_exec.timeline import TRACK_NAMES, TRACKS, Span, Timeline, detailed_steps
+from alisa_exec.timeline import Span, Timeline
 from alisa_exec.weights import load_model
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
 from alisa_sim.ops import KINDS
 from alisa_sim.policies import Policy, make_policy
-from alisa_sim.results import step_stats
+from alisa_sim.results import assemble_result
 from alisa_sim.simulator import Simulation, simulate_with_policy
+from alisa_sim.trace import TraceSpan, detailed_steps, trace_json
 from alisa_sim.workload import ResolvedWorkload
 
 MAX_REPLANS = 8
@@ -62,10 +65,16 @@ def _with(wl: ResolvedWorkload, dtype: torch.dtype, gpu_capacity: int) -> Resolv
     return planned
 
 
-def _meminfo_available() -> int:
-    from alisa_exec.runner import device_free_bytes
+def simulator_policy(wl: ResolvedWorkload) -> Policy:
+    """The simulator's policy object for the workload, with its planner's plan (the one place the executor has the
+    planner run)."""
+    return make_policy(wl, CostModel(wl.hardware))
 
-    return device_free_bytes(torch.device("cpu"))
+
+def executable(name: str) -> None:
+    if name not in EXEC_POLICIES:
+        raise SpecError(f"policy {name!r} is not in the executor: it runs {', '.join(EXEC_POLICIES)}; simulate the "
+                        "others with `alisa-sim run`")
 
 
 def size(nbytes: float) -> str:
@@ -90,13 +99,14 @@ def check_simulated(wl: ResolvedWorkload, sim: Policy) -> Simulation:
 def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> ExecutorPlan:
     """The plan to run and its memory, checked against the budget before anything is allocated."""
     name = wl.policy.name
+    executable(name)
     budget = wl.gpu_capacity_bytes
     capacity, previous, cut, replans = budget, None, 0, 0
     with torch.device("meta"):
         meta_model = Transformer(wl.model).to(dtype)
     while True:
         planned = _with(wl, dtype, capacity)
-        sim = make_policy(planned, CostModel(wl.hardware))
+        sim = simulator_policy(planned)
         policy = EXEC_POLICIES[name](planned, sim, dtype)
         dry = Tiers(device, dry=True)
         policy.weight_placement(meta_model, dry)
@@ -118,7 +128,7 @@ def plan_run(wl: ResolvedWorkload, device: torch.device, dtype: torch.dtype) -> 
                         f"executor needs {size(need)} on the GPU ({_parts(gpu)}) but {capped_by} allows "
                         f"{size(budget)}" + (f" (planned {replans} times for less memory)" if replans else ""))
     cpu = dict(dry.held[CPU])
-    available = _meminfo_available()
+    available = host_available_bytes()
     host_need = sum(cpu.values()) + (need if device.type == "cpu" else 0)
     host_limit = min(wl.cpu_capacity_bytes, available)
     if host_need > host_limit:
@@ -152,25 +162,29 @@ class Measured:
     moved: dict[str, int]
     setup_s: dict[str, float]
 
+    def rows(self):
+        """The steps as the Result lists them (`alisa_sim.results.StepRow`), with their measured times."""
+        return [record.row(start, end - start)
+                for record, start, end in zip(self.records, self.marks_s, self.marks_s[1:])]
+
 
 def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weights: str, seed: int,
-            log: Callable[[str], None] = lambda _: None,
-            on_step: Callable[[StepRecord], None] | None = None, warmup_steps: int = WARMUP_STEPS) -> Measured:
+            log: Callable[[str], None] = lambda _: None, on_step: Callable[[StepRecord], None] | None = None,
+            warmup_steps: int = WARMUP_STEPS, triton: bool | None = None) -> Measured:
     """Load the model, allocate the tiers, warm up on the plan's first steps, then generate the whole workload,
-    timing every step."""
+    timing every step. `triton`: run the Triton kernels (default: on CUDA; on the CPU, under the interpreter)."""
     wl, policy = plan.workload, plan.policy
-    overlap = plan.sim.overlap
-    timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), DETAILED_STEPS))
+    limit = policy.detail_limit if device.type == "cuda" and policy.detail_limit else DETAILED_STEPS
+    timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), limit))
     t0 = time.perf_counter()
     log(f"loading {wl.model.name} ({weights}) on {device}")
-    model = load_model(wl.model, weights, dtype, device, seed)
-    model.setup_tables(policy.positions)
-    tiers = Tiers(device, overlap=overlap, timeline=timeline)
+    model = load_model(wl.model, weights, dtype, policy.load_device(device), seed)
+    tiers = Tiers(device, overlap=plan.sim.overlap, timeline=timeline, triton=triton)
     policy.weight_placement(model, tiers)
+    model.setup_tables(policy.positions)
     log(f"allocating the {policy.name} plan's pools: {size(sum(plan.gpu_bytes.values()))} on the GPU in all "
         f"({size(tiers.bytes(GPU))} of weights), {size(sum(plan.cpu_bytes.values()))} on the CPU")
     policy.allocate(tiers)
-    policy.start(tiers, timeline)
     prompt = torch.randint(0, wl.model.vocab_size, (wl.workload.batch_size, wl.workload.prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)
     load_s = time.perf_counter() - t0
@@ -178,19 +192,20 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
     if warmup_steps:
         # The prefill and the first steps of the plan, untimed: kernels compile and libraries initialise here.
         log(f"warming up: the prefill and {warmup_steps} decode steps")
-        policy.start(tiers, Timeline(device, set()))
+        quiet = Timeline(device, set())
+        policy.start(tiers, quiet)
+        logits_log, policy.logits_log = policy.logits_log, None
         with torch.no_grad():
-            policy.generate(model, prompt, StepLog(tiers, policy.timeline), warmup_steps)
-        tiers.moved = dict.fromkeys(tiers.moved, 0)
-        if policy.logits_log is not None:
-            policy.logits_log.clear()
-        policy.start(tiers, timeline)
+            policy.generate(model, prompt, StepLog(tiers, quiet), warmup_steps)
+        policy.logits_log = logits_log
+    policy.start(tiers, timeline)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     warmup_s = time.perf_counter() - t0
     log(f"generating {wl.workload.gen_len} tokens for {wl.workload.batch_size} sequences ({policy.name})")
     steps = StepLog(tiers, timeline, on_step)
+    moved_before = dict(tiers.moved)
     timeline.start()
     with torch.no_grad():
         tokens = policy.generate(model, prompt, steps)
@@ -199,28 +214,12 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
         peak_gpu = torch.cuda.max_memory_allocated(device)
     else:  # the "GPU" tier is host memory: what it holds plus the working set as the simulator counts it
         peak_gpu = tiers.bytes(GPU) + sum(policy.transient_gpu_bytes().values())
-    return Measured(steps.records, marks, spans, tokens.cpu(), int(peak_gpu), tiers.bytes(CPU), dict(tiers.moved),
+    moved = {direction: tiers.moved[direction] - moved_before[direction] for direction in tiers.moved}
+    return Measured(steps.records, marks, spans, tokens.cpu(), int(peak_gpu), tiers.bytes(CPU), moved,
                     {"load_s": load_s, "warmup_s": warmup_s})
 
 
 # ---- the Result JSON and the trace ---------------------------------------------------------------------------------
-
-def _phases(steps: list[dict]) -> list[dict]:
-    """Consecutive decode steps of one KV phase, with the KV held on each tier at the phase's end."""
-    phases: list[dict] = []
-    for record in (r for r in steps if r["kind"] == "decode"):
-        if phases and phases[-1]["phase"] == record["phase"]:
-            current = phases[-1]
-            current["last_step"] = record["step"]
-            current["time_s"] += record["time_s"]
-        else:
-            current = {"phase": record["phase"], "first_step": record["step"], "last_step": record["step"],
-                       "time_s": record["time_s"]}
-            phases.append(current)
-        current["gpu_kv_bytes_end"] = record["gpu_kv_bytes"]
-        current["cpu_kv_bytes_end"] = record["cpu_kv_bytes"]
-    return phases
-
 
 def _busy_by_kind(spans: list[Span], num_steps: int) -> list[dict[str, float] | None]:
     """Per step: seconds spent by kind in the step's timed ops (None for a step that was not timed op by op)."""
@@ -239,7 +238,7 @@ def breakdown(records: list[StepRecord], durations: list[float], spans: list[Spa
     timed = [i for i, b in enumerate(busy) if b is not None]
     total = dict.fromkeys(KINDS, 0.0)
     for i, record in enumerate(records):
-        candidates = [j for j in timed if records[j].kind == record.kind] or timed
+        candidates = [j for j in timed if records[j].info.kind == record.info.kind] or timed
         if not candidates:
             continue
         nearest = min(candidates, key=lambda j: abs(j - i))
@@ -252,87 +251,35 @@ def breakdown(records: list[StepRecord], durations: list[float], spans: list[Spa
 
 def build_result(plan: ExecutorPlan, measured: Measured, device_name: str, dtype: torch.dtype,
                  weights: str) -> dict:
-    wl = plan.workload
-    w = wl.workload
-    durations = [b - a for a, b in zip(measured.marks_s, measured.marks_s[1:])]
-    steps = [{"step": r.step, "kind": r.kind, "phase": r.phase, "time_s": t, "gpu_kv_bytes": r.gpu_kv_bytes,
-              "cpu_kv_bytes": r.cpu_kv_bytes, "h2d_bytes": r.h2d_bytes, "d2h_bytes": r.d2h_bytes, **r.counters}
-             for r, t in zip(measured.records, durations)]
-    prefill = [s for s, r in zip(steps, measured.records) if r.kind == "prefill"]
-    decode = [s for s, r in zip(steps, measured.records) if r.kind == "decode"]
-    prefill_s = float(sum(s["time_s"] for s in prefill))
-    decode_s = float(sum(s["time_s"] for s in decode))
-    total_s = prefill_s + decode_s
-    rows = {kind: sum(r.rows for r in measured.records if r.kind == kind) for kind in ("prefill", "decode")}
-    counters: dict[str, int] = {}
-    for record in measured.records:
-        for name, count in record.counters.items():
-            counters[name] = counters.get(name, 0) + count
+    """The measured Result JSON (`source: exec`), built from the step rows as the simulator's is."""
+    rows = measured.rows()
     notes = [
-        "times from the device clock (CUDA events on the GPU, the host clock on the CPU device); every step of the "
-        "policy's plan runs eagerly",
+        "times from the device clock (CUDA events on the GPU, the host clock on the CPU device); every policy runs "
+        "through the same step driver, eagerly except dense's CUDA-graph decode steps",
         f"breakdown_s: busy time by kind of the ops timed one by one on {len({s.step for s in measured.spans})} "
         "steps (the prefill and steps spread over the run, or all of them); another step counts as the nearest timed "
         "step of its kind scaled to its own duration; idle = total_s - compute busy time; copies overlap compute",
-        "h2d_bytes / d2h_bytes: KV, layer-input, weight and activation bytes the policy copied between the tiers "
-        "(on the CPU device, between its two host pools)",
+        "h2d_bytes / d2h_bytes: KV, layer-input, weight and activation bytes the policy copied between the tiers, "
+        "counted at each copy (on the CPU device, between its two host pools); index lists beside them are the "
+        "steps' h2d_index_bytes / d2h_index_bytes; token ids are not counted",
         "peak_gpu_bytes: torch's allocator peak on the GPU; on the CPU device, the GPU tier's pools plus the "
         "working set as the simulator counts it. peak_cpu_bytes: the CPU tier's pools (pinned on CUDA)",
         *plan.notes, *plan.policy.notes,
     ]
-    return {
-        "source": "exec",
-        "workload": w.model_dump(mode="json"),
-        "model": wl.model.name,
-        "hardware": wl.hardware.name,
-        "plan": plan.sim.plan(),
-        "plan_gpu_capacity_bytes": wl.gpu_capacity_bytes,
-        "device": device_name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "weights": weights,
-        "metrics": {
-            "prefill_s": prefill_s,
-            "decode_s": decode_s,
-            "total_s": total_s,
-            "throughput_tok_s": w.batch_size * w.gen_len / total_s,
-            "prefill_throughput_tok_s": rows["prefill"] / prefill_s if prefill_s else 0.0,
-            "decode_throughput_tok_s": rows["decode"] / decode_s if decode_s else 0.0,
-            "decode_step_s": step_stats([s["time_s"] for s in decode]),
-            "peak_gpu_bytes": measured.peak_gpu_bytes,
-            "peak_cpu_bytes": measured.peak_cpu_bytes,
-            "h2d_bytes": measured.moved["h2d"],
-            "d2h_bytes": measured.moved["d2h"],
-            "oom": False,
-            **counters,
-        },
-        "phases": _phases(steps),
-        "breakdown_s": breakdown(measured.records, durations, measured.spans),
-        "steps": steps,
-        "memory_plan": {"gpu_bytes": plan.gpu_bytes, "cpu_bytes": plan.cpu_bytes},
-        "setup_s": measured.setup_s,
-        "notes": notes,
-    }
+    extra = {"plan_gpu_capacity_bytes": plan.workload.gpu_capacity_bytes, "device": device_name,
+             "dtype": str(dtype).removeprefix("torch."), "weights": weights}
+    result = assemble_result("exec", plan.workload, plan.sim.plan(), rows, measured.peak_gpu_bytes,
+                             measured.peak_cpu_bytes, breakdown(measured.records, [r.time_s for r in rows],
+                                                                measured.spans), extra)
+    result.update({"memory_plan": {"gpu_bytes": plan.gpu_bytes, "cpu_bytes": plan.cpu_bytes},
+                   "setup_s": measured.setup_s, "notes": notes})
+    return result
 
 
 def build_trace(result: dict, measured: Measured) -> dict:
-    """Chrome trace-event JSON: the steps, and the timed ops on one track each for GPU compute, H2D, D2H and CPU."""
-    pid = 1
-    tids = {"steps": 0, **{track: i + 1 for i, track in enumerate(TRACKS)}}
-    names = {"steps": "steps", **TRACK_NAMES}
-    events: list[dict] = [{"ph": "M", "pid": pid, "name": "process_name",
-                           "args": {"name": f"alisa-exec {result['plan']['policy']} ({result['device']})"}}]
-    events += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": names[track]}}
-               for track, tid in tids.items()]
-    for record, start_s in zip(result["steps"], measured.marks_s):
-        label = measured.records[record["step"]].label
-        events.append({"ph": "X", "pid": pid, "tid": 0, "name": label, "ts": start_s * 1e6,
-                       "dur": record["time_s"] * 1e6, "args": {"phase": record["phase"]}})
-        events.append({"ph": "C", "pid": pid, "name": "KV bytes", "ts": start_s * 1e6,
-                       "args": {"gpu": record["gpu_kv_bytes"], "cpu": record["cpu_kv_bytes"]}})
-    for span in measured.spans:
-        events.append({"ph": "X", "pid": pid, "tid": tids[span.track], "name": span.name, "ts": span.start_s * 1e6,
-                       "dur": max(0.0, span.end_s - span.start_s) * 1e6,
-                       "args": {"step": span.step, "layer": span.layer, "kind": span.kind}})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"workload": result["workload"], "op_detail_steps": sorted({s.step for s in measured.spans})}}
-
+    """The Chrome trace (`alisa_sim.trace`): the steps, and the timed ops on the GPU compute, H2D, D2H and CPU
+    tracks, the same tracks for every policy."""
+    spans = [TraceSpan(span.track, span.name, span.start_s, span.end_s,
+                       {"step": span.step, "layer": span.layer, "kind": span.kind}) for span in measured.spans]
+    return trace_json(f"alisa-exec {result['plan']['policy']} ({result['device']})", measured.rows(), spans,
+                      result["workload"], {s.step for s in measured.spans})

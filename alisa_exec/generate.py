@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -62,6 +63,23 @@ class Generation:
         return [b - a for a, b in zip(self.marks_s[1:], self.marks_s[2:])]
 
 
+@torch.no_grad()
+def capture_graph(step: Callable[[], None], before_each: Callable[[], object] = lambda: None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `step` (which must read and write only static device buffers), recorded after warm-up runs
+    on a side stream (each after `before_each`), so that libraries initialise outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(CUDA_GRAPH_WARMUP_STEPS):
+            before_each()
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class Generator:
     """Greedy generation for a fixed batch size and maximum sequence length (the static KV buffers' size)."""
 
@@ -99,21 +117,10 @@ class Generator:
         """Make the next decode step run at `position` (for timing a step at a chosen context length)."""
         self._pos.fill_(position)
 
-    @torch.no_grad()
     def capture(self) -> None:
-        """Record the decode step as a CUDA graph after warm-up runs on a side stream. The warm-up steps write K and
-        V at position 0, which the next prefill overwrites."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(CUDA_GRAPH_WARMUP_STEPS):
-                self._pos.zero_()
-                self._eager_decode_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._eager_decode_step()
-        self._graph = graph
+        """Record the decode step as a CUDA graph. The warm-up steps write K and V at position 0, which the next
+        prefill overwrites."""
+        self._graph = capture_graph(self._eager_decode_step, before_each=self._pos.zero_)
 
     def generate(self, prompt: Tensor, gen_len: int) -> Generation:
         """`gen_len` tokens per sequence: the prefill's, then gen_len - 1 decode steps."""

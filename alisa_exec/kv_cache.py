@@ -7,12 +7,16 @@ copy wrote. On the CPU device (CI) the "gpu" tier is a second pool in host memor
 and events are no-ops: the same residency logic runs, and is tested, without a GPU.
 
 Every allocation goes through `Tiers.empty`, which records its bytes by tier and purpose. A dry run allocates on the
-meta device, so a run's memory is known, and checked against the budget, before anything is allocated.
+meta device, so a run's memory is known, and checked against the budget, before anything is allocated. Every copy
+goes through `Tiers.copy`, which counts its bytes where it happens (payload, or index lists beside it), and token
+rows moved, recomputed or evicted are tallied where that happens (`Tiers.tally`): a step's row in the Result is
+the difference of these counts across the step.
 
 `TokenRows` holds rows of tokens in one tier, [slots, batch, width] (slot-major, so a range of positions of every
 sequence is one contiguous block, copied in one transfer): a token's K and V of one layer (width 2 x kv_dim) or its
 layer input (width hidden_size), in the model's dtype or as INT8 (asymmetric min-max per group of channels, the
-kernels' format, `alisa_exec.kernels.int8_kv`), dequantized when read.
+kernels' format, `alisa_exec.kernels.int8_kv`), quantized by the INT8 store kernel (its PyTorch form off the GPU) and
+dequantized when read, or inside the fused attention kernel, which reads the rows in place (`kv_views`).
 """
 
 from __future__ import annotations
@@ -23,23 +27,32 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference
+from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference, store_quantized
 from alisa_exec.timeline import Timeline
 
 GPU, CPU = "gpu", "cpu"
 INT8_GROUP = 64  # channels per quantization group (the simulator's INT8 layout)
+# Token rows (one token of one layer of one sequence) a step moved or dropped, counted where it happens.
+ROW_COUNTERS = ("fetched_tokens", "offloaded_tokens", "recomputed_tokens", "evicted_tokens")
+DIRECTIONS = ("h2d", "d2h")
 
 
 class Tiers:
-    """The GPU and CPU tiers of one run, their streams and the bytes held and moved."""
+    """The GPU and CPU tiers of one run, their streams, the bytes held and moved and the token rows tallied.
+
+    `triton`: run the Triton kernels (the default on CUDA); else their PyTorch forms, which give the same results.
+    """
 
     def __init__(self, device: torch.device, overlap: bool = True, dry: bool = False,
-                 timeline: Timeline | None = None):
+                 timeline: Timeline | None = None, triton: bool | None = None):
         self.device = device
         self.cuda = device.type == "cuda" and not dry
         self.dry = dry
+        self.triton = device.type == "cuda" if triton is None else triton
         self.held: dict[str, dict[str, int]] = {GPU: {}, CPU: {}}
-        self.moved = {"h2d": 0, "d2h": 0}
+        self.moved = dict.fromkeys(DIRECTIONS, 0)  # payload bytes: KV, layer inputs, weights, activations
+        self.index_moved = dict.fromkeys(DIRECTIONS, 0)  # index lists that travel beside the payload
+        self.tallies = dict.fromkeys(ROW_COUNTERS, 0)
         self.timeline = timeline
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
@@ -68,6 +81,10 @@ class Tiers:
 
     def bytes(self, tier: str) -> int:
         return sum(self.held[tier].values())
+
+    def tally(self, counter: str, rows: int) -> None:
+        """Count token rows fetched, offloaded, recomputed or evicted (ROW_COUNTERS) where that happens."""
+        self.tallies[counter] += int(rows)
 
     # ---- streams and events ----------------------------------------------------------------------------------------
     def stream(self, direction: str):
@@ -99,10 +116,10 @@ class Tiers:
             if event is not None:
                 event.synchronize()
 
-    def copy(self, dst: Tensor, src: Tensor, direction: str, name: str, after=()) -> object:
+    def copy(self, dst: Tensor, src: Tensor, direction: str, name: str, after=(), payload: bool = True) -> object:
         """Copy `src` into `dst` on the H2D or D2H stream, after `after` events (a D2H copy also waits for the work
-        issued so far on the compute stream, which produced its source); counts the bytes and returns an event at
-        the copy's end."""
+        issued so far on the compute stream, which produced its source); counts the bytes (as payload, or as an
+        index list beside it) and returns an event at the copy's end."""
         events = tuple(after) + ((self.event(),) if direction == "d2h" else ())
         with self.on(direction):
             self.wait(direction, *events)
@@ -111,8 +128,37 @@ class Tiers:
                 dst.copy_(src, non_blocking=self.cuda)
             if self.cuda and src.is_cuda:
                 src.record_stream(self.stream(direction))  # a temporary source outlives its Python owner until then
-        self.moved[direction] += src.numel() * src.element_size()
+        (self.moved if payload else self.index_moved)[direction] += src.numel() * src.element_size()
         return self.event(direction)
+
+    def copy_rows(self, dst: tuple[Tensor, ...], src: tuple[Tensor, ...], direction: str, name: str,
+                  counter: str | None = None, tokens: int = 0, after=()) -> object:
+        """Copy the parts of stored token rows (values, or INT8 levels, scales and zero points) and tally `tokens`
+        token rows under `counter`; returns the event at the last part's end."""
+        event = None
+        for dst_part, src_part in zip(dst, src):
+            event = self.copy(dst_part, src_part, direction, name, after)
+        if counter:
+            self.tally(counter, tokens)
+        return event
+
+
+def int8_group(width: int, most: int = INT8_GROUP) -> int:
+    """Channels per INT8 group for rows of `width`: the largest power of two up to `most` that divides it (the
+    kernels' groups are powers of two; `most` itself for the widths of real models)."""
+    group = 1
+    while group * 2 <= most and width % (group * 2) == 0:
+        group *= 2
+    return group
+
+
+def _slot_positions(index, slots: int, device: torch.device) -> Tensor:
+    """Slot numbers [n] of an int, a slice or a tensor of slots."""
+    if isinstance(index, slice):
+        return torch.arange(*index.indices(slots), device=device)
+    if isinstance(index, int):
+        return torch.full((1,), index, dtype=torch.int64, device=device)
+    return index.to(device=device, dtype=torch.int64)
 
 
 class TokenRows:
@@ -122,9 +168,8 @@ class TokenRows:
     def __init__(self, tiers: Tiers, tier: str, purpose: str, slots: int, batch: int, width: int,
                  dtype: torch.dtype, int8: bool = False, group: int = INT8_GROUP, pinned: bool = True):
         self.dtype, self.int8, self.width = dtype, int8, width
-        self.group = min(group, width)
-        if int8 and width % self.group:
-            raise ValueError(f"INT8 rows of {width} values are not whole groups of {self.group}")
+        self.triton = tiers.triton
+        self.group = int8_group(width, group)
         shape = (slots, batch, width)
         self.data = tiers.empty(tier, purpose, shape, torch.uint8 if int8 else dtype, pinned)
         if int8:
@@ -141,13 +186,47 @@ class TokenRows:
         """Bytes of one token row (values and quantization parameters)."""
         return sum(part[0, 0].numel() * part.element_size() for part in self.parts)
 
+    def _as_quantized(self, parts: tuple[Tensor, ...]) -> QuantizedKV:
+        """Stored parts [n, batch, width] in the INT8 kernels' layout: `width / group` heads of `group` channels."""
+        data, scale, zero = parts
+        heads = self.width // self.group
+
+        def layout(t: Tensor, inner: int) -> Tensor:
+            return t.view(*t.shape[:2], heads, inner).permute(1, 2, 0, 3)
+        return QuantizedKV(layout(data, self.group), layout(scale, 1), layout(zero, 1), 1, self.group)
+
     def encode(self, values: Tensor) -> tuple[Tensor, ...]:
-        """Rows [..., width] as stored."""
+        """Rows [n, batch, width] as stored (new tensors)."""
+        values = values.to(self.dtype)
         if not self.int8:
-            return (values.to(self.dtype),)
-        shape = values.shape
-        data, scale, zero = quantize_reference(values.to(self.dtype).reshape(1, 1, -1, self.width), 1, self.group)
-        return (data.view(shape), scale.view(*shape[:-1], -1), zero.view(*shape[:-1], -1))
+            return (values,)
+        n, batch, _ = values.shape
+        if self.triton:
+            parts = (torch.empty(values.shape, dtype=torch.uint8, device=values.device),
+                     *(torch.empty(n, batch, self.width // self.group, dtype=self.dtype, device=values.device)
+                       for _ in range(2)))
+            self.quantize_into(parts, torch.arange(n, device=values.device), values)
+            return parts
+        data, scale, zero = quantize_reference(values.reshape(1, 1, -1, self.width), 1, self.group)
+        groups = self.width // self.group
+        return data.view(values.shape), scale.view(n, batch, groups), zero.view(n, batch, groups)
+
+    def quantize_into(self, parts: tuple[Tensor, ...], slots: Tensor, values: Tensor) -> None:
+        """The INT8 store kernel: quantize rows [n, batch, width] into stored parts at `slots` [n]."""
+        heads = self.width // self.group
+        store_quantized(self._as_quantized(parts), slots,
+                        values.view(*values.shape[:2], heads, self.group).permute(1, 2, 0, 3))
+
+    def store(self, index, values: Tensor) -> None:
+        """Store values [n, batch, width] at slots `index` (a slice, an int or a tensor of n slots)."""
+        if not values.shape[0]:
+            return
+        if self.int8 and self.triton:
+            self.quantize_into(self.parts, _slot_positions(index, self.data.shape[0], values.device),
+                               values.to(self.dtype))
+            return
+        for part, encoded in zip(self.parts, self.encode(values)):
+            part[index] = encoded
 
     def decode(self, parts: tuple[Tensor, ...]) -> Tensor:
         """Stored rows [..., width] back as values in the model's dtype."""
@@ -159,11 +238,6 @@ class TokenRows:
                            zero.reshape(1, 1, -1, zero.shape[-1]), 1, self.group)
         rows = torch.arange(flat.data.shape[2], device=data.device)
         return dequantize_rows(flat, rows).view(shape)
-
-    def write(self, index, values: Tensor) -> None:
-        """Store values [len(index), batch, width] at slots `index` (a slice, an int or a tensor of slots)."""
-        for part, encoded in zip(self.parts, self.encode(values)):
-            part[index] = encoded
 
     def read(self, index) -> Tensor:
         return self.decode(tuple(part[index] for part in self.parts))
@@ -181,6 +255,28 @@ class TokenRows:
         for part, dst in zip(self.parts, out):
             torch.index_select(part.view(-1, part.shape[-1]), 0, index, out=dst)
 
-    def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> tuple[Tensor, ...]:
-        """Buffers for `rows` stored rows of this format, one per part, [rows, ...]."""
-        return tuple(tiers.empty(tier, purpose, (rows, part.shape[-1]), part.dtype, pinned) for part in self.parts)
+    def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> TokenRows:
+        """A buffer for `rows` rows of this format, shared by every sequence (its batch is one)."""
+        return TokenRows(tiers, tier, purpose, rows, 1, self.width, self.dtype, self.int8, self.group, pinned)
+
+    def first(self, count: int) -> tuple[Tensor, ...]:
+        """The parts of the first `count` rows of a staging buffer, [count, ...] each."""
+        return tuple(part[:count, 0] for part in self.parts)
+
+    def kv_views(self, kv_heads: int) -> tuple[Tensor | QuantizedKV, Tensor | QuantizedKV]:
+        """K and V of K/V rows in place, [batch, kv_heads, slots, head_dim] each (no copy), as the attention
+        kernels read a cache: values, or `QuantizedKV` levels with their scales and zero points."""
+        slots, batch, width = self.data.shape
+        head_dim = width // (2 * kv_heads)
+
+        def halves(t: Tensor, inner: int) -> tuple[Tensor, Tensor]:
+            kv = t.view(slots, batch, 2, kv_heads, inner)
+            return kv[:, :, 0].permute(1, 2, 0, 3), kv[:, :, 1].permute(1, 2, 0, 3)
+        if not self.int8:
+            return halves(self.data, head_dim)
+        if head_dim % self.group:
+            raise ValueError(f"INT8 groups of {self.group} channels straddle heads of {head_dim}")
+        (k, v), (k_scale, v_scale), (k_zero, v_zero) = (halves(self.data, head_dim),
+                                                         *(halves(p, head_dim // self.group)
+                                                           for p in (self.scale, self.zero)))
+        return (QuantizedKV(k, k_scale, k_zero, 1, self.group), QuantizedKV(v, v_scale, v_zero, 1, self.group))

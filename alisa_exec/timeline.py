@@ -15,25 +15,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from alisa_exec.generate import DeviceClock
 
-TRACKS = ("compute", "h2d", "d2h", "cpu")
-TRACK_NAMES = {"compute": "GPU compute", "h2d": "H2D copy", "d2h": "D2H copy", "cpu": "CPU"}
-
-
-def detailed_steps(num_steps: int, limit: int) -> set[int]:
-    """Every step up to `limit` of them, else `limit` spread evenly (the first and last included)."""
-    if num_steps <= limit:
-        return set(range(num_steps))
-    return {int(i) for i in np.linspace(0, num_steps - 1, limit).round()}
-
-
 @dataclass
 class Span:
-    track: str
+    track: str  # a resource as the simulator names it: "gpu", "h2d", "d2h" or "cpu"
     name: str
     kind: str  # a breakdown kind (alisa_sim.ops.KINDS)
     step: int

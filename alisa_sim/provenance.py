@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 
 from alisa_sim.hardware import HardwareProfile
-from alisa_sim.units import is_cpu_device
 
 PACKAGE = "alisa"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +69,7 @@ def run_metadata(profile: HardwareProfile, device: str | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(command),
         "profile": {"name": profile.name, "sha256": profile_hash(profile)},
-        "device": device or ("cpu" if is_cpu_device(profile.gpu.name) else "gpu"),
+        "device": device or ("cpu" if profile.device_kind == "cpu" else "gpu"),
     }
 
 

@@ -1,4 +1,9 @@
-"""The Result JSON of the house plan, built from a simulation, and atomic writing of JSON outputs."""
+"""The Result JSON of the house plan, one builder for both runners: the step-row type, the metrics and phases built
+from the rows, the schema both runners' Results are validated against, and atomic writing of JSON outputs.
+
+`alisa-sim run` turns a simulation's steps into `StepRow`s (`build_result`); `alisa-exec run` turns its measured
+steps into the same rows (`alisa_exec.executor`); `assemble_result` computes everything else from the rows.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,18 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, create_model
 
 from alisa_sim.errors import SpecError
 from alisa_sim.ops import KINDS
 from alisa_sim.provenance import run_metadata
 from alisa_sim.simulator import Simulation
+from alisa_sim.workload import ResolvedWorkload
 
 
 def _non_finite_at(data, where: str = "") -> str | None:
@@ -93,76 +102,192 @@ def step_stats(durations: list[float]) -> dict[str, float]:
             "p90": float(np.percentile(values, 90)), "max": float(values.max())}
 
 
-def _phases(sim: Simulation) -> list[dict]:
+@dataclass
+class StepRow:
+    """One step of a run as the Result lists it (the prefill, a decode step, or one of vLLM's iterations): its time,
+    the KV it holds, the bytes it copied and its counters (token rows moved, preemptions, ...)."""
+
+    step: int
+    kind: str  # "prefill" | "decode"
+    label: str
+    phase: int
+    start_s: float
+    time_s: float
+    tokens: int  # token rows computed: prompt tokens in a prefill, one per sequence in a decode step
+    sequences: int
+    gpu_kv_bytes: int
+    cpu_kv_bytes: int
+    h2d_bytes: int
+    d2h_bytes: int
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "kind": self.kind, "label": self.label, "phase": self.phase,
+                "start_s": self.start_s, "time_s": self.time_s, "tokens": self.tokens, "sequences": self.sequences,
+                "gpu_kv_bytes": self.gpu_kv_bytes, "cpu_kv_bytes": self.cpu_kv_bytes, "h2d_bytes": self.h2d_bytes,
+                "d2h_bytes": self.d2h_bytes, **self.counters}
+
+
+def phases(rows: list[StepRow]) -> list[dict]:
     """Consecutive decode steps of the same KV phase, with the KV held on each device at the phase's end."""
-    phases: list[dict] = []
-    for record in sim.decode_steps:
-        if phases and phases[-1]["phase"] == record.phase:
-            current = phases[-1]
-            current["last_step"] = record.step
-            current["time_s"] += record.duration_s
+    found: list[dict] = []
+    for row in (r for r in rows if r.kind == "decode"):
+        if found and found[-1]["phase"] == row.phase:
+            current = found[-1]
+            current["last_step"] = row.step
+            current["time_s"] += row.time_s
         else:
-            current = {"phase": record.phase, "first_step": record.step, "last_step": record.step,
-                       "time_s": record.duration_s}
-            phases.append(current)
-        current["gpu_kv_bytes_end"] = record.gpu_kv_bytes
-        current["cpu_kv_bytes_end"] = record.cpu_kv_bytes
-    return phases
+            current = {"phase": row.phase, "first_step": row.step, "last_step": row.step, "time_s": row.time_s}
+            found.append(current)
+        current["gpu_kv_bytes_end"] = row.gpu_kv_bytes
+        current["cpu_kv_bytes_end"] = row.cpu_kv_bytes
+    return found
 
 
-def build_result(sim: Simulation) -> dict:
-    """The Result JSON of a simulation (`source: sim`); an out-of-memory run has `oom: true` and the reason."""
-    wl = sim.workload
-    result = {
-        "source": "sim",
-        "workload": wl.workload.model_dump(mode="json"),
-        "model": wl.model.name,
-        "hardware": wl.hardware.name,
-        "plan": sim.policy.plan(),
-        "run": run_metadata(wl.hardware),
-    }
-    if sim.oom_error:
-        result["metrics"] = {"oom": True, "error": sim.oom_error, "peak_gpu_bytes": sim.peak_gpu_bytes,
-                             "peak_cpu_bytes": sim.peak_cpu_bytes}
-        result["phases"], result["breakdown_s"], result["steps"] = [], {}, []
-        return result
+def _header(source: str, wl: ResolvedWorkload, plan: dict) -> dict:
+    return {"source": source, "workload": wl.workload.model_dump(mode="json"), "model": wl.model.name,
+            "hardware": wl.hardware.name, "plan": plan, "run": run_metadata(wl.hardware)}
 
+
+def assemble_result(source: str, wl: ResolvedWorkload, plan: dict, rows: list[StepRow], peak_gpu_bytes: int,
+                    peak_cpu_bytes: int, breakdown_s: dict[str, float], extra: dict | None = None) -> dict:
+    """The Result JSON of a run that completed, from its step rows: metrics, phases, the breakdown and the rows."""
     batch, gen_len = wl.workload.batch_size, wl.workload.gen_len
-    prefill_s = float(sum(record.duration_s for record in sim.prefill_steps))
-    decode = [record.duration_s for record in sim.decode_steps]
-    decode_s = float(sum(decode))
+    prefill = [r for r in rows if r.kind == "prefill"]
+    decode = [r for r in rows if r.kind == "decode"]
+    prefill_s = float(sum(r.time_s for r in prefill))
+    decode_s = float(sum(r.time_s for r in decode))
     total_s = prefill_s + decode_s
-    breakdown = dict.fromkeys(KINDS, 0.0)
     counters: dict[str, float] = {}
-    gpu_busy = 0.0
-    for record in sim.steps:
-        for name, count in record.plan.counters.items():
+    for row in rows:
+        for name, count in row.counters.items():
             counters[name] = counters.get(name, 0) + count
-        for kind, seconds in record.timing.parts_s.items():
-            breakdown[kind] += seconds
-        gpu_busy += record.timing.busy_s.get("gpu", 0.0)
-    # Time the GPU waits on transfers; with overlap off every op is serial and nothing idles.
-    breakdown["idle"] = max(0.0, total_s - gpu_busy) if sim.policy.overlap else 0.0
-    result["metrics"] = {
+    metrics = {
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "total_s": total_s,
         "throughput_tok_s": batch * gen_len / total_s,
         # Token rows computed per second of each kind of step (recomputed prompts count as prefill work).
-        "prefill_throughput_tok_s": sum(r.plan.tokens for r in sim.prefill_steps) / prefill_s,
-        "decode_throughput_tok_s": sum(r.plan.tokens for r in sim.decode_steps) / decode_s if decode else 0.0,
-        "decode_step_s": step_stats(decode),
-        "peak_gpu_bytes": sim.peak_gpu_bytes,
-        "peak_cpu_bytes": sim.peak_cpu_bytes,
-        "h2d_bytes": sum(record.timing.h2d_bytes for record in sim.steps),
-        "d2h_bytes": sum(record.timing.d2h_bytes for record in sim.steps),
+        "prefill_throughput_tok_s": sum(r.tokens for r in prefill) / prefill_s if prefill_s else 0.0,
+        "decode_throughput_tok_s": sum(r.tokens for r in decode) / decode_s if decode_s else 0.0,
+        "decode_step_s": step_stats([r.time_s for r in decode]),
+        "peak_gpu_bytes": int(peak_gpu_bytes),
+        "peak_cpu_bytes": int(peak_cpu_bytes),
+        "h2d_bytes": sum(r.h2d_bytes for r in rows),
+        "d2h_bytes": sum(r.d2h_bytes for r in rows),
         "oom": False,
         **counters,
     }
-    result["phases"] = _phases(sim)
-    result["breakdown_s"] = breakdown
-    result["steps"] = [{"step": r.step, "kind": r.plan.kind, "phase": r.phase, "time_s": r.duration_s,
-                        "gpu_kv_bytes": r.gpu_kv_bytes, "cpu_kv_bytes": r.cpu_kv_bytes,
-                        "h2d_bytes": r.timing.h2d_bytes, "d2h_bytes": r.timing.d2h_bytes, **r.plan.counters}
-                       for r in sim.steps]
-    return result
+    return {**_header(source, wl, plan), **(extra or {}), "metrics": metrics, "phases": phases(rows),
+            "breakdown_s": {kind: float(breakdown_s.get(kind, 0.0)) for kind in (*KINDS, "idle")},
+            "steps": [row.to_json() for row in rows]}
+
+
+def oom_result(source: str, wl: ResolvedWorkload, plan: dict, error: str, peak_gpu_bytes: int,
+               peak_cpu_bytes: int) -> dict:
+    """The Result of a run that did not fit: `oom: true` and the reason."""
+    return {**_header(source, wl, plan),
+            "metrics": {"oom": True, "error": error, "peak_gpu_bytes": peak_gpu_bytes, "peak_cpu_bytes": peak_cpu_bytes},
+            "phases": [], "breakdown_s": {}, "steps": []}
+
+
+def simulated_rows(sim: Simulation) -> list[StepRow]:
+    return [StepRow(r.step, r.plan.kind, r.plan.label, r.phase, r.start_s, r.duration_s, r.plan.tokens,
+                    r.plan.sequences, r.gpu_kv_bytes, r.cpu_kv_bytes, r.timing.h2d_bytes, r.timing.d2h_bytes,
+                    dict(r.plan.counters)) for r in sim.steps]
+
+
+def build_result(sim: Simulation) -> dict:
+    """The Result JSON of a simulation (`source: sim`); an out-of-memory run has `oom: true` and the reason."""
+    wl = sim.workload
+    if sim.oom_error:
+        return oom_result("sim", wl, sim.policy.plan(), sim.oom_error, sim.peak_gpu_bytes, sim.peak_cpu_bytes)
+    rows = simulated_rows(sim)
+    breakdown = dict.fromkeys(KINDS, 0.0)
+    gpu_busy = 0.0
+    for record in sim.steps:
+        for kind, seconds in record.timing.parts_s.items():
+            breakdown[kind] += seconds
+        gpu_busy += record.timing.busy_s.get("gpu", 0.0)
+    # Time the GPU waits on transfers; with overlap off every op is serial and nothing idles.
+    total_s = sum(row.time_s for row in rows)
+    breakdown["idle"] = max(0.0, total_s - gpu_busy) if sim.policy.overlap else 0.0
+    return assemble_result("sim", wl, sim.policy.plan(), rows, sim.peak_gpu_bytes, sim.peak_cpu_bytes, breakdown)
+
+
+# ---- the schema both runners' Results follow ------------------------------------------------------------------------
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # names may grow; the listed keys keep their meaning
+
+
+class StepStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mean: float
+    p50: float
+    p90: float
+    max: float
+
+
+class Metrics(_Open):
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    throughput_tok_s: float
+    prefill_throughput_tok_s: float
+    decode_throughput_tok_s: float
+    decode_step_s: StepStats
+    peak_gpu_bytes: int
+    peak_cpu_bytes: int
+    h2d_bytes: int
+    d2h_bytes: int
+    oom: Literal[False]
+
+
+class Phase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phase: int
+    first_step: int
+    last_step: int
+    time_s: float
+    gpu_kv_bytes_end: int
+    cpu_kv_bytes_end: int
+
+
+class Step(_Open):
+    step: int
+    kind: Literal["prefill", "decode"]
+    label: str
+    phase: int
+    start_s: float
+    time_s: float
+    tokens: int
+    sequences: int
+    gpu_kv_bytes: int
+    cpu_kv_bytes: int
+    h2d_bytes: int
+    d2h_bytes: int
+
+
+# Busy seconds by op kind, and idle: every kind the engine prices, no other.
+Breakdown = create_model("Breakdown", __config__=ConfigDict(extra="forbid"),
+                         **{kind: (float, ...) for kind in (*KINDS, "idle")})
+
+
+class ResultSchema(_Open):
+    """A completed run's Result JSON, from either runner."""
+
+    source: Literal["sim", "exec"]
+    workload: dict
+    model: str
+    hardware: str
+    plan: dict
+    metrics: Metrics
+    phases: list[Phase]
+    breakdown_s: Breakdown
+    steps: list[Step]
+
+
+def validate_result(data: dict) -> ResultSchema:
+    """Check a completed run's Result against the schema (pydantic's ValidationError names what is off)."""
+    return ResultSchema.model_validate(data)

@@ -11,3 +11,20 @@ def swa_window(num_tokens: int, kv_sparsity: float) -> int:
     keep_ratio = 1.0 - kv_sparsity
     # The epsilon keeps e.g. 15 * (1 - 0.8) / 2 = 1.4999999999999998 rounding up, as 1.5 does.
     return max(1, math.floor(num_tokens * keep_ratio / 2 + 0.5 + 1e-9))
+
+
+def kv_budget(num_tokens: int, kv_sparsity: float) -> int:
+    """Tokens attended (or kept) at a step with `num_tokens` cached: SWA's k recent plus k older, min(n, 2k). The one
+    budget of SWA, H2O, StreamingLLM and the accuracy evaluator's methods."""
+    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity))
+
+
+def eviction_kept(num_tokens: int, kv_sparsity: float, prompt_len: int) -> int:
+    """Tokens an evicting cache (H2O, StreamingLLM) holds at a step with `num_tokens` cached: the budget, except one
+    short on a decode step where the budget grows by two, since evicted tokens do not come back and a step adds one.
+    (Below full density the budget never grows by two on two steps in a row, so the cache is full again the step
+    after.)"""
+    budget = kv_budget(num_tokens, kv_sparsity)
+    if num_tokens > prompt_len and budget - kv_budget(num_tokens - 1, kv_sparsity) == 2:
+        return budget - 1
+    return budget

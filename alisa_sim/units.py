@@ -5,7 +5,6 @@ from __future__ import annotations
 
 GiB = 2**30
 GB = 10**9
-CPU_DEVICE_SUFFIX = "(the CPU as the device)"  # how `alisa-exec profile --device cpu` names its device
 
 
 def gib(nbytes: float) -> str:
@@ -14,11 +13,6 @@ def gib(nbytes: float) -> str:
 
 def gb(nbytes: float) -> str:
     return f"{nbytes / GB:.2f} GB"
-
-
-def is_cpu_device(gpu_name: str) -> bool:
-    """Whether a profile's GPU section is the CPU itself."""
-    return gpu_name.endswith(CPU_DEVICE_SUFFIX)
 
 
 def result_on_cpu_device(result: dict) -> bool:

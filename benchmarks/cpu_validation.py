@@ -2,7 +2,7 @@
 
 1. `alisa-exec profile --device cpu --quick` measures the CPU into a profile.
 2. A small model at a few batches and lengths, under each policy of `LOOP_POLICIES` that the executor runs
-   (`alisa_exec.runner.EXECUTABLE_POLICIES`), run by `alisa-exec run --device cpu` (measured) and by `alisa-sim run`
+   (`alisa_exec.policies.EXEC_POLICIES`), run by `alisa-exec run --device cpu` (measured) and by `alisa-sim run`
    on that profile (predicted). A policy joins the loop by being added to `LOOP_POLICIES`.
 3. `alisa-sim validate` over all pairs: the error of the measured profile as it is.
 4. `alisa-sim calibrate` on the fit half of the runs, then `alisa-sim run` of the held-out half on the fitted
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from alisa_exec.cli import main as exec_main
-from alisa_exec.runner import EXECUTABLE_POLICIES
+from alisa_exec.policies import EXEC_POLICIES
 from alisa_sim.calibrate import describe_values
 from alisa_sim.cli import main as sim_main
 from alisa_sim.workload import POLICY_NAMES
@@ -69,7 +69,7 @@ THREADS = 1
 
 def loop_policies() -> list[str]:
     """The policies of the loop that both sides run."""
-    return [policy for policy in LOOP_POLICIES if policy in EXECUTABLE_POLICIES and policy in POLICY_NAMES]
+    return [policy for policy in LOOP_POLICIES if policy in EXEC_POLICIES and policy in POLICY_NAMES]
 
 
 def _call(main, argv: list[str]) -> str:

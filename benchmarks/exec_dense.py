@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alisa_exec.generate import DeviceClock, Generator  # noqa: E402
 from alisa_exec.profiler import Bench, copy_GBps  # noqa: E402
-from alisa_exec.runner import DTYPES, default_dtype, device_name, resolve_device  # noqa: E402
+from alisa_exec.device import DTYPES, default_dtype, device_name, resolve_device  # noqa: E402
 from alisa_exec.weights import DUMMY, load_model  # noqa: E402
 from alisa_sim.model_spec import ModelSpec, load_model_spec  # noqa: E402
 

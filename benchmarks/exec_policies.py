@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if "--smoke" in sys.argv:  # the SWA selection kernels run under Triton's interpreter; set before triton is imported
+if "--smoke" in sys.argv:  # off the GPU only Triton's interpreter loads; set before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -49,16 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from alisa_exec import executor  # noqa: E402
 from alisa_exec.executor import size  # noqa: E402
 from alisa_exec.profiler import measure_profile, software_versions, write_profile  # noqa: E402
-from alisa_exec.runner import (DTYPES, ExecOptions, default_dtype, device_name, resolve_device,  # noqa: E402
-                               run_workload)
+from alisa_exec.device import DTYPES, default_dtype, device_name, resolve_device  # noqa: E402
 from alisa_exec.weights import DUMMY  # noqa: E402
-from alisa_sim.cost_model import CostModel  # noqa: E402
 from alisa_sim.errors import SpecError  # noqa: E402
-from alisa_sim.policies import make_policy  # noqa: E402
 from alisa_sim.workload import resolve_workload  # noqa: E402
 
 SPARSITY = 0.8
-SLOW = ("flexgen", "accelerate")
+SLOW = ("flexgen", "accelerate", "zero")
 OWN_BUDGET = ("dense", "vllm", "h2o", "streamingllm")  # run at their own budget where the shared one is too small
 TARGET_VS_FLEXGEN = 2.0
 SMOKE_MODEL = dict(name="tiny-opt", family="opt", hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -73,7 +70,8 @@ def policies(prompt_len: int, gen_len: int) -> dict[str, dict]:
             "vllm": {"name": "vllm", "max_model_len": prompt_len + gen_len},
             "dense": {"name": "dense"},
             "h2o": {"name": "h2o", "kv_sparsity": SPARSITY},
-            "streamingllm": {"name": "streamingllm", "kv_sparsity": SPARSITY}}
+            "streamingllm": {"name": "streamingllm", "kv_sparsity": SPARSITY},
+            "zero": {"name": "zero"}}
 
 
 def order(batches: list[int], names: list[str]) -> list[tuple[int, str]]:
@@ -96,7 +94,7 @@ def workload_data(args, batch: int, policy: dict, gpu_gb: float | None) -> dict:
 def budget_gb(args, batch: int, dtype: torch.dtype) -> float:
     """What ALISA's plan holds besides the KV cache plus --kv-on-gpu of its KV cache at the longest context."""
     wl = resolve_workload(workload_data(args, batch, policies(args.prompt_len, args.gen_len)["alisa"], None))
-    sim = make_policy(executor._with(wl, dtype, wl.gpu_capacity_bytes), CostModel(wl.hardware))
+    sim = executor.simulator_policy(executor._with(wl, dtype, wl.gpu_capacity_bytes))
     kv = batch * wl.max_context() * wl.model.num_layers * sim.kv_token_layer
     return (sim.static_memory().gpu_bytes + args.kv_on_gpu * kv) / 1e9
 
@@ -125,20 +123,13 @@ def own_budget_gb(args, batch: int, dtype: torch.dtype) -> float:
     """A budget for the policies that need the whole (kept) KV cache on the GPU: dense's weights, working buffers and
     KV cache at the longest context, over vLLM's default 0.9 utilization."""
     wl = resolve_workload(workload_data(args, batch, {"name": "dense"}, None))
-    sim = make_policy(executor._with(wl, dtype, wl.gpu_capacity_bytes), CostModel(wl.hardware))
+    sim = executor.simulator_policy(executor._with(wl, dtype, wl.gpu_capacity_bytes))
     return (sim.static_memory().gpu_bytes + sim.kv_memory(wl.max_context()).gpu_bytes) / 0.9 / 1e9
 
 
 def predict(args, batch: int, name: str, gpu_gb: float, device, dtype):
-    """(workload, executor plan or None for dense, the simulation of the plan); SpecError if it does not fit."""
+    """(workload, executor plan, the simulation of the plan); SpecError if it does not fit."""
     wl = resolve_workload(workload_data(args, batch, policies(args.prompt_len, args.gen_len)[name], gpu_gb))
-    if name == "dense":
-        from alisa_sim.simulator import simulate
-
-        simulation = simulate(executor._with(wl, dtype, wl.gpu_capacity_bytes))
-        if simulation.oom_error:
-            raise SpecError(simulation.oom_error)
-        return wl, None, simulation
     plan = executor.plan_run(wl, device, dtype)
     return wl, plan, plan.simulation
 
@@ -157,7 +148,7 @@ def run_one(args, batch: int, name: str, budgets: dict, device, dtype, started: 
         return {**row, "status": "does not fit", "why": str(exc).splitlines()[0][:300]}
     predicted_s = sum(r.duration_s for r in predicted.steps)
     decode = [r.duration_s for r in predicted.decode_steps]
-    row.update(plan=plan_summary(plan) if plan else "", replans=plan.replans if plan else 0,
+    row.update(plan=plan_summary(plan), replans=plan.replans,
                predicted_tok_s=batch * args.gen_len / predicted_s, predicted_s=predicted_s,
                predicted_step_ms=1e3 * sum(decode) / max(1, len(decode)))
     left = args.budget_s - (time.perf_counter() - started) - args.setup_s
@@ -171,11 +162,8 @@ def run_one(args, batch: int, name: str, budgets: dict, device, dtype, started: 
             raise RunAborted(record.step + 1)
 
     try:
-        if plan is None:
-            result, _ = run_workload(wl, ExecOptions(device, dtype, DUMMY))
-        else:
-            measured = executor.execute(plan, device, dtype, DUMMY, 0, on_step=on_step)
-            result = executor.build_result(plan, measured, device_name(device), dtype, DUMMY)
+        measured = executor.execute(plan, device, dtype, DUMMY, 0, on_step=on_step)
+        result = executor.build_result(plan, measured, device_name(device), dtype, DUMMY)
     except RunAborted as stop:
         elapsed = time.perf_counter() - t0
         # The whole run would take longer than this, so its throughput is below batch x gen_len / elapsed.
@@ -275,8 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="opt-6.7b", help="a preset or a JSON mapping of ModelSpec fields")
     parser.add_argument("--batches", default="8,16,32,64", type=lambda s: [int(b) for b in s.split(",")])
-    parser.add_argument("--policies", default="alisa,flexgen,accelerate,vllm,dense,h2o,streamingllm",
-                        type=lambda s: s.split(","))
+    parser.add_argument("--policies", default=",".join(policies(0, 0)), type=lambda s: s.split(","))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=512)
     parser.add_argument("--hardware", help="profile for the plans and predictions (default: the card's)")

@@ -45,10 +45,12 @@ def fig9(console: Console, workers: int) -> None:
     table = Table("model", "hardware", "batch", *FIG9_POLICIES, "ALISA / FlexGen", "ALISA / vLLM",
                   title=f"Fig. 9: throughput (tok/s), s=128 n=512, ALISA at 80% KV sparsity; {len(points)} "
                         f"simulations in {wall:.1f} s on {workers} processes")
+    def ratio(a, b) -> str:
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
     for model, hardware in FIG9_MODELS:
         for batch in FIG9_BATCHES:
             row = {p: results[model, hardware, batch, p] for p in FIG9_POLICIES}
-            ratio = (lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x")
             table.add_row(model, hardware, str(batch), *("OOM" if v is None else f"{v:.0f}" for v in row.values()),
                           ratio(row["alisa"], row["flexgen"]), ratio(row["alisa"], row["vllm"]))
     console.print(table)

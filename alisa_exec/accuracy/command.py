@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
                                               resolve_model, selection_stats_file, tokenize)
     from alisa_exec.accuracy.methods import parse_methods
     from alisa_exec.accuracy.report import write_report
-    from alisa_exec.runner import device_name, resolve_device
+    from alisa_exec.device import device_name, resolve_device
 
     settings = EvalSettings(contexts=_numbers(args.context, int, "--context"), methods=parse_methods(args.methods),
                             sparsities=_numbers(args.sparsity, float, "--sparsity"), max_tokens=args.max_tokens,

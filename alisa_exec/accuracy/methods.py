@@ -32,14 +32,9 @@ from torch import Tensor
 
 from alisa_exec.kernels.selection import to_fixed_point
 from alisa_sim.errors import SpecError
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import kv_budget as budget, swa_window
 
 STREAMING_SINKS = 4
-
-
-def budget(num_tokens: int, kv_sparsity: float) -> int:
-    """Tokens every sparse method attends at a step with `num_tokens` cached tokens."""
-    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity))
 
 
 def top_older(scores: Tensor, take: Tensor) -> Tensor:

@@ -73,7 +73,7 @@ def dequantize_rows(cache: QuantizedKV, positions: Tensor, dtype: torch.dtype | 
     # [..., channel groups, 1] parameters broadcast over [..., channel groups, channels]
     scale = cache.scale.gather(2, group_rows).float()[..., None]
     zero = cache.zero.gather(2, group_rows).float()[..., None]
-    grouped = rows.view(*rows.shape[:3], -1, cache.channel_group).float()
+    grouped = rows.view(*rows.shape[:3], head_dim // cache.channel_group, cache.channel_group).float()
     return (grouped * scale + zero).view(rows.shape).to(dtype or cache.dtype)
 
 

@@ -110,8 +110,10 @@ class LocalAttentionSum:
     BLOCK = 256
 
     def __init__(self, batch: int, max_seq_len: int, kv_sparsity: float, device: torch.device | str,
-                 prompt_len: int = 0):
+                 prompt_len: int = 0, triton: bool | None = None):
         self.kv_sparsity = kv_sparsity
+        # The Triton update on CUDA; off it the same fixed-point sums in PyTorch (integer adds: the same bits).
+        self.triton = torch.device(device).type == "cuda" if triton is None else triton
         self.max_seq_len = max_seq_len
         self.max_window = swa_window(max_seq_len, kv_sparsity)
         # Between two selections the ring holds the window (at most max_window rows) plus the newest row.
@@ -120,6 +122,17 @@ class LocalAttentionSum:
         self.scores = torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device)
         self.ring_positions = torch.full((batch, self.capacity, self.width), -1, dtype=torch.int32, device=device)
         self.ring_probs = torch.zeros(batch, self.capacity, self.width, dtype=torch.float32, device=device)
+        self.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.scores, self.ring_positions, self.ring_probs))
+
+    def reset(self) -> None:
+        """Forget every row (a new run starts)."""
+        self.scores.zero_()
+        self.ring_positions.fill_(-1)
+        self.ring_probs.zero_()
         self.rows_pushed = 0
         # Rows [summed_first, summed_end) of all rows ever pushed are in `scores`.
         self.summed_first = 0
@@ -157,14 +170,27 @@ class LocalAttentionSum:
         subtract = (self.summed_first, min(self.summed_end, window_first))
         add = (max(self.summed_end, window_first), self.rows_pushed)
         subtract_count, add_count = max(0, subtract[1] - subtract[0]), add[1] - add[0]
-        if subtract_count + add_count:
+        if subtract_count + add_count and not self.triton:
+            self._update_torch(range(*subtract), range(*add))
+        elif subtract_count + add_count:
             grid = (self.scores.shape[0], subtract_count + add_count, triton.cdiv(self.width, self.BLOCK))
             _update_window_kernel[grid](
                 self.scores, self.ring_positions, self.ring_probs, subtract[0], subtract_count, add[0],
                 self.capacity, self.width, self.scores.stride(0), self.ring_positions.stride(0),
                 self.ring_positions.stride(1), BLOCK=self.BLOCK)
         self.summed_first, self.summed_end = max(self.summed_first, window_first), self.rows_pushed
-        return self._pick(num_tokens, k)
+        # On the GPU a pick without host syncs; off it the stable sort, fewer and cheaper ops there, the same picks.
+        return self._pick(num_tokens, k) if self.triton else select_reference(self.scores, num_tokens, k)
+
+    def _update_torch(self, subtract: range, add: range) -> None:
+        """The update kernel's work in PyTorch: subtract and add ring rows in one scatter (fixed point, so the order
+        does not matter)."""
+        rows = list(subtract) + list(add)
+        slots = torch.tensor([row % self.capacity for row in rows], device=self.scores.device)
+        sign = torch.tensor([-1] * len(subtract) + [1] * len(add), device=self.scores.device)
+        positions = self.ring_positions[:, slots].long()  # [batch, rows, width]
+        fixed = to_fixed_point(self.ring_probs[:, slots]) * sign[None, :, None]
+        self.scores.scatter_add_(1, positions.clamp(min=0).flatten(1), torch.where(positions >= 0, fixed, 0).flatten(1))
 
     def _pick(self, num_tokens: int, k: int) -> Tensor:
         """k recent positions and the top-k older ones by the window sum, ties to the older; no host sync."""

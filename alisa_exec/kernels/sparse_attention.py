@@ -42,19 +42,34 @@ LOG2E = 1.4426950408889634
 
 # --- PyTorch: explicit gather, then dense attention (also the reference, in fp32) -------------------------------
 
-def gather_kv(cache: KVTensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
-    """The rows an index list names, packed: [batch, kv_heads, T, d] in `dtype` (INT8 rows are dequantized).
-
-    Entries outside [0, max_seq_len) (padding past a sequence's length) are clamped; attention masks them.
-    """
-    positions = indices if indices.dim() == 3 else indices[:, None, :]
-    max_seq_len = cache.data.shape[2] if isinstance(cache, QuantizedKV) else cache.shape[2]
-    positions = positions.long().clamp(0, max_seq_len - 1)
+def _cache_rows(cache: KVTensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows of a cache at positions [batch or 1, kv_heads or 1, T] as [batch, kv_heads, T, d] in `dtype`."""
     if isinstance(cache, QuantizedKV):
         return dequantize_rows(cache, positions, dtype)
     batch, kv_heads, _, head_dim = cache.shape
     positions = positions.expand(batch, kv_heads, -1)
     return cache.gather(2, positions[..., None].expand(-1, -1, -1, head_dim)).to(dtype)
+
+
+def gather_kv(cache: KVTensor, indices: Tensor, dtype: torch.dtype, staged: KVTensor | None = None) -> Tensor:
+    """The rows an index list names, packed: [batch, kv_heads, T, d] in `dtype` (INT8 rows are dequantized).
+
+    Entries outside [0, max_seq_len) (padding past a sequence's length) are clamped; attention masks them. With
+    `staged` ([1, kv_heads, R, d], rows shared by every sequence), an entry e < 0 names staged row -e - 1.
+    """
+    positions = (indices if indices.dim() == 3 else indices[:, None, :]).long()
+    max_seq_len = cache.data.shape[2] if isinstance(cache, QuantizedKV) else cache.shape[2]
+    rows = _cache_rows(cache, positions.clamp(0, max_seq_len - 1), dtype)
+    if staged is None:
+        return rows
+    batch = rows.shape[0]
+    staged_rows = staged.data.shape[2] if isinstance(staged, QuantizedKV) else staged.shape[2]
+    staged_positions = (-positions - 1).clamp(0, staged_rows - 1)  # [batch, 1 or kv_heads, T]
+    # A staged cache has one batch row: look each sequence's entries up in it as one long index list.
+    flat = staged_positions.permute(1, 0, 2).reshape(1, staged_positions.shape[1], -1)
+    from_stage = _cache_rows(staged, flat, dtype)
+    from_stage = from_stage.view(rows.shape[1], batch, -1, rows.shape[3]).transpose(0, 1)
+    return torch.where((positions < 0)[..., None], from_stage, rows)
 
 
 def dense_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None = None,
@@ -69,30 +84,31 @@ def dense_decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | No
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     q_groups = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = (q_groups @ k.transpose(-1, -2)).float() * sm_scale  # [batch, kv_heads, group, T]
-    if lengths is None:
-        valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=q.device)
+    if lengths is None:  # every entry counts
+        probs = torch.softmax(scores, dim=-1)
     else:
-        valid = torch.arange(num_tokens, device=q.device) < lengths[:, None].to(q.device)
-    valid = valid[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    probs = torch.where(valid, probs, 0.0)  # an empty row is all -inf, whose softmax is NaN
+        valid = (torch.arange(num_tokens, device=q.device) < lengths[:, None].to(q.device))[:, None, None, :]
+        probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+        probs = torch.where(valid, probs, 0.0)  # an empty row is all -inf, whose softmax is NaN
     out = (probs.to(v.dtype) @ v).reshape(batch, heads, head_dim).to(q.dtype)
     head_summed = probs.sum(dim=2)
     return out, head_summed if per_head else head_summed.sum(dim=1)
 
 
 def gather_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, indices: Tensor,
-                            lengths: Tensor | None = None, sm_scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Explicit-gather mode of `sparse_decode_attention` (same arguments and results): gather, then attend."""
-    k = gather_kv(k_cache, indices, q.dtype)
-    v = gather_kv(v_cache, indices, q.dtype)
+                            lengths: Tensor | None = None, sm_scale: float | None = None,
+                            staged: tuple[KVTensor, KVTensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Explicit-gather mode of `sparse_decode_attention` (same arguments and results): gather, then attend. It is
+    also the fused path's plain PyTorch form on the CPU device."""
+    k = gather_kv(k_cache, indices, q.dtype, None if staged is None else staged[0])
+    v = gather_kv(v_cache, indices, q.dtype, None if staged is None else staged[1])
     return dense_decode_attention(q, k, v, lengths, sm_scale, per_head=indices.dim() == 3)
 
 
 # --- Triton: split the index list across programs, then merge the splits ----------------------------------------
 
 BLOCK_T = 64  # index-list entries per loop step: 64 gathered rows of K and of V in flight per program
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _interpreting() -> bool:
@@ -126,20 +142,24 @@ def _load_rows(cache_ptr, scale_ptr, zero_ptr, seq_head_offset, param_offset, po
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
+                  sk_ptr, sv_ptr, sk_scale_ptr, sk_zero_ptr, sv_scale_ptr, sv_zero_ptr,
                   indices_ptr, lengths_ptr, scores_ptr, split_lse_ptr, split_out_ptr,
                   sm_scale_log2, num_tokens, num_splits, split_len,
                   q_stride_b, q_stride_h,
                   kv_stride_b, kv_stride_h, kv_stride_s,
                   param_stride_b, param_stride_h, param_stride_s,
+                  stage_stride_h, stage_stride_s, stage_param_stride_h, stage_param_stride_s,
                   indices_stride_b, indices_stride_h,
                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                   BLOCK: tl.constexpr, QUANTIZED: tl.constexpr, TOKEN_GROUP: tl.constexpr,
-                  CHANNEL_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  CHANNEL_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, STAGED: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
     """One (sequence, KV head, split): the GROUP query heads of that KV head over one slice of the index list.
 
-    Writes the scores (scaled, in log2 units) of the slice's tokens, and per head the slice's log-sum-exp and its
-    output normalized within the slice (an empty slice writes -inf and 0).
+    With STAGED, an index entry e < 0 reads row -e - 1 of the staging buffer (rows shared by every sequence)
+    instead of the cache. Writes the scores (scaled, in log2 units) of the slice's tokens, and per head the slice's
+    log-sum-exp and its output normalized within the slice (an empty slice writes -inf and 0).
     """
     seq_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -160,6 +180,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
 
     kv_offset = b * kv_stride_b + kv_head * kv_stride_h
     param_offset = b * param_stride_b + kv_head * param_stride_h
+    stage_offset = kv_head * stage_stride_h
+    stage_param_offset = kv_head * stage_param_stride_h
     indices_offset = b * indices_stride_b + kv_head * indices_stride_h
     scores_rows = (b * num_heads + heads) * num_tokens
     row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -169,11 +191,25 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
         slots = block_start + tl.arange(0, BLOCK)
         slot_mask = slots < end
         positions = tl.load(indices_ptr + indices_offset + slots, mask=slot_mask, other=0)
-        k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, kv_offset, param_offset, positions, slot_mask, kv_stride_s,
-                       param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
-        v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, kv_offset, param_offset, positions, slot_mask, kv_stride_s,
-                       param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
-        scores = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        in_cache = slot_mask & (positions >= 0)
+        cache_positions = tl.where(in_cache, positions, 0)
+        k = _load_rows(k_ptr, k_scale_ptr, k_zero_ptr, kv_offset, param_offset, cache_positions, in_cache,
+                       kv_stride_s, param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP,
+                       DOT_DTYPE)
+        v = _load_rows(v_ptr, v_scale_ptr, v_zero_ptr, kv_offset, param_offset, cache_positions, in_cache,
+                       kv_stride_s, param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED, TOKEN_GROUP, CHANNEL_GROUP,
+                       DOT_DTYPE)
+        if STAGED:
+            # Each row comes from one place: the other load is masked off and adds zeros.
+            in_stage = slot_mask & (positions < 0)
+            stage_rows = tl.where(in_stage, -positions - 1, 0)
+            k += _load_rows(sk_ptr, sk_scale_ptr, sk_zero_ptr, stage_offset, stage_param_offset, stage_rows,
+                            in_stage, stage_stride_s, stage_param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED,
+                            TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
+            v += _load_rows(sv_ptr, sv_scale_ptr, sv_zero_ptr, stage_offset, stage_param_offset, stage_rows,
+                            in_stage, stage_stride_s, stage_param_stride_s, HEAD_DIM, HEAD_DIM_PAD, QUANTIZED,
+                            TOKEN_GROUP, CHANNEL_GROUP, DOT_DTYPE)
+        scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale_log2
         scores = tl.where(slot_mask[None, :], scores, float("-inf"))
         tl.store(scores_ptr + scores_rows[:, None] + slots[None, :], scores,
                  mask=head_mask[:, None] & slot_mask[None, :])
@@ -181,7 +217,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_z
         correction = tl.exp2(row_max - new_max)
         p = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        acc = acc * correction[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=INPUT_PRECISION)
         row_max = new_max
 
     nonempty = row_sum > 0
@@ -258,26 +294,50 @@ def _default_splits(seq_heads: int, num_tokens: int, device: torch.device) -> in
     return max(1, min(triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(4 * multiprocessors, seq_heads)))
 
 
+def _parts(cache: KVTensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A cache's data, scale and zero tensors (the data three times for a cache of values: never read)."""
+    return (cache.data, cache.scale, cache.zero) if isinstance(cache, QuantizedKV) else (cache, cache, cache)
+
+
 def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, indices: Tensor,
                             lengths: Tensor | None = None, sm_scale: float | None = None,
-                            num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+                            num_splits: int | None = None,
+                            staged: tuple[KVTensor, KVTensor] | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention of q [batch, heads, d] over the cached tokens `indices` names, fused with their probabilities.
 
-    `k_cache`, `v_cache`: [batch, kv_heads, max_seq_len, d] in q's dtype (fp16 or bf16), or `QuantizedKV`.
+    `k_cache`, `v_cache`: [batch, kv_heads, max_seq_len, d] in q's dtype (fp16, bf16 or fp32), or `QuantizedKV`.
     `indices`: positions [batch, T], or [batch, kv_heads, T] per KV head; `lengths` [batch]: valid entries (all T
-    when omitted). Returns the output [batch, heads, d] and the probabilities summed over heads, fp32, [batch, T]
-    (or [batch, kv_heads, T] summed over each KV head's query group); 0 past a sequence's length.
+    when omitted). `staged`: K and V rows [1, kv_heads, R, d] beside the cache (in its format) that any sequence's
+    entry e < 0 names as row -e - 1 (the executor's staging buffer of fetched and recomputed tokens). Returns the
+    output [batch, heads, d] and the probabilities summed over heads, fp32, [batch, T] (or [batch, kv_heads, T]
+    summed over each KV head's query group); 0 past a sequence's length.
     """
     batch, heads, head_dim = q.shape
     quantized = isinstance(k_cache, QuantizedKV)
-    k_data, v_data = (k_cache.data, v_cache.data) if quantized else (k_cache, v_cache)
+    k_data, k_scale, k_zero = _parts(k_cache)
+    v_data, v_scale, v_zero = _parts(v_cache)
     kv_heads = k_data.shape[1]
     if q.dtype not in TL_DTYPES or (not quantized and k_data.dtype != q.dtype):
-        raise ValueError(f"q must be fp16 or bf16 and K/V of its dtype or INT8; got q {q.dtype}, K/V {k_data.dtype}")
+        raise ValueError(f"q must be fp16, bf16 or fp32 and K/V of its dtype or INT8; got q {q.dtype}, "
+                         f"K/V {k_data.dtype}")
     if heads % kv_heads or k_data.shape[0] != batch or k_data.shape[3] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_data.shape)}")
     if k_data.stride() != v_data.stride() or k_data.stride(3) != 1 or q.stride(2) != 1:
         raise ValueError("K and V must share one layout with contiguous rows, and q must have contiguous rows")
+    if quantized and (k_scale.stride() != v_scale.stride() or k_zero.stride() != k_scale.stride()):
+        raise ValueError("the INT8 scales and zero points of K and V must share one layout")
+    if staged is not None:
+        sk_data, sk_scale, sk_zero = _parts(staged[0])
+        sv_data, sv_scale, sv_zero = _parts(staged[1])
+        if (isinstance(staged[0], QuantizedKV) != quantized or sk_data.shape[1] != kv_heads
+                or sk_data.shape[3] != head_dim or sk_data.stride() != sv_data.stride() or sk_data.stride(3) != 1
+                or sk_data.dtype != k_data.dtype):
+            raise ValueError(f"the staged rows {tuple(sk_data.shape)} {sk_data.dtype} are not in the cache's "
+                             f"format {tuple(k_data.shape)} {k_data.dtype}")
+        stage_strides = (sk_data.stride(1), sk_data.stride(2), sk_scale.stride(1), sk_scale.stride(2))
+    else:  # the stage pointers are never read
+        sk_data = sv_data = sk_scale = sk_zero = sv_scale = sv_zero = k_data
+        stage_strides = (0, 0, 0, 0)
     group = heads // kv_heads
     per_head = indices.dim() == 3
     num_tokens = indices.shape[-1]
@@ -295,24 +355,25 @@ def sparse_decode_attention(q: Tensor, k_cache: KVTensor, v_cache: KVTensor, ind
     split_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
     split_out = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     if quantized:
-        params = (k_cache.scale, k_cache.zero, v_cache.scale, v_cache.zero)
-        param_strides = k_cache.scale.stride()[:3]
+        param_strides = k_scale.stride()[:3]
         token_group, channel_group = k_cache.token_group, k_cache.channel_group
-    else:  # the parameter pointers are never read
-        params, param_strides, token_group, channel_group = (k_data,) * 4, (0, 0, 0), 1, 1
+    else:
+        param_strides, token_group, channel_group = (0, 0, 0), 1, 1
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     # bf16 tl.dot is wrong under the CPU interpreter, so it gets fp32 operands there.
     dot_dtype = tl.float32 if _interpreting() and q.dtype == torch.bfloat16 else TL_DTYPES[q.dtype]
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16 along the reduced axis
     _split_kernel[(batch * kv_heads, num_splits)](
-        q, k_data, v_data, *params, indices, lengths, scores, split_lse, split_out,
+        q, k_data, v_data, k_scale, k_zero, v_scale, v_zero, sk_data, sv_data, sk_scale, sk_zero, sv_scale, sv_zero,
+        indices, lengths, scores, split_lse, split_out,
         sm_scale * LOG2E, num_tokens, num_splits, split_len,
         q.stride(0), q.stride(1),
         k_data.stride(0), k_data.stride(1), k_data.stride(2),
-        *param_strides, *indices_strides,
+        *param_strides, *stage_strides, *indices_strides,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK=BLOCK_T,
         QUANTIZED=quantized, TOKEN_GROUP=token_group, CHANNEL_GROUP=channel_group, DOT_DTYPE=dot_dtype,
+        STAGED=staged is not None, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3)
 
     heads_per_row = group if per_head else heads

@@ -1,9 +1,10 @@
 """`h2o` and `streamingllm` in the executor: a fixed budget of KV slots per sequence and KV head on the GPU; tokens
 outside it are evicted for good.
 
-The budget is the simulator's (`kept(n)` of its H2OPolicy / StreamingLLMPolicy, `self.sim`): kept(n) tokens are
-attended at a step with n cached tokens, the newest included. It grows by at most one token a step, so a step either
-adds the new token to a free slot or first evicts one:
+The budget is the simulator's (`kept(n)` of its H2OPolicy / StreamingLLMPolicy, `self.sim`, from the one budget
+function `alisa_sim.swa.eviction_kept`): kept(n) tokens are attended at a step with n cached tokens, the newest
+included. It grows by at most one token a step, so a step either adds the new token to a free slot or first evicts
+one:
 - `streamingllm`: the oldest token after the `sinks` first ones (attention sinks), so it keeps the sinks and a recent
   window;
 - `h2o`: per KV head, outside the kept(n) // 2 most recent tokens, the one with the least attention summed over every
@@ -18,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alisa_exec.kernels import dense_decode_attention, prefill_window_rows
+from alisa_exec import ops
+from alisa_exec.kernels import prefill_window_rows
 from alisa_exec.kv_cache import GPU, Tiers
-from alisa_exec.model import Transformer
-from alisa_exec.policies.base import ExecPolicy, StepLog
+from alisa_exec.policies.base import ExecPolicy
 
 
 class _EvictionExec(ExecPolicy):
@@ -40,58 +41,41 @@ class _EvictionExec(ExecPolicy):
         if self.scored:
             self.scores = [tiers.empty(GPU, "eviction_scores", shape[:3], torch.float32) for _ in layers]
 
-    def kv_bytes(self) -> tuple[int, int]:
+    def kept(self, step: int) -> int:
+        return self.sim.kept(self.prompt_len + step)
+
+    def kv_bytes(self, step: int) -> tuple[int, int]:
         per_token = self.batch * self.spec.num_layers * self.spec.kv_bytes_per_token_per_layer(self.dtype.itemsize)
-        return self.count * per_token, 0
+        return self.kept(step) * per_token, 0
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
-        s = self.prompt_len
-        out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
-        log.begin("prefill", "prefill", 1, self.batch * s, self.batch)
-        self.count = self.sim.kept(s)
-        positions = torch.arange(s, device=prompt.device)
-        rope = model.rope(positions)
-        x = self.embed(model, prompt, positions)
-        for index, layer in enumerate(model.layers):
-            self.timeline.layer = index
-            x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.prefill_attend(index, q, k, v))
-        self.timeline.layer = -1
-        out[:, :1] = self.sample(model, x)
-        log.end(*self.kv_bytes(), {"evicted_tokens": (s - self.count) * self.batch})
-        for step in range(1, self.last_step(decode_steps) + 1):
-            n = s + step
-            log.begin("decode", f"decode {step}", 1, self.batch, self.batch)
-            kept = self.sim.kept(n)
-            if kept not in (self.count, self.count + 1):
-                raise RuntimeError(f"{self.name}: the budget went from {self.count} to {kept} tokens in one step")
-            evict, self.count = kept == self.count, kept
-            positions = torch.tensor([n - 1], device=prompt.device)
-            rope = model.rope(positions)
-            x = self.embed(model, out[:, step - 1:step], positions)
-            for index, layer in enumerate(model.layers):
-                self.timeline.layer = index
-                x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.attend(index, n, evict, q, k, v))
-            self.timeline.layer = -1
-            out[:, step:step + 1] = self.sample(model, x)
-            log.end(*self.kv_bytes(), {"evicted_tokens": self.batch if evict else 0})
-        return out
+    def step(self, step: int, prompt: Tensor) -> None:
+        if step:
+            kept, before = self.kept(step), self.kept(step - 1)
+            if kept not in (before, before + 1):
+                raise RuntimeError(f"{self.name}: the budget went from {before} to {kept} tokens in one step")
+        super().step(step, prompt)
 
-    def prefill_attend(self, index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)
+        count = self.kept(0)
         with self.span("eviction", "selection"):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_heads, s, d]
-            chosen = self.prefill_keep(index, q.transpose(1, 2), keys)  # [batch, kv_heads, count]
+            chosen = self.prefill_keep(index, q.transpose(1, 2), keys, count)  # [batch, kv_heads, count]
             expand = chosen[..., None].expand(-1, -1, -1, keys.shape[-1])
-            self.keys[index][:, :, :self.count] = keys.gather(2, expand)
-            self.values[index][:, :, :self.count] = values.gather(2, expand)
-            self.slot_positions[index][:, :, :self.count] = chosen
+            self.keys[index][:, :, :count] = keys.gather(2, expand)
+            self.values[index][:, :, :count] = values.gather(2, expand)
+            self.slot_positions[index][:, :, :count] = chosen
+        if index == 0:
+            self.tiers.tally("evicted_tokens", (self.prompt_len - count) * self.batch)
         return y
 
-    def attend(self, index: int, n: int, evict: bool, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        count = self.count
+    def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        step, n = self.run.step, self.run.num_tokens
+        count = self.kept(step)
+        evict = count == self.kept(step - 1)
         with self.span("eviction", "selection"):
             if evict:
-                slot = self.victim(index, n)[..., None]  # [batch, kv_heads, 1]
+                slot = self.victim(index, n, count)[..., None]  # [batch, kv_heads, 1]
             else:
                 slot = torch.full((self.batch, self.spec.num_kv_heads, 1), count - 1, device=q.device)
             expand = slot[..., None].expand(-1, -1, -1, k.shape[-1])
@@ -100,20 +84,22 @@ class _EvictionExec(ExecPolicy):
             self.slot_positions[index].scatter_(2, slot, torch.full_like(slot, n - 1))
             if self.scored:
                 self.scores[index].scatter_(2, slot, torch.zeros(slot.shape, device=q.device))
+        if evict and index == 0:
+            self.tiers.tally("evicted_tokens", self.batch)
         with self.span("attention", "attention"):
-            out, probs = dense_decode_attention(q[:, 0], self.keys[index][:, :, :count],
-                                                self.values[index][:, :, :count], per_head=True)
+            out, probs = ops.packed_attention(q[:, 0], self.keys[index][:, :, :count],
+                                              self.values[index][:, :, :count], per_head=True)
         if self.scored:
             with self.span("eviction", "selection"):
                 self.scores[index][:, :, :count] += probs
         return out.reshape(self.batch, 1, -1)
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor) -> Tensor:
-        """Positions of the prompt tokens kept after the prefill, [batch, kv_heads, count]."""
+    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
+        """Positions of the `kept` prompt tokens kept after the prefill, [batch, kv_heads, kept]."""
         raise NotImplementedError
 
-    def victim(self, index: int, n: int) -> Tensor:
-        """The slot to evict at a step with n tokens, [batch, kv_heads]."""
+    def victim(self, index: int, n: int, count: int) -> Tensor:
+        """The slot to evict at a step with n tokens and `count` slots in use, [batch, kv_heads]."""
         raise NotImplementedError
 
 
@@ -123,15 +109,15 @@ class StreamingLLMExec(_EvictionExec):
     def sinks(self, kept: int) -> int:
         return min(self.wl.policy.sinks, kept - 1)
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor) -> Tensor:
-        s, kept = self.prompt_len, self.count
+    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
+        s = self.prompt_len
         sinks = self.sinks(kept)
         chosen = torch.cat((torch.arange(sinks), torch.arange(s - (kept - sinks), s))).to(keys.device)
         return chosen.expand(self.batch, self.spec.num_kv_heads, kept)
 
-    def victim(self, index: int, n: int) -> Tensor:
-        positions = self.slot_positions[index][:, :, :self.count]
-        candidates = torch.where(positions >= self.sinks(self.count), positions, torch.iinfo(torch.int64).max)
+    def victim(self, index: int, n: int, count: int) -> Tensor:
+        positions = self.slot_positions[index][:, :, :count]
+        candidates = torch.where(positions >= self.sinks(count), positions, torch.iinfo(torch.int64).max)
         return candidates.argmin(dim=-1)
 
 
@@ -139,8 +125,8 @@ class H2OExec(_EvictionExec):
     name = "h2o"
     scored = True
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor) -> Tensor:
-        s, kept = self.prompt_len, self.count
+    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
+        s = self.prompt_len
         # Attention each prompt token received from the prompt's queries, summed over its KV head's query group.
         received = prefill_window_rows(q, keys, s, per_head=True).sum(dim=2)  # [batch, kv_heads, s]
         recent = kept // 2
@@ -153,10 +139,10 @@ class H2OExec(_EvictionExec):
         self.scores[index][:, :, :kept] = received.gather(2, chosen)
         return chosen
 
-    def victim(self, index: int, n: int) -> Tensor:
-        positions = self.slot_positions[index][:, :, :self.count]
-        scores = self.scores[index][:, :, :self.count]
-        outside = positions < n - self.count // 2  # not among the recent half (which includes the new token)
+    def victim(self, index: int, n: int, count: int) -> Tensor:
+        positions = self.slot_positions[index][:, :, :count]
+        scores = self.scores[index][:, :, :count]
+        outside = positions < n - count // 2  # not among the recent half (which includes the new token)
         masked = torch.where(outside, scores, float("inf"))
         lowest = masked.min(dim=-1, keepdim=True).values
         tied = outside & (masked == lowest)

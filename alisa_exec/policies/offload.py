@@ -23,23 +23,35 @@ buffers on the H2D stream one layer ahead, appends the new token there, attends,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from alisa_exec import ops
 from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers
 from alisa_exec.model import Block, Transformer
-from alisa_exec.policies.base import ExecPolicy, StepLog, kv_rows, split_kv
+from alisa_exec.policies.base import ExecPolicy, Run, kv_rows, split_kv
 
 PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w_up", "feed_forward.w_down")
+
+
+@dataclass
+class OffloadRun(Run):
+    """A streaming run's events: each staging buffer's latest load and the attention that read it last, each
+    (layer, GPU batch)'s latest store to the CPU, and FlexGen's weight buffers' latest load and use."""
+
+    stored: list[list] = field(default_factory=list)
+    loaded: list = field(default_factory=lambda: [None, None])
+    consumed: list = field(default_factory=lambda: [None, None])
+    weights_loaded: list = field(default_factory=lambda: [None, None])
+    weights_used: list = field(default_factory=lambda: [None, None])
 
 
 def attend_rows(q: Tensor, rows: Tensor, kv_heads: int) -> Tensor:
     """Decode attention of q [batch, 1, heads, d] over token rows [T, batch, 2 x kv_heads x d], [batch, 1, heads x d]
     out."""
-    keys, values = split_kv(rows.transpose(0, 1), kv_heads)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=kv_heads != q.shape[2])
-    return y.transpose(1, 2).flatten(2)
+    return ops.rows_attention(q, *split_kv(rows.transpose(0, 1), kv_heads))
 
 
 class AccelerateExec(ExecPolicy):
@@ -52,61 +64,42 @@ class AccelerateExec(ExecPolicy):
         self.stage = [TokenRows(tiers, GPU, "kv_staging", self.positions, self.batch, self.kv_width, self.dtype)
                       for _ in range(2)]
 
-    def kv_bytes(self, tokens: int) -> tuple[int, int]:
-        return 0, tokens * self.batch * self.spec.num_layers * self.cpu[0].row_bytes
+    def kv_bytes(self, step: int) -> tuple[int, int]:
+        return 0, (self.prompt_len + step) * self.batch * self.spec.num_layers * self.cpu[0].row_bytes
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
+    def new_run(self, model: Transformer, prompt: Tensor) -> OffloadRun:
         layers = self.spec.num_layers
-        self.loaded, self.consumed, self.stored = [None, None], [None, None], [None] * layers
-        out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
-        s = self.prompt_len
-        log.begin("prefill", "prefill", 2, self.batch * s, self.batch)
-        positions = torch.arange(s, device=prompt.device)
-        rope = model.rope(positions)
-        x = self.embed(model, prompt, positions)
-        for index, layer in enumerate(model.layers):
-            self.timeline.layer = index
-            x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.prefill_attend(index, q, k, v))
-        self.timeline.layer = -1
-        out[:, :1] = self.sample(model, x)
-        log.end(*self.kv_bytes(s))
-        for step in range(1, self.last_step(decode_steps) + 1):
-            n = s + step
-            log.begin("decode", f"decode {step}", 2, self.batch, self.batch)
-            positions = torch.tensor([n - 1], device=prompt.device)
-            rope = model.rope(positions)
-            self.load(0, n)
-            x = self.embed(model, out[:, step - 1:step], positions)
-            for index, layer in enumerate(model.layers):
-                self.timeline.layer = index
-                if index + 1 < layers:
-                    self.load(index + 1, n)
-                x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.attend(index, n, q, k, v))
-            self.timeline.layer = -1
-            out[:, step:step + 1] = self.sample(model, x)
-            log.end(*self.kv_bytes(n), {"fetched_tokens": (n - 1) * self.batch * layers,
-                                        "offloaded_tokens": self.batch * layers})
-        return out
+        return OffloadRun(model, super().new_run(model, prompt).out, stored=[[None] for _ in range(layers)])
 
-    def prefill_attend(self, index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def before_layer(self, index: int, group: int) -> None:
+        if not self.run.prefill:
+            self.one_layer_ahead(index, self.load)
+
+    def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)
-        self.stored[index] = self.tiers.copy(self.cpu[index].data[:self.prompt_len], kv_rows(k, v), "d2h", "kv_store")
+        self.run.stored[index][0] = self.tiers.copy_rows((self.cpu[index].data[:self.prompt_len],), (kv_rows(k, v),),
+                                                         "d2h", "kv_store", "offloaded_tokens",
+                                                         self.prompt_len * self.batch)
         return y
 
-    def load(self, index: int, n: int) -> None:
+    def load(self, index: int) -> None:
         """Copy layer `index`'s n - 1 cached rows into its staging buffer (H2D stream)."""
-        buffer = index % 2
-        self.loaded[buffer] = self.tiers.copy(self.stage[buffer].data[:n - 1], self.cpu[index].data[:n - 1], "h2d",
-                                              "kv_load", after=(self.consumed[buffer], self.stored[index]))
+        run, buffer = self.run, index % 2
+        cached = run.num_tokens - 1
+        run.loaded[buffer] = self.tiers.copy_rows((self.stage[buffer].data[:cached],), (self.cpu[index].data[:cached],),
+                                                  "h2d", "kv_load", "fetched_tokens", cached * self.batch,
+                                                  after=(run.consumed[buffer], run.stored[index][0]))
 
-    def attend(self, index: int, n: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        run, n = self.run, self.run.num_tokens
         stage = self.stage[index % 2]
-        self.tiers.wait("compute", self.loaded[index % 2])
+        self.tiers.wait("compute", run.loaded[index % 2])
         with self.span("attention", "attention"):
             stage.data[n - 1] = kv_rows(k, v)[0]
             y = attend_rows(q, stage.data[:n], self.spec.num_kv_heads)
-        self.consumed[index % 2] = self.tiers.event()
-        self.stored[index] = self.tiers.copy(self.cpu[index].data[n - 1], stage.data[n - 1], "d2h", "kv_store")
+        run.consumed[index % 2] = self.tiers.event()
+        run.stored[index][0] = self.tiers.copy_rows((self.cpu[index].data[n - 1],), (stage.data[n - 1],), "d2h",
+                                                    "kv_store", "offloaded_tokens", self.batch)
         return y
 
 
@@ -193,56 +186,40 @@ class FlexGenExec(ExecPolicy):
             self.hidden_home = tiers.empty(CPU, "activations_home", (self.batch, self.prompt_len,
                                                                      self.spec.hidden_size), self.dtype)
 
-    def kv_bytes(self, tokens: int) -> tuple[int, int]:
-        per = tokens * self.batch * self.spec.num_layers * 2 * self.head_dim * self.dtype.itemsize
+    def kv_bytes(self, step: int) -> tuple[int, int]:
+        per = (self.prompt_len + step) * self.batch * self.spec.num_layers * 2 * self.head_dim * self.dtype.itemsize
         return per * self.gpu_heads, per * self.cpu_heads
 
     # ---- the block schedule ----------------------------------------------------------------------------------------
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
-        self.model = model
+    def new_run(self, model: Transformer, prompt: Tensor) -> OffloadRun:
         layers = self.spec.num_layers
-        self.weights_loaded, self.weights_used = [None, None], [None, None]
-        self.loaded, self.consumed = [None, None], [None, None]
-        self.stored = [[None] * self.ngb for _ in range(layers)]
-        out = torch.empty(self.batch, self.gen_len, dtype=torch.long, device=prompt.device)
-        phase = self.sim.phase(0)
-        s = self.prompt_len
-        log.begin("prefill", "prefill", phase, self.batch * s, self.batch)
-        self.counters = {"fetched_tokens": 0, "offloaded_tokens": 0}
-        out[:, :1] = self.run_block(prompt, torch.arange(s, device=prompt.device), s)
-        log.end(*self.kv_bytes(s), self.counters)
-        for step in range(1, self.last_step(decode_steps) + 1):
-            n = s + step
-            log.begin("decode", f"decode {step}", phase, self.batch, self.batch)
-            self.counters = {"fetched_tokens": 0, "offloaded_tokens": 0}
-            positions = torch.tensor([n - 1], device=prompt.device)
-            out[:, step:step + 1] = self.run_block(out[:, step - 1:step], positions, n)
-            log.end(*self.kv_bytes(n), self.counters)
-        return out
+        return OffloadRun(model, super().new_run(model, prompt).out, stored=[[None] * self.ngb for _ in range(layers)])
 
-    def run_block(self, tokens: Tensor, positions: Tensor, n: int) -> Tensor:
-        """One step of the whole block: layer by layer, GPU batch by GPU batch (zig-zag); n tokens cached after it."""
-        model, layers = self.model, self.spec.num_layers
-        rope = model.rope(positions)
-        x = self.embed(model, tokens, positions)
-        self.load_weights(0)
-        self.load_kv(0, 0, n)
-        for index, layer in enumerate(model.layers):
-            self.timeline.layer = index
-            if index + 1 < layers:
-                self.load_weights(index + 1)
-            for k in range(self.ngb):
-                following = (index, k + 1) if k + 1 < self.ngb else (index + 1, 0)
-                if following[0] < layers:
-                    self.load_kv(*following, n)
-                rows = slice(k * self.gbs, (k + 1) * self.gbs)
-                x_in = self.hidden_in(x, rows, index)
-                x[rows] = self.block_layer(index, layer, x_in, rope,
-                                           lambda q, kk, v, index=index, k=k: self.attend(index, k, n, q, kk, v))
-                self.hidden_out(x, rows)
-            self.weights_used[index % 2] = self.tiers.event()
-        self.timeline.layer = -1
-        return self.sample(model, x)
+    @property
+    def row_groups(self) -> tuple[slice, ...]:
+        """The GPU batches in FlexGen's zig-zag order: per layer, every GPU batch in turn."""
+        return tuple(slice(k * self.gbs, (k + 1) * self.gbs) for k in range(self.ngb))
+
+    def before_layer(self, index: int, group: int) -> None:
+        """Weights one layer ahead, the CPU heads' KV one GPU batch ahead."""
+        layers = self.spec.num_layers
+        if index == 0 and group == 0:
+            self.load_weights(0)
+            self.load_kv(0, 0)
+        if group == 0 and index + 1 < layers:
+            self.load_weights(index + 1)
+        following = (index, group + 1) if group + 1 < self.ngb else (index + 1, 0)
+        if following[0] < layers:
+            self.load_kv(*following)
+
+    def after_layer(self, index: int) -> None:
+        self.run.weights_used[index % 2] = self.tiers.event()
+
+    def layer_input(self, x: Tensor, rows: slice, index: int) -> Tensor:
+        return self.hidden_in(x, rows, index)
+
+    def after_group(self, index: int, group: int, y: Tensor) -> None:
+        self.hidden_out(y, self.row_groups[group])
 
     def hidden_in(self, x: Tensor, rows: slice, index: int) -> Tensor:
         """A GPU batch's hidden state as the layer reads it: from its CPU home after the first layer, when the plan
@@ -254,99 +231,91 @@ class FlexGenExec(ExecPolicy):
         self.tiers.wait("compute", self.tiers.copy(buffer, home, "h2d", "hidden_load"))
         return buffer
 
-    def hidden_out(self, x: Tensor, rows: slice) -> None:
+    def hidden_out(self, y: Tensor, rows: slice) -> None:
+        """A GPU batch's layer output goes to its CPU home, when the plan keeps activations on the CPU."""
         if self.hidden_on_cpu:
-            self.tiers.host_wait(self.tiers.copy(self.hidden_home[rows, :x.shape[1]], x[rows], "d2h", "hidden_store"))
+            self.tiers.host_wait(self.tiers.copy(self.hidden_home[rows, :y.shape[1]], y, "d2h", "hidden_store"))
 
     def load_weights(self, index: int) -> None:
         """Copy layer `index`'s CPU share of the weights into a GPU buffer (H2D stream, one layer ahead)."""
         if not self.weight_stage:
             return
-        buffer = index % 2
+        run, buffer = self.run, index % 2
         for name, (weight, bias) in self.split[index].cpu.items():
             stage_weight, stage_bias = self.weight_stage[buffer][name]
-            after = (self.weights_used[buffer],)
-            self.weights_loaded[buffer] = self.tiers.copy(stage_weight, weight, "h2d", "weight_load", after)
+            after = (run.weights_used[buffer],)
+            run.weights_loaded[buffer] = self.tiers.copy(stage_weight, weight, "h2d", "weight_load", after)
             if bias is not None:
-                self.weights_loaded[buffer] = self.tiers.copy(stage_bias, bias, "h2d", "weight_load", after)
+                run.weights_loaded[buffer] = self.tiers.copy(stage_bias, bias, "h2d", "weight_load", after)
 
-    def linear(self, index: int, name: str, layer: Block, x: Tensor) -> Tensor:
+    def project(self, index: int, name: str, layer: Block, x: Tensor) -> Tensor:
         """A projection whose last output rows may live on the CPU (then read from the staged copy)."""
         linear: nn.Linear = layer.get_submodule(name)
-        y = linear(x)
+        y = ops.project(linear, x)
         if self.weight_stage and name in self.split[index].cpu:
-            self.tiers.wait("compute", self.weights_loaded[index % 2])
+            self.tiers.wait("compute", self.run.weights_loaded[index % 2])
             weight, bias = self.weight_stage[index % 2][name]
-            y = torch.cat((y, F.linear(x, weight, bias)), dim=-1)
+            y = torch.cat((y, ops.project(linear, x, weight, bias)), dim=-1)
         return y
 
-    def block_layer(self, index: int, layer: Block, x: Tensor, rope, attend) -> Tensor:
-        with self.span("qkv_proj", "gemm"):
-            qkv = self.linear(index, "attention.wqkv", layer, layer.attention_norm(x))
-            q, k, v = layer.attention.split_heads(qkv, rope)
-        y = attend(q, k, v)
-        with self.span("out_proj_mlp", "gemm"):
-            h = x + self.linear(index, "attention.wo", layer, y)
-            up = self.linear(index, "feed_forward.w_up", layer, layer.ffn_norm(h))
-            return h + self.linear(index, "feed_forward.w_down", layer, layer.feed_forward.activate(up))
-
     # ---- KV ----------------------------------------------------------------------------------------------------------
-    def load_kv(self, index: int, k: int, n: int) -> None:
+    def load_kv(self, index: int, k: int) -> None:
         """Copy the CPU heads' cached KV of GPU batch k of layer `index` into a staging buffer (decode steps)."""
-        if not self.stage or n == self.prompt_len:
+        run = self.run
+        if not self.stage or run.prefill:
             return
-        buffer = (index * self.ngb + k) % 2
-        self.loaded[buffer] = self.tiers.copy(self.stage[buffer].data[:n - 1], self.cpu_kv[index][k].data[:n - 1],
-                                              "h2d", "kv_load", after=(self.consumed[buffer], self.stored[index][k]))
-        self.counters["fetched_tokens"] += (n - 1) * self.gbs
+        buffer, cached = (index * self.ngb + k) % 2, run.num_tokens - 1
+        run.loaded[buffer] = self.tiers.copy_rows((self.stage[buffer].data[:cached],),
+                                                  (self.cpu_kv[index][k].data[:cached],), "h2d", "kv_load",
+                                                  "fetched_tokens", cached * self.gbs,
+                                                  after=(run.consumed[buffer], run.stored[index][k]))
 
     def split_rows(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Token rows [seq, gbs, width] of the GPU heads and of the CPU heads."""
         g = self.gpu_heads
         return kv_rows(k[:, :, :g], v[:, :, :g]), kv_rows(k[:, :, g:], v[:, :, g:])
 
-    def attend(self, index: int, k_batch: int, n: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         gpu_rows, cpu_rows = self.split_rows(k, v)
-        group = self.spec.num_heads // self.spec.num_kv_heads
-        split = self.gpu_heads * group
-        prefill = q.shape[1] > 1
-        if prefill:
-            y = self.causal_attention(q, k, v)
-            if self.gpu_heads:
-                self.gpu_kv[index][k_batch].data[:n] = gpu_rows
-            if self.cpu_heads:
-                self.stored[index][k_batch] = self.tiers.copy(self.cpu_kv[index][k_batch].data[:n], cpu_rows, "d2h",
-                                                              "kv_store")
-                self.counters["offloaded_tokens"] += n * self.gbs
-            return y
+        n = self.prompt_len
+        y = self.causal_attention(q, k, v)
+        if self.gpu_heads:
+            self.gpu_kv[index][group].data[:n] = gpu_rows
+        if self.cpu_heads:
+            self.run.stored[index][group] = self.tiers.copy_rows((self.cpu_kv[index][group].data[:n],), (cpu_rows,),
+                                                                 "d2h", "kv_store", "offloaded_tokens", n * self.gbs)
+        return y
+
+    def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        run, n = self.run, self.run.num_tokens
+        gpu_rows, cpu_rows = self.split_rows(k, v)
+        split = self.gpu_heads * (self.spec.num_heads // self.spec.num_kv_heads)
         outputs = []
         if self.gpu_heads:
             with self.span("attention", "attention"):
-                pool = self.gpu_kv[index][k_batch].data
+                pool = self.gpu_kv[index][group].data
                 pool[n - 1] = gpu_rows[0]
                 outputs.append(attend_rows(q[:, :, :split], pool[:n], self.gpu_heads))
-        if self.cpu_heads:
-            self.counters["offloaded_tokens"] += self.gbs
-            if self.cpu_attention:
-                outputs.append(self.cpu_attend(index, k_batch, n, q[:, :, split:], cpu_rows[0]))
-            else:
-                buffer = (index * self.ngb + k_batch) % 2
-                stage = self.stage[buffer].data
-                self.tiers.wait("compute", self.loaded[buffer])
-                with self.span("attention_cpu_heads", "attention"):
-                    stage[n - 1] = cpu_rows[0]
-                    outputs.append(attend_rows(q[:, :, split:], stage[:n], self.cpu_heads))
-                self.consumed[buffer] = self.tiers.event()
-                self.stored[index][k_batch] = self.tiers.copy(self.cpu_kv[index][k_batch].data[n - 1], stage[n - 1],
-                                                              "d2h", "kv_store")
+        if self.cpu_heads and self.cpu_attention:
+            outputs.append(self.cpu_attend(index, group, n, q[:, :, split:], cpu_rows[0]))
+        elif self.cpu_heads:
+            buffer = (index * self.ngb + group) % 2
+            stage = self.stage[buffer].data
+            self.tiers.wait("compute", run.loaded[buffer])
+            with self.span("attention_cpu_heads", "attention"):
+                stage[n - 1] = cpu_rows[0]
+                outputs.append(attend_rows(q[:, :, split:], stage[:n], self.cpu_heads))
+            run.consumed[buffer] = self.tiers.event()
+            run.stored[index][group] = self.tiers.copy_rows((self.cpu_kv[index][group].data[n - 1],), (stage[n - 1],),
+                                                            "d2h", "kv_store", "offloaded_tokens", self.gbs)
         return torch.cat(outputs, dim=-1)
 
     def cpu_attend(self, index: int, k_batch: int, n: int, q: Tensor, new_rows: Tensor) -> Tensor:
         """Attention of the CPU heads on the CPU over the cache: q and the new K/V go down, the output comes back."""
         tiers, pool = self.tiers, self.cpu_kv[index][k_batch].data
         q_host = torch.empty(q.shape, dtype=q.dtype, pin_memory=tiers.cuda)
-        tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu"), tiers.copy(pool[n - 1], new_rows, "d2h",
-                                                                                "qkv_to_cpu"))
+        tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu"),
+                        tiers.copy_rows((pool[n - 1],), (new_rows,), "d2h", "qkv_to_cpu", "offloaded_tokens", self.gbs))
         with self.span("cpu_attention", "cpu", track="cpu"):
             y = attend_rows(q_host, pool[:n], self.cpu_heads)
         out = torch.empty(y.shape, dtype=y.dtype, device=q.device)

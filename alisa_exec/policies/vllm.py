@@ -17,10 +17,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alisa_exec.kernels import dense_decode_attention
+from dataclasses import dataclass, field
+
+from alisa_exec import ops
 from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers
 from alisa_exec.model import Transformer
-from alisa_exec.policies.base import ExecPolicy, StepLog, ceil_div, kv_rows, split_kv
+from alisa_exec.policies.base import ExecPolicy, Run, StepInfo, ceil_div, kv_rows, split_kv
+from alisa_sim.policies.vllm import Sequence, VllmScheduler
+
+
+@dataclass
+class VllmRun(Run):
+    """The scheduler being stepped, every sequence's tokens, block tables and free lists, and the iteration under
+    way (what it scheduled, and the sequences' state before it)."""
+
+    scheduler: VllmScheduler | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    cpu_tables: dict[int, list[int]] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+    cpu_free: list[int] = field(default_factory=list)
+    iteration: tuple | None = None
+    decodes: int = 0
+    slots: Tensor | None = None  # the pool slots of the iteration's tokens
+    lengths: Tensor | None = None  # tokens attended per sequence in a decode iteration
 
 
 class VllmExec(ExecPolicy):
@@ -37,62 +58,78 @@ class VllmExec(ExecPolicy):
         self.swap_space = [TokenRows(tiers, CPU, "kv_swap_space", self.cpu_blocks * self.block_size, 1,
                                      self.kv_width, self.dtype) for _ in layers]
 
-    def generate(self, model: Transformer, prompt: Tensor, log: StepLog, decode_steps: int | None = None) -> Tensor:
-        self.model, device = model, prompt.device
+    # ---- the iterations, as the scheduler chooses them -------------------------------------------------------------
+    def new_run(self, model: Transformer, prompt: Tensor) -> VllmRun:
         scheduler = self.sim.scheduler()
         sequences = list(scheduler.waiting)
-        self.tokens = {seq.index: prompt[seq.index].tolist() for seq in sequences}
-        self.tables: dict[int, list[int]] = {seq.index: [] for seq in sequences}
-        self.cpu_tables: dict[int, list[int]] = {}
-        self.free = list(range(self.gpu_blocks))
-        self.cpu_free = list(range(self.cpu_blocks))
-        block_bytes = self.pool[0].row_bytes * self.block_size * self.spec.num_layers
-        index, decodes = 0, 0
-        while ((scheduler.waiting or scheduler.running or scheduler.swapped)
-               and (decode_steps is None or decodes < decode_steps)):
-            before = {seq.index: (seq.generated, seq.cached, seq.tokens) for seq in sequences}
-            swapped_before = {seq.index for seq in scheduler.swapped}
-            finished_before = len(scheduler.finished)
-            iteration = scheduler.step()
-            batch = [seq.index for seq in sequences if seq.generated > before[seq.index][0]]
-            rows = sum(before[i][2] for i in batch) if iteration.kind == "prefill" else len(batch)
-            log.begin(iteration.kind, f"{iteration.kind} {index}", 1, rows, len(batch))
-            swapped_after = {seq.index for seq in scheduler.swapped}
-            for seq in sequences:  # preempted by recompute this iteration: its KV is dropped
-                if seq.cached == 0 and before[seq.index][1] > 0 and seq.index not in swapped_after:
-                    self.release(seq.index)
-            for i in sorted(swapped_after - swapped_before):
-                self.swap_out(i)
-            for i in sorted(swapped_before - swapped_after):
-                self.swap_in(i)
-            if iteration.kind == "prefill":
-                self.prefill(batch, [before[i][2] for i in batch], device)
-            else:
-                self.decode(batch, [before[i][2] for i in batch], device)
-            for seq in scheduler.finished[finished_before:]:
+        return VllmRun(model, super().new_run(model, prompt).out, scheduler=scheduler, sequences=sequences,
+                       tokens={seq.index: prompt[seq.index].tolist() for seq in sequences},
+                       tables={seq.index: [] for seq in sequences}, free=list(range(self.gpu_blocks)),
+                       cpu_free=list(range(self.cpu_blocks)))
+
+    def next_step(self, step: int, decode_steps: int | None) -> StepInfo | None:
+        """The scheduler's next iteration (run to its end, or until `decode_steps` decode iterations ran)."""
+        run = self.run
+        scheduler = run.scheduler
+        if not (scheduler.waiting or scheduler.running or scheduler.swapped):
+            return None
+        if decode_steps is not None and run.decodes >= decode_steps:
+            return None
+        before = {seq.index: (seq.generated, seq.cached, seq.tokens) for seq in run.sequences}
+        swapped_before = {seq.index for seq in scheduler.swapped}
+        finished_before = len(scheduler.finished)
+        iteration = scheduler.step()
+        batch = [seq.index for seq in run.sequences if seq.generated > before[seq.index][0]]
+        run.iteration = (iteration, batch, [before[i][2] for i in batch], before, swapped_before, finished_before)
+        rows = sum(before[i][2] for i in batch) if iteration.kind == "prefill" else len(batch)
+        run.decodes += iteration.kind == "decode"
+        return StepInfo(iteration.kind, f"{iteration.kind} {step}", 1, rows, len(batch))
+
+    def step(self, step: int, prompt: Tensor) -> None:
+        run = self.run
+        iteration, batch, lengths, before, swapped_before, finished_before = run.iteration
+        scheduler = run.scheduler
+        swapped_after = {seq.index for seq in scheduler.swapped}
+        for seq in run.sequences:  # preempted by recompute this iteration: its KV is dropped
+            if seq.cached == 0 and before[seq.index][1] > 0 and seq.index not in swapped_after:
                 self.release(seq.index)
-            swapped_blocks = sum(len(table) for table in self.cpu_tables.values())
-            log.end(self.gpu_blocks * block_bytes, swapped_blocks * block_bytes, iteration.counters)
-            index += 1
-            decodes += iteration.kind == "decode"
-        generated = [self.tokens[seq.index][self.prompt_len:] for seq in sequences]
+        for i in sorted(swapped_after - swapped_before):
+            self.swap_out(i)
+        for i in sorted(swapped_before - swapped_after):
+            self.swap_in(i)
+        if iteration.kind == "prefill":
+            self.prefill(batch, lengths, prompt.device)
+        else:
+            self.decode(batch, lengths, prompt.device)
+        for seq in scheduler.finished[finished_before:]:
+            self.release(seq.index)
+        run.counters = dict(iteration.counters)
+
+    def kv_bytes(self, step: int) -> tuple[int, int]:
+        """The pool is held whole (vLLM preallocates it); the swap space holds the swapped-out blocks."""
+        block_bytes = self.pool[0].row_bytes * self.block_size * self.spec.num_layers
+        swapped_blocks = sum(len(table) for table in self.run.cpu_tables.values())
+        return self.gpu_blocks * block_bytes, swapped_blocks * block_bytes
+
+    def tokens(self, run: VllmRun) -> Tensor:
+        generated = [run.tokens[seq.index][self.prompt_len:] for seq in run.sequences]
         return torch.tensor([tokens + [0] * (self.gen_len - len(tokens)) for tokens in generated])
 
     # ---- blocks ------------------------------------------------------------------------------------------------------
     def release(self, seq: int) -> None:
-        self.free.extend(self.tables[seq])
-        self.tables[seq] = []
+        self.run.free.extend(self.run.tables[seq])
+        self.run.tables[seq] = []
 
     def reserve(self, seq: int, tokens: int) -> None:
         """Blocks for the first `tokens` positions of a sequence."""
-        table = self.tables[seq]
+        table = self.run.tables[seq]
         while len(table) < ceil_div(tokens, self.block_size):
-            if not self.free:
+            if not self.run.free:
                 raise RuntimeError("vllm: the scheduler admitted more blocks than the pool holds")
-            table.append(self.free.pop())
+            table.append(self.run.free.pop())
 
     def slots(self, seq: int, positions: Tensor) -> Tensor:
-        table = torch.tensor(self.tables[seq], device=positions.device)
+        table = torch.tensor(self.run.tables[seq], device=positions.device)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def copy_blocks(self, src_pool: list[TokenRows], src: list[int], dst_pool: list[TokenRows], dst: list[int],
@@ -106,68 +143,56 @@ class VllmExec(ExecPolicy):
         self.tiers.host_wait(self.tiers.event(direction))  # the blocks are free (or usable) once copied
 
     def swap_out(self, seq: int) -> None:
-        table = self.tables[seq]
-        self.cpu_tables[seq] = [self.cpu_free.pop() for _ in table]
-        self.copy_blocks(self.pool, table, self.swap_space, self.cpu_tables[seq], "d2h")
+        table = self.run.tables[seq]
+        self.run.cpu_tables[seq] = [self.run.cpu_free.pop() for _ in table]
+        self.copy_blocks(self.pool, table, self.swap_space, self.run.cpu_tables[seq], "d2h")
         self.release(seq)
 
     def swap_in(self, seq: int) -> None:
-        cpu_table = self.cpu_tables.pop(seq)
-        self.tables[seq] = [self.free.pop() for _ in cpu_table]
-        self.copy_blocks(self.swap_space, cpu_table, self.pool, self.tables[seq], "h2d")
+        cpu_table = self.run.cpu_tables.pop(seq)
+        self.run.tables[seq] = [self.run.free.pop() for _ in cpu_table]
+        self.copy_blocks(self.swap_space, cpu_table, self.pool, self.run.tables[seq], "h2d")
         self.tiers.wait("compute", self.tiers.event("h2d"))
-        self.cpu_free.extend(cpu_table)
+        self.run.cpu_free.extend(cpu_table)
 
     # ---- iterations --------------------------------------------------------------------------------------------------
     def prefill(self, batch: list[int], lengths: list[int], device: torch.device) -> None:
         """Prompt passes (with the generated tokens of recomputed sequences), grouped by length."""
+        run = self.run
         for length in sorted(set(lengths)):
             group = [seq for seq, n in zip(batch, lengths) if n == length]
             for seq in group:
                 self.reserve(seq, length)
-            tokens = torch.tensor([self.tokens[seq][:length] for seq in group], device=device)
+            tokens = torch.tensor([run.tokens[seq][:length] for seq in group], device=device)
             positions = torch.arange(length, device=device)
-            slots = torch.stack([self.slots(seq, positions) for seq in group])  # [group, length]
-            model = self.model
-            rope = model.rope(positions)
-            x = self.embed(model, tokens, positions)
-            for index, layer in enumerate(model.layers):
-                self.timeline.layer = index
-                x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.prefill_attend(index, slots, q, k, v))
-            self.timeline.layer = -1
-            for seq, token in zip(group, self.sample(model, x)[:, 0].tolist()):
-                self.tokens[seq].append(token)
+            run.slots = torch.stack([self.slots(seq, positions) for seq in group])  # [group, length]
+            for seq, token in zip(group, self.forward(tokens, positions)[:, 0].tolist()):
+                run.tokens[seq].append(token)
 
-    def prefill_attend(self, index: int, slots: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)
-        self.pool[index].data[slots.T, 0] = kv_rows(k, v)  # rows [length, group, width] at slots [length, group]
+        self.pool[index].data[self.run.slots.T, 0] = kv_rows(k, v)  # rows [length, group, width] at [length, group]
         return y
 
     def decode(self, batch: list[int], lengths: list[int], device: torch.device) -> None:
         """One token per sequence at its own position, attending its own blocks."""
-        model = self.model
+        run = self.run
         for seq, n in zip(batch, lengths):
             self.reserve(seq, n)
-        tokens = torch.tensor([[self.tokens[seq][-1]] for seq in batch], device=device)
+        tokens = torch.tensor([[run.tokens[seq][-1]] for seq in batch], device=device)
         positions = torch.tensor([[n - 1] for n in lengths], device=device)  # [batch, 1]
-        longest = max(lengths)
-        span = torch.arange(longest, device=device)
-        slots = torch.stack([self.slots(seq, span.clamp(max=n - 1)) for seq, n in zip(batch, lengths)])
-        length = torch.tensor(lengths, device=device)
-        rope = model.rope(positions)
-        x = self.embed(model, tokens, positions)
-        for index, layer in enumerate(model.layers):
-            self.timeline.layer = index
-            x = self.layer(layer, x, rope, lambda q, k, v, index=index: self.attend(index, slots, length, q, k, v))
-        self.timeline.layer = -1
-        for seq, token in zip(batch, self.sample(model, x)[:, 0].tolist()):
-            self.tokens[seq].append(token)
+        span = torch.arange(max(lengths), device=device)
+        run.slots = torch.stack([self.slots(seq, span.clamp(max=n - 1)) for seq, n in zip(batch, lengths)])
+        run.lengths = torch.tensor(lengths, device=device)
+        for seq, token in zip(batch, self.forward(tokens, positions)[:, 0].tolist()):
+            run.tokens[seq].append(token)
 
-    def attend(self, index: int, slots: Tensor, lengths: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        slots, lengths = self.run.slots, self.run.lengths
         pool = self.pool[index].data[:, 0]
         with self.span("attention", "attention"):
             newest = slots.gather(1, (lengths - 1)[:, None])[:, 0]
             pool[newest] = kv_rows(k, v)[0]
             keys, values = split_kv(pool[slots], self.spec.num_kv_heads)
-            out, _ = dense_decode_attention(q[:, 0], keys, values, lengths)
+            out, _ = ops.packed_attention(q[:, 0], keys, values, lengths)
         return out.reshape(len(lengths), 1, -1)

@@ -1,6 +1,7 @@
 """`h2o` and `streamingllm`: fixed-budget KV eviction (kept tokens only, all on the GPU, the rest dropped for good).
 
-Both keep (1 - kv_sparsity) of the cached tokens, the same budget SWA attends to, so their KV memory is that share
+Both keep the tokens SWA attends to, `alisa_sim.swa.kv_budget` (min(n, 2k)), one fewer on a step where that budget
+grows by two (`eviction_kept`: an evicted token does not come back), so their KV memory is about (1 - kv_sparsity)
 of dense. H2O keeps per-head heavy hitters (attention summed over all history) and recent tokens, half each, and
 pays a per-head score update and eviction each step; StreamingLLM keeps `sinks` first tokens and a recent window
 and pays nothing to choose them.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 from alisa_sim.ops import LayerTemplate
 from alisa_sim.policies.base import MemoryUse, Policy
+from alisa_sim.swa import eviction_kept
 
 _H2O_KERNELS = 3  # accumulate scores, evict the lowest, compact
 
 
 class _EvictionPolicy(Policy):
     def kept(self, context: int) -> int:
-        return min(context, max(1, round(context * (1 - self.wl.policy.kv_sparsity))))
+        return eviction_kept(context, self.wl.policy.kv_sparsity, self.prompt_len)
 
     def static_memory(self) -> MemoryUse:
         return MemoryUse(gpu={"weights": self.model.weight_bytes, **self.activation_buffers()})

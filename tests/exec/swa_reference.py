@@ -6,8 +6,10 @@ heads over the last k rows of attention history (ties to the older token); while
 history is every query's row of head-summed attention probabilities: the prompt's causal rows, then one row per
 decode step (zero where the step did not attend). Sums are taken in the kernels' fixed-point units, so a sum is
 exact and ties are real ties. One token set per layer and sequence. With `int8`, every K/V row is stored through the
-kernels' INT8 round trip (per token, groups of min(64, head_dim) channels); the prompt's attention reads its K/V
-as computed, decode steps read them from the cache.
+kernels' INT8 round trip (per token, groups of `int8_group(head_dim)` channels); the prompt's attention reads its K/V
+as computed, decode steps read them from the cache. With `deleted` (the plan's deleted token count per step, Phase
+III), a step reads the K/V of its deleted tokens as recomputed from their stored layer inputs (themselves stored
+through the INT8 round trip with `int8`): norm, K/V projection and rotary embedding, stored like any other row.
 
 No tiers, no ring, no incremental sums: every K/V stays in one dense buffer and each step recomputes its selection
 from the stored rows.
@@ -22,8 +24,18 @@ from torch.nn import functional as F
 
 from alisa_exec.kernels.int8_kv import quantize_reference
 from alisa_exec.kernels.selection import to_fixed_point
+from alisa_exec.kv_cache import int8_group
 from alisa_exec.model import Transformer
 from alisa_sim.swa import swa_window
+
+
+def _round_trip(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """Rows [..., width] through INT8 per token, groups of `group` channels."""
+    width = rows.shape[-1]
+    data, scale, zero = quantize_reference(rows.reshape(1, 1, -1, width), 1, group)
+    values = (data.float().view(-1, width // group, group) * scale.float().view(-1, width // group, 1)
+              + zero.float().view(-1, width // group, 1))
+    return values.to(rows.dtype).view(rows.shape)
 
 
 def _stored(k: torch.Tensor, v: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,11 +44,7 @@ def _stored(k: torch.Tensor, v: torch.Tensor, int8: bool) -> tuple[torch.Tensor,
         return k, v
     batch, seq, heads, d = k.shape
     row = torch.cat((k.reshape(batch, seq, -1), v.reshape(batch, seq, -1)), dim=-1)
-    group = min(64, d)
-    data, scale, zero = quantize_reference(row.reshape(1, 1, -1, row.shape[-1]), 1, group)
-    values = (data.float().view(-1, row.shape[-1] // group, group) * scale.float().view(-1, row.shape[-1] // group, 1)
-              + zero.float().view(-1, row.shape[-1] // group, 1)).to(k.dtype).view(batch, seq, -1)
-    k2, v2 = values.split(heads * d, dim=-1)
+    k2, v2 = _round_trip(row, int8_group(d)).split(heads * d, dim=-1)
     return k2.view(batch, seq, heads, d), v2.view(batch, seq, heads, d)
 
 
@@ -68,9 +76,10 @@ def select(history: list[torch.Tensor], n: int, sparsity: float) -> torch.Tensor
 
 
 @torch.no_grad()
-def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsity: float,
-                 int8: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy tokens [batch, gen_len] and each step's logits [batch, vocab] (the prefill's first)."""
+def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsity: float, int8: bool = False,
+                 deleted: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy tokens [batch, gen_len] and each step's logits [batch, vocab] (the prefill's first); `deleted[step]`:
+    the oldest tokens whose K/V a decode step recomputes from their layer inputs."""
     batch, s = prompt.shape
     spec = model.spec
     total = s + gen_len - 1
@@ -78,6 +87,7 @@ def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsit
     kv_shape = (batch, spec.num_kv_heads, total, spec.dim_per_head)
     keys = [torch.zeros(kv_shape, dtype=model.tok_embeddings.weight.dtype) for _ in model.layers]
     values = [torch.zeros_like(t) for t in keys]
+    layer_inputs = [torch.zeros(batch, total, spec.hidden_size, dtype=keys[0].dtype) for _ in model.layers]
     history: list[list[torch.Tensor]] = [[] for _ in model.layers]
     tokens, logits_log = [], []
     token, positions = prompt, torch.arange(s)
@@ -90,13 +100,22 @@ def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsit
             stored_k, stored_v = _stored(k, v, int8)
             keys[index][:, :, positions] = stored_k.transpose(1, 2)
             values[index][:, :, positions] = stored_v.transpose(1, 2)
+            layer_inputs[index][:, positions] = _round_trip(x, int8_group(spec.hidden_size)) if int8 else x
+            read_keys, read_values = keys[index], values[index]
+            recomputed = deleted[step] if deleted and step else 0
+            if recomputed:
+                h = layer.attention_norm(layer_inputs[index][:, :recomputed])
+                k_re, v_re = _stored(*layer.attention.project_kv(h, model.rope(torch.arange(recomputed))), int8)
+                read_keys, read_values = read_keys.clone(), read_values.clone()
+                read_keys[:, :, :recomputed] = k_re.transpose(1, 2)
+                read_values[:, :, :recomputed] = v_re.transpose(1, 2)
             if step == 0:  # the prompt: causal and dense, over its own K/V as computed (the cache stores them)
                 allowed = torch.ones(s, s, dtype=torch.bool).tril()[None].expand(batch, s, s)
                 y, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
                 probs = F.pad(probs, (0, total - s))
             else:
                 allowed = select(history[index], n, sparsity)[:, None]
-                y, probs = _attend(q.transpose(1, 2), keys[index], values[index], allowed)
+                y, probs = _attend(q.transpose(1, 2), read_keys, read_values, allowed)
             history[index].extend(probs.unbind(dim=1))
             h = x + layer.attention.wo(y)
             x = h + layer.feed_forward(layer.ffn_norm(h))

@@ -1,12 +1,13 @@
-"""Every executor policy runs its plan and gets the dense policy's tokens when nothing is dropped, and `alisa` equals
-a plain-PyTorch SWA reference step by step, whatever the GPU budget forces onto the CPU or into recompute.
+"""Every executor policy runs its plan through the one step driver and gets the dense generator's tokens when nothing
+is dropped, and `alisa` equals a plain-PyTorch SWA reference step by step (tokens and logits), fused and gather
+attention, fp32 values and INT8, whatever the GPU budget forces onto the CPU or into recompute.
 
 CPU, float32, the tiny random OPT and LLaMA (GQA) models; the "GPU" tier is a second host pool. On a CUDA machine
 the same tests also run on the GPU (float32, so tokens still compare exactly), with pinned memory and side streams.
 Memory caps are the tightest the plan fits (a bisection on `memory.gpu_gb`), so that Phase II starts with the
-prompt, and pinned p2/beta put Phase III in; vLLM gets a pool of a few blocks so that it preempts. The SWA selection
-runs the kernels' LocalAttentionSum (Triton, under the interpreter on the CPU); attention runs the kernels' PyTorch
-path (`dense_decode_attention`), since the fused Triton kernel needs fp16 or bf16.
+prompt, and pinned p2/beta put Phase III in; vLLM gets a pool of a few blocks so that it preempts. On the CPU device
+the kernels run in their PyTorch forms; `test_alisa_on_the_triton_kernels_...` runs the Triton kernels themselves
+(selection, INT8 store, fused attention over the tiered cache) under the interpreter against the same reference.
 """
 
 import pytest
@@ -45,11 +46,11 @@ def prompt_of(wl):
                          generator=torch.Generator().manual_seed(SEED))
 
 
-def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False, device=CPU):
+def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False, device=CPU, triton=None):
     plan = executor.plan_run(workload(folder, policy, gpu_gb), device, torch.float32)
     if keep_logits:
         plan.policy.logits_log = []
-    measured = executor.execute(plan, device, torch.float32, str(folder), SEED)
+    measured = executor.execute(plan, device, torch.float32, str(folder), SEED, triton=triton)
     return plan, measured
 
 
@@ -90,6 +91,8 @@ VLLM = {"name": "vllm", "block_size": 4, "swap_space": 0.0001, "max_model_len": 
         "max_num_batched_tokens": 64}
 ALISA = {"name": "alisa", "kv_sparsity": 0.0, "int8": False}
 CASES = {
+    "dense": ({"name": "dense"}, None),
+    "zero": ({"name": "zero"}, None),
     "alisa-phase-2": (ALISA, "tight"),
     "alisa-phase-3": ({**ALISA, "p2": 3, "beta": 0.5}, "tight"),
     "alisa-alpha": ({**ALISA, "p1": 4, "alpha": 0.7}, None),
@@ -121,7 +124,7 @@ def test_every_policy_gets_the_dense_tokens_at_sparsity_0(tiny_hf_models, dense_
               None: lambda: None}[cap]()
     plan, measured = run(folder, policy, gpu_gb, device=device)
     assert torch.equal(measured.tokens, dense_tokens[name])
-    phases = {record.phase for record in measured.records if record.kind == "decode"}
+    phases = {record.info.phase for record in measured.records if record.info.kind == "decode"}
     if case.startswith("alisa"):
         assert 2 in phases and total(measured, "fetched_tokens") > 0 and total(measured, "offloaded_tokens") > 0
         assert (3 in phases) == (case == "alisa-phase-3")
@@ -133,9 +136,12 @@ def test_every_policy_gets_the_dense_tokens_at_sparsity_0(tiny_hf_models, dense_
     if case.startswith("vllm"):
         assert plan.sim.gpu_blocks == 9 and total(measured, "preemptions") > 0
         assert (total(measured, "swapped_out_blocks") > 0) == (case == "vllm-swap")
-        assert sum(record.sequences for record in measured.records) == BATCH * GEN_LEN
+        assert sum(record.info.sequences for record in measured.records) == BATCH * GEN_LEN
     if case in ("h2o", "streamingllm"):
         assert total(measured, "evicted_tokens") == 0
+    if case == "zero":  # every layer's weights come over once a step
+        layer_bytes = sum(p.numel() for p in plan.policy.staged_layers[0].parameters()) * 4
+        assert all(r.h2d_bytes == plan.workload.model.num_layers * layer_bytes for r in measured.records)
 
 
 def test_accelerate_moves_every_cached_token_every_step(tiny_hf_models):
@@ -159,10 +165,10 @@ def test_alisa_residency_follows_the_plan(tiny_hf_models):
     per_token = BATCH * spec.num_layers * spec.kv_bytes_per_token_per_layer(4)
     for record in measured.records:
         residency = plan.sim.residency(record.step)
-        assert record.phase == residency.phase
+        assert record.info.phase == residency.phase
         assert record.gpu_kv_bytes == residency.on_gpu * per_token
         assert record.cpu_kv_bytes >= residency.on_cpu * per_token
-    assert measured.records[-1].phase == 3 and plan.sim.residency(GEN_LEN - 1).deleted > 0
+    assert measured.records[-1].info.phase == 3 and plan.sim.residency(GEN_LEN - 1).deleted > 0
 
 
 SWA_CASES = {
@@ -171,27 +177,43 @@ SWA_CASES = {
     "phase-2": ({"kv_sparsity": 0.5}, "tight"),
     "phase-3": ({"kv_sparsity": 0.5, "p2": 2, "beta": 0.6}, "tight"),
     "int8-phase-2": ({"kv_sparsity": 0.5, "int8": True, "p1": 1, "alpha": 0.5}, None),
+    "int8-phase-3": ({"kv_sparsity": 0.5, "int8": True, "p2": 2, "beta": 0.6}, "tight"),
 }
 
 
-@pytest.mark.parametrize("case", list(SWA_CASES))
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, device, name, case):
-    folder = tiny_hf_models[name][1]
+def check_against_reference(folder, case: str, attention_kernel: str, device=CPU, triton=None):
     extra, cap = SWA_CASES[case]
-    policy = {"name": "alisa", "int8": False, **extra}
+    policy = {"name": "alisa", "int8": False, "attention_kernel": attention_kernel, **extra}
     gpu_gb = tight_cap(folder, policy, device) if cap else None
-    plan, measured = run(folder, policy, gpu_gb, keep_logits=True, device=device)
+    plan, measured = run(folder, policy, gpu_gb, keep_logits=True, device=device, triton=triton)
     wl = plan.workload
     model = load_model(wl.model, str(folder), torch.float32, CPU, SEED)
-    want_tokens, want_logits = swa_generate(model, prompt_of(wl), GEN_LEN, policy["kv_sparsity"], policy["int8"])
+    deleted = [plan.sim.residency(step).deleted for step in range(GEN_LEN)]
+    want_tokens, want_logits = swa_generate(model, prompt_of(wl), GEN_LEN, policy["kv_sparsity"], policy["int8"],
+                                            deleted)
     assert torch.equal(measured.tokens, want_tokens)
     assert len(plan.policy.logits_log) == GEN_LEN
     for step, (got, want) in enumerate(zip(plan.policy.logits_log, want_logits)):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"step {step}"
     assert plan.sim.selected(PROMPT_LEN + GEN_LEN - 1)[1] < PROMPT_LEN + GEN_LEN - 1  # tokens were left out
     if cap:
-        assert {r.phase for r in measured.records[1:]} >= ({2, 3} if "p2" in extra else {2})
+        assert {r.info.phase for r in measured.records[1:]} >= ({2, 3} if "p2" in extra else {2})
     if "p2" in extra:
-        assert total(measured, "recomputed_tokens") > 0
+        assert total(measured, "recomputed_tokens") > 0 and max(deleted) > 0
+    return plan, measured
+
+
+@pytest.mark.parametrize("attention_kernel", ["fused", "gather"])
+@pytest.mark.parametrize("case", list(SWA_CASES))
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, device, name, case, attention_kernel):
+    plan, _ = check_against_reference(tiny_hf_models[name][1], case, attention_kernel, device)
+    assert hasattr(plan.policy, "workspace") == (attention_kernel == "gather")  # fused reads the cache in place
+
+
+@pytest.mark.parametrize("case", ["phase-3", "int8-phase-3"])
+def test_alisa_on_the_triton_kernels_equals_the_reference_on_the_cpu(tiny_hf_models, case):
+    """The Triton kernels themselves, under the interpreter: LocalAttentionSum's update, the INT8 store kernel and the
+    fused kernel reading the window ring and the staging buffer, GQA; the same reference as their PyTorch forms."""
+    check_against_reference(tiny_hf_models["llama-gqa"][1], case, "fused", CPU, triton=True)

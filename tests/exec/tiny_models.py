@@ -1,9 +1,7 @@
-"""Tiny random model configurations for the executor tests, and the ModelSpec of a saved Hugging Face folder."""
+"""Tiny random model configurations for the executor tests, and greedy decoding by a Hugging Face model."""
 
 
 import transformers
-
-from alisa_sim.model_spec import ModelSpec, load_model_spec
 
 VOCAB = 97
 MAX_POSITIONS = 64

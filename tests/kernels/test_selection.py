@@ -16,9 +16,9 @@ def test_window_size():
     assert all(2 * swa_window(n, 0.0) >= n for n in range(1, 50))  # r = 1 keeps every token
 
 
-def run_decode(device, generator, batch, kv_sparsity, prompt_len, max_seq_len, tie_heavy):
+def run_decode(device, generator, batch, kv_sparsity, prompt_len, max_seq_len, tie_heavy, triton=None):
     """Seed from a prompt, then decode: select, check against the references, push a random row; every step."""
-    selector = LocalAttentionSum(batch, max_seq_len, kv_sparsity, device, prompt_len=prompt_len)
+    selector = LocalAttentionSum(batch, max_seq_len, kv_sparsity, device, prompt_len=prompt_len, triton=triton)
     seed = torch.rand(batch, 3, prompt_len, generator=generator)
     selector.seed(seed.to(device))
     positions = torch.arange(prompt_len).expand(batch, prompt_len)
@@ -38,9 +38,12 @@ def run_decode(device, generator, batch, kv_sparsity, prompt_len, max_seq_len, t
 
 
 @pytest.mark.parametrize("batch, kv_sparsity, tie_heavy", [(1, 0.5, False), (3, 0.8, True), (2, 0.0, False)])
-def test_incremental_sum_and_selection_match_from_scratch(device, generator, batch, kv_sparsity, tie_heavy):
-    """Growing k (the window gains a row) and steady k (a row leaves), n < 2k early on, k = 1, ties, b = 1."""
-    run_decode(device, generator, batch, kv_sparsity, prompt_len=6, max_seq_len=48, tie_heavy=tie_heavy)
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_incremental_sum_and_selection_match_from_scratch(device, generator, batch, kv_sparsity, tie_heavy, triton):
+    """Growing k (the window gains a row) and steady k (a row leaves), n < 2k early on, k = 1, ties, b = 1; the
+    Triton update (under the interpreter off the GPU) and its PyTorch form give the same sums bit for bit."""
+    run_decode(device, generator, batch, kv_sparsity, prompt_len=6, max_seq_len=48, tie_heavy=tie_heavy,
+               triton=triton)
 
 
 def test_selection_rules_on_a_hand_made_history(device):

@@ -146,3 +146,46 @@ def test_dense_decode_attention_is_softmax_attention(generator):
     out, probs = dense_decode_attention(q, k, v)
     torch.testing.assert_close(out[0, 0], weights @ v[0, 0])
     torch.testing.assert_close(probs[0], weights)
+
+
+def tiered_case(generator, device, dtype, int8, batch=2, kv_heads=2, group=2, head_dim=16, window=24, staged=40,
+                num_tokens=30):
+    """The executor's tiered cache (`TokenRows`): a window ring of slot-major K/V rows and a staging buffer of rows
+    shared by the batch, and an index list mixing ring slots (e >= 0) and staged rows (e < 0)."""
+    from alisa_exec.kv_cache import GPU, TokenRows, Tiers
+
+    tiers = Tiers(device, triton=device.type == "cuda")
+    width = 2 * kv_heads * head_dim
+    ring = TokenRows(tiers, GPU, "kv", window, batch, width, dtype, int8, group=8)
+    ring.store(slice(0, window), torch.randn(window, batch, width, generator=generator).to(device))
+    stage = ring.staging(tiers, GPU, "kv_staging", staged)
+    stage.store(slice(0, staged), torch.randn(staged, 1, width, generator=generator).to(device))
+    ring_slots = torch.stack([torch.randperm(window, generator=generator)[:num_tokens // 2] for _ in range(batch)])
+    stage_rows = torch.randperm(staged, generator=generator)[:batch * (num_tokens - num_tokens // 2)]
+    indices = torch.cat((ring_slots, -1 - stage_rows.view(batch, -1)), dim=1)
+    indices = indices[:, torch.randperm(num_tokens, generator=generator)].to(device)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=generator).to(device, dtype)
+    return q, ring, stage, indices, kv_heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("int8", [False, True], ids=["values", "int8"])
+def test_tiered_cache_ring_and_staged_rows_in_one_pass(device, generator, dtype, int8):
+    """The kernel reads the window ring and the staging buffer in place, over one index list, GQA, fp16 or fp32,
+    INT8 dequantized in the kernel: it matches the PyTorch form the CPU device runs (gather from both, attend), and
+    that form matches attention over the rows read back one by one."""
+    q, ring, stage, indices, kv_heads = tiered_case(generator, device, dtype, int8)
+    lengths = torch.tensor([30, 17], device=device)
+    views = dict(staged=stage.kv_views(kv_heads))
+    fused = sparse_decode_attention(q, *ring.kv_views(kv_heads), indices, lengths, num_splits=2, **views)
+    plain = gather_decode_attention(q, *ring.kv_views(kv_heads), indices, lengths, **views)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(fused[0], plain[0], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(fused[1], plain[1], atol=tolerance * q.shape[1], rtol=tolerance)
+    for b in range(2):  # the plain form against the rows as `TokenRows` decodes them
+        rows = torch.stack([ring.read(int(e))[b] if e >= 0 else stage.read(int(-e - 1))[0]
+                            for e in indices[b, :int(lengths[b])]])
+        keys, values = rows.view(len(rows), 2, kv_heads, -1).unbind(1)
+        out, probs = dense_decode_attention(q[b:b + 1], keys.transpose(0, 1)[None], values.transpose(0, 1)[None])
+        torch.testing.assert_close(plain[0][b:b + 1], out)
+        torch.testing.assert_close(plain[1][b, :len(rows)], probs[0])
