@@ -31,7 +31,8 @@ from alisa_exec.weights import load_model
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
 from alisa_sim.ops import KINDS
-from alisa_sim.policies import Policy, make_policy
+from alisa_sim.planner import make_policy
+from alisa_sim.policies import Policy
 from alisa_sim.results import assemble_result
 from alisa_sim.simulator import Simulation, simulate_with_policy
 from alisa_sim.trace import TraceSpan, detailed_steps, trace_json

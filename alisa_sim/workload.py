@@ -109,7 +109,7 @@ class AlisaPolicyConfig(_Strict):
     selection: Literal["per_layer", "per_head"] = "per_layer"
     recompute_source: Literal["layer_input", "full_forward"] = "layer_input"
     attention_kernel: Literal["gather", "fused"] = Field(
-        default="gather", description="gather: pack the selected tokens, then dense attention (the paper's "
+        default="fused", description="gather: pack the selected tokens, then dense attention (the paper's "
                                       "implementation); fused: attention reads them in place (the executor's Triton "
                                       "kernel)")
     p1: Step | None = Field(default=None, description="first decode step of Phase II (KV partly on the CPU)")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alisa_sim.cost_model import CostModel
-from alisa_sim.policies import make_policy
+from alisa_sim.planner import make_policy
 from alisa_sim.results import build_result
 from alisa_sim.selection_stats import UNIFORM_STATS
 from alisa_sim.simulator import simulate

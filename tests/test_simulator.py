@@ -110,7 +110,7 @@ def test_trace_has_a_track_per_resource_and_kv_counters():
     names = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     assert {"GPU compute", "H2D copy", "D2H copy", "CPU", "steps"} <= names
     counters = [e for e in events if e["ph"] == "C"]
-    assert len(counters) == 100 and counters[-1]["args"]["cpu"] > counters[0]["args"]["cpu"]
+    assert len(counters) == 101 and counters[-1]["args"]["cpu"] > counters[0]["args"]["cpu"]
     ops = [e for e in events if e["ph"] == "X" and e["tid"] != 0]
     assert {e["args"]["step"] for e in ops} == set(trace["otherData"]["op_detail_steps"])
     assert len(trace["otherData"]["op_detail_steps"]) == 10

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from alisa_sim.ops import LayerTemplate
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import kv_budget, swa_window
 
 # INT8 KV: one byte per value plus an fp16 scale and zero point per group of 64 channels of a token.
 INT8_GROUP = 64
@@ -75,8 +75,7 @@ class AlisaPolicy(Policy):
     # ---- sizes and budgets -----------------------------------------------------------------------------------------
     def selected(self, context: int) -> tuple[int, int]:
         """(k, tokens attended): k recent plus k global picks, or every token while n < 2k."""
-        k = swa_window(context, self.cfg.kv_sparsity)
-        return k, min(context, 2 * k)
+        return swa_window(context, self.cfg.kv_sparsity), kv_budget(context, self.cfg.kv_sparsity)
 
     def _selection_state_bytes(self) -> float:
         """The executor's selection state per sequence and layer (per head with per-head selection): int64 local

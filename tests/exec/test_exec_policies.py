@@ -19,7 +19,7 @@ from alisa_exec.weights import load_model
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
-from alisa_sim.policies import make_policy
+from alisa_sim.planner import make_policy
 from alisa_sim.workload import resolve_workload
 from swa_reference import swa_generate
 
