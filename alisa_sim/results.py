@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, create_model
 
 from alisa_sim.errors import SpecError
-from alisa_sim.ops import KINDS
+from alisa_sim.ops import KINDS, RESOURCES
 from alisa_sim.provenance import run_metadata
 from alisa_sim.simulator import Simulation
 from alisa_sim.workload import ResolvedWorkload
@@ -204,14 +204,19 @@ def build_result(sim: Simulation) -> dict:
         return oom_result("sim", wl, sim.policy.plan(), sim.oom_error, sim.peak_gpu_bytes, sim.peak_cpu_bytes)
     rows = simulated_rows(sim)
     breakdown = dict.fromkeys(KINDS, 0.0)
-    gpu_busy = 0.0
+    # The lanes whose busy time leaves the compute stream idle: the GPU's (copies overlap it), the one serial lane with
+    # overlap off, every resource's on a CPU device (one resource). Idle is then the wait for copies or for the host.
+    if not sim.policy.overlap:
+        lanes: tuple[str, ...] = ("serial",)
+    else:
+        lanes = RESOURCES if sim.policy.stepper().host_is_device else ("gpu",)
+    busy = 0.0
     for record in sim.steps:
         for kind, seconds in record.timing.parts_s.items():
             breakdown[kind] += seconds
-        gpu_busy += record.timing.busy_s.get("gpu", 0.0)
-    # Time the GPU waits on transfers; with overlap off every op is serial and nothing idles.
+        busy += sum(record.timing.busy_s.get(lane, 0.0) for lane in lanes)
     total_s = sum(row.time_s for row in rows)
-    breakdown["idle"] = max(0.0, total_s - gpu_busy) if sim.policy.overlap else 0.0
+    breakdown["idle"] = max(0.0, total_s - busy)
     return assemble_result("sim", wl, sim.policy.plan(), rows, sim.peak_gpu_bytes, sim.peak_cpu_bytes, breakdown)
 
 
