@@ -29,9 +29,9 @@ from torch import Tensor
 
 from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference, store_quantized
 from alisa_exec.timeline import Timeline
+from alisa_sim.policies.alisa import INT8_GROUP, int8_group  # noqa: F401 (the one copy; users import it here)
 
 GPU, CPU = "gpu", "cpu"
-INT8_GROUP = 64  # channels per quantization group (the simulator's INT8 layout)
 # Token rows (one token of one layer of one sequence) a step moved or dropped, counted where it happens.
 ROW_COUNTERS = ("fetched_tokens", "offloaded_tokens", "recomputed_tokens", "evicted_tokens")
 DIRECTIONS = ("h2d", "d2h")
@@ -141,15 +141,6 @@ class Tiers:
         if counter:
             self.tally(counter, tokens)
         return event
-
-
-def int8_group(width: int, most: int = INT8_GROUP) -> int:
-    """Channels per INT8 group for rows of `width`: the largest power of two up to `most` that divides it (the
-    kernels' groups are powers of two; `most` itself for the widths of real models)."""
-    group = 1
-    while group * 2 <= most and width % (group * 2) == 0:
-        group *= 2
-    return group
 
 
 def _slot_positions(index, slots: int, device: torch.device) -> Tensor:

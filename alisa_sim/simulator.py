@@ -248,7 +248,7 @@ class _DecodeRuns:
         """Decode step `step` as Policy.steps() yields it (tests/test_simulator.py checks the two agree)."""
         policy = self.policy
         return StepPlan(template, self.phase(step), policy.kv_memory(policy.context(step)), "decode",
-                        f"decode {step}", policy.batch, policy.batch)
+                        f"decode {step}", policy.batch, policy.batch, policy.token_rows(step))
 
     def phase(self, step: int) -> int:
         if step not in self._phases:

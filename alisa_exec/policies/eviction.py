@@ -65,8 +65,7 @@ class _EvictionExec(ExecPolicy):
             self.keys[index][:, :, :count] = keys.gather(2, expand)
             self.values[index][:, :, :count] = values.gather(2, expand)
             self.slot_positions[index][:, :, :count] = chosen
-        if index == 0:
-            self.tiers.tally("evicted_tokens", (self.prompt_len - count) * self.batch)
+        self.tiers.tally("evicted_tokens", (self.prompt_len - count) * self.batch)
         return y
 
     def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -84,7 +83,7 @@ class _EvictionExec(ExecPolicy):
             self.slot_positions[index].scatter_(2, slot, torch.full_like(slot, n - 1))
             if self.scored:
                 self.scores[index].scatter_(2, slot, torch.zeros(slot.shape, device=q.device))
-        if evict and index == 0:
+        if evict:
             self.tiers.tally("evicted_tokens", self.batch)
         with self.span("attention", "attention"):
             out, probs = ops.packed_attention(q[:, 0], self.keys[index][:, :, :count],

@@ -17,6 +17,12 @@ class AcceleratePolicy(Policy):
     def phase(self, step: int) -> int:
         return 2
 
+    def token_rows(self, step: int) -> dict[str, float]:
+        rows = self.batch * self.model.num_layers
+        if step == 0:
+            return {"offloaded_tokens": rows * self.prompt_len}
+        return {"fetched_tokens": rows * (self.context(step) - 1), "offloaded_tokens": rows}
+
     def _layer_kv_bytes(self, tokens: int) -> float:
         return tokens * self.model.kv_bytes_per_token_per_layer()
 

@@ -20,9 +20,23 @@ from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
 from alisa_sim.swa import kv_budget, swa_window
 
-# INT8 KV: one byte per value plus an fp16 scale and zero point per group of 64 channels of a token.
+# INT8 KV: one byte per value plus a scale and a zero point (in the model's dtype) per group of up to 64 channels of
+# a token, as the executor's kernels store it.
 INT8_GROUP = 64
-INT8_BYTES_PER_VALUE = 1 + 4 / INT8_GROUP
+
+
+def int8_group(width: int, most: int = INT8_GROUP) -> int:
+    """Channels per INT8 group for rows of `width`: the largest power of two up to `most` that divides it (the
+    kernels' groups are powers of two; `most` itself for the widths of real models)."""
+    group = 1
+    while group * 2 <= most and width % (group * 2) == 0:
+        group *= 2
+    return group
+
+
+def int8_bytes_per_value(width: int, dtype_bytes: int) -> float:
+    """Bytes per INT8 value of a row of `width` channels, its groups' scale and zero point included."""
+    return 1 + 2 * dtype_bytes / int8_group(width)
 _SELECTION_KERNELS = 3  # local-sum update (add newest row, subtract the row leaving), top-k, sort
 
 
@@ -57,9 +71,12 @@ class AlisaPolicy(Policy):
         self.cfg = cfg = workload.policy
         self.r = 1 - cfg.kv_sparsity
         self.stats = load_selection_stats(cfg.selection_stats)
-        self.value_bytes = INT8_BYTES_PER_VALUE if cfg.int8 else self.model.dtype_bytes
-        self.kv_token_layer = self.model.kv_bytes_per_token_per_layer(self.value_bytes)
-        self.input_token_layer = self.model.hidden_size * self.value_bytes  # stored layer input, same format
+        m = self.model
+        # groups never straddle heads; a stored layer input is grouped along the hidden size
+        self.value_bytes = int8_bytes_per_value(m.dim_per_head, m.dtype_bytes) if cfg.int8 else m.dtype_bytes
+        self.kv_token_layer = m.kv_bytes_per_token_per_layer(self.value_bytes)
+        input_value = int8_bytes_per_value(m.hidden_size, m.dtype_bytes) if cfg.int8 else m.dtype_bytes
+        self.input_token_layer = m.hidden_size * input_value  # stored layer input, same format
         self.gpu_tokens = self._gpu_token_budget()
         # The static split of the ablation: every token's KV split along heads, sized for the longest context.
         longest = workload.max_context()
@@ -131,15 +148,35 @@ class AlisaPolicy(Policy):
     def phase(self, step: int) -> int:
         return self.residency(step).phase
 
+    def cpu_end(self, step: int, schedule: AlisaSchedule | None = None) -> int:
+        """Positions [0, cpu_end) of every sequence are off the GPU (live on the CPU or deleted) at a step; it never
+        decreases from one step to the next."""
+        res = self.residency(min(step, self.wl.decode_steps), schedule)
+        return res.on_cpu + res.deleted
+
+    def input_end(self, schedule: AlisaSchedule | None = None) -> int:
+        """Positions [0, input_end) keep their layer input on the CPU: every token the plan ever deletes (the last
+        step deletes the most)."""
+        if not (self.cfg.recompute and self.cfg.dynamic_scheduling):
+            return 0
+        return self.residency(self.wl.decode_steps, schedule).deleted
+
+    def offload_end(self, step: int, schedule: AlisaSchedule | None = None) -> int:
+        """Positions [0, offload_end) are in the CPU pool after a step: a token goes down one step before the plan
+        moves it off the GPU (of the tokens that exist by then)."""
+        if step < 0:
+            return 0
+        return min(self.context(step), self.cpu_end(step + 1, schedule))
+
     def kv_memory(self, context: int) -> MemoryUse:
         step = context - self.prompt_len
         res = self.residency(step)
         per_token = self.batch * self.model.num_layers
         cpu_kv = res.on_cpu * (self.r if self.cfg.storage == "sparse_only" else 1.0)
         cpu = {"kv": cpu_kv * per_token * self.kv_token_layer}
-        if self.cfg.recompute and self.cfg.dynamic_scheduling:
-            # Every offloaded token keeps its layer input so that it can be deleted and recomputed later.
-            cpu["layer_inputs"] = (res.on_cpu + res.deleted) * per_token * self.input_token_layer
+        if self.cfg.recompute and self.cfg.dynamic_scheduling and self.input_end():
+            # The tokens the plan will delete keep their layer input, written when the token is computed.
+            cpu["layer_inputs"] = min(context, self.input_end()) * per_token * self.input_token_layer
         return MemoryUse(gpu={"kv": res.on_gpu * per_token * self.kv_token_layer}, cpu=cpu)
 
     def placement(self) -> dict[str, float]:
@@ -168,21 +205,34 @@ class AlisaPolicy(Policy):
             return attended * self.static_cpu_share, 0.0  # every selected token has its CPU heads on the CPU
         if res.phase == 1:
             return 0.0, 0.0
-        local_on_cpu = max(0, min(k, attended) - res.on_gpu)
+        # The newest token's K/V is always in the GPU window; the rest of [deleted, cpu_end) is live on the CPU.
+        live_on_cpu = max(0, min(self.cpu_end(step, schedule), n - 1) - res.deleted)
+        if self.cfg.kv_sparsity == 0:  # every token is attended: the fetched and recomputed rows are exact
+            return float(live_on_cpu), float(res.deleted)
+        # the k most recent tokens are always attended: those live on the CPU are fetched
+        local_on_cpu = max(0, min(self.cpu_end(step, schedule), n - 1) - max(n - min(k, attended), res.deleted))
         global_picks = attended - min(k, attended)
         older_than_gpu = self.stats.share_older_than(res.on_gpu / n, self.cfg.kv_sparsity)
         deleted = self.stats.share_older_than(1 - res.deleted / n, self.cfg.kv_sparsity) if res.deleted else 0.0
         return local_on_cpu + global_picks * (older_than_gpu - deleted), global_picks * deleted
 
     def offloaded(self, step: int, schedule: AlisaSchedule | None = None) -> int:
-        """Tokens per sequence that leave the GPU window at this step (the prefill offloads its own)."""
-        now = self.residency(step, schedule)
-        if step > 1:
-            before = self.residency(step - 1, schedule)
-        else:  # what the prefill left on the GPU (it offloads the prompt beyond the budget itself)
-            on_gpu = min(self.prompt_len, self.gpu_tokens)
-            before = Residency(1, on_gpu, self.prompt_len - on_gpu, 0)
-        return max(0, (now.on_cpu + now.deleted) - (before.on_cpu + before.deleted))
+        """Tokens per sequence copied to the CPU pool at this step (the prefill offloads its own)."""
+        return self.offload_end(step, schedule) - self.offload_end(step - 1, schedule)
+
+    def inputs_stored(self, step: int, schedule: AlisaSchedule | None = None) -> int:
+        """Layer inputs per sequence written to the CPU at this step: the prompt's and then each new token's, for
+        the positions the plan will delete."""
+        first = 0 if step == 0 else self.context(step) - 1
+        return max(0, min(self.context(step), self.input_end(schedule)) - first)
+
+    def token_rows(self, step: int) -> dict[str, float]:
+        rows = self.batch * self.model.num_layers
+        counters = {"offloaded_tokens": rows * self.offloaded(step)}
+        if step > 0:
+            fetch, recompute = self.picks(step)
+            counters.update(fetched_tokens=rows * fetch, recomputed_tokens=rows * recompute)
+        return {name: count for name, count in counters.items() if count}
 
     # ---- templates ---------------------------------------------------------------------------------------------------
     def _attention_op(self, attended: int):
@@ -232,21 +282,31 @@ class AlisaPolicy(Policy):
         t.link("out_proj_mlp", "qkv_proj", lag=1)
         for name in buffered:  # two staging buffers: reused once attention two layers back has read them
             t.link("attention", name, lag=2)
-        offloaded = self.offloaded(step, schedule) if self.cfg.dynamic_scheduling else self.static_cpu_share
-        if offloaded > 0:
+        if self.cfg.dynamic_scheduling:
+            offloaded = self.batch * (self.offloaded(step, schedule) * self.kv_token_layer
+                                      + self.inputs_stored(step, schedule) * self.input_token_layer)
+        else:
             per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
-            t.add(self.copy_op("kv_offload", "d2h", self.batch * offloaded * per_token), after=("qkv_proj",))
+            offloaded = self.batch * self.static_cpu_share * per_token
+        if offloaded > 0:
+            t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
         return self.head_and_tail(t, self.batch)
 
-    def prefill_template(self) -> LayerTemplate:
+    def prefill_template(self, schedule: AlisaSchedule | None = None) -> LayerTemplate:
         rows = self.batch * self.prompt_len
         t = LayerTemplate()
         self.add_compute_chain(t, rows, self.prefill_attention_op())
         k, _ = self.selected(self.prompt_len)
         # Seed the local sums from the prompt's last k attention rows.
         t.add(self._selection_op(self.batch * k, self.prompt_len), after=("attention",))
-        on_cpu = self.prompt_len - min(self.prompt_len, self.gpu_tokens) if self.cfg.dynamic_scheduling \
-            else self.prompt_len * self.static_cpu_share
-        if on_cpu > 0:
-            t.add(self.copy_op("kv_offload", "d2h", self.batch * on_cpu * self.kv_token_layer), after=("qkv_proj",))
+        schedule = schedule or self._schedule
+        if self.cfg.dynamic_scheduling and schedule is not None:
+            offloaded = self.batch * (self.offloaded(0, schedule) * self.kv_token_layer
+                                      + self.inputs_stored(0, schedule) * self.input_token_layer)
+        elif self.cfg.dynamic_scheduling:  # no schedule yet (the search's bound): the prompt beyond the budget
+            offloaded = self.batch * (self.prompt_len - min(self.prompt_len, self.gpu_tokens)) * self.kv_token_layer
+        else:
+            offloaded = self.batch * self.prompt_len * self.static_cpu_share * self.kv_token_layer
+        if offloaded > 0:
+            t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
         return t

@@ -90,10 +90,16 @@ class Policy(ABC):
     def steps(self) -> Iterator[StepPlan]:
         """The run, step by step: the prefill of the whole batch, then gen_len - 1 decode steps."""
         yield StepPlan(self.prefill_template(), self.phase(0), self.kv_memory(self.prompt_len), "prefill", "prefill",
-                       self.batch * self.prompt_len, self.batch)
+                       self.batch * self.prompt_len, self.batch, self.token_rows(0))
         for step in range(1, self.wl.decode_steps + 1):
             yield StepPlan(self.decode_template(step), self.phase(step), self.kv_memory(self.context(step)),
-                           "decode", f"decode {step}", self.batch, self.batch)
+                           "decode", f"decode {step}", self.batch, self.batch, self.token_rows(step))
+
+    def token_rows(self, step: int) -> dict[str, float]:
+        """Token rows (one token of one layer of one sequence) the step moves, recomputes or evicts, by counter
+        (`fetched_tokens`, `offloaded_tokens`, `recomputed_tokens`, `evicted_tokens`), as the executor counts them
+        where its copies happen; none for a policy that keeps its KV where it is."""
+        return {}
 
     def placement(self) -> dict[str, float]:
         """Share of weights and KV kept on the GPU (the rest is on the CPU)."""

@@ -20,6 +20,15 @@ class _EvictionPolicy(Policy):
     def kept(self, context: int) -> int:
         return eviction_kept(context, self.wl.policy.kv_sparsity, self.prompt_len)
 
+    def token_rows(self, step: int) -> dict[str, float]:
+        """Evicted rows: the prompt beyond the budget, then one per sequence and layer on a step whose budget did not
+        grow (the new token takes an evicted token's slot)."""
+        if step == 0:
+            evicted = self.prompt_len - self.kept(self.prompt_len)
+        else:
+            evicted = int(self.kept(self.context(step)) == self.kept(self.context(step - 1)))
+        return {"evicted_tokens": evicted * self.batch * self.model.num_layers} if evicted else {}
+
     def static_memory(self) -> MemoryUse:
         return MemoryUse(gpu={"weights": self.model.weight_bytes, **self.activation_buffers()})
 

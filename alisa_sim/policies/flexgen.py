@@ -96,6 +96,17 @@ class FlexGenPolicy(Policy):
         return 2 if self.cpu_kv_heads else 1
 
     # ---- sizes -------------------------------------------------------------------------------------------------
+    def token_rows(self, step: int) -> dict[str, float]:
+        """Rows of the CPU heads' KV: the prompt's and each new token's go down; without CPU attention, every cached
+        row comes up each decode step (a row counts once, whatever share of the heads it carries)."""
+        if not self.cpu_kv_heads:
+            return {}
+        rows = self.batch * self.model.num_layers
+        if step == 0:
+            return {"offloaded_tokens": rows * self.prompt_len}
+        fetched = {} if self.cpu_attention else {"fetched_tokens": rows * (self.context(step) - 1)}
+        return {**fetched, "offloaded_tokens": rows}
+
     def _kv_per_token_layer(self, kv_heads: int) -> float:
         return 2 * kv_heads * self.model.dim_per_head * self.model.dtype_bytes
 

@@ -1,0 +1,108 @@
+"""For one plan, the simulator's step rows equal the executor's exactly, for every executor policy: per step the kind,
+KV phase, token rows computed, KV bytes held on each tier, H2D and D2H payload bytes, and the token-row counters
+(fetched / offloaded / recomputed / evicted, one token of one layer of one sequence), plus vLLM's preemptions and
+swapped blocks. CPU device, float32, a tiny GQA model with dummy weights; budgets tight enough that ALISA spends the
+run in Phase II (and Phase III with p2/beta pinned) and vLLM preempts.
+
+ALISA at kv_sparsity > 0 is exact here in Phase II because the tight budget leaves only the newest token on the GPU,
+so every other selected token is read from the CPU whichever the selection picks; with a wider GPU window, or in
+Phase III (fetched or deleted), the split of the global picks comes from the model's attention at run time, which the
+simulator takes from `selection_stats` (docs/executor.md, "What the simulator and the executor count alike").
+"""
+
+import pytest
+import torch
+
+from alisa_exec import executor
+from alisa_sim.cost_model import CostModel
+from alisa_sim.errors import SpecError
+from alisa_sim.policies import make_policy
+from alisa_sim.results import simulated_rows
+from alisa_sim.workload import resolve_workload
+from tiny_models import TINY_SPEC
+
+CPU = torch.device("cpu")
+BATCH, PROMPT_LEN, GEN_LEN = 3, 12, 12
+FIELDS = ("kind", "phase", "tokens", "sequences", "gpu_kv_bytes", "cpu_kv_bytes", "h2d_bytes", "d2h_bytes")
+COUNTERS = ("fetched_tokens", "offloaded_tokens", "recomputed_tokens", "evicted_tokens", "preemptions",
+            "swapped_out_blocks", "swapped_in_blocks")
+VLLM = {"name": "vllm", "block_size": 4, "swap_space": 0.0001, "max_model_len": PROMPT_LEN + GEN_LEN,
+        "max_num_batched_tokens": 64}
+ALISA = {"name": "alisa", "kv_sparsity": 0.0, "int8": False}
+PHASE_3 = {"p2": 3, "beta": 0.5}
+# policy, budget ("tight": about the least the plan fits in; an int: vLLM's GPU pool in blocks), phases the run has
+CASES = {
+    "dense": ({"name": "dense"}, None, {1}),
+    "zero": ({"name": "zero"}, None, {1}),
+    "accelerate": ({"name": "accelerate"}, None, {2}),
+    "flexgen": ({"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "gpu_batch_size": 3, "num_gpu_batches": 1,
+                 "cpu_attention": False}, None, {2}),
+    "flexgen-cpu-attention": ({"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "gpu_batch_size": 1,
+                               "num_gpu_batches": 3, "cpu_attention": True}, None, {2}),
+    "vllm-recompute": ({**VLLM, "preemption_mode": "recompute"}, 8, {1}),
+    "vllm-swap": ({**VLLM, "preemption_mode": "swap"}, 8, {1}),
+    "alisa-phase-1": (ALISA, None, {1}),
+    "alisa-phase-2": (ALISA, "tight", {2}),
+    "alisa-phase-3": ({**ALISA, **PHASE_3}, "tight", {2, 3}),
+    "alisa-phase-3-int8": ({**ALISA, **PHASE_3, "int8": True}, "tight", {2, 3}),
+    "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, "tight", {2}),
+    "alisa-0.8-int8-phase-2": ({**ALISA, "kv_sparsity": 0.8, "int8": True}, "tight", {2}),
+    "h2o": ({"name": "h2o", "kv_sparsity": 0.5}, None, {1}),
+    "streamingllm": ({"name": "streamingllm", "kv_sparsity": 0.5}, None, {1}),
+}
+
+
+def workload(policy: dict, gpu_gb: float | None = None):
+    data = {"model": {**TINY_SPEC, "num_layers": 2, "dtype_bytes": 4}, "hardware": "h100", "batch_size": BATCH,
+            "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "policy": policy}
+    if gpu_gb is not None:
+        data["memory"] = {"gpu_gb": gpu_gb}
+    return resolve_workload(data)
+
+
+def tight_cap(policy: dict) -> float:
+    """About the least memory.gpu_gb the plan fits in (a bisection)."""
+    low, high = 1e-5, 1e-2
+    for _ in range(14):
+        middle = (low * high) ** 0.5
+        try:
+            executor.plan_run(workload(policy, middle), CPU, torch.float32)
+            high = middle
+        except SpecError:
+            low = middle
+    return high
+
+
+def blocks_cap(policy: dict, blocks: int) -> float:
+    """memory.gpu_gb for a vLLM pool of `blocks` KV blocks."""
+    wl = workload(policy, 1.0)
+    sim = make_policy(executor._with(wl, torch.float32, wl.gpu_capacity_bytes), CostModel(wl.hardware))
+    return (sim.static_memory().gpu_bytes + (blocks + 0.5) * sim.block_bytes) / 0.9 / 1e9
+
+
+def budget(policy: dict, cap) -> float | None:
+    if cap == "tight":
+        return tight_cap(policy)
+    return blocks_cap(policy, cap) if isinstance(cap, int) else None
+
+
+def step_table(rows) -> list[dict]:
+    return [{**{name: getattr(row, name) for name in FIELDS},
+             **{name: row.counters.get(name, 0) for name in COUNTERS}} for row in rows]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_simulated_steps_equal_the_executed_ones(case):
+    policy, cap, phases = CASES[case]
+    plan = executor.plan_run(workload(policy, budget(policy, cap)), CPU, torch.float32)
+    measured = executor.execute(plan, CPU, torch.float32, "dummy", 0, warmup_steps=0)
+    executed, simulated = step_table(measured.rows()), step_table(simulated_rows(plan.simulation))
+    assert len(executed) == len(simulated) >= GEN_LEN  # vLLM's iterations may be more than the decode steps
+    for step, (ex, sim) in enumerate(zip(executed, simulated)):
+        assert ex == sim, f"step {step}: " + ", ".join(f"{k} exec {ex[k]} sim {sim[k]}" for k in ex if ex[k] != sim[k])
+    assert {row["phase"] for row in executed[1:]} == phases
+    moved = sum(row["fetched_tokens"] + row["offloaded_tokens"] + row["evicted_tokens"] for row in executed)
+    assert (moved > 0) == (case not in ("dense", "zero", "alisa-phase-1") and not case.startswith("vllm"))
+    if case.startswith("vllm"):  # the pool is small enough that the scheduler preempts
+        assert sum(row["preemptions"] for row in executed) > 0
+        assert measured.peak_gpu_bytes == plan.simulation.peak_gpu_bytes
