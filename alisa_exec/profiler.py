@@ -27,12 +27,19 @@ import torch
 import yaml
 from torch.nn import functional as F
 
+from alisa_exec import ops
+from alisa_exec.kernels.selection import LocalAttentionSum
+from alisa_exec.kv_cache import Tiers, TokenRows
+from alisa_exec.model import Transformer
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import HardwareProfile
-from alisa_sim.model_spec import PRESETS, load_model_spec
+from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention variant keeps
+# Weights a streamed projection rotates over: more bytes than any last-level cache, as a decode step reads each
+# layer's weights once (CPU L3 and GPU L2 are well under this).
+STREAMED_WEIGHT_BYTES = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,20 @@ class Bench:
         times: list[float] = []
         while len(times) < self.reps or (sum(times) < self.min_time_s and len(times) < self.max_reps):
             times.append(self._once(fn))
+        return statistics.median(times)
+
+    def host_s(self, fn: Callable[[], object]) -> float:
+        """The host's time issuing fn's eager calls, without waiting for the device (CUDA); on a CPU device the
+        issue is the op's own time, already in `time_s`, so 0."""
+        if not self.cuda:
+            return 0.0
+        times = []
+        for _ in range(self.reps):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        self.sync()
         return statistics.median(times)
 
 
@@ -310,6 +331,104 @@ def software_versions(device: torch.device) -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def profile_spec(grid: Grid) -> ModelSpec:
+    """The LLaMA-style layer (GQA 2:1, SwiGLU, RoPE) whose ops the named-op rows time at the grid's head shape."""
+    hidden = grid.heads * grid.head_dim
+    return ModelSpec(name="profile-llama", family="llama", hidden_size=hidden, num_layers=1, num_heads=grid.heads,
+                     num_kv_heads=max(1, grid.heads // 2), ffn_dim=2 * hidden, vocab_size=4 * hidden,
+                     max_position_embeddings=max(L for _, L in grid.decode_bL + grid.prefill_bL),
+                     tie_word_embeddings=False, norm_eps=1e-5)
+
+
+def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
+    """The executor's own named ops (alisa_sim.hardware.NAMED_OPS), called as the executor calls them at the grid's
+    shapes: projections over weights streamed from more than a cache's worth of distinct buffers, every attention
+    path, the elementwise ops, INT8 store/decode, SWA selection, tier copies and host gathers."""
+    device, e = bench.device, torch.empty((), dtype=dtype).element_size()
+    spec = profile_spec(grid)
+    model = Transformer(spec).to(device=device, dtype=dtype)
+    model.setup_tables(spec.max_position_embeddings)
+    layer, kv, d = model.layers[0], spec.num_kv_heads, spec.dim_per_head
+    rows_out: list[dict] = []
+
+    def add(op: str, shape: dict[str, int], fn: Callable[[], object]) -> None:
+        rows_out.append({"op": op, "shape": shape, "s": bench.time_s(fn), "host_s": bench.host_s(fn),
+                         "source": "measured"})
+
+    pool = _rand(STREAMED_WEIGHT_BYTES // e, device=device, dtype=dtype)  # distinct weights, views into one pool
+    for k, n in grid.gemm_kn:
+        count = max(2, pool.numel() // (k * n))
+        buffers = [pool[i * k * n:(i + 1) * k * n].view(n, k) if (i + 1) * k * n <= pool.numel()
+                   else _rand(n, k, device=device, dtype=dtype) for i in range(count)]
+        linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        for m in grid.gemm_m:
+            x, turn = _rand(1, m, k, device=device, dtype=dtype), iter(range(1 << 62))
+            add("project", {"m": m, "k": k, "n": n, "e": e},
+                lambda: ops.project(linear, x, buffers[next(turn) % len(buffers)]))
+    hidden, width = spec.hidden_size, spec.q_dim + 2 * spec.kv_dim
+    for rows in sorted({m for m in grid.gemm_m}):
+        x = _rand(1, rows, hidden, device=device, dtype=dtype)
+        up = _rand(1, rows, 2 * spec.ffn_dim, device=device, dtype=dtype)
+        qkv = _rand(1, rows, width, device=device, dtype=dtype)
+        rope = ops.rope(model, torch.arange(rows, device=device) % spec.max_position_embeddings)
+        tokens = torch.randint(spec.vocab_size, (1, rows), device=device)
+        logits = _rand(rows, 1, spec.vocab_size, device=device, dtype=torch.float32)
+        add("norm", {"rows": rows, "width": hidden, "e": e}, lambda: ops.norm(layer.attention_norm, x))
+        add("activate", {"rows": rows, "width": spec.ffn_dim, "gated": 1, "e": e},
+            lambda: ops.activate(layer.feed_forward, up))
+        add("split_heads", {"rows": rows, "width": width, "e": e}, lambda: ops.split_heads(layer.attention, qkv, rope))
+        add("residual", {"rows": rows, "width": hidden, "e": e}, lambda: x + x)
+        add("embed", {"rows": rows, "width": hidden, "e": e}, lambda: ops.embed(model, tokens, None))
+        add("argmax", {"rows": rows, "width": spec.vocab_size}, lambda: ops.argmax(logits))
+        tiers = Tiers(device)
+        store = TokenRows(tiers, "gpu", "kv", rows, 1, width, dtype, int8=True)
+        values = _rand(rows, 1, width, device=device, dtype=dtype)
+        add("kv_quantize", {"rows": rows, "width": width, "e": e}, lambda: store.store(slice(None), values))
+        add("kv_dequantize", {"rows": rows, "width": width, "e": e}, lambda: store.read(slice(None)))
+    for b, L in grid.prefill_bL:
+        q = _rand(b, L, spec.num_heads, d, device=device, dtype=dtype)
+        k_, v_ = (_rand(b, L, kv, d, device=device, dtype=dtype) for _ in range(2))
+        add("causal_attention", {"b": b, "L": L, "h": spec.num_heads, "d": d}, lambda: ops.causal_attention(q, k_, v_))
+    for b, L in grid.decode_bL:
+        q = _rand(b, 1, spec.num_heads, d, device=device, dtype=dtype)
+        keys, values_ = (_rand(b, kv, L, d, device=device, dtype=dtype) for _ in range(2))
+        mask = torch.zeros(1, L, device=device, dtype=dtype)
+        lengths = torch.full((b,), L, device=device, dtype=torch.int32)
+        shape = {"b": b, "T": L, "kv": kv, "d": d, "e": e}
+        add("masked_attention", shape, lambda: ops.masked_attention(q, keys, values_, mask))
+        add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
+        add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_, lengths))
+        selected = max(1, round(L * GATHER_SHARE))
+        indices = torch.randperm(L, device=device)[:selected].sort().values.to(torch.int32).expand(b, kv, -1)
+        add("sparse_attention", {**shape, "T": selected},
+            lambda: ops.sparse_attention(q[:, 0], keys, values_, indices.contiguous(), None, bench.cuda))
+        scores = LocalAttentionSum(b, L, GATHER_SHARE, device)
+        positions = torch.arange(scores.width, device=device, dtype=torch.int32).expand(b, -1)
+        probs = torch.rand(b, scores.width, device=device)
+
+        def push_and_select():
+            scores.push(positions, probs)
+            return scores.select(L)
+        add("local_sum", {"b": b, "T": L}, lambda: scores.push(positions, probs) or scores.reset())
+        add("topk", {"b": b, "L": L}, push_and_select)
+    cpu = torch.device("cpu")
+    for b, L in grid.host_decode_bL:
+        q = _rand(b, 1, spec.num_heads, d, device=cpu, dtype=dtype)
+        keys, values_ = (_rand(b, kv, L, d, device=cpu, dtype=dtype) for _ in range(2))
+        add("cpu_attention", {"b": b, "T": L, "kv": kv, "d": d, "e": e}, lambda: ops.rows_attention(q, keys, values_))
+    for nbytes in grid.copy_bytes:
+        host = {"pinned": torch.empty(nbytes, dtype=torch.uint8, pin_memory=bench.cuda),
+                "pageable": torch.empty(nbytes, dtype=torch.uint8)}
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        for memory, buffer in host.items():
+            add(f"copy_h2d_{memory}", {"bytes": nbytes}, lambda: dev.copy_(buffer, non_blocking=bench.cuda))
+            add(f"copy_d2h_{memory}", {"bytes": nbytes}, lambda: buffer.copy_(dev, non_blocking=bench.cuda))
+        rows_host = torch.empty(nbytes // 256, 256, dtype=torch.uint8)
+        picked = torch.randperm(rows_host.shape[0])[:max(1, rows_host.shape[0] // 5)]
+        add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host, 0, picked))
+    return rows_out
+
+
 def measure_profile(name: str, device: torch.device, quick: bool,
                     progress: Callable[[str], None] = lambda _: None) -> dict:
     """Measure the machine into a profile mapping (validated against the HardwareProfile schema)."""
@@ -325,6 +444,8 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     progress("attention")
     decode = measure_decode_attention(bench, grid.decode_bL, grid.heads, grid.head_dim, dtype, gathered=True)
     prefill = measure_prefill_attention(bench, grid, dtype)
+    progress("the executor's named ops")
+    named = measure_named_ops(bench, grid, dtype)
     progress("copies")
     copies, bidirectional = measure_cuda_link(bench, grid) if cuda else measure_host_copies(bench, grid)
     progress("host CPU")
@@ -374,6 +495,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
             "gemm_fp16": gemms,
             "decode_attention_fp16": decode,
             "prefill_attention_fp16": prefill,
+            "ops": named,
         },
         "link": {"source": {"kind": "measured", "note": link_note}, "name": link_name, "copies": copies,
                  "bidirectional_factor": bidirectional},

@@ -14,9 +14,20 @@ from functools import lru_cache
 
 import numpy as np
 
-from alisa_sim.hardware import HardwareProfile
+from alisa_sim.hardware import NAMED_OPS, HardwareProfile, op_work
 
 COPY_DIRECTIONS = ("h2d", "d2h")
+# Eager PyTorch calls per named op as the executor issues it (for rows derived without a host measurement: the host
+# cost is this many launches at the profile's launch_overhead_s).
+EAGER_CALLS = {"project": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2, "argmax": 1,
+               "causal_attention": 3, "masked_attention": 4, "rows_attention": 3, "packed_attention": 8,
+               "sparse_attention": 10, "cpu_attention": 3, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
+               "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
+               "host_gather": 1}
+# Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
+_BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_quantize", "kv_dequantize",
+                  "local_sum", "topk")
+_DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 # Bytes per element of the dtypes CPU attention rows are measured in.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -57,6 +68,72 @@ def causal_attention_flops(batch, prompt_len, num_heads, head_dim):
     return 2 * batch * num_heads * head_dim * prompt_len**2
 
 
+def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
+    """A shape of `op` over `rows` rows of width 1024 (fp16) for bandwidth-derived rows."""
+    keys = NAMED_OPS[op][0]
+    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024}
+    return {key: values[key] for key in keys}
+
+
+def derived_op_rows(profile: HardwareProfile) -> list[dict]:
+    """Named-op rows for every op the profile does not time itself, derived from its other tables and marked
+    "derived": projections are the GEMM table, attention paths the attention tables (the sparse and packed paths the
+    20%-gathered rows where there are any), CPU attention the CPU section, copies the link table (host gathers at the
+    CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never below one
+    launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost EAGER_CALLS x
+    launch_overhead_s."""
+    gpu, measured = profile.gpu, {row.op for row in profile.gpu.ops}
+    floor_s, hbm_Bps = gpu.launch_overhead_s, gpu.hbm_GBps * 1e9
+    shapes: dict[str, list[tuple[dict, float]]] = {
+        "project": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
+        "causal_attention": [({"b": r.b, "L": r.L, "h": r.H, "d": r.D}, r.s) for r in gpu.prefill_attention_fp16],
+        "cpu_attention": [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": _DTYPE_BYTES[r.dtype]}, r.s)
+                          for r in profile.cpu.decode_attention],
+    }
+    decode = [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": 2}, r.s) for r in gpu.decode_attention_fp16]
+    gathered = [({"b": r.b, "T": max(1, round(0.2 * r.L)), "kv": r.H, "d": r.D, "e": 2}, r.gather20_s)
+                for r in gpu.decode_attention_fp16 if r.gather20_s]
+    shapes.update({"masked_attention": decode, "rows_attention": decode,
+                   "packed_attention": gathered or decode, "sparse_attention": gathered or decode})
+    for direction in COPY_DIRECTIONS:
+        for memory in ("pinned", "pageable"):
+            shapes[f"copy_{direction}_{memory}"] = [({"bytes": r.bytes}, getattr(r, f"{direction}_{memory}_s"))
+                                                    for r in profile.link.copies]
+    shapes["host_gather"] = [({"bytes": r.bytes}, max(floor_s, 2 * r.bytes / (profile.cpu.copy_GBps * 1e9)))
+                             for r in profile.link.copies]
+    for op in _BANDWIDTH_OPS:
+        shapes[op] = [(shape, max(floor_s, op_work(op, shape) / hbm_Bps))
+                      for shape in (_bandwidth_shape(op, rows) for rows in _DERIVED_ROWS)]
+    return [{"op": op, "shape": shape, "s": seconds, "host_s": EAGER_CALLS[op] * gpu.launch_overhead_s,
+             "source": "derived"} for op in NAMED_OPS if op not in measured for shape, seconds in shapes[op]]
+
+
+class _OpCurve:
+    """A named op's time over its work: one log-log curve (the first row's time below the rows), or for attention
+    over a cache (ops over `b` sequences of `T` tokens) one curve per measured batch interpolated in log batch (the
+    nearest batch's curve outside them), each scaling down below its smallest row at that row's rate, not below the
+    op's fastest row (a large batch's smallest cache is already bandwidth-bound)."""
+
+    def __init__(self, op: str, rows: list[dict]):
+        self.op = op
+        by_batch = defaultdict(list)
+        for row in rows:
+            by_batch[row["shape"]["b"] if "T" in row["shape"] else 1].append((op_work(op, row["shape"]), row["s"]))
+        floor_s = min(row["s"] for row in rows) if len(by_batch) > 1 else None
+        batches = sorted(by_batch)
+        self._log_batches = np.log(np.array(batches, dtype=float))
+        self._curves = [_LogLogCurve(*zip(*by_batch[b]), floor_s=floor_s) for b in batches]
+
+    def __call__(self, shape: dict[str, int]) -> float:
+        work = op_work(self.op, shape)
+        if work <= 0:
+            return 0.0
+        if len(self._curves) == 1:
+            return self._curves[0](work)
+        log_times = [math.log(curve(work)) for curve in self._curves]
+        return math.exp(float(np.interp(math.log(shape.get("b", 1)), self._log_batches, log_times)))
+
+
 class CostModel:
     """Op times (seconds) on one machine, from its HardwareProfile."""
 
@@ -65,14 +142,21 @@ class CostModel:
         gpu, link, cpu = profile.gpu, profile.link, profile.cpu
         self.launch_overhead_s: float = gpu.launch_overhead_s
 
-        # GEMM: one curve over m per measured (k, n) family.
+        # Named ops: the profile's own rows, and derived ones for ops it does not time; per op a curve over its work.
+        self.op_rows: dict[str, list[dict]] = defaultdict(list)
+        for row in [row.model_dump() for row in gpu.ops] + derived_op_rows(profile):
+            self.op_rows[row["op"]].append(row)
+        self._op_curves = {op: _OpCurve(op, rows) for op, rows in self.op_rows.items() if op != "project"}
+        self._op_host_s = {op: float(np.median([r["host_s"] for r in rows])) for op, rows in self.op_rows.items()}
+
+        # GEMM (the executor's `project`, weights streamed): one curve over m per measured (k, n) family.
         m_and_s = defaultdict(list)
-        for row in gpu.gemm_fp16:
-            m_and_s[row.k, row.n].append((row.m, row.s))
+        for row in self.op_rows["project"]:
+            m_and_s[row["shape"]["k"], row["shape"]["n"]].append((row["shape"]["m"], row["s"]))
         self._gemm_families = list(m_and_s)
         self._gemm_family_log_kn = np.log(np.array(self._gemm_families, dtype=float))
         self._gemm_curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._gemm_families]
-        self._gemm_floor_s = min(row.s for row in gpu.gemm_fp16)
+        self._gemm_floor_s = min(row["s"] for row in self.op_rows["project"])
 
         # Decode attention: one curve over KV bytes per measured batch (rows are fp16, MHA: kv heads = H).
         bytes_and_s = defaultdict(list)
@@ -120,6 +204,27 @@ class CostModel:
     def host_s(self, kernels: int) -> float:
         """Host time to issue an op of `kernels` eager kernel launches (or copy calls)."""
         return kernels * self.launch_overhead_s
+
+    def op_host_s(self, op: str) -> float:
+        """The host's time issuing one named op's eager calls (the median of its rows; on a CPU device the op's
+        rows hold all of its time in `s`, and this is 0 for measured rows)."""
+        self._check_op(op)
+        return self._op_host_s[op]
+
+    # ---- named ops ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_op(op: str) -> None:
+        if op not in NAMED_OPS:
+            raise ValueError(f"unknown op {op!r} (the executor's named ops: {', '.join(NAMED_OPS)})")
+
+    def op_s(self, op: str, **shape: int) -> float:
+        """Device time of one named executor op at a shape (NAMED_OPS keys), interpolated over its work along the
+        profile's rows for that op (`project` is gemm_s)."""
+        self._check_op(op)
+        if op == "project":
+            return self.gemm_s(shape["m"], shape["k"], shape["n"])
+        return self._op_curves[op](shape)
 
     # ---- GPU ----------------------------------------------------------------------------------------------------
 

@@ -80,6 +80,65 @@ class CopyRow(_Strict):
     d2h_pageable_s: Seconds
 
 
+# The executor's named ops a profile may time (alisa_exec.ops functions and the cache's, kernels' and tiers' own calls,
+# under the names the executor's trace and the profiler use): the shape keys each row gives, and the work the cost
+# model interpolates a row's time over (bytes moved; FLOPs for the prompt pass's attention). `e` is bytes per element.
+def _kv(b, T, kv, d, e):
+    return 2 * b * T * kv * d * e
+
+
+NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
+    "project": (("m", "k", "n", "e"), lambda m, k, n, e: (m * k + k * n + m * n) * e),
+    "norm": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
+    "activate": (("rows", "width", "gated", "e"), lambda rows, width, gated, e: (3 if gated else 2) * rows * width * e),
+    "split_heads": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
+    "residual": (("rows", "width", "e"), lambda rows, width, e: 3 * rows * width * e),
+    "embed": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
+    "argmax": (("rows", "width"), lambda rows, width: 4 * rows * width),
+    "causal_attention": (("b", "L", "h", "d"), lambda b, L, h, d: 2 * b * h * d * L**2),
+    "masked_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "rows_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "packed_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "sparse_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "cpu_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "kv_quantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
+    "kv_dequantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
+    "local_sum": (("b", "T"), lambda b, T: 8 * b * T),
+    "topk": (("b", "L"), lambda b, L: 8 * b * L),
+    "copy_h2d_pinned": (("bytes",), lambda bytes: bytes),
+    "copy_h2d_pageable": (("bytes",), lambda bytes: bytes),
+    "copy_d2h_pinned": (("bytes",), lambda bytes: bytes),
+    "copy_d2h_pageable": (("bytes",), lambda bytes: bytes),
+    "host_gather": (("bytes",), lambda bytes: bytes),
+}
+
+
+def op_work(op: str, shape: dict[str, int]) -> float:
+    """The work (bytes, or FLOPs) of one named op at a shape; an unknown op or wrong shape keys is a ValueError."""
+    if op not in NAMED_OPS:
+        raise ValueError(f"unknown op {op!r} (the executor's named ops: {', '.join(NAMED_OPS)})")
+    keys, work = NAMED_OPS[op]
+    if set(shape) != set(keys):
+        raise ValueError(f"op {op!r} takes shape keys {list(keys)}, got {sorted(shape)}")
+    return float(work(**shape))
+
+
+class OpRow(_Strict):
+    """One named executor op timed at one shape: device time `s` (on a CPU device, all of it) and `host_s`, the
+    host's time issuing its eager calls; `source` says whether it was measured or derived from other rows."""
+
+    op: str
+    shape: dict[str, Annotated[int, Field(ge=0, le=MAX_MEMORY_BYTES)]]
+    s: Seconds
+    host_s: Annotated[float, Field(ge=0, le=MAX_OP_S)]
+    source: Literal["measured", "derived"]
+
+    @model_validator(mode="after")
+    def _known_op(self) -> "OpRow":
+        op_work(self.op, self.shape)
+        return self
+
+
 class GpuSection(_Strict):
     source: Source
     name: str
@@ -90,6 +149,7 @@ class GpuSection(_Strict):
     gemm_fp16: list[GemmRow] = Field(min_length=2)
     decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
     prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)
+    ops: list[OpRow] = Field(default_factory=list, description="the executor's named ops, row by row (NAMED_OPS)")
 
 
 class LinkSection(_Strict):

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from scipy.optimize import least_squares
 
-from alisa_sim.cost_model import causal_attention_flops, decode_kv_bytes
+from alisa_sim.cost_model import causal_attention_flops, decode_kv_bytes, derived_op_rows
 from alisa_sim.errors import validate
 from alisa_sim.hardware import PROFILE_DIR, HardwareProfile
 
@@ -555,6 +555,13 @@ def flexgen_t4(h100: dict, h200: dict, calibration: Calibration) -> dict:
 
 
 def _validated(profile: dict, source: str) -> dict:
+    """The profile validated, with a named-op row (gpu.ops) for every executor op it does not time, derived from its
+    own tables (alisa_sim.cost_model.derived_op_rows) and marked "derived" (rows derived before, e.g. in a section
+    copied from another profile, are derived again from this one's tables)."""
+    profile["gpu"]["ops"] = [row for row in profile["gpu"].get("ops", []) if row["source"] == "measured"]
+    derived = derived_op_rows(validate(HardwareProfile, profile, source))
+    rows = [_Row({**row, "host_s": _significant(row["host_s"])}) for row in derived]
+    profile["gpu"]["ops"] += rows
     validate(HardwareProfile, profile, source)
     return profile
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from alisa_sim.ops import LayerTemplate
+from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
 from alisa_sim.swa import kv_budget, swa_window
@@ -37,7 +37,6 @@ def int8_group(width: int, most: int = INT8_GROUP) -> int:
 def int8_bytes_per_value(width: int, dtype_bytes: int) -> float:
     """Bytes per INT8 value of a row of `width` channels, its groups' scale and zero point included."""
     return 1 + 2 * dtype_bytes / int8_group(width)
-_SELECTION_KERNELS = 3  # local-sum update (add newest row, subtract the row leaving), top-k, sort
 
 
 @dataclass(frozen=True)
@@ -242,13 +241,14 @@ class AlisaPolicy(Policy):
             seconds = self.cost.gathered_decode_attention_s(*args)
         else:
             seconds = self.cost.decode_attention_s(*args)
-        return self._gpu_op("attention", {"attention": seconds}, 2)
+        path = "packed_attention" if self.cfg.attention_kernel == "gather" else "sparse_attention"
+        return make_op("attention", "gpu", {"attention": seconds}, host_s=self.host_of(path))
 
     def _selection_op(self, rows: int, context: int):
         """Local-sum update over the attention row and top-k: memory-bound passes over fp32 sums."""
         per_layer = self.model.num_heads if self.cfg.selection == "per_head" else 1
-        nbytes = 4 * 4 * rows * context * per_layer
-        return self._gpu_op("selection", {"selection": self.cost.hbm_s(nbytes)}, _SELECTION_KERNELS)
+        return self._gpu_op("selection", {"selection": (("local_sum", {"b": rows * per_layer, "T": context}),
+                                                        ("topk", {"b": rows * per_layer, "L": context}))})
 
     def _recompute_op(self, tokens: float):
         m, rows = self.model, max(1, math.ceil(tokens))
@@ -256,7 +256,7 @@ class AlisaPolicy(Policy):
             seconds = self.cost.gemm_s(rows, m.hidden_size, 2 * m.kv_dim)
         else:  # through every earlier layer: on average (L - 1) / 2 full layers per recomputed token
             seconds = (m.num_layers - 1) / 2 * sum(self.cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(rows))
-        return self._gpu_op("recompute", {"recompute": seconds}, 2)
+        return make_op("recompute", "gpu", {"recompute": seconds}, host_s=self.host_of("norm", "project", "split_heads"))
 
     def decode_template(self, step: int, schedule: AlisaSchedule | None = None) -> LayerTemplate:
         n = self.context(step)

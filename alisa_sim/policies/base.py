@@ -11,14 +11,6 @@ from alisa_sim.engine import StepSimulator
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
-# Kernel launches per fused op of a layer, for the host's issue cost (eager PyTorch, one kernel per torch op).
-_PRE_ATTENTION_KERNELS = 4  # norm, QKV GEMM, rotary/bias, KV cache write
-_ATTENTION_KERNELS = 2
-_POST_ATTENTION_KERNELS = 8  # out proj, residual, norm, MLP GEMMs, activation, residual
-# Elementwise passes over the hidden state per layer (two norms, two residual adds, reading and writing each).
-_HIDDEN_PASSES = 8
-
-
 @dataclass(frozen=True)
 class MemoryUse:
     """Bytes a policy holds on each device, with a by-purpose breakdown for error messages and reports."""
@@ -115,42 +107,66 @@ class Policy(ABC):
     def context(self, step: int) -> int:
         return self.prompt_len + step
 
-    def _gpu_op(self, name: str, parts: dict[str, float], kernels: int) -> Op:
-        return make_op(name, "gpu", parts, host_s=self.cost.host_s(kernels))
+    def _priced(self, *calls: tuple[str, dict[str, int]]) -> tuple[float, float]:
+        """Device and host seconds of a sequence of the executor's named ops, each from its profile row."""
+        return (sum(self.cost.op_s(op, **shape) for op, shape in calls),
+                sum(self.cost.op_host_s(op) for op, _ in calls))
 
-    def _elementwise_s(self, rows: int) -> float:
-        return self.cost.hbm_s(_HIDDEN_PASSES * rows * self.model.hidden_size * self.model.dtype_bytes)
+    def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]]) -> Op:
+        """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows."""
+        priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
+        return make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
+                       host_s=sum(host for _, host in priced.values()))
+
+    def host_of(self, *ops: str) -> float:
+        """The host's time issuing these named executor ops (from their profile rows)."""
+        return sum(self.cost.op_host_s(op) for op in ops)
+
+    def _rows(self, rows: int, width: int | None = None) -> dict[str, int]:
+        return {"rows": rows, "width": width or self.model.hidden_size, "e": self.model.dtype_bytes}
+
+    def _project(self, gemm) -> tuple[str, dict[str, int]]:
+        return "project", {"m": gemm.m, "k": gemm.k, "n": gemm.n, "e": self.model.dtype_bytes}
 
     def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
-        """Input norm and the fused QKV projection over `rows` token rows."""
-        qkv = self.model.layer_gemms(rows)[0]
-        return self._gpu_op(name, {"gemm": self.cost.gemm_s(qkv.m, qkv.k, qkv.n),
-                                          "elementwise": self._elementwise_s(rows) / 2}, _PRE_ATTENTION_KERNELS)
+        """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
+        (the executor's `qkv_proj` span)."""
+        m = self.model
+        qkv = m.layer_gemms(rows)[0]
+        return self._gpu_op(name, {"gemm": (self._project(qkv),),
+                                   "elementwise": (("norm", self._rows(rows)),
+                                                   ("split_heads", self._rows(rows, m.q_dim + 2 * m.kv_dim)))})
 
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
-        """Output projection, residuals, post-attention norm and the MLP over `rows` token rows."""
-        gemm_s = sum(self.cost.gemm_s(g.m, g.k, g.n) for g in self.model.layer_gemms(rows)[1:])
-        act_s = self.cost.hbm_s(2 * rows * self.model.ffn_dim * self.model.dtype_bytes)
-        return self._gpu_op(name, {"gemm": gemm_s, "elementwise": self._elementwise_s(rows) / 2 + act_s},
-                            _POST_ATTENTION_KERNELS)
+        """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
+        rows (the executor's `out_proj_mlp` span)."""
+        m = self.model
+        return self._gpu_op(name, {
+            "gemm": tuple(self._project(g) for g in m.layer_gemms(rows)[1:]),
+            "elementwise": (("residual", self._rows(rows)), ("norm", self._rows(rows)),
+                            ("activate", {**self._rows(rows, m.ffn_dim), "gated": int(m.gated_mlp)}),
+                            ("residual", self._rows(rows)))})
 
     def decode_attention_op(self, context: int, batch: int | None = None, kv_heads: int | None = None,
-                            name: str = "attention") -> Op:
-        """Decode attention of `batch` sequences (default: all) over `kv_heads` KV heads (default: all) on the GPU."""
+                            name: str = "attention", path: str = "rows_attention") -> Op:
+        """Decode attention of `batch` sequences (default: all) over `kv_heads` KV heads (default: all) on the GPU,
+        along the executor's attention `path` (a named op)."""
         m = self.model
         kv_heads = m.num_kv_heads if kv_heads is None else kv_heads
-        heads = kv_heads * (m.num_heads // m.num_kv_heads)
-        seconds = self.cost.decode_attention_s(batch or self.batch, context, heads, kv_heads, m.dim_per_head)
-        return self._gpu_op(name, {"attention": seconds}, _ATTENTION_KERNELS)
+        shape = {"b": batch or self.batch, "T": max(1, round(context)), "kv": kv_heads, "d": m.dim_per_head,
+                 "e": m.dtype_bytes}
+        return self._gpu_op(name, {"attention": ((path, shape),)})
 
     def prefill_attention_op(self, batch: int | None = None, name: str = "attention") -> Op:
         m = self.model
-        seconds = self.cost.prefill_attention_s(batch or self.batch, self.prompt_len, m.num_heads, m.dim_per_head)
-        return self._gpu_op(name, {"attention": seconds}, _ATTENTION_KERNELS)
+        shape = {"b": batch or self.batch, "L": self.prompt_len, "h": m.num_heads, "d": m.dim_per_head}
+        return self._gpu_op(name, {"attention": (("causal_attention", shape),)})
 
     def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
+        """One `Tiers.copy` of nbytes: device time from the link table, host time from its named copy row."""
+        op = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
         return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)},
-                       host_s=self.cost.host_s(1), nbytes=int(nbytes))
+                       host_s=self.cost.op_host_s(op), nbytes=int(nbytes))
 
     @property
     def overlap(self) -> bool:
@@ -164,12 +180,11 @@ class Policy(ABC):
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
-        h_bytes = rows * self.model.hidden_size * self.model.dtype_bytes
-        template.head.append(self._gpu_op("embedding", {"elementwise": self.cost.hbm_s(2 * h_bytes)}, 1))
+        template.head.append(self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)}))
         lm = self.model.lm_head_gemm(self.batch)
-        template.tail.append(self._gpu_op("lm_head", {"gemm": self.cost.gemm_s(lm.m, lm.k, lm.n),
-                                                      "elementwise": self.cost.hbm_s(
-                                                          2 * self.model.logits_bytes(self.batch))}, 4))
+        template.tail.append(self._gpu_op("lm_head", {
+            "gemm": (self._project(lm),),
+            "elementwise": (("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
         return template
 
     def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, qkv_after: tuple[str, ...] = (),

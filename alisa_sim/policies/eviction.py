@@ -9,11 +9,10 @@ and pays nothing to choose them.
 
 from __future__ import annotations
 
-from alisa_sim.ops import LayerTemplate
+from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.swa import eviction_kept
 
-_H2O_KERNELS = 3  # accumulate scores, evict the lowest, compact
 
 
 class _EvictionPolicy(Policy):
@@ -54,7 +53,8 @@ class H2OPolicy(_EvictionPolicy):
     def add_eviction_cost(self, template: LayerTemplate, kept: int) -> None:
         # fp32 accumulated score per head and kept token: read the new probabilities, update, find the lowest.
         nbytes = 4 * 3 * self.batch * self.model.num_heads * kept
-        template.add(self._gpu_op("h2o_eviction", {"selection": self.cost.hbm_s(nbytes)}, _H2O_KERNELS),
+        template.add(make_op("h2o_eviction", "gpu", {"selection": self.cost.hbm_s(nbytes)},
+                             host_s=self.host_of("local_sum", "topk")),
                      after=("attention",))
 
 

@@ -195,7 +195,7 @@ class FlexGenPolicy(Policy):
         ops.append(self.copy_op(f"qkv_to_cpu_b{k}", "d2h", qkv_bytes))
         # FlexGen computes CPU attention in fp32 over the fp16 cache, so it streams it as 4-byte values.
         cpu_s = self.cost.cpu_decode_attention_s(gbs, context, cpu_heads, self.cpu_kv_heads, m.dim_per_head, 4)
-        ops.append(make_op(f"cpu_attention_b{k}", "cpu", {"cpu": cpu_s}, host_s=self.cost.host_s(1)))
+        ops.append(make_op(f"cpu_attention_b{k}", "cpu", {"cpu": cpu_s}, host_s=self.host_of("cpu_attention")))
         out_bytes = gbs * cpu_heads * m.dim_per_head * m.dtype_bytes
         ops.append(self.copy_op(f"attention_to_gpu_b{k}", "h2d", out_bytes))
         return ops

@@ -318,7 +318,7 @@ class VllmPolicy(Policy):
         piece = self.block_size * self.model.kv_bytes_per_token_per_layer() / 2
         copies = 2 * blocks
         return make_op(name, direction, {direction: copies * self.cost.copy_s(piece, direction)},
-                       host_s=self.cost.host_s(copies), nbytes=int(copies * piece))
+                       host_s=copies * self.host_of(f"copy_{direction}_pinned"), nbytes=int(copies * piece))
 
     def prefill_template(self) -> LayerTemplate:
         """The whole batch's prompts in one iteration."""

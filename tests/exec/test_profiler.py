@@ -1,0 +1,76 @@
+"""The profiler times the executor's own named ops, and the cost model prices ops from those rows by name."""
+
+import pytest
+import torch
+
+from alisa_exec import ops
+from alisa_exec.kernels.selection import LocalAttentionSum
+from alisa_exec.kv_cache import Tiers, TokenRows
+from alisa_exec.profiler import CPU_QUICK, Bench, measure_named_ops, measure_profile
+from alisa_sim.cost_model import CostModel
+from alisa_sim.hardware import NAMED_OPS, HardwareProfile, load_hardware_profile, op_work
+
+# Each named op and the executor callable it times (alisa_exec.ops functions, or the cache's, selection's and tiers'
+# own calls); residual is the layer loop's inline `x + y` in alisa_exec/policies/base.py.
+EXECUTOR_CALLS = {
+    "project": ops.project, "norm": ops.norm, "activate": ops.activate, "split_heads": ops.split_heads,
+    "residual": torch.add, "embed": ops.embed, "argmax": ops.argmax, "causal_attention": ops.causal_attention,
+    "masked_attention": ops.masked_attention, "rows_attention": ops.rows_attention,
+    "packed_attention": ops.packed_attention, "sparse_attention": ops.sparse_attention,
+    "cpu_attention": ops.rows_attention, "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
+    "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
+    "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
+    "host_gather": TokenRows.flat_rows,
+}
+
+
+@pytest.fixture(scope="module")
+def named_rows():
+    return measure_named_ops(Bench(torch.device("cpu"), 2, min_time_s=0.0), CPU_QUICK, torch.float32)
+
+
+def test_every_named_op_is_an_executor_call_and_the_profiler_times_each(named_rows):
+    assert set(EXECUTOR_CALLS) == set(NAMED_OPS)
+    assert {row["op"] for row in named_rows} == set(NAMED_OPS)
+    assert all(row["source"] == "measured" and row["s"] > 0 and row["host_s"] == 0 for row in named_rows)
+
+
+def test_the_cost_model_reads_measured_rows_by_name(named_rows):
+    profile = load_hardware_profile("h200").model_dump()
+    profile["gpu"]["ops"] = named_rows
+    cost = CostModel(HardwareProfile.model_validate(profile))
+    for row in named_rows:
+        same_work = [other for other in named_rows if other["op"] == row["op"]
+                     and op_work(row["op"], other["shape"]) == op_work(row["op"], row["shape"])]
+        if row["op"] != "project" and len(same_work) == 1:  # rows of equal work are merged by geometric mean
+            assert cost.op_s(row["op"], **row["shape"]) == pytest.approx(row["s"], rel=1e-6)
+    gemm = next(row for row in named_rows if row["op"] == "project")
+    shape = gemm["shape"]
+    assert cost.gemm_s(shape["m"], shape["k"], shape["n"]) == pytest.approx(gemm["s"], rel=1e-6)
+    assert cost.op_host_s("norm") == 0.0  # on a CPU device the issue is in the op's own time
+
+
+def test_an_unknown_op_name_is_an_error():
+    cost = CostModel(load_hardware_profile("h200"))
+    with pytest.raises(ValueError, match="unknown op 'layernorm'"):
+        cost.op_s("layernorm", rows=1, width=8, e=2)
+    with pytest.raises(ValueError, match="unknown op"):
+        cost.op_host_s("layernorm")
+    profile = load_hardware_profile("h200").model_dump()
+    profile["gpu"]["ops"] = [{"op": "layernorm", "shape": {"rows": 1}, "s": 1e-5, "host_s": 0.0,
+                              "source": "measured"}]
+    with pytest.raises(ValueError, match="unknown op"):
+        HardwareProfile.model_validate(profile)
+
+
+def test_shipped_profiles_derive_every_named_op():
+    profile = load_hardware_profile("h200")
+    assert {row.op for row in profile.gpu.ops} == set(NAMED_OPS)
+    assert {row.source for row in profile.gpu.ops} == {"derived"}
+
+
+@pytest.mark.slow
+def test_quick_cpu_profile_measures_the_named_ops():
+    profile = measure_profile("cpu-quick", torch.device("cpu"), quick=True)
+    assert {row["op"] for row in profile["gpu"]["ops"]} == set(NAMED_OPS)
+    CostModel(HardwareProfile.model_validate(profile))
