@@ -119,11 +119,11 @@ def test_plan_json_pins_the_schedule(tmp_path, capsys):
     assert main(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), "--json"]) == 0
     chosen_total = json.loads(capsys.readouterr().out)["metrics"]["total_s"]
     assert chosen_total == pytest.approx(plan["chosen"]["simulated_total_s"])
-    assert chosen_total <= min(a["simulated_total_s"] for a in plan["alternatives"]) * 1.02
+    assert chosen_total <= min(a["simulated_total_s"] for a in plan["alternatives"] if not a["pruned"]) * 1.02
 
 
 def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_path, capsys):
-    """Phase III at 50% sparsity with INT8 and picks spread evenly: beta 0.6 from p2 = 430. Of the seven schedules
+    """Phase III at 50% sparsity with INT8 and picks spread evenly: beta 0.8 from p2 = 421. Of the seven schedules
     the report prices, the choice and the two best estimates are simulated; the others are pruned, each saying why;
     the Phase III search timed few of its 120 (beta, step) pairs and says which betas it never timed."""
     path = tmp_path / "w.yaml"
@@ -132,7 +132,7 @@ def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_p
     assert main(["plan", str(path), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     chosen = [(row["p1"], row["p2"], row["beta"]) for row in (plan["params"], plan["chosen"])]
-    assert chosen == [(333, 430, 0.6)] * 2
+    assert chosen == [(346, 421, 0.8)] * 2
     rows = [plan["chosen"]] + plan["alternatives"]
     simulated = [row for row in rows if row["pruned"] is None]
     assert len(rows) == 7 and len(simulated) == 3 and simulated[0]["what"] == "chosen"
@@ -145,7 +145,7 @@ def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_p
     assert any("more than 5% above the best" in (row["pruned"] or "") for row in rows)
     search = plan["phase3_search"]
     assert search["pairs"] == 120 and 0 < search["pairs_timed"] < 30
-    assert 0.6 in search["betas_timed"] and 0.6 not in search["betas_ruled_out"] and search["betas_ruled_out"]
+    assert 0.8 in search["betas_timed"] and 0.8 not in search["betas_ruled_out"] and search["betas_ruled_out"]
     assert main(["plan", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "pruned (+" in printed and "ruled out by a lower bound" in printed and "betas never timed" in printed
@@ -153,69 +153,71 @@ def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_p
 
 # ---- The schedule search: it times only what a lower bound cannot rule out, and chooses as before ---------------
 
-# The choices (p1, p2, alpha, beta) of the search as it was before it pruned by bound, when it timed every beta at
-# every sampled step (recorded 2026-12-01 at commit 69cd31b); bounding must change none of them.
+# The choices (p1, p2, alpha, beta) of the search: first recorded 2026-12-01 at commit 69cd31b, before it pruned by
+# bound (pruning changed none); re-recorded the same day when the engine gained its host and the cost model priced
+# every named op (elementwise ops, per-op host cost) and the executor's exact traffic. A change of prices may move
+# them; a change of the search must not (test_search_chooses_as_timing_every_candidate_would checks it directly).
 PINNED_FILE_SCHEDULES = [  # (workload file, policy override)
     ("workloads/opt-13b-zero-16g.yaml", "alisa", (0, 128, 0.0, 0.0)),
-    ("workloads/opt-30b-accelerate.yaml", "alisa", (375, 512, 0.0, 0.0)),
-    ("workloads/opt-6.7b-dense-h200.yaml", "alisa", (14702, 32, 0.0, 0.0)),
-    ("workloads/paper/fig11-attention-opt6.7b.yaml", "alisa", (7517, 2, 0.0, 0.0)),
+    ("workloads/opt-30b-accelerate.yaml", "alisa", (380, 512, 0.0, 0.0)),
+    ("workloads/opt-6.7b-dense-h200.yaml", "alisa", (14709, 32, 0.0, 0.0)),
+    ("workloads/paper/fig11-attention-opt6.7b.yaml", "alisa", (7519, 2, 0.0, 0.0)),
     ("workloads/paper/fig11-attention-opt6.7b.yaml", None, (3933, 2, 0.0, 0.0)),
-    ("workloads/paper/fig12-opt30b.yaml", "alisa", (375, 512, 0.0, 0.0)),
-    ("workloads/paper/fig12-opt30b.yaml", None, (136, 512, 0.0, 0.0)),
-    ("workloads/paper/fig9-opt30b-b64.yaml", "alisa", (375, 512, 0.0, 0.0)),
-    ("workloads/paper/fig9-opt30b-b64.yaml", None, (375, 512, 0.0, 0.0)),
+    ("workloads/paper/fig12-opt30b.yaml", "alisa", (380, 512, 0.0, 0.0)),
+    ("workloads/paper/fig12-opt30b.yaml", None, (138, 511, 0.0, 0.3)),
+    ("workloads/paper/fig9-opt30b-b64.yaml", "alisa", (380, 512, 0.0, 0.0)),
+    ("workloads/paper/fig9-opt30b-b64.yaml", None, (380, 512, 0.0, 0.0)),
 ]
 FIG9_P1 = {  # (model, batch): p1 of the Fig. 9 grid's ALISA points; none starts Phase III (p2 = 512)
-    ("opt-6.7b", 4): 18709, ("opt-6.7b", 8): 9265, ("opt-6.7b", 16): 4543, ("opt-6.7b", 32): 2182,
-    ("opt-6.7b", 64): 1002, ("opt-13b", 4): 4802, ("opt-13b", 8): 2317, ("opt-13b", 16): 1074, ("opt-13b", 32): 453,
-    ("opt-13b", 64): 142, ("llama-7b", 4): 18561, ("llama-7b", 8): 9189, ("llama-7b", 16): 4503,
-    ("llama-7b", 32): 2160, ("llama-7b", 64): 988, ("llama-13b", 4): 4612, ("llama-13b", 8): 2220,
-    ("llama-13b", 16): 1024, ("llama-13b", 32): 426, ("llama-13b", 64): 127, ("opt-30b", 4): 8411,
-    ("opt-30b", 8): 4125, ("opt-30b", 16): 1982, ("opt-30b", 32): 911, ("opt-30b", 64): 375, ("llama-33b", 4): 5722,
-    ("llama-33b", 8): 2782, ("llama-33b", 16): 1312, ("llama-33b", 32): 577, ("llama-33b", 64): 210,
+    ("opt-6.7b", 4): 18716, ("opt-6.7b", 8): 9273, ("opt-6.7b", 16): 4551, ("opt-6.7b", 32): 2190,
+    ("opt-6.7b", 64): 1009, ("opt-13b", 4): 4808, ("opt-13b", 8): 2323, ("opt-13b", 16): 1080, ("opt-13b", 32): 459,
+    ("opt-13b", 64): 148, ("llama-7b", 4): 18568, ("llama-7b", 8): 9196, ("llama-7b", 16): 4510,
+    ("llama-7b", 32): 2167, ("llama-7b", 64): 996, ("llama-13b", 4): 4618, ("llama-13b", 8): 2226,
+    ("llama-13b", 16): 1030, ("llama-13b", 32): 432, ("llama-13b", 64): 133, ("opt-30b", 4): 8416,
+    ("opt-30b", 8): 4130, ("opt-30b", 16): 1987, ("opt-30b", 32): 916, ("opt-30b", 64): 380, ("llama-33b", 4): 5726,
+    ("llama-33b", 8): 2786, ("llama-33b", 16): 1316, ("llama-33b", 32): 581, ("llama-33b", 64): 214,
 }
 FIG12_SCHEDULES = {  # Fig. 12's workload with (kv_sparsity, int8, recompute, selection_stats) changed
-    (0.5, False, True, "measured"): (108, 255, 0.0, 1.0), (0.5, False, False, "measured"): (114, 512, 0.0, 0.0),
-    (0.5, True, True, "measured"): (333, 512, 0.0, 0.0), (0.5, True, False, "measured"): (340, 512, 0.0, 0.0),
-    (0.5, False, True, "uniform"): (108, 181, 0.0, 1.0), (0.5, False, False, "uniform"): (114, 512, 0.0, 0.0),
-    (0.5, True, True, "uniform"): (333, 430, 0.0, 0.6), (0.5, True, False, "uniform"): (340, 512, 0.0, 0.0),
-    (0.8, False, True, "measured"): (136, 512, 0.0, 0.0), (0.8, False, False, "measured"): (138, 512, 0.0, 0.0),
-    (0.8, True, True, "measured"): (375, 512, 0.0, 0.0), (0.8, True, False, "measured"): (378, 512, 0.0, 0.0),
-    (0.8, False, True, "uniform"): (136, 272, 0.0, 1.0), (0.8, False, False, "uniform"): (138, 512, 0.0, 0.0),
-    (0.8, True, True, "uniform"): (375, 512, 0.0, 0.0), (0.8, True, False, "uniform"): (378, 512, 0.0, 0.0),
-    (0.9, False, True, "measured"): (142, 512, 0.0, 0.0), (0.9, False, False, "measured"): (144, 512, 0.0, 0.0),
-    (0.9, True, True, "measured"): (384, 512, 0.0, 0.0), (0.9, True, False, "measured"): (385, 512, 0.0, 0.0),
-    (0.9, False, True, "uniform"): (142, 343, 0.0, 0.7), (0.9, False, False, "uniform"): (144, 512, 0.0, 0.0),
-    (0.9, True, True, "uniform"): (384, 512, 0.0, 0.0), (0.9, True, False, "uniform"): (385, 512, 0.0, 0.0),
+    (0.5, False, True, "measured"): (114, 222, 0.0, 1.0), (0.5, False, False, "measured"): (121, 512, 0.0, 0.0),
+    (0.5, True, True, "measured"): (346, 511, 0.0, 0.3), (0.5, True, False, "measured"): (352, 512, 0.0, 0.0),
+    (0.5, False, True, "uniform"): (114, 150, 0.0, 1.0), (0.5, False, False, "uniform"): (121, 512, 0.0, 0.0),
+    (0.5, True, True, "uniform"): (346, 421, 0.0, 0.8), (0.5, True, False, "uniform"): (352, 512, 0.0, 0.0),
+    (0.8, False, True, "measured"): (138, 511, 0.0, 0.3), (0.8, False, False, "measured"): (141, 512, 0.0, 0.0),
+    (0.8, True, True, "measured"): (380, 512, 0.0, 0.0), (0.8, True, False, "measured"): (383, 512, 0.0, 0.0),
+    (0.8, False, True, "uniform"): (138, 240, 0.0, 1.0), (0.8, False, False, "uniform"): (141, 512, 0.0, 0.0),
+    (0.8, True, True, "uniform"): (380, 512, 0.0, 0.0), (0.8, True, False, "uniform"): (383, 512, 0.0, 0.0),
+    (0.9, False, True, "measured"): (144, 512, 0.0, 0.0), (0.9, False, False, "measured"): (145, 512, 0.0, 0.0),
+    (0.9, True, True, "measured"): (386, 512, 0.0, 0.0), (0.9, True, False, "measured"): (388, 512, 0.0, 0.0),
+    (0.9, False, True, "uniform"): (144, 311, 0.0, 0.9), (0.9, False, False, "uniform"): (145, 512, 0.0, 0.0),
+    (0.9, True, True, "uniform"): (386, 512, 0.0, 0.0), (0.9, True, False, "uniform"): (388, 512, 0.0, 0.0),
 }
-FIG9_GRID_PHASE3 = {  # (model, batch, int8, attention_kernel, selection_stats) at 80% sparsity: Phase III starts
+FIG9_GRID_PHASE3 = {  # (model, batch, int8, attention_kernel, selection_stats) at 80% sparsity: where Phase III can start
     ("opt-13b", 64, False, "fused", "measured"): (15, 511, 0.0, 0.4),
-    ("opt-13b", 64, True, "fused", "uniform"): (148, 511, 0.0, 0.1),
+    ("opt-13b", 64, True, "fused", "uniform"): (148, 512, 0.0, 0.0),
     ("opt-13b", 64, False, "gather", "uniform"): (11, 375, 0.0, 0.2),
-    ("opt-13b", 64, False, "fused", "uniform"): (15, 240, 0.0, 0.3),
+    ("opt-13b", 64, False, "fused", "uniform"): (15, 286, 0.0, 0.3),
     ("llama-13b", 64, False, "fused", "measured"): (6, 511, 0.0, 0.5),
     ("llama-13b", 64, True, "fused", "uniform"): (133, 511, 0.0, 0.1),
     ("llama-13b", 64, False, "gather", "uniform"): (3, 372, 0.0, 0.2),
-    ("llama-13b", 64, False, "fused", "uniform"): (6, 327, 0.0, 0.4),
-    ("opt-30b", 64, False, "fused", "measured"): (138, 477, 0.0, 0.5),
-    ("opt-30b", 64, True, "fused", "uniform"): (380, 511, 0.0, 0.2),
+    ("llama-13b", 64, False, "fused", "uniform"): (6, 281, 0.0, 0.3),
+    ("opt-30b", 64, False, "fused", "measured"): (138, 511, 0.0, 0.3),
+    ("opt-30b", 64, True, "fused", "uniform"): (380, 512, 0.0, 0.0),
     ("opt-30b", 64, False, "gather", "uniform"): (136, 272, 0.0, 1.0),
     ("opt-30b", 64, False, "fused", "uniform"): (138, 240, 0.0, 1.0),
-    ("llama-33b", 32, False, "gather", "uniform"): (244, 438, 0.0, 0.6),
-    ("llama-33b", 32, False, "fused", "uniform"): (246, 391, 0.0, 0.8),
-    ("llama-33b", 64, False, "gather", "measured"): (49, 427, 0.0, 0.8),
-    ("llama-33b", 64, False, "fused", "measured"): (51, 386, 0.0, 1.0),
+    ("llama-33b", 32, False, "gather", "uniform"): (244, 438, 0.0, 0.5),
+    ("llama-33b", 32, False, "fused", "uniform"): (246, 391, 0.0, 0.7),
+    ("llama-33b", 64, False, "gather", "measured"): (49, 469, 0.0, 0.8),
+    ("llama-33b", 64, False, "fused", "measured"): (51, 386, 0.0, 0.9),
     ("llama-33b", 64, True, "gather", "uniform"): (210, 402, 0.0, 0.5),
     ("llama-33b", 64, True, "fused", "uniform"): (214, 376, 0.0, 0.7),
     ("llama-33b", 64, False, "gather", "uniform"): (49, 175, 0.0, 1.0),
     ("llama-33b", 64, False, "fused", "uniform"): (51, 135, 0.0, 1.0),
 }
 OPT30B_PHASE3 = {  # OPT-30B b=64, INT8 off, uniform selection_stats: (kv_sparsity, overlap, selection)
-    (0.5, True, "per_layer"): (108, 181, 0.0, 1.0), (0.5, True, "per_head"): (0, 1, 0.0, 0.8),
-    (0.5, False, "per_layer"): (108, 145, 0.0, 1.0), (0.5, False, "per_head"): (0, 1, 0.0, 0.8),
-    (0.8, True, "per_layer"): (136, 272, 0.0, 1.0), (0.8, True, "per_head"): (0, 94, 0.0, 1.0),
-    (0.8, False, "per_layer"): (136, 170, 0.0, 1.0), (0.8, False, "per_head"): (0, 47, 0.0, 1.0),
+    (0.5, True, "per_layer"): (114, 150, 0.0, 1.0), (0.5, True, "per_head"): (0, 1, 0.0, 1.0),
+    (0.5, False, "per_layer"): (114, 150, 0.0, 1.0), (0.5, False, "per_head"): (0, 1, 0.0, 1.0),
+    (0.8, True, "per_layer"): (138, 240, 0.0, 1.0), (0.8, True, "per_head"): (1, 94, 0.0, 1.0),
+    (0.8, False, "per_layer"): (138, 172, 0.0, 1.0), (0.8, False, "per_head"): (1, 47, 0.0, 1.0),
 }
 _STATS = {"measured": None, "uniform": str(UNIFORM_STATS)}
 
@@ -446,10 +448,16 @@ def test_fig9_alisa_beats_flexgen_by_more_as_batch_grows(fig9):
 
 
 def test_fig9_alisa_over_vllm_at_large_batches_and_vllm_ahead_when_small(fig9):
+    """Up to 1.9x vLLM at batch 64; at batch 4 on the small models everything fits and, with the paper's explicit
+    gather, SWA only adds work, so vLLM is ahead. (With the fused kernel, the default, ALISA reads a fifth of the KV
+    and stays about even there.)"""
     large = [fig9[m, h, 64, "alisa"] / fig9[m, h, 64, "vllm"] for m, h in FIG9_MODELS]
     assert max(large) >= 1.9
-    for model, hardware in FIG9_MODELS[:4]:  # small models, small batch: everything fits, SWA only adds work
-        assert fig9[model, hardware, 4, "vllm"] >= fig9[model, hardware, 4, "alisa"] * 0.99
+    for model, hardware in FIG9_MODELS[:4]:
+        gather = _throughput({"name": "alisa", "kv_sparsity": 0.8, "attention_kernel": "gather"}, model=model,
+                             hardware=hardware, batch=4)
+        assert fig9[model, hardware, 4, "vllm"] >= gather * 0.99
+        assert fig9[model, hardware, 4, "alisa"] == pytest.approx(fig9[model, hardware, 4, "vllm"], rel=0.05)
 
 
 def test_fig9_zero_runs_out_of_memory_at_large_batch(fig9):
