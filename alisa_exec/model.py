@@ -33,9 +33,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.type_as(x)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x)
+
+
+def mkl_packable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether MKL's packed GEMM can run projections there (fp32 on a CPU whose torch has MKL)."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkl.is_available()
+
+
+def pack_weight(owner: nn.Module, name: str, weight: Tensor, rows: int) -> None:
+    """Keep `weight` [out, in] reordered for MKL's packed GEMM at inputs of `rows` rows, as `owner`'s buffer `name`:
+    the GEMM then skips packing the whole matrix on every call (most of a small-batch GEMM's time on the CPU)."""
+    owner.register_buffer(name, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), persistent=False)
+    owner.packed_rows = rows
+
+
+def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, owner: nn.Module, packed_name: str) -> Tensor:
+    """x @ weight^T + bias: by MKL's packed GEMM when `owner` holds the weight packed (buffer `packed_name`) for
+    inputs of x's rows, else as F.linear."""
+    packed = getattr(owner, packed_name, None)
+    rows = getattr(owner, "packed_rows", 0)
+    if packed is None or x.numel() != rows * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
@@ -57,7 +80,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     batch, or [batch, seq, head_dim] when every sequence sits at its own positions)."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
 
 
 class KVCache(nn.Module):
@@ -89,13 +112,12 @@ class Attention(nn.Module):
         """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim] from the fused projection's
         output, rotated when the model uses rotary embeddings."""
         batch, seq, _ = qkv.shape
-        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        q = q.view(batch, seq, self.num_heads, self.head_dim)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split([self.q_dim + self.kv_dim, self.kv_dim], dim=-1)
+        qk = qk.view(batch, seq, self.num_heads + self.num_kv_heads, self.head_dim)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+            qk = apply_rope(qk, *rope)  # q's and k's heads in one pass (half the small ops of a decode step)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+        return q, k, v.view(batch, seq, self.num_kv_heads, self.head_dim)
 
     def project_kv(self, h: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Only the K and V of normed layer inputs h [batch, seq, hidden] (recomputing deleted tokens' KV)."""
@@ -129,7 +151,7 @@ class FeedForward(nn.Module):
         """The nonlinearity between the two projections, applied to the output of `w_up`."""
         if self.gated:
             gate, up = up.chunk(2, dim=-1)
-            return F.silu(gate) * up
+            return F.silu(gate).mul_(up)
         return F.relu(up)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,6 +191,23 @@ class Transformer(nn.Module):
         self.norm = make_norm(spec)
         self.output = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.max_seq_len = 0
+
+    def projections(self) -> list[nn.Linear]:
+        return [module for module in self.layers.modules() if isinstance(module, nn.Linear)]
+
+    def pack_weights(self, rows: int) -> None:
+        """Pack every projection's weight and the LM head's for MKL's packed GEMM at `rows` input rows (a CPU decode
+        step's batch; other shapes use the weights as they are). The packed copies take about the weights' memory."""
+        for module in self.projections():
+            pack_weight(module, "packed_weight", module.weight, rows)
+        pack_weight(self, "packed_head", self.head_weight(), rows)
+
+    def packable_bytes(self) -> int:
+        """The bytes `pack_weights` copies (about the packed copies' size)."""
+        return sum(t.numel() * t.element_size() for t in [m.weight for m in self.projections()] + [self.head_weight()])
+
+    def head_weight(self) -> Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate every layer's KV buffers, the causal mask and the rotary tables for sequences of up to
@@ -220,5 +259,4 @@ class Transformer(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 logits of hidden states [batch, seq, hidden] after the final norm."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(self.norm(x), weight).float()
+        return gemm(self.norm(x), self.head_weight(), None, self, "packed_head").float()

@@ -11,15 +11,15 @@ from torch.nn import functional as F
 
 from alisa_exec.kernels import dense_decode_attention, gather_decode_attention, sparse_decode_attention
 from alisa_exec.kernels.int8_kv import QuantizedKV
-from alisa_exec.model import Attention, FeedForward, Transformer
+from alisa_exec.model import Attention, FeedForward, Transformer, gemm
 
 KVView = Tensor | QuantizedKV
 
 
 def project(linear: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """A GEMM projection: x @ W^T + b (the layer's own weights, or staged ones of the same shape)."""
-    if weight is None:
-        return linear(x)
+    if weight is None:  # packed for MKL's GEMM on the CPU when `Transformer.pack_weights` packed it
+        return gemm(x, linear.weight, linear.bias, linear, "packed_weight")
     return F.linear(x, weight, bias)
 
 

