@@ -1,18 +1,22 @@
-"""The CPU validation loop: the simulator's predictions against real runs on this machine's CPU.
+"""The validation loop: the simulator's predictions against real runs of every executor policy on this machine.
 
-1. `alisa-exec profile --device cpu --quick` measures the CPU into a profile.
-2. A small model at a few batches and lengths, under each policy of `LOOP_POLICIES` that the executor runs
-   (`alisa_exec.policies.EXEC_POLICIES`), run by `alisa-exec run --device cpu` (measured) and by `alisa-sim run`
-   on that profile (predicted). A policy joins the loop by being added to `LOOP_POLICIES`.
-3. `alisa-sim validate` over all pairs: the error of the measured profile as it is.
-4. `alisa-sim calibrate` on the fit half of the runs, then `alisa-sim run` of the held-out half on the fitted
-   profile and `alisa-sim validate` of those: the error a calibrated profile makes on runs it was not fitted to.
+1. `alisa-exec profile --device DEVICE --quick` measures the device into a profile (or `--profile PATH` takes one).
+2. `POINTS`: tiny OPT and LLaMA/GQA models, batch 1 to 32, prompt 32 to 512, under every policy variant of
+   `VARIANTS` (dense, accelerate, flexgen with and without CPU attention, vLLM recompute and swap, ALISA in Phase
+   I/II/III in the model's dtype and INT8 at sparsity 0.5 and 0.8, H2O, StreamingLLM), memory budgets tight enough to
+   force each variant's phase. Each point's workload is run by `alisa-exec run` (measured) and `alisa-sim run` on the
+   profile (predicted), and their per-step traffic (bytes, token rows, phase) is compared: it must be equal.
+3. `alisa-sim validate` over all pairs: the error of the profile as measured, per variant and overall.
+4. `alisa-sim calibrate` on the fit half of the points (every other one), `alisa-sim run` of the held-out half on the
+   fitted profile and `alisa-sim validate` of those: the error a calibrated profile makes on runs it was not fitted to.
 
-    python benchmarks/cpu_validation.py [--repeats N] [--out reports/validation/cpu] [--work reports/runs/...]
+    python benchmarks/cpu_validation.py [--device cpu|cuda] [--profile PATH] [--points N] [--repeats N]
+                                        [--out reports/validation/cpu] [--work reports/runs/cpu-validation]
 
 runs every loop in WORK/loop-<i>/ (all results, traces and HTML; git ignores reports/runs/) and keeps in OUT what is
-committed: OUT/summary.json and OUT/README.md with the spread over the repeats, and per loop the measured and the
-fitted profile and both validation.json files. tests/exec/test_validation_loop.py runs one loop.
+committed: OUT/summary.json and OUT/README.md (a table per variant and overall, machine, date and versions), and per
+loop the profile, the fitted profile and both validation.json files. tests/exec/test_validation_loop.py runs a few
+points of it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -33,30 +38,68 @@ from alisa_exec.cli import main as exec_main
 from alisa_exec.policies import EXEC_POLICIES
 from alisa_sim.calibrate import describe_values
 from alisa_sim.cli import main as sim_main
-from alisa_sim.workload import POLICY_NAMES
+from alisa_sim.validate import summarize as summarize_pairs
 
-# A small OPT-style model in float32 (the executor's CPU dtype), its GEMMs near the quick CPU profile's grid. Its
-# decode step is part weight streaming (50 MB of weights), part per-op host cost (about 27 eager ops per layer).
-MODEL = dict(name="small-opt", family="opt", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8, ffn_dim=2048,
-             vocab_size=1024, max_position_embeddings=512, tie_word_embeddings=True, norm_eps=1e-5, dtype_bytes=4)
-# (batch, prompt_len, gen_len, split): the fit half calibrates the profile, the held-out half checks it.
-CASES = [
-    (1, 32, 32, "fit"),
-    (2, 64, 32, "holdout"),
-    (4, 128, 32, "fit"),
-    (8, 32, 32, "holdout"),
-    (16, 64, 32, "fit"),
-    (4, 256, 32, "holdout"),
-]
+# Tiny models, small enough that 28 points run in minutes on two cores, their shapes near the quick profile's grid.
+MODELS = {
+    "opt": dict(name="tiny-opt", family="opt", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4,
+                ffn_dim=1024, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True, norm_eps=1e-5),
+    "gqa": dict(name="tiny-llama-gqa", family="llama", hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                ffn_dim=704, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=False, norm_eps=1e-5),
+}
+# The executor's dtype per device, and its size for the simulator's model.
+DTYPES = {"cpu": ("float32", 4), "cuda": ("float16", 2)}
+GEN_LEN = 16
+# (model, batch, prompt_len) per variant, in order: --points N takes the first N. ALISA, H2O and StreamingLLM run
+# their selection under the Triton interpreter on the CPU, so their shapes stay small.
+WIDE = [("opt", 1, 512), ("gqa", 32, 64), ("gqa", 8, 256), ("opt", 16, 32)]
+SMALL = [("gqa", 4, 128), ("opt", 1, 32), ("opt", 2, 64), ("gqa", 8, 32)]
+ALISA = {"name": "alisa", "recompute": True}
+PHASE_3 = {"p2": 4, "beta": 0.5}  # pinned: the planner would stay in Phase II on so short a run
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One policy configuration of the loop: its policy block, the memory budget (None: the hardware's; "tight":
+    about the least the plan fits in, which forces offloading, Phase II, and vLLM preemptions), its shapes."""
+
+    name: str
+    policy: dict
+    budget: str | None
+    shapes: tuple
+
+
+VARIANTS = (
+    Variant("dense", {"name": "dense"}, None, (WIDE[0], WIDE[1])),
+    Variant("accelerate", {"name": "accelerate"}, None, (WIDE[2], WIDE[3])),
+    Variant("flexgen", {"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "cpu_attention": False}, None,
+            (WIDE[1], WIDE[0])),
+    Variant("flexgen-cpu-attention", {"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "cpu_attention": True},
+            None, (WIDE[3], WIDE[2])),
+    Variant("vllm-recompute", {"name": "vllm", "preemption_mode": "recompute", "block_size": 16}, "tight",
+            (WIDE[2], WIDE[1])),
+    Variant("vllm-swap", {"name": "vllm", "preemption_mode": "swap", "block_size": 16, "swap_space": 0.05}, "tight",
+            (WIDE[1], WIDE[2])),
+    Variant("alisa-0.5-phase-1", {**ALISA, "kv_sparsity": 0.5, "int8": False}, None, (SMALL[0], SMALL[1])),
+    Variant("alisa-0.8-int8-phase-1", {**ALISA, "kv_sparsity": 0.8, "int8": True}, None, (SMALL[2], SMALL[3])),
+    Variant("alisa-0.5-phase-2", {**ALISA, "kv_sparsity": 0.5, "int8": False}, "tight", (SMALL[1], SMALL[0])),
+    Variant("alisa-0.8-int8-phase-2", {**ALISA, "kv_sparsity": 0.8, "int8": True}, "tight", (SMALL[3], SMALL[2])),
+    Variant("alisa-0.5-phase-3", {**ALISA, **PHASE_3, "kv_sparsity": 0.5, "int8": False}, "tight",
+            (SMALL[2], SMALL[1])),
+    Variant("alisa-0.8-int8-phase-3", {**ALISA, **PHASE_3, "kv_sparsity": 0.8, "int8": True}, "tight",
+            (SMALL[0], SMALL[3])),
+    Variant("h2o", {"name": "h2o", "kv_sparsity": 0.5}, None, (SMALL[0], SMALL[2])),
+    Variant("streamingllm", {"name": "streamingllm", "kv_sparsity": 0.5}, None, (SMALL[3], SMALL[1])),
+)
+METRICS = ("decode_step_mean_s", "prefill_s", "throughput_tok_s")
 METRIC = "decode_step_mean_s"
-# The policies the loop validates, where the executor runs them. Each adds 2 x 6 CPU runs (about 8 s) to the CI
-# test: add one once its CPU runs are checked to keep the loop within the bound of tests/exec/test_validation_loop.py.
-LOOP_POLICIES = ("dense",)
-KEPT = ("cpu-quick.yaml", "cpu-quick-fitted.yaml", "uncalibrated/validation.json", "calibrated/validation.json")
-# What the calibration fits: the host time per GEMM / attention call (a CPU device runs the eager framework's per-op
-# work and the kernels on the same cores, one after the other) and the GEMM and attention table scales (the quick
-# profile times each GEMM on a cache-hot matrix; the model streams its weights), and the copy scale, which calibrate
-# leaves alone while no policy in the loop moves KV or weights.
+# Per step, what the simulator and the executor must count alike (docs/executor.md says where they cannot).
+TRAFFIC_FIELDS = ("kind", "phase", "tokens", "sequences", "gpu_kv_bytes", "cpu_kv_bytes", "h2d_bytes", "d2h_bytes",
+                  "fetched_tokens", "offloaded_tokens", "recomputed_tokens", "evicted_tokens", "preemptions",
+                  "swapped_out_blocks", "swapped_in_blocks")
+KEPT = ("profile.yaml", "profile-fitted.yaml", "uncalibrated/validation.json", "calibrated/validation.json")
+# What the calibration fits: the host time per GEMM / attention call, the GEMM and attention table scales (the quick
+# profile times cache-hot matrices; the model streams its weights) and the copy scale (the points move KV and weights).
 FIT_PARAMETERS = ("host", "gemm", "attention", "copy")
 # Each workload is run this many times and the run with the least decode time kept: other work on the machine only
 # ever slows a run down, so the fastest is the least disturbed measurement.
@@ -67,9 +110,28 @@ EXEC_TRIES = 2
 THREADS = 1
 
 
-def loop_policies() -> list[str]:
-    """The policies of the loop that both sides run."""
-    return [policy for policy in LOOP_POLICIES if policy in EXEC_POLICIES and policy in POLICY_NAMES]
+@dataclass(frozen=True)
+class Point:
+    """One workload of the loop: a variant at one shape, in the fit or the held-out half."""
+
+    variant: Variant
+    model: str
+    batch: int
+    prompt_len: int
+    split: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}--{self.model}-b{self.batch}-s{self.prompt_len}-n{GEN_LEN}"
+
+
+def points(per_variant: int | None = None, variants=VARIANTS) -> list[Point]:
+    """The loop's points: at most `per_variant` shapes of each variant the executor runs, alternately fit and
+    held out."""
+    chosen = [(variant, shape) for variant in variants if variant.policy["name"] in EXEC_POLICIES
+              for shape in variant.shapes[:per_variant]]
+    return [Point(variant, model, batch, prompt_len, "fit" if i % 2 == 0 else "holdout")
+            for i, (variant, (model, batch, prompt_len)) in enumerate(chosen)]
 
 
 def _call(main, argv: list[str]) -> str:
@@ -95,119 +157,211 @@ def torch_threads(count: int):
         torch.set_num_threads(saved)
 
 
-def run_loop(folder: Path, log=lambda _: None, threads: int = THREADS) -> dict:
-    """One loop into `folder`; returns the uncalibrated and calibrated validation documents and the fit."""
+def workload_data(point: Point, profile: Path, device: str, gpu_gb: float | None = None) -> dict:
+    policy = dict(point.variant.policy)
+    if policy["name"] == "flexgen":
+        policy.update(gpu_batch_size=point.batch, num_gpu_batches=1)
+    data = {"model": {**MODELS[point.model], "dtype_bytes": DTYPES[device][1]}, "hardware": str(profile.resolve()),
+            "batch_size": point.batch, "prompt_len": point.prompt_len, "gen_len": GEN_LEN, "policy": policy}
+    if gpu_gb is not None:
+        data["memory"] = {"gpu_gb": gpu_gb}
+    return data
+
+
+def tight_gpu_gb(point: Point, profile: Path, device: str) -> float:
+    """About the least memory.gpu_gb the executor's plan of the point fits in (a bisection in log space)."""
+    import torch
+
+    from alisa_exec import executor
+    from alisa_sim.errors import SpecError
+    from alisa_sim.workload import resolve_workload
+
+    low, high = 1e-5, 10.0
+    for _ in range(18):
+        middle = (low * high) ** 0.5
+        try:
+            executor.plan_run(resolve_workload(workload_data(point, profile, device, middle)), torch.device(device),
+                              getattr(torch, DTYPES[device][0]))
+            high = middle
+        except SpecError:
+            low = middle
+    return high
+
+
+def traffic_differences(predicted: dict, measured: dict) -> list[str]:
+    """Where two Results' steps differ in what they count (empty when the traffic is equal)."""
+    sim, ex = predicted["steps"], measured["steps"]
+    if len(sim) != len(ex):
+        return [f"{len(sim)} simulated steps, {len(ex)} executed"]
+    return [f"step {i} {field}: sim {s.get(field, 0)} exec {e.get(field, 0)}" for i, (s, e) in enumerate(zip(sim, ex))
+            for field in TRAFFIC_FIELDS if s.get(field, 0) != e.get(field, 0)]
+
+
+def run_loop(folder: Path, selected: list[Point] | None = None, device: str = "cpu", profile: Path | None = None,
+             log=lambda _: None, threads: int = THREADS) -> dict:
+    """One loop into `folder`; returns the uncalibrated and calibrated validation documents, the fit, the traffic
+    differences per point and the points' variants."""
     with torch_threads(threads):
-        return _run_loop(folder, log)
+        return _run_loop(folder, points() if selected is None else selected, device, profile, log)
 
 
-def _run_loop(folder: Path, log) -> dict:
+def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | None, log) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    profile = folder / "cpu-quick.yaml"
-    log("profiling the CPU (alisa-exec profile --device cpu --quick)")
-    _call(exec_main, ["profile", "--device", "cpu", "--quick", "--out", str(profile)])
+    profile = folder / "profile.yaml"
+    if given is None:
+        log(f"profiling ({' '.join(['alisa-exec', 'profile', '--device', device, '--quick'])})")
+        _call(exec_main, ["profile", "--device", device, "--quick", "--out", str(profile)])
+    else:
+        shutil.copyfile(given, profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
-    for batch, prompt_len, gen_len, part in CASES:
-        for policy in loop_policies():
-            name = f"{MODEL['name']}-b{batch}-s{prompt_len}-n{gen_len}-{policy}"
-            workload = folder / "workloads" / f"{name}.yaml"
-            workload.parent.mkdir(parents=True, exist_ok=True)
-            workload.write_text(yaml.safe_dump({"model": MODEL, "hardware": str(profile.resolve()),
-                                                "batch_size": batch, "prompt_len": prompt_len, "gen_len": gen_len,
-                                                "policy": {"name": policy}}, sort_keys=False))
-            log(f"{name}: alisa-exec run --device cpu (best of {EXEC_TRIES}), alisa-sim run")
-            tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
-            for attempt in tries:
-                _call(exec_main, ["run", str(workload), "--device", "cpu", "--out", str(attempt)])
-            best = min(tries, key=lambda t: json.loads((t / "result.json").read_text())["metrics"]["decode_s"])
-            shutil.copytree(best, folder / "measured" / name)
-            _call(sim_main, ["run", str(workload), "--out", str(folder / "predicted" / name)])
-            split[part].append(name)
+    traffic: dict[str, list[str]] = {}
+    for point in selected:
+        name = point.name
+        gpu_gb = tight_gpu_gb(point, profile, device) if point.variant.budget == "tight" else None
+        workload = folder / "workloads" / f"{name}.yaml"
+        workload.parent.mkdir(parents=True, exist_ok=True)
+        workload.write_text(yaml.safe_dump(workload_data(point, profile, device, gpu_gb), sort_keys=False))
+        log(f"{name}: alisa-exec run --device {device} (best of {EXEC_TRIES}), alisa-sim run")
+        tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
+        for attempt in tries:
+            _call(exec_main, ["run", str(workload), "--device", device, "--dtype", DTYPES[device][0],
+                              "--out", str(attempt)])
+        best = min(tries, key=lambda t: json.loads((t / "result.json").read_text())["metrics"]["decode_s"])
+        shutil.copytree(best, folder / "measured" / name)
+        _call(sim_main, ["run", str(workload), "--out", str(folder / "predicted" / name)])
+        traffic[name] = traffic_differences(json.loads((folder / "predicted" / name / "result.json").read_text()),
+                                            json.loads((folder / "measured" / name / "result.json").read_text()))
+        split[point.split].append(name)
     measured = folder / "measured"
     uncalibrated = json.loads(_call(sim_main, ["validate", str(folder / "predicted"), str(measured), "--json",
                                                "--out", str(folder / "uncalibrated")]))
-    fitted = folder / "cpu-quick-fitted.yaml"
+    fitted = folder / "profile-fitted.yaml"
     log("calibrating on the fit half")
-    fit = json.loads(_call(sim_main, ["calibrate", *(str(measured / n / "result.json") for n in split["fit"]),
-                                      "--hardware", str(profile), "--out", str(fitted), "--json",
-                                      "--params", ",".join(FIT_PARAMETERS),
-                                      "--holdout", *(str(measured / n / "result.json") for n in split["holdout"])]))
+    try:
+        fit = json.loads(_call(sim_main, ["calibrate", *(str(measured / n / "result.json") for n in split["fit"]),
+                                          "--hardware", str(profile), "--out", str(fitted), "--json",
+                                          "--params", ",".join(FIT_PARAMETERS), "--holdout",
+                                          *(str(measured / n / "result.json") for n in split["holdout"])]))
+    except RuntimeError as refused:  # calibrate refuses a fit that is worse than the profile as measured
+        return {"uncalibrated": uncalibrated, "calibrated": None, "fit": {"refused": str(refused)},
+                "traffic": traffic, "variants": {p.name: p.variant.name for p in selected}}
     for name in split["holdout"]:
         _call(sim_main, ["run", str(measured / name / "result.json"), "--hardware", str(fitted.resolve()),
                          "--out", str(folder / "predicted-fitted" / name)])
     calibrated = json.loads(_call(sim_main, [
         "validate", str(folder / "predicted-fitted"), *(str(measured / n / "result.json") for n in split["holdout"]),
         "--json", "--out", str(folder / "calibrated")]))
-    return {"uncalibrated": uncalibrated, "calibrated": calibrated, "fit": fit}
+    return {"uncalibrated": uncalibrated, "calibrated": calibrated, "fit": fit, "traffic": traffic,
+            "variants": {p.name: p.variant.name for p in selected}}
+
+
+def by_variant(loop: dict, side: str) -> dict[str, dict]:
+    """One side's summary per variant and overall ("all")."""
+    document = loop[side]
+    if document is None:
+        return {}
+    groups: dict[str, list[dict]] = {"all": document["pairs"]}
+    for pair in document["pairs"]:
+        groups.setdefault(loop["variants"][pair["label"]], []).append(pair)
+    return {group: summarize_pairs(pairs) for group, pairs in groups.items()}
 
 
 def summarize(loops: list[dict]) -> dict:
-    """Per metric and side (uncalibrated over all pairs, calibrated over the held-out ones): every loop's MAPE and
-    worst error, and their spread."""
+    """Per side (uncalibrated over all pairs, calibrated over the held-out ones), group and metric: every loop's
+    MAPE and worst error and their spread; the traffic differences; the fitted values."""
     out = {}
     for side in ("uncalibrated", "calibrated"):
+        per_loop = [by_variant(loop, side) for loop in loops]
         out[side] = {}
-        for metric in loops[0][side]["summary"]:
-            mapes = [loop[side]["summary"][metric]["mape"] for loop in loops]
-            worsts = [loop[side]["summary"][metric]["worst"] for loop in loops]
-            if None in mapes:
-                continue
-            out[side][metric] = {"mape": mapes, "worst": worsts, "mape_mean": statistics.fmean(mapes),
-                                 "mape_max": max(mapes), "worst_max": max(worsts),
-                                 "mape_stdev": statistics.stdev(mapes) if len(mapes) > 1 else 0.0}
-    out["fitted"] = [loop["fit"]["values"] for loop in loops]
+        for group in dict.fromkeys(g for summary in per_loop for g in summary):
+            out[side][group] = {}
+            for metric in METRICS:
+                found = [s[group][metric] for s in per_loop if group in s and s[group][metric]["mape"] is not None]
+                if not found:
+                    continue
+                mapes, worsts = [f["mape"] for f in found], [f["worst"] for f in found]
+                out[side][group][metric] = {"mape": mapes, "worst": worsts, "mape_mean": statistics.fmean(mapes),
+                                            "mape_max": max(mapes), "worst_max": max(worsts),
+                                            "worst_pair": found[worsts.index(max(worsts))]["worst_pair"]}
+    out["traffic_differences"] = {name: diffs for loop in loops for name, diffs in loop["traffic"].items() if diffs}
+    out["fitted"] = [loop["fit"].get("values") for loop in loops]
+    out["refused"] = [loop["fit"]["refused"] for loop in loops if "refused" in loop["fit"]]
     return out
 
 
+def _cell(summary: dict, side: str, group: str, metric: str) -> str:
+    s = summary[side].get(group, {}).get(metric)
+    if s is None:
+        return "- | -"
+    return f"{min(s['mape']):.1f}-{max(s['mape']):.1f} | {min(s['worst']):.1f}-{max(s['worst']):.1f}"
+
+
 def markdown(summary: dict, meta: dict) -> str:
-    lines = [f"# CPU validation loop ({meta['date']})", "",
-             f"Machine: {meta['cpu']}; {meta['versions']}; torch on {meta['torch_threads']} thread(s); "
-             f"{meta['repeats']} loops of "
-             f"`python benchmarks/cpu_validation.py`; policies {', '.join(meta['policies'])}; "
-             f"{len(CASES)} workloads of {MODEL['name']} (batch, prompt, generated: "
-             + ", ".join(f"{b}/{s}/{n}" for b, s, n, _ in CASES) + ").", "",
-             "MAPE and worst absolute error in percent, min-max over the loops. Uncalibrated: the quick CPU profile "
-             "as measured, all pairs. Calibrated: the profile fitted on the fit half, on the held-out half.", "",
-             "| metric | uncalibrated MAPE | uncalibrated worst | calibrated MAPE | calibrated worst |",
-             "|---|---|---|---|---|"]
-    for metric in summary["uncalibrated"]:
-        if metric == "peak_gpu_bytes":  # on the CPU device: the growth of resident memory, not comparable
-            continue
-        cells = []
-        for side in ("uncalibrated", "calibrated"):
-            s = summary[side].get(metric)
-            cells += ["-", "-"] if s is None else [f"{min(s['mape']):.1f}-{max(s['mape']):.1f}",
-                                                   f"{min(s['worst']):.1f}-{max(s['worst']):.1f}"]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines += ["", "Peak memory is left out: on the CPU device the executor reports the growth of the process's "
-              "resident memory, which the simulator's accounting does not model (validation.json has it).",
-              "", "Fitted per loop: " + "; ".join(describe_values(values) for values in summary["fitted"]), ""]
+    lines = [f"# Validation loop on {meta['device']} ({meta['date']})", "",
+             f"Machine: {meta['machine']}; {meta['versions']}; torch on {meta['torch_threads']} thread(s); "
+             f"{meta['repeats']} loop(s) of `python benchmarks/cpu_validation.py {meta['argv']}`; "
+             f"{meta['points']} points ({', '.join(f'{m} {s}' for m, s in MODELS.items())}; {GEN_LEN} generated).",
+             "", "MAPE and worst absolute error in percent, min-max over the loops. Uncalibrated: the quick profile "
+             "as measured, all points. Calibrated: the profile fitted on every other point, on the others (held "
+             "out).", ""]
+    differing = summary["traffic_differences"]
+    lines += ["Traffic (per-step bytes, token rows, phase): equal on every point." if not differing else
+              f"Traffic differs on {len(differing)} point(s): " + "; ".join(
+                  f"{name}: {diffs[0]}" for name, diffs in differing.items()), ""]
+    if summary["refused"]:
+        lines += ["Calibration refused: " + "; ".join(summary["refused"]), ""]
+    groups = list(summary["uncalibrated"])
+    for metric in METRICS:
+        lines += [f"## {metric}", "", "| variant | uncalibrated MAPE | worst | held-out MAPE | worst |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {group} | {_cell(summary, 'uncalibrated', group, metric)} | "
+                  f"{_cell(summary, 'calibrated', group, metric)} |" for group in groups[1:] + groups[:1]]
+        lines.append("")
+    fitted = [describe_values(values) for values in summary["fitted"] if values]
+    if fitted:
+        lines += ["Fitted per loop: " + "; ".join(fitted), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=tuple(DTYPES), default="cpu")
+    parser.add_argument("--profile", help="use this hardware profile (measure none)")
+    parser.add_argument("--points", type=int, help="at most N workloads per variant (default: all)")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="reports/validation/cpu")
     parser.add_argument("--work", default="reports/runs/cpu-validation")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for the profile and the runs")
     args = parser.parse_args(argv)
+    if args.profile and not Path(args.profile).is_file():
+        print(f"error: no profile {args.profile}", file=sys.stderr)
+        return 2
+    if args.points is not None and args.points < 1:
+        print("error: --points must be at least 1", file=sys.stderr)
+        return 2
     out, work = Path(args.out), Path(args.work)
+    selected = points(args.points)
     loops = []
     for i in range(args.repeats):
-        loop = run_loop(work / f"loop-{i}", log=lambda what: print(f"[loop {i}] {what}", file=sys.stderr),
-                        threads=args.threads)
+        loop = run_loop(work / f"loop-{i}", selected, args.device, Path(args.profile) if args.profile else None,
+                        log=lambda what: print(f"[loop {i}] {what}", file=sys.stderr), threads=args.threads)
         loops.append(loop)
+        held_out = loop["calibrated"]["summary"][METRIC]["mape"] if loop["calibrated"] else None
         print(f"loop {i}: decode step MAPE uncalibrated {loop['uncalibrated']['summary'][METRIC]['mape']:.1f}%, "
-              f"calibrated (held out) {loop['calibrated']['summary'][METRIC]['mape']:.1f}%")
+              f"calibrated (held out) " + (f"{held_out:.1f}%" if held_out is not None else "refused"))
         for kept in KEPT:
-            (out / f"loop-{i}" / kept).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(work / f"loop-{i}" / kept, out / f"loop-{i}" / kept)
+            if (work / f"loop-{i}" / kept).is_file():
+                (out / f"loop-{i}" / kept).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(work / f"loop-{i}" / kept, out / f"loop-{i}" / kept)
     summary = summarize(loops)
-    profile = yaml.safe_load((out / "loop-0" / "cpu-quick.yaml").read_text())
-    meta = {"date": datetime.date.today().isoformat(), "cpu": profile["provenance"]["machine"],
-            "versions": ", ".join(f"{k} {v}" for k, v in profile["provenance"]["software"].items()),
-            "repeats": args.repeats, "policies": loop_policies(), "torch_threads": args.threads}
+    profile = yaml.safe_load((work / "loop-0" / "profile.yaml").read_text())
+    provenance = profile.get("provenance", {})
+    meta = {"date": datetime.date.today().isoformat(), "device": args.device,
+            "machine": provenance.get("machine", profile.get("name")),
+            "versions": ", ".join(f"{k} {v}" for k, v in provenance.get("software", {}).items()),
+            "repeats": args.repeats, "points": len(selected), "torch_threads": args.threads,
+            "argv": " ".join(argv if argv is not None else sys.argv[1:])}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"meta": meta, **summary}, indent=1) + "\n")
     (out / "README.md").write_text(markdown(summary, meta))
     print(markdown(summary, meta))

@@ -97,11 +97,6 @@ def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-# Needs cpu_validation.py's --device, --profile and --points (the validation loop over every policy extends it).
-# Strict: once the script takes them, this marker must go.
-VALIDATION_PENDING = pytest.mark.xfail(strict=True, reason="cpu_validation.py has no --device/--profile/--points")
-
-
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpu-check")
@@ -128,8 +123,7 @@ def test_the_dry_run_returns_at_most_8_files_with_the_card_date_and_versions(dry
     assert (out / "cpu-quick.yaml").is_file()
 
 
-@pytest.mark.parametrize("stage", [pytest.param(s.name, marks=VALIDATION_PENDING) if s.name == "validation"
-                                   else s.name for s in gpu_check.STAGES])
+@pytest.mark.parametrize("stage", [s.name for s in gpu_check.STAGES])
 def test_every_stage_passes_in_the_dry_run(dry_run, stage):
     done, out = dry_run
     outcome = next(s for s in json.loads((out / "figures.json").read_text())["stages"] if s["name"] == stage)

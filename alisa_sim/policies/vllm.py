@@ -67,6 +67,7 @@ class Iteration:
     swap_in_blocks: int = 0
     swap_out_blocks: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    swapped_blocks: int = 0  # held in the CPU swap space after the iteration
 
 
 class VllmScheduler:
@@ -79,6 +80,7 @@ class VllmScheduler:
         self.block_size = block_size
         self.gpu_blocks = gpu_blocks
         self.free_blocks = gpu_blocks
+        self.cpu_blocks = cpu_blocks
         self.free_cpu_blocks = cpu_blocks
         self.watermark_blocks = int(WATERMARK * gpu_blocks)
         self.max_num_seqs = max_num_seqs
@@ -126,6 +128,7 @@ class VllmScheduler:
             self.free_blocks += self.blocks(seq.cached)
             self.finished.append(seq)
         iteration.counters = self._counters
+        iteration.swapped_blocks = self.cpu_blocks - self.free_cpu_blocks
         return iteration
 
     def _schedule_prefills(self) -> list[Sequence]:
@@ -270,8 +273,10 @@ class VllmPolicy(Policy):
                 f"weights and activations leaves {self.gpu_blocks} blocks "
                 f"({self.gpu_blocks * self.block_size} tokens), "
                 f"fewer than max_model_len = {self.max_model_len} tokens or one whole sequence above the watermark")
-        kv = self.kv_memory(self.prompt_len)
+        pool = self.kv_memory(self.prompt_len)
         for index, it in enumerate(self.scheduler().iterations()):
+            # the swap space holds the blocks of the sequences swapped out, as the executor counts them
+            kv = MemoryUse(gpu=pool.gpu, cpu={"kv_swapped": it.swapped_blocks * self.block_bytes})
             if it.kind == "prefill":
                 template = self._prefill_template(it.lengths)
             else:

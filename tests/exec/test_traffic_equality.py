@@ -16,7 +16,7 @@ import torch
 from alisa_exec import executor
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
-from alisa_sim.policies import make_policy
+from alisa_sim.planner import make_policy
 from alisa_sim.results import simulated_rows
 from alisa_sim.workload import resolve_workload
 from tiny_models import TINY_SPEC

@@ -1,52 +1,55 @@
-"""The CPU validation loop (benchmarks/cpu_validation.py) as a CI check: `alisa-exec profile --device cpu --quick`, a
-small model under the loop's policies (LOOP_POLICIES there, where the executor runs them), measured by `alisa-exec
-run --device cpu` and predicted by `alisa-sim run` on that profile, the profile calibrated on half the runs and
-validated on the other half.
+"""The validation loop (benchmarks/cpu_validation.py) as a CI check on the CPU: six points over several policies
+(dense, flexgen with CPU attention, vLLM swap under a tight pool, ALISA in Phase II at sparsity 0.5, and 0.8 with
+INT8, H2O; Phase III at sparsity > 0 does not count alike yet, see docs/executor.md), each measured by `alisa-exec
+run` and predicted by `alisa-sim run` on a quick profile measured here.
 
-The bound on the held-out MAPE of the mean decode step comes from repeated loops on this project's 2-core machine
-while other jobs ran on it, recorded in reports/validation/cpu/: 10 loops gave 18.8-28.8% (worst single run 41.9%),
-6 earlier ones under heavier load (load average 4-5) 13.8-27.7%, and single test runs up to 34.8%; before each
-workload was run twice keeping the faster run, 8 loops gave 17.5-62.6%. The bound, 50%, is 1.4x the worst loop
-seen, so the check fails on a broken loop (a calibration that no longer fits, a simulator or executor change that
-moves decode time by several times), not on a loaded machine. The profile as
-measured, uncalibrated, predicts decode steps 5-10x too fast on this CPU (the quick profile times cache-hot GEMMs
-while the model streams its weights, and a CPU device pays the per-op host cost in series with the work; see
-README "Predicted vs measured"): that MAPE is printed, not bounded.
+Asserted: every step's counted traffic (kind, phase, token rows, KV bytes per tier, H2D/D2H bytes, fetched /
+offloaded / recomputed / evicted rows, preemptions, swapped blocks) equal between the two Results of each point, and
+every point paired by `alisa-sim validate`. The MAPE is printed; timing is bounded only loosely (a predicted decode
+step within 20x of the measured one), because the machine is shared and noisy: the table is
+benchmarks/cpu_validation.py's to report (README "Predicted vs measured").
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-BOUND_PCT = 50.0
-METRIC = "decode_step_mean_s"
 LOOP_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_validation.py"
+VARIANTS = ("dense", "flexgen-cpu-attention", "vllm-swap", "alisa-0.5-phase-2", "alisa-0.8-int8-phase-2", "h2o")
+LOOSE_FACTOR = 20.0
 
 
 @pytest.fixture(scope="module")
 def cpu_validation():
     spec = importlib.util.spec_from_file_location("cpu_validation", LOOP_SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_cpu_validation_loop_decode_step_mape(tmp_path, capsys, cpu_validation):
-    loop = cpu_validation.run_loop(tmp_path)
-    uncalibrated = loop["uncalibrated"]["summary"][METRIC]
-    calibrated = loop["calibrated"]["summary"][METRIC]
+def small_points(module):
+    """One small shape per variant: the smallest batch x prompt of its shapes."""
+    chosen = [v for v in module.VARIANTS if v.name in VARIANTS]
+    assert [v.name for v in chosen] == list(VARIANTS)
+    small = [module.Variant(v.name, v.policy, v.budget, (min(v.shapes, key=lambda s: s[1] * s[2]),)) for v in chosen]
+    return module.points(1, small)
+
+
+def test_a_short_loop_has_equal_traffic_and_prints_its_mape(tmp_path, capsys, cpu_validation):
+    selected = small_points(cpu_validation)
+    loop = cpu_validation.run_loop(tmp_path, selected)
+    differing = {name: diffs[:3] for name, diffs in loop["traffic"].items() if diffs}
+    assert not differing, differing
+    assert sorted(loop["traffic"]) == sorted(p.name for p in selected)
+    summary = loop["uncalibrated"]["summary"]
     with capsys.disabled():
-        print(f"\nCPU validation loop ({', '.join(cpu_validation.loop_policies())}): mean decode step MAPE "
-              f"{uncalibrated['mape']:.1f}% with the quick profile as measured ({uncalibrated['pairs']} pairs), "
-              f"{calibrated['mape']:.1f}% (worst {calibrated['worst']:.1f}%) on {calibrated['pairs']} held-out runs "
-              f"with the fitted profile (bound {BOUND_PCT:.0f}%)")
-    runs = len(cpu_validation.CASES) * len(cpu_validation.loop_policies())
-    assert uncalibrated["pairs"] == runs
-    assert calibrated["pairs"] == sum(case[-1] == "holdout" for case in cpu_validation.CASES) * len(
-        cpu_validation.loop_policies())
-    fit = loop["fit"]["mape_pct"]
-    assert fit["fit_after"][METRIC] < fit["fit_before"][METRIC]
-    assert calibrated["mape"] < BOUND_PCT
-    assert (tmp_path / "cpu-quick-fitted.yaml").read_text().count("kind: fitted") == 1
-    assert (tmp_path / "calibrated" / "validation.html").is_file()
+        print("\nshort validation loop, uncalibrated quick CPU profile: " + ", ".join(
+            f"{metric} MAPE {summary[metric]['mape']:.1f}% (worst {summary[metric]['worst']:.1f}%)"
+            for metric in cpu_validation.METRICS))
+    assert summary[cpu_validation.METRIC]["pairs"] == len(selected)
+    for pair in loop["uncalibrated"]["pairs"]:
+        step = pair["metrics"][cpu_validation.METRIC]
+        assert 1 / LOOSE_FACTOR < step["predicted"] / step["measured"] < LOOSE_FACTOR, pair["workload"]
