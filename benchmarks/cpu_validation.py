@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=tuple(DTYPES), default="cpu")
     parser.add_argument("--profile", help="use this hardware profile (measure none)")
     parser.add_argument("--points", type=int, help="at most N workloads per variant (default: all)")
+    parser.add_argument("--variants", help="comma-separated variant names (default: all): "
+                                           + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="reports/validation/cpu")
     parser.add_argument("--work", default="reports/runs/cpu-validation")
@@ -339,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.points is not None and args.points < 1:
         print("error: --points must be at least 1", file=sys.stderr)
         return 2
+    by_name = {v.name: v for v in VARIANTS}
+    names = args.variants.split(",") if args.variants else list(by_name)
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        print(f"error: unknown variants {', '.join(unknown)} (known: {', '.join(by_name)})", file=sys.stderr)
+        return 2
     out, work = Path(args.out), Path(args.work)
-    selected = points(args.points)
+    selected = points(args.points, [by_name[name] for name in names])
     loops = []
     for i in range(args.repeats):
         loop = run_loop(work / f"loop-{i}", selected, args.device, Path(args.profile) if args.profile else None,

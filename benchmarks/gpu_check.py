@@ -150,10 +150,11 @@ STAGES = (
     # Relies on cpu_validation.py's --device, --profile (use this profile, measure none) and --points (workloads per
     # policy), besides its --repeats, --out (summary.json, README.md) and --work.
     Stage("validation", 0.10, ("{python}", "benchmarks/cpu_validation.py", "--device", "cuda", "--profile", PROFILE,
-                               "--points", "2", "--repeats", "1", "--out", "{work}/validation",
+                               "--points", "1", "--repeats", "1", "--out", "{work}/validation",
                                "--work", "{work}/validation-runs"),
           dry=("{python}", "benchmarks/cpu_validation.py", "--device", "cpu", "--profile", PROFILE, "--points", "1",
-               "--repeats", "1", "--out", "{work}/validation", "--work", "{work}/validation-runs"),
+               "--variants", "dense,alisa-0.5-phase-2", "--repeats", "1", "--out", "{work}/validation",
+               "--work", "{work}/validation-runs"),
           needs=(PROFILE,), figures=("validation/summary.json",), tables=("validation/README.md",)),
     Stage("exec_policies", 0.24, ("{python}", "benchmarks/exec_policies.py", "--batches", "64",
                                   "--policies", "alisa,flexgen,accelerate", "--budget-s", "{budget}",
