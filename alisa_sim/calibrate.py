@@ -75,6 +75,16 @@ def resampled_gemm_rows(profile: HardwareProfile, families: list[tuple[int, int]
     return list(profile.gpu.gemm_fp16) + added
 
 
+def _op_parameter(op: str) -> str:
+    """The fit parameter that scales a named op's time: projections the GEMMs, attention paths the attention, copies
+    the link, every other op (elementwise, selection, host gathers) the memory-bound kernels."""
+    if op == "project":
+        return "gemm"
+    if op.endswith("_attention"):
+        return "attention"
+    return "copy" if op.startswith("copy_") else "elementwise"
+
+
 def adjusted_profile(profile: HardwareProfile, values: dict[str, float]) -> HardwareProfile:
     """The profile with its tables and overheads scaled by the multipliers in `values` (missing ones stay 1) and
     `values["host"]` seconds (default 0) added to every GEMM and attention row."""
@@ -91,6 +101,10 @@ def adjusted_profile(profile: HardwareProfile, values: dict[str, float]) -> Hard
             for row in gpu.decode_attention_fp16],
         "prefill_attention_fp16": [row.model_copy(update={"s": row.s * f["attention"] + host})
                                    for row in gpu.prefill_attention_fp16],
+        # The named-op rows the cost model prices ops from, scaled as the tables they stand for.
+        "ops": [row.model_copy(update={"s": row.s * f[_op_parameter(row.op)] + (host if _op_parameter(row.op) in
+                                                                                 ("gemm", "attention") else 0.0),
+                                       "host_s": row.host_s * f["launch_overhead"]}) for row in gpu.ops],
     })
     link = profile.link.model_copy(update={"copies": [
         row.model_copy(update={name: getattr(row, name) * f["copy"] for name in _COPY_FIELDS})

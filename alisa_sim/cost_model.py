@@ -82,7 +82,7 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never below one
     launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost EAGER_CALLS x
     launch_overhead_s."""
-    gpu, measured = profile.gpu, {row.op for row in profile.gpu.ops}
+    gpu, measured = profile.gpu, {row.op for row in profile.gpu.ops if row.source == "measured"}
     floor_s, hbm_Bps = gpu.launch_overhead_s, gpu.hbm_GBps * 1e9
     shapes: dict[str, list[tuple[dict, float]]] = {
         "project": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
@@ -142,9 +142,11 @@ class CostModel:
         gpu, link, cpu = profile.gpu, profile.link, profile.cpu
         self.launch_overhead_s: float = gpu.launch_overhead_s
 
-        # Named ops: the profile's own rows, and derived ones for ops it does not time; per op a curve over its work.
+        # Named ops: the profile's measured rows, and ops it does not time derived from its tables now (a derived row
+        # written in the file is ignored, so a profile whose tables are edited or fitted prices its ops from them).
         self.op_rows: dict[str, list[dict]] = defaultdict(list)
-        for row in [row.model_dump() for row in gpu.ops] + derived_op_rows(profile):
+        own = [row.model_dump() for row in gpu.ops if row.source == "measured"]
+        for row in own + derived_op_rows(profile):
             self.op_rows[row["op"]].append(row)
         self._op_curves = {op: _OpCurve(op, rows) for op, rows in self.op_rows.items() if op != "project"}
         self._op_host_s = {op: float(np.median([r["host_s"] for r in rows])) for op, rows in self.op_rows.items()}

@@ -270,8 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"))
     parser.add_argument("--dtype", choices=tuple(DTYPES))
     parser.add_argument("--kv-on-gpu", type=float, help="share of ALISA's KV cache at the longest context the GPU "
-                        "budget leaves room for (default 0.15; 1.0 with --smoke, where the tiny model's working "
-                        "buffers outweigh its KV cache)")
+                        "budget leaves room for (default 0.15; 0.5 with --smoke, so that the tiny model offloads too)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-time budget: runs predicted to overrun "
                         "what is left are skipped")
     parser.add_argument("--max-run-s", type=float, default=100.0, help="a run is aborted past this (its throughput "
@@ -283,7 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.set_defaults(device="cpu", model=json.dumps(SMOKE_MODEL), batches=[2, 4], prompt_len=32, gen_len=16)
     args = parser.parse_args(argv)
     if args.kv_on_gpu is None:
-        args.kv_on_gpu = 1.0 if args.smoke else 0.15
+        args.kv_on_gpu = 0.5 if args.smoke else 0.15
     args.model = json.loads(args.model) if args.model.lstrip().startswith("{") else args.model
     return args
 

@@ -59,7 +59,8 @@ WHEELS = {
 # In the image, but carried for the version (a carried wheel comes before the image's copy on the PYTHONPATH).
 CARRIED_FOR_VERSION = frozenset({"typing-extensions"})
 # Project requirements the check goes without on the GPU machine.
-NOT_CARRIED = {"kaleido": "PNG export only; reports keep their HTML without it"}
+NOT_CARRIED = {"kaleido": "PNG export only; reports keep their HTML without it",
+               "ruff": "the linter; CI runs it, no stage does"}
 # The GPU image's Python packages, as /work/.library/device/KINDS.md lists them (read on a machine running it on
 # 2026-11-17; its python3 is 3.12).
 GPU_IMAGE_PACKAGES = frozenset("""

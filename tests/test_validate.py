@@ -207,14 +207,14 @@ SHAPES = [dict(model="opt-6.7b", batch_size=1, prompt_len=32), dict(model="opt-6
 
 def test_calibration_refuses_a_profile_that_predicts_its_own_runs_worse(tmp_path, capsys):
     """Prefill measured 4x the prediction, decode steps half of it: one GEMM factor cannot fix both; the fit (least
-    squares in log) settles at x1.44, which takes the runs' error from 87.5% to 122%: refused, nothing written."""
+    squares in log) settles at x1.51, which takes the runs' error from 87.5% to 123%: refused, nothing written."""
     for i, shape in enumerate(SHAPES):
         _write(tmp_path / "fit", str(i), _skewed(_simulated(_workload(**shape)), 4.0, 0.5))
     out = tmp_path / "h100-fitted.yaml"
     assert main(["calibrate", str(tmp_path / "fit"), "--hardware", "h100", "--params", "gemm", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "calibration made its own fit runs worse" in err and "87.5% with the base profile" in err
-    assert "no profile written" in err and "gemm x1.4" in err
+    assert "no profile written" in err and "gemm x1.5" in err
     assert not out.exists() and not list(tmp_path.glob("*.yaml*"))
 
 
