@@ -11,3 +11,22 @@ def swa_window(num_tokens: int, kv_sparsity: float) -> int:
     keep_ratio = 1.0 - kv_sparsity
     # The epsilon keeps e.g. 15 * (1 - 0.8) / 2 = 1.4999999999999998 rounding up, as 1.5 does.
     return max(1, math.floor(num_tokens * keep_ratio / 2 + 0.5 + 1e-9))
+
+
+# How SWA's budget treats the current token (workload option `swa_current` of the alisa policy, the accuracy
+# methods' `current`): "inside" counts it among the k recent tokens of the 2k budget (the paper's literal
+# |I| = 2k with I_l = [n - k, n - 1]); "extra" attends it on top of k recent and k older tokens (2k + 1).
+SWA_CURRENT_OPTIONS = ("inside", "extra")
+
+
+def swa_budget(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
+    """Tokens a sparse step with `num_tokens` cached tokens attends: min(n, 2k), or min(n, 2k + 1) when the current
+    token is attended on top of the budget (`current="extra"`)."""
+    if current not in SWA_CURRENT_OPTIONS:
+        raise ValueError(f"current must be one of {SWA_CURRENT_OPTIONS}, not {current!r}")
+    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity) + (current == "extra"))
+
+
+def swa_recent(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
+    """How many of the newest tokens SWA attends as its local window (the current one included)."""
+    return min(num_tokens, swa_window(num_tokens, kv_sparsity) + (current == "extra"))

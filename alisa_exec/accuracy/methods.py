@@ -2,20 +2,33 @@
 simulates, one layer at a time, for a batch of sequences decoding in lockstep.
 
 All methods share one budget. At the step with n cached tokens (the current one included) and KV sparsity s,
-`k = swa_window(n, s)` and a method attends `budget(n, s) = min(n, 2k)` tokens, always the current one among them:
+`k = swa_window(n, s)` and a method attends `swa_budget(n, s, current)` tokens, always the current one among them:
+min(n, 2k) when the current token counts inside the 2k ("inside", the paper's literal |I| = 2k), min(n, 2k + 1)
+when it is attended on top ("extra", the default, see docs/accuracy.md):
 
 - `dense`: every cached token (the budget does not apply).
-- `swa`, `swa-int8`: the k most recent tokens and the k older ones with the largest attention weight summed over
-  all heads over the last k decode steps (one set per layer); `swa-int8` reads K and V through INT8.
-- `swa-head`: the same with one set per KV head (weights summed over the head's query group).
+- `swa`, `swa-int8`: the current token, the k most recent before it and the k older ones with the largest attention
+  weight summed over all heads over the last k decode steps, where a step's own (current) token is not credited with
+  its self-attention (one set per layer); `swa-int8` reads K and V through INT8.
+- `swa-literal`: the paper's literal reading: the current token is one of the k recent ones (budget 2k) and each
+  step's self-attention counts in the sums. `swa-inside` and `swa-self` switch one of the two details each.
+- `swa-head`: `swa` with one set per KV head (weights summed over the head's query group).
+- `hh-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the k older ones with the
+  largest attention summed over every step so far (H2O's score), chosen among all older tokens every step, so a
+  token left out can come back (it stays in CPU memory); no more tokens than SWA per step and head.
+- `oracle`: a diagnostic, not realisable: per step the budget's tokens of largest dense attention of that very step,
+  summed over the layer's heads (the current token always among them).
 - `h2o`: per KV head, the k most recent tokens and the heavy hitters by attention summed over every step since the
   token arrived, chosen only among the tokens the previous step kept: a token left out once is evicted for good,
   so the set grows by at most one token a step and is one short of the budget on a step where the budget grows
   by two.
 - `streamingllm`: the first min(4, budget - 1) tokens (attention sinks) and the most recent ones.
 - `local`: the `budget` most recent tokens.
-- `strided`: the k most recent tokens and `budget - k` older ones at a fixed stride counted back from the newest
+- `strided`: the recent window and the rest of the budget older ones at a fixed stride counted back from the newest
   older token (the Sparse Transformer's strided pattern at this budget).
+
+A prefill (the first P tokens of a window attended densely, as a prompt) seeds every selector with its attention
+rows (`prefill_rows`), as the executor seeds its local sums.
 
 Attention sums are kept in fixed point (the kernels' int64 units), so a sum that gains and loses a row returns
 exactly to what it was and ties are real ties; ties go to the older token, as in the kernels.
@@ -32,25 +45,28 @@ from torch import Tensor
 
 from alisa_exec.kernels.selection import to_fixed_point
 from alisa_sim.errors import SpecError
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import swa_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
+DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
+ROW_BLOCK = 64  # rows a masked pass chooses at once; selectors that accept blocks keep state for that many
 
 
-def budget(num_tokens: int, kv_sparsity: float) -> int:
+def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) -> int:
     """Tokens every sparse method attends at a step with `num_tokens` cached tokens."""
-    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity))
+    return swa_budget(num_tokens, kv_sparsity, current)
 
 
 def top_older(scores: Tensor, take: Tensor) -> Tensor:
-    """Bool mask of the `take[b]` largest entries of each row of scores [batch, groups, m] (ties to the lower, older
-    position). Entries below zero are never among them as long as each row has `take` entries of zero or more."""
+    """Bool mask of the `take[...]` largest entries of each row of scores [..., m] (take broadcasts to
+    scores.shape[:-1]; ties to the lower, older position). Entries below zero are never among them as long as each
+    row has `take` entries of zero or more."""
     most = int(take.max())
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    count = take.view(-1, 1, 1)
+    count = take.expand(scores.shape[:-1])[..., None]
     top = scores.topk(most, dim=-1).values
-    kth = top.gather(-1, (count - 1).clamp(min=0).expand(*scores.shape[:2], 1))
+    kth = top.gather(-1, (count - 1).clamp(min=0))
     kth = torch.where(count > 0, kth, torch.iinfo(scores.dtype).max)
     above = scores > kth
     tied = scores == kth
@@ -61,13 +77,18 @@ class Selector(ABC):
     """One layer's token selection for a batch of sequences decoding in lockstep, each at its own KV sparsity.
     `keep(n)` says what the step with n cached tokens attends, [batch, groups, n] bool (groups: 1 when one set serves
     every head, else one per KV head); `observe(probs)` gets that step's attention probabilities,
-    [batch, kv_heads, group_size, n], zero off the kept tokens."""
+    [batch, kv_heads, group_size, n], zero off the kept tokens; `prefill_rows(first, probs)` gets densely attended
+    rows first, first + 1, ... of a prefill, [batch, kv_heads, group_size, rows, n]."""
 
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
+    blocks = False  # blocks: `keep_rows` chooses many rows at once (see forward.py's masked pass)
+    dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
 
-    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device):
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
         self.kv_sparsity = list(kv_sparsity)
         self.batch, self.kv_heads, self.max_tokens, self.device = len(self.kv_sparsity), kv_heads, max_tokens, device
+        self.current = current
         self.groups = 1
 
     def _per_step(self, what: Callable[[int, float], int]) -> Tensor:
@@ -75,11 +96,17 @@ class Selector(ABC):
         return torch.tensor([[what(max(n, 1), s) for s in self.kv_sparsity] for n in range(self.max_tokens + 1)],
                             device=self.device)
 
+    def _tables(self) -> None:
+        """k, the recent window and the budget of every step and sequence, [max_tokens + 1, batch] each."""
+        self.windows = self._per_step(swa_window)
+        self.recents = self._per_step(lambda n, s: swa_recent(n, s, self.current))
+        self.budgets = self._per_step(lambda n, s: swa_budget(n, s, self.current))
+
     def _recent(self, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """k per sequence [batch], and which of the n positions are among the k most recent [batch, 1, n]."""
-        k = self.windows[num_tokens]
+        """The recent-window size per sequence [batch], and which of the n positions are in it [batch, 1, n]."""
+        recent = self.recents[num_tokens]
         positions = torch.arange(num_tokens, device=self.device)
-        return k, (positions >= (num_tokens - k)[:, None])[:, None]
+        return recent, (positions >= (num_tokens - recent)[:, None])[:, None]
 
     @abstractmethod
     def keep(self, num_tokens: int) -> Tensor:
@@ -89,126 +116,219 @@ class Selector(ABC):
     def observe(self, probs: Tensor) -> None:
         """The attention probabilities of the step that just ran."""
 
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        """Densely attended rows of a prefill; a selector that ignores attention ignores them."""
+
 
 class StaticSelector(Selector):
     """A fixed pattern of positions, the same for every head (and every sequence at the same sparsity)."""
 
     static = True
 
-    @staticmethod
     @abstractmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
         """The kept positions at a step with `num_tokens` cached tokens, ascending."""
 
-    def _rows(self, num_tokens: int) -> Tensor:
+    def keep(self, num_tokens: int) -> Tensor:
         mask = torch.zeros(self.batch, 1, num_tokens, dtype=torch.bool, device=self.device)
         for sequence, sparsity in enumerate(self.kv_sparsity):
             mask[sequence, 0, self.positions(num_tokens, sparsity).to(self.device)] = True
         return mask
 
-    def mask(self, seq_len: int) -> Tensor:
-        """[batch, 1, seq_len, seq_len] bool: row i is what the step with i + 1 cached tokens keeps."""
+    def mask(self, seq_len: int, prefill: int = 0) -> Tensor:
+        """[batch, 1, seq_len, seq_len] bool: row i is what the step with i + 1 cached tokens keeps (rows before
+        `prefill`: every earlier token)."""
         by_sparsity = {}
         for sparsity in dict.fromkeys(self.kv_sparsity):
-            rows = torch.zeros(seq_len, seq_len, dtype=torch.bool)
-            for row in range(seq_len):
+            rows = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+            for row in range(prefill, seq_len):
+                rows[row, :row + 1] = False
                 rows[row, self.positions(row + 1, sparsity)] = True
             by_sparsity[sparsity] = rows.to(self.device)
         return torch.stack([by_sparsity[s] for s in self.kv_sparsity])[:, None]
-
-    def keep(self, num_tokens: int) -> Tensor:
-        return self._rows(num_tokens)
 
     def observe(self, probs: Tensor) -> None:
         """A static pattern ignores attention."""
 
 
 class Dense(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
         return torch.arange(num_tokens)
 
 
 class Local(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        return torch.arange(num_tokens - budget(num_tokens, kv_sparsity), num_tokens)
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        return torch.arange(num_tokens - budget(num_tokens, kv_sparsity, self.current), num_tokens)
 
 
 class StreamingLLM(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        kept = budget(num_tokens, kv_sparsity)
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        kept = budget(num_tokens, kv_sparsity, self.current)
         sinks = min(STREAMING_SINKS, kept - 1) if kept < num_tokens else 0
         return torch.cat([torch.arange(sinks), torch.arange(num_tokens - (kept - sinks), num_tokens)])
 
 
 class Strided(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        k = swa_window(num_tokens, kv_sparsity)
-        older = num_tokens - k
-        take = budget(num_tokens, kv_sparsity) - k
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        older = num_tokens - swa_recent(num_tokens, kv_sparsity, self.current)
+        take = budget(num_tokens, kv_sparsity, self.current) - (num_tokens - older)
         stride = older // take if take else 1
         return torch.cat([older - 1 - stride * torch.arange(take).flip(0), torch.arange(older, num_tokens)])
 
 
-class SlidingWindowSum(Selector):
-    """SWA: k recent tokens plus the top-k older ones by attention summed over the last k steps (and over the heads
-    of a group: all heads, or one KV head's query group with `per_head`).
+class AttentionSum(Selector):
+    """The recent window plus the top older tokens by attention summed over the last k steps (`history="window"`,
+    SWA) or over every step so far (`history="all"`), over the heads of a group: all heads, or one KV head's query
+    group with `per_head`. With `self_weight=False` a step's row does not credit its own (current) token.
 
-    The window sum is a difference of prefix sums of the observed rows, kept for the last `span` row counts (a
-    ring: the longest window plus one)."""
+    The sums are differences of prefix sums of the observed rows (int64 fixed point): `ring` keeps the prefix sums
+    of the last `span` row counts (the longest window plus a block of rows), `total` the newest. `keep_rows` chooses
+    a block of rows at once from the committed rows and an estimate of the block's own rows; `keep` and `observe`
+    are the one-row case of the same arithmetic."""
+
+    blocks = True
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
-                 per_head: bool = False):
-        super().__init__(kv_sparsity, kv_heads, max_tokens, device)
+                 current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
+                 history: str = "window"):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
         self.groups = kv_heads if per_head else 1
-        self.windows = self._per_step(swa_window)
-        self.span = int(self.windows.max()) + 1
-        self.prefix = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
-        self.observed = 0
+        self.self_weight, self.history = self_weight, history
+        self._tables()
+        self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
+        if history == "window":
+            self.span = int(self.windows.max()) + ROW_BLOCK + 1
+            self.ring = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
+        self.committed = 0  # rows whose weights are in the sums
+
+    def row_weights(self, first: int, probs: Tensor) -> Tensor:
+        """Fixed-point weights [batch, groups, rows, n] of rows first, first + 1, ... from their probabilities
+        [batch, kv_heads, group_size, rows, n] (a row's own token zeroed unless `self_weight`)."""
+        summed = probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None]
+        weights = to_fixed_point(summed)
+        if not self.self_weight:
+            rows = torch.arange(weights.shape[2], device=self.device)
+            weights[:, :, rows, first + rows] = 0
+        return weights
+
+    def block_base(self, first: int, rows: int, width: int) -> tuple[Tensor, Tensor]:
+        """For the block of `rows` rows from `first` (all rows before it committed): where each row's window starts
+        relative to `first` (clamped at 0) [batch, rows], and the committed rows' part of each row's window
+        [batch, groups, rows, width]."""
+        rows = torch.arange(first, first + rows, device=self.device)
+        total = self.total[..., None, :width]
+        if self.history == "all":
+            return torch.zeros(self.batch, len(rows), dtype=torch.long, device=self.device), total
+        start = rows[None] - self.windows[rows + 1].T  # [batch, rows]; the step with i + 1 tokens is row i
+        start = start.clamp(min=0)
+        before = start < first
+        old = self.ring[torch.arange(self.batch, device=self.device)[:, None], :, start % self.span, :width]
+        base = torch.where(before[:, None, :, None], total - old.transpose(1, 2), 0)
+        return (start - first).clamp(min=0), base
+
+    def keep_rows(self, first: int, estimate: Tensor, lo: int = 0, base: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """What rows first + lo, ..., first + rows - 1 attend [batch, groups, rows - lo, width], given the weights of
+        the block's own rows first, first + 1, ... (`estimate`, [batch, groups, rows, width]; only those before a
+        row matter to it). `base` is `block_base(first, rows, width)`, computed once per block."""
+        rows, width = estimate.shape[-2:]
+        start, base = base if base is not None else self.block_base(first, rows, width)
+        inclusive = estimate.cumsum(dim=2)
+        # before[j] = weights of the block's rows first .. first + j - 1 (the rows a step j of the block has seen)
+        before = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
+        at_start = before.gather(2, start[:, None, :, None].expand(-1, before.shape[1], -1, width))
+        window = (before - at_start + base)[:, :, lo:]
+        counts = torch.arange(first + lo + 1, first + rows + 1, device=self.device)  # n of each row
+        recent = self.recents[counts].T  # [batch, rows - lo]
+        older = counts - recent
+        take = self.budgets[counts].T - recent
+        cols = torch.arange(width, device=self.device)
+        is_older = cols < older[..., None]
+        is_recent = ~is_older & (cols < counts[:, None])
+        chosen = top_older(torch.where(is_older[:, None], window, -1), take[:, None])
+        return chosen | is_recent[:, None]
+
+    def commit(self, first: int, weights: Tensor) -> None:
+        """Add the final weights [batch, groups, rows, width] of rows first, first + 1, ... to the sums."""
+        if first != self.committed:
+            raise RuntimeError(f"rows must be committed in order: row {first} after {self.committed} rows")
+        rows, width = weights.shape[-2:]
+        prefix = self.total[..., None, :width] + weights.cumsum(dim=2)  # prefix sums after each row
+        if self.history == "window":
+            keep = range(max(0, rows - self.span), rows)
+            slots = torch.tensor([(first + 1 + j) % self.span for j in keep], device=self.device)
+            self.ring[:, :, slots, :width] = prefix[:, :, keep.start:]
+        self.total[..., :width] = prefix[:, :, -1]
+        self.committed += rows
 
     def keep(self, num_tokens: int) -> Tensor:
-        k, recent = self._recent(num_tokens)
-        first = (self.observed - k).clamp(min=0) % self.span
-        window = (self.prefix[:, :, self.observed % self.span, :num_tokens]
-                  - self.prefix[torch.arange(self.batch, device=self.device), :, first, :num_tokens])
-        older = ~recent
-        chosen = top_older(torch.where(older, window, -1), torch.minimum(k, num_tokens - k))
-        return chosen | recent
+        estimate = torch.zeros(self.batch, self.groups, 1, num_tokens, dtype=torch.int64, device=self.device)
+        return self.keep_rows(num_tokens - 1, estimate)[:, :, 0]
 
     def observe(self, probs: Tensor) -> None:
-        row = to_fixed_point(probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None])
-        now, after = self.observed % self.span, (self.observed + 1) % self.span
-        self.prefix[:, :, after] = self.prefix[:, :, now]
-        self.prefix[:, :, after, :row.shape[-1]] += row
-        self.observed += 1
+        row = probs.shape[-1] - 1
+        self.commit(row, self.row_weights(row, probs[..., None, :]))
+
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        self.commit(first, self.row_weights(first, probs))
 
 
 class HeavyHitters(Selector):
     """H2O per KV head: k recent tokens plus heavy hitters by attention summed over all history, among the tokens
     the previous step kept."""
 
-    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device):
-        super().__init__(kv_sparsity, kv_heads, max_tokens, device)
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
         self.groups = kv_heads
-        self.windows, self.budgets = self._per_step(swa_window), self._per_step(budget)
+        self._tables()
         self.scores = torch.zeros(self.batch, kv_heads, max_tokens, dtype=torch.int64, device=device)
         self.kept = torch.zeros(self.batch, kv_heads, max_tokens, dtype=torch.bool, device=device)
 
     def keep(self, num_tokens: int) -> Tensor:
-        k, recent = self._recent(num_tokens)
+        recent_count, recent = self._recent(num_tokens)
         candidates = self.kept[..., :num_tokens] & ~recent
         # Every head of a sequence kept as many tokens, the previous step's recent window among them.
-        heavy = torch.minimum(self.budgets[num_tokens] - k, candidates[:, 0].sum(dim=-1))
-        chosen = top_older(torch.where(candidates, self.scores[..., :num_tokens], -1), heavy)
+        heavy = torch.minimum(self.budgets[num_tokens] - recent_count, candidates[:, 0].sum(dim=-1))
+        chosen = top_older(torch.where(candidates, self.scores[..., :num_tokens], -1), heavy[:, None])
         self.kept[..., :num_tokens] = keep = chosen | recent
         return keep
 
     def observe(self, probs: Tensor) -> None:
         row = to_fixed_point(probs.sum(dim=2))
         self.scores[..., :row.shape[-1]] += row
+
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        width = probs.shape[-1]
+        self.scores[..., :width] += to_fixed_point(probs.sum(dim=2)).sum(dim=-2)
+        self.kept[..., :width] = True
+
+
+class Oracle(Selector):
+    """Per step, the budget's tokens of largest dense attention summed over all heads (the current one always):
+    needs the step's full attention, so no decoder could choose this way."""
+
+    dense_choice = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self._tables()
+
+    def choose(self, first: int, dense: Tensor) -> Tensor:
+        """What rows first, first + 1, ... attend [batch, 1, rows, width] from their dense (causal) attention
+        probabilities [batch, kv_heads, group_size, rows, width]."""
+        rows, width = dense.shape[-2:]
+        weights = to_fixed_point(dense.sum(dim=(1, 2)))
+        current = torch.arange(first, first + rows, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        chosen = top_older(torch.where(cols < current[:, None], weights, -1), self.budgets[current + 1].T - 1)
+        return (chosen | (cols == current[:, None]))[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("the oracle chooses from the step's dense attention: call choose()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The oracle keeps no state."""
 
 
 @dataclass(frozen=True)
@@ -219,11 +339,20 @@ class Method:
     sparse: bool = True  # evaluated at each requested sparsity (dense: once)
 
 
+def _sums(**options) -> Callable[..., AttentionSum]:
+    return lambda *args: AttentionSum(*args, **options)
+
+
 METHODS = {
     "dense": Method("dense", Dense, sparse=False),
-    "swa": Method("swa", SlidingWindowSum),
-    "swa-head": Method("swa-head", lambda *args: SlidingWindowSum(*args, per_head=True)),
-    "swa-int8": Method("swa-int8", SlidingWindowSum, int8_kv=True),
+    "swa": Method("swa", _sums()),
+    "swa-literal": Method("swa-literal", _sums(current="inside", self_weight=True)),
+    "swa-inside": Method("swa-inside", _sums(current="inside")),
+    "swa-self": Method("swa-self", _sums(self_weight=True)),
+    "swa-head": Method("swa-head", _sums(per_head=True)),
+    "swa-int8": Method("swa-int8", _sums(), int8_kv=True),
+    "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
+    "oracle": Method("oracle", Oracle),
     "h2o": Method("h2o", HeavyHitters),
     "streamingllm": Method("streamingllm", StreamingLLM),
     "local": Method("local", Local),
