@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from alisa_exec.accuracy.methods import ROW_BLOCK, Method, Selector
+from alisa_exec.accuracy.methods import Method, Selector
 from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference
 from alisa_exec.model import OPT_POSITION_OFFSET, Block, Transformer, apply_rope, rope_tables
 
+ROW_BLOCK = 128  # rows whose scores against the keys before them are computed at once
 INT8_CHANNEL_GROUP = 64  # the INT8 cache's default group of channels
 LOGIT_CHUNK = 128  # positions whose logits are materialized at once when scoring
 
@@ -99,38 +100,9 @@ def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
     return torch.softmax(scores.masked_fill(~keep[:, :, None], float("-inf")), dim=-1)
 
 
-def _converge(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
-    """Kept tokens and probabilities of a block of rows chosen at once, exactly as row by row.
-
-    Row i's choice depends only on the rows before it. Start from no estimate of the block's own rows, choose every
-    row, attend, and repeat with the rows' new weights: rows that choose as in the previous round, up to the first
-    that changes, are final (their inputs were), and so is that first changed row; the rest are redone. A round
-    that changes nothing leaves the whole block final. Each round settles at least one more row, and in practice
-    the choices settle within a few."""
-    batch, _, _, rows, width = scores.shape
-    base = selector.block_base(first, rows, width)
-    estimate = torch.zeros(batch, selector.groups, rows, width, dtype=torch.int64, device=scores.device)
-    keep = selector.keep_rows(first, estimate, 0, base)
-    probs = _softmax_kept(scores, keep)
-    estimate = selector.row_weights(first, probs)
-    settled = 1
-    while settled < rows:
-        again = selector.keep_rows(first, estimate, settled, base)
-        changed = (again != keep[:, :, settled:]).any(dim=-1).any(dim=0).any(dim=0)
-        if not changed.any():
-            break
-        redo = settled + int(changed.int().argmax())
-        keep[:, :, redo:] = again[:, :, redo - settled:]
-        probs[..., redo:, :] = _softmax_kept(scores[..., redo:, :], keep[:, :, redo:])
-        estimate[:, :, redo:] = selector.row_weights(first + redo, probs[..., redo:, :])
-        settled = redo + 1
-    selector.commit(first, estimate)
-    return keep, probs
-
-
 def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
-    """Kept tokens and probabilities of a block of rows, one row at a time (a selector whose choice chains on the
-    previous row's, like H2O's eviction)."""
+    """Kept tokens and probabilities of a block of rows of an attention-dependent selector, one row at a time: each
+    row's choice depends on the rows before it."""
     batch, _, _, rows, width = scores.shape
     keep = torch.zeros(batch, selector.groups, rows, width, dtype=torch.bool, device=scores.device)
     probs = torch.zeros_like(scores)
@@ -173,7 +145,7 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask:
             keep = selector.choose(first, dense)
             probs = _softmax_kept(scores, keep)
         else:
-            keep, probs = (_converge if selector.blocks else _row_by_row)(scores, selector, first)
+            keep, probs = _row_by_row(scores, selector, first)
         y[..., first:last, :] = probs @ v[:, :, None, :last]
         if probe:
             all_probs[..., first:last, :last] = probs
@@ -183,9 +155,10 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask:
 
 @torch.no_grad()
 def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float],
-                probe: Probe | None = None, prefill: int = 0) -> Tensor:
+                probe: Probe | None = None, prefill: int = 0, layer_done: Callable[[], None] | None = None) -> Tensor:
     """Final normed hidden states [batch, S, hidden] of windows `tokens` [batch, S] decoded under `method`, each
-    window at its own KV sparsity, after a dense prefill of the first `prefill` tokens (0: none).
+    window at its own KV sparsity, after a dense prefill of the first `prefill` tokens (0: none); `layer_done()` is
+    called after each layer.
 
     Static methods without a probe attend through SDPA with their mask (dense: causal); every other case
     computes the attention a block of rows at a time and, with `probe`, hands each layer's to it."""
@@ -214,6 +187,8 @@ def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
                 probe(index, probs, kept)
             del probs, kept
         x = _finish_block(block, x, y.to(x.dtype))
+        if layer_done is not None:
+            layer_done()
     return model.norm(x)
 
 

@@ -49,7 +49,6 @@ from alisa_sim.swa import swa_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
 DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
-ROW_BLOCK = 64  # rows a masked pass chooses at once; selectors that accept blocks keep state for that many
 
 
 def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) -> int:
@@ -81,7 +80,6 @@ class Selector(ABC):
     rows first, first + 1, ... of a prefill, [batch, kv_heads, group_size, rows, n]."""
 
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
-    blocks = False  # blocks: `keep_rows` chooses many rows at once (see forward.py's masked pass)
     dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
@@ -181,12 +179,8 @@ class AttentionSum(Selector):
     SWA) or over every step so far (`history="all"`), over the heads of a group: all heads, or one KV head's query
     group with `per_head`. With `self_weight=False` a step's row does not credit its own (current) token.
 
-    The sums are differences of prefix sums of the observed rows (int64 fixed point): `ring` keeps the prefix sums
-    of the last `span` row counts (the longest window plus a block of rows), `total` the newest. `keep_rows` chooses
-    a block of rows at once from the committed rows and an estimate of the block's own rows; `keep` and `observe`
-    are the one-row case of the same arithmetic."""
-
-    blocks = True
+    `total` is the sum of every observed row (int64 fixed point); a window's sum is `total` less the prefix sum
+    where the window starts, kept in `ring` for the last `span` row counts (the longest window plus one)."""
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
@@ -197,79 +191,35 @@ class AttentionSum(Selector):
         self._tables()
         self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
         if history == "window":
-            self.span = int(self.windows.max()) + ROW_BLOCK + 1
+            self.span = int(self.windows.max()) + 1
             self.ring = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
-        self.committed = 0  # rows whose weights are in the sums
-
-    def row_weights(self, first: int, probs: Tensor) -> Tensor:
-        """Fixed-point weights [batch, groups, rows, n] of rows first, first + 1, ... from their probabilities
-        [batch, kv_heads, group_size, rows, n] (a row's own token zeroed unless `self_weight`)."""
-        summed = probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None]
-        weights = to_fixed_point(summed)
-        if not self.self_weight:
-            rows = torch.arange(weights.shape[2], device=self.device)
-            weights[:, :, rows, first + rows] = 0
-        return weights
-
-    def block_base(self, first: int, rows: int, width: int) -> tuple[Tensor, Tensor]:
-        """For the block of `rows` rows from `first` (all rows before it committed): where each row's window starts
-        relative to `first` (clamped at 0) [batch, rows], and the committed rows' part of each row's window
-        [batch, groups, rows, width]."""
-        rows = torch.arange(first, first + rows, device=self.device)
-        total = self.total[..., None, :width]
-        if self.history == "all":
-            return torch.zeros(self.batch, len(rows), dtype=torch.long, device=self.device), total
-        start = rows[None] - self.windows[rows + 1].T  # [batch, rows]; the step with i + 1 tokens is row i
-        start = start.clamp(min=0)
-        before = start < first
-        old = self.ring[torch.arange(self.batch, device=self.device)[:, None], :, start % self.span, :width]
-        base = torch.where(before[:, None, :, None], total - old.transpose(1, 2), 0)
-        return (start - first).clamp(min=0), base
-
-    def keep_rows(self, first: int, estimate: Tensor, lo: int = 0, base: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """What rows first + lo, ..., first + rows - 1 attend [batch, groups, rows - lo, width], given the weights of
-        the block's own rows first, first + 1, ... (`estimate`, [batch, groups, rows, width]; only those before a
-        row matter to it). `base` is `block_base(first, rows, width)`, computed once per block."""
-        rows, width = estimate.shape[-2:]
-        start, base = base if base is not None else self.block_base(first, rows, width)
-        inclusive = estimate.cumsum(dim=2)
-        # before[j] = weights of the block's rows first .. first + j - 1 (the rows a step j of the block has seen)
-        before = torch.cat([torch.zeros_like(inclusive[:, :, :1]), inclusive[:, :, :-1]], dim=2)
-        at_start = before.gather(2, start[:, None, :, None].expand(-1, before.shape[1], -1, width))
-        window = (before - at_start + base)[:, :, lo:]
-        counts = torch.arange(first + lo + 1, first + rows + 1, device=self.device)  # n of each row
-        recent = self.recents[counts].T  # [batch, rows - lo]
-        older = counts - recent
-        take = self.budgets[counts].T - recent
-        cols = torch.arange(width, device=self.device)
-        is_older = cols < older[..., None]
-        is_recent = ~is_older & (cols < counts[:, None])
-        chosen = top_older(torch.where(is_older[:, None], window, -1), take[:, None])
-        return chosen | is_recent[:, None]
-
-    def commit(self, first: int, weights: Tensor) -> None:
-        """Add the final weights [batch, groups, rows, width] of rows first, first + 1, ... to the sums."""
-        if first != self.committed:
-            raise RuntimeError(f"rows must be committed in order: row {first} after {self.committed} rows")
-        rows, width = weights.shape[-2:]
-        prefix = self.total[..., None, :width] + weights.cumsum(dim=2)  # prefix sums after each row
-        if self.history == "window":
-            keep = range(max(0, rows - self.span), rows)
-            slots = torch.tensor([(first + 1 + j) % self.span for j in keep], device=self.device)
-            self.ring[:, :, slots, :width] = prefix[:, :, keep.start:]
-        self.total[..., :width] = prefix[:, :, -1]
-        self.committed += rows
+        self.observed = 0
 
     def keep(self, num_tokens: int) -> Tensor:
-        estimate = torch.zeros(self.batch, self.groups, 1, num_tokens, dtype=torch.int64, device=self.device)
-        return self.keep_rows(num_tokens - 1, estimate)[:, :, 0]
+        recent_count, recent = self._recent(num_tokens)
+        sums = self.total[..., :num_tokens]
+        if self.history == "window":
+            start = (self.observed - self.windows[num_tokens]).clamp(min=0) % self.span
+            sums = sums - self.ring[torch.arange(self.batch, device=self.device), :, start, :num_tokens]
+        chosen = top_older(torch.where(recent, -1, sums), (self.budgets[num_tokens] - recent_count)[:, None])
+        return chosen | recent
 
     def observe(self, probs: Tensor) -> None:
-        row = probs.shape[-1] - 1
-        self.commit(row, self.row_weights(row, probs[..., None, :]))
+        self.prefill_rows(self.observed, probs[..., None, :])
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
-        self.commit(first, self.row_weights(first, probs))
+        summed = probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None]
+        weights = to_fixed_point(summed)  # [batch, groups, rows, width]
+        rows, width = weights.shape[-2:]
+        if not self.self_weight:  # row i of the block is the step whose current token is at position first + i
+            weights[:, :, torch.arange(rows), first + torch.arange(rows)] = 0
+        prefix = self.total[..., None, :width] + weights.cumsum(dim=2)  # the sums after each row
+        if self.history == "window":
+            kept = range(max(0, rows - self.span), rows)
+            slots = torch.tensor([(first + 1 + row) % self.span for row in kept], device=self.device)
+            self.ring[:, :, slots, :width] = prefix[:, :, kept.start:]
+        self.total[..., :width] = prefix[:, :, -1]
+        self.observed = first + rows
 
 
 class HeavyHitters(Selector):
