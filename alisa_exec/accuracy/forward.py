@@ -114,8 +114,8 @@ def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor,
         for row in range(rows):
             count = first + row + 1
             keep[:, :, row, :count] = row_keep = selector.keep(count)
-            probs[..., row, :count] = row_probs = _softmax_kept(scores[..., row, None, :count], row_keep[:, :, None])[
-                ..., 0, :]
+            row_probs = torch.softmax(scores[..., row, :count].masked_fill(~row_keep[:, :, None], float("-inf")), -1)
+            probs[..., row, :count] = row_probs
             selector.observe(row_probs)
     finally:
         torch.set_num_threads(threads)

@@ -88,6 +88,8 @@ class Selector(ABC):
         self.batch, self.kv_heads, self.max_tokens, self.device = len(self.kv_sparsity), kv_heads, max_tokens, device
         self.current = current
         self.groups = 1
+        self.token_positions = torch.arange(max_tokens, device=device)
+        self.sequences = torch.arange(self.batch, device=device)
 
     def _per_step(self, what: Callable[[int, float], int]) -> Tensor:
         """what(n, sparsity) for every step and sequence, [max_tokens + 1, batch]."""
@@ -103,8 +105,7 @@ class Selector(ABC):
     def _recent(self, num_tokens: int) -> tuple[Tensor, Tensor]:
         """The recent-window size per sequence [batch], and which of the n positions are in it [batch, 1, n]."""
         recent = self.recents[num_tokens]
-        positions = torch.arange(num_tokens, device=self.device)
-        return recent, (positions >= (num_tokens - recent)[:, None])[:, None]
+        return recent, (self.token_positions[:num_tokens] >= (num_tokens - recent)[:, None])[:, None]
 
     @abstractmethod
     def keep(self, num_tokens: int) -> Tensor:
@@ -200,16 +201,26 @@ class AttentionSum(Selector):
         sums = self.total[..., :num_tokens]
         if self.history == "window":
             start = (self.observed - self.windows[num_tokens]).clamp(min=0) % self.span
-            sums = sums - self.ring[torch.arange(self.batch, device=self.device), :, start, :num_tokens]
+            sums = sums - self.ring[self.sequences, :, start, :num_tokens]
         chosen = top_older(torch.where(recent, -1, sums), (self.budgets[num_tokens] - recent_count)[:, None])
         return chosen | recent
 
+    def _weights(self, probs: Tensor) -> Tensor:
+        """Fixed-point weights [batch, groups, ...] of probabilities [batch, kv_heads, group_size, ...]."""
+        return to_fixed_point(probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None])
+
     def observe(self, probs: Tensor) -> None:
-        self.prefill_rows(self.observed, probs[..., None, :])
+        weights = self._weights(probs)
+        width = weights.shape[-1]
+        if not self.self_weight:
+            weights[..., width - 1] = 0  # the step's current token
+        self.total[..., :width] += weights
+        self.observed += 1
+        if self.history == "window":
+            self.ring[:, :, self.observed % self.span, :width] = self.total[..., :width]
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
-        summed = probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None]
-        weights = to_fixed_point(summed)  # [batch, groups, rows, width]
+        weights = self._weights(probs)  # [batch, groups, rows, width]
         rows, width = weights.shape[-2:]
         if not self.self_weight:  # row i of the block is the step whose current token is at position first + i
             weights[:, :, torch.arange(rows), first + torch.arange(rows)] = 0
