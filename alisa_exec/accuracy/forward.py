@@ -144,6 +144,9 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask:
         elif selector.dense_choice:
             keep = selector.choose(first, dense)
             probs = _softmax_kept(scores, keep)
+        elif selector.query_choice:
+            keep = selector.choose_by_query(first, q[..., first:last, :], k)
+            probs = _softmax_kept(scores, keep)
         else:
             keep, probs = _row_by_row(scores, selector, first)
         y[..., first:last, :] = probs @ v[:, :, None, :last]
@@ -259,6 +262,8 @@ def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
             if selector.dense_choice:
                 scores = (q @ keys[index][:, :, None].transpose(-1, -2)) * head_dim ** -0.5
                 keep = selector.choose(step, torch.softmax(scores, dim=-1))[:, :, 0]
+            elif selector.query_choice:
+                keep = selector.choose_by_query(step, q, keys[index])[:, :, 0]
             else:
                 keep = selector.keep(step + 1)
             keep = keep.expand(batch, kv_heads, -1)

@@ -16,6 +16,9 @@ when it is attended on top ("extra", the default, see docs/accuracy.md):
 - `hh-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the k older ones with the
   largest attention summed over every step so far (H2O's score), chosen among all older tokens every step, so a
   token left out can come back (it stays in CPU memory); no more tokens than SWA per step and head.
+- `quest-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the older tokens
+  of the pages (16 positions) whose upper bound on the step's attention score, from the page's per-channel key
+  minimum and maximum (kept on the GPU, as Quest does), is largest; as many tokens as SWA.
 - `oracle`: a diagnostic, not realisable: per step the budget's tokens of largest dense attention of that very step,
   summed over the layer's heads (the current token always among them).
 - `h2o`: per KV head, the k most recent tokens and the heavy hitters by attention summed over every step since the
@@ -48,6 +51,7 @@ from alisa_sim.errors import SpecError
 from alisa_sim.swa import swa_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
+PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
 DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
 
 
@@ -58,15 +62,16 @@ def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) 
 
 def top_older(scores: Tensor, take: Tensor) -> Tensor:
     """Bool mask of the `take[...]` largest entries of each row of scores [..., m] (take broadcasts to
-    scores.shape[:-1]; ties to the lower, older position). Entries below zero are never among them as long as each
-    row has `take` entries of zero or more."""
+    scores.shape[:-1]; ties to the lower, older position). Integer entries below zero (float: -inf) are never among
+    them as long as each row has `take` entries above them."""
     most = int(take.max())
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     count = take.expand(scores.shape[:-1])[..., None]
     top = scores.topk(most, dim=-1).values
     kth = top.gather(-1, (count - 1).clamp(min=0))
-    kth = torch.where(count > 0, kth, torch.iinfo(scores.dtype).max)
+    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max if scores.is_floating_point()
+                      else torch.iinfo(scores.dtype).max)
     above = scores > kth
     tied = scores == kth
     return above | (tied & (tied.cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
@@ -81,6 +86,7 @@ class Selector(ABC):
 
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
     dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
+    query_choice = False  # chooses from the step's query and the cached keys: `choose_by_query` instead of `keep`
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
@@ -292,6 +298,56 @@ class Oracle(Selector):
         """The oracle keeps no state."""
 
 
+class PageBound(Selector):
+    """Quest-like (Tang et al., 2024), per KV head: the current and k recent tokens, and the older tokens of the pages
+    of PAGE_TOKENS positions whose upper bound on the step's attention score is largest (the bound from the page's
+    per-channel minimum and maximum key, summed over the head's query group); the last page taken in part, oldest
+    tokens first. The keys' page minima and maxima stay on the GPU (2 values per channel per page: 1/8 of a page's
+    K at 16 tokens); the tokens attended are as many as SWA's."""
+
+    query_choice = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self.groups = kv_heads
+        self._tables()
+
+    def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
+        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, width, d] (width = first + rows)."""
+        batch, kv_heads, _, rows, head_dim = q.shape
+        width = first + rows
+        pages = -(-width // PAGE_TOKENS)
+        padded = torch.cat([k[:, :, :width], k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
+        paged = padded.view(batch, kv_heads, pages, PAGE_TOKENS, head_dim)
+        # Running minimum and maximum within each page: a step sees its own page only up to its current token.
+        high = paged.cummax(dim=3).values.view(batch, kv_heads, -1, head_dim)
+        low = paged.cummin(dim=3).values.view(batch, kv_heads, -1, head_dim)
+        last = torch.arange(PAGE_TOKENS - 1, pages * PAGE_TOKENS, PAGE_TOKENS, device=self.device)
+        positive, negative = q.clamp(min=0), q.clamp(max=0)
+        full = (positive @ high[:, :, None, last].transpose(-1, -2)
+                + negative @ low[:, :, None, last].transpose(-1, -2)).sum(dim=2)  # [batch, kv_heads, rows, pages]
+        current = torch.arange(first, width, device=self.device)
+        partial = ((positive * high[:, :, None, current]).sum(dim=-1)
+                   + (negative * low[:, :, None, current]).sum(dim=-1)).sum(dim=2)  # [batch, kv_heads, rows]
+        page_of = torch.arange(width, device=self.device) // PAGE_TOKENS
+        bound = torch.where(page_of == (current // PAGE_TOKENS)[:, None], partial[..., None], full[..., page_of])
+        counts = current + 1
+        recent = self.recents[counts].T  # [batch, rows]
+        older = torch.arange(width, device=self.device) < (counts - recent)[..., None]
+        take = (self.budgets[counts].T - recent)[:, None]
+        chosen = top_older(torch.where(older[:, None], bound, float("-inf")), take)
+        is_recent = ~older & (torch.arange(width, device=self.device) < counts[:, None])
+        return chosen | is_recent[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("page bounds choose from the step's query: call choose_by_query()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The bounds need no attention history."""
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -313,6 +369,7 @@ METHODS = {
     "swa-head": Method("swa-head", _sums(per_head=True)),
     "swa-int8": Method("swa-int8", _sums(), int8_kv=True),
     "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
+    "quest-head": Method("quest-head", PageBound),
     "oracle": Method("oracle", Oracle),
     "h2o": Method("h2o", HeavyHitters),
     "streamingllm": Method("streamingllm", StreamingLLM),

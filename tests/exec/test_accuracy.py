@@ -104,11 +104,15 @@ def run_selector(name: str, sparsities: list[float], steps: int = 120, kv_heads:
     """Drive a selector with random attention over what it keeps; every step's keep mask [batch, groups, n]."""
     selector = METHODS[name].make_selector(sparsities, kv_heads, steps, CPU)
     generator = torch.Generator().manual_seed(7)
+    keys = torch.randn(len(sparsities), kv_heads, steps, 8, generator=torch.Generator().manual_seed(8))
     masks = []
     for n in range(1, steps + 1):
         logits = torch.randn(len(sparsities), kv_heads, group, n, generator=generator, dtype=torch.float64) * 3
         if selector.dense_choice:
             keep = selector.choose(n - 1, torch.softmax(logits, dim=-1)[..., None, :])[:, :, 0]
+        elif selector.query_choice:
+            query = torch.randn(len(sparsities), kv_heads, group, 1, 8, generator=torch.Generator().manual_seed(n))
+            keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
         else:
             keep = selector.keep(n).clone()
         masks.append(keep)
@@ -226,6 +230,31 @@ def test_attention_sum_variants_match_a_from_scratch_reference(name, current, se
         selector.observe(probs)
         for (b, g), past in rows.items():
             past.append(probs[b, g].sum(dim=0) if selector.groups > 1 else probs[b].sum(dim=(0, 1)))
+
+
+def test_quest_head_matches_a_plain_reference():
+    """Per KV head and step: page bounds sum_g sum_d max(q k_max, q k_min) over the cached part of each 16-token
+    page, every older token scored by its page, the best `take` (ties: older first) plus the recent window."""
+    sparsities, steps, kv_heads, group, head_dim = [0.5, 0.8, 0.9], 70, 2, 3, 8
+    selector = METHODS["quest-head"].make_selector(sparsities, kv_heads, steps, CPU)
+    generator = torch.Generator().manual_seed(21)
+    keys = torch.randn(3, kv_heads, steps, head_dim, generator=generator, dtype=torch.float64)
+    for n in range(1, steps + 1):
+        query = torch.randn(3, kv_heads, group, 1, head_dim, generator=generator, dtype=torch.float64)
+        keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
+        for b, sparsity in enumerate(sparsities):
+            recent = swa_recent(n, sparsity, "extra")
+            take, older = swa_budget(n, sparsity, "extra") - recent, n - recent
+            for head in range(kv_heads):
+                scores = torch.zeros(older, dtype=torch.float64)
+                for page_start in range(0, older, 16):
+                    page = keys[b, head, page_start:min(page_start + 16, n)]
+                    q = query[b, head, :, 0]
+                    bound = torch.maximum(q[:, None] * page.amax(0), q[:, None] * page.amin(0)).sum()
+                    scores[page_start:page_start + 16] = bound
+                ranked = torch.sort(scores, descending=True, stable=True).indices[:take]
+                want = sorted(ranked.tolist()) + list(range(older, n))
+                assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
 
 
 def test_oracle_is_never_worse_than_a_one_set_method_on_the_same_rows():
