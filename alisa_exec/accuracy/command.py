@@ -79,6 +79,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--report", help="write perplexity.html (+ .png with Chromium) and table.md into this folder")
     ev.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     ev.set_defaults(handler=cmd_eval)
+    merge = sub.add_parser("eval-report", help="one accuracy report (results JSON, table, plot) from several "
+                           "`eval --out` files of the same model and text")
+    merge.add_argument("results", nargs="+", help="results JSON files written by `alisa-exec eval --out`")
+    merge.add_argument("--out", required=True, help="the merged results JSON")
+    merge.add_argument("--report", help="write perplexity.html (+ .png) and table.md into this folder")
+    merge.set_defaults(handler=cmd_eval_report)
 
 
 def print_results(report: dict, console: Console) -> None:
@@ -87,6 +93,48 @@ def print_results(report: dict, console: Console) -> None:
         table.add_row(row["method"], str(row["context"]), str(row["prefill"]), f"{row['sparsity']:g}",
                       str(row["tokens"]), f"{row['perplexity']:.3f}")
     console.print(table)
+
+
+def merge_reports(reports: list[dict], names: list[str]) -> dict:
+    """Several eval reports of one model and text as one: their rows in order, each row's setting measured once, the
+    statistics of the first report that has them; `runs` keeps each run's provenance."""
+    for name, report in zip(names, reports):
+        if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+            raise SpecError(f"eval-report: {name} is not an `alisa-exec eval --out` results file")
+    for key in ("model", "text", "dtype"):
+        values = {report.get(key) for report in reports}
+        if len(values) > 1:
+            raise SpecError(f"eval-report: the results differ in {key} ({', '.join(map(str, values))})")
+    rows, seen = [], {}
+    for name, report in zip(names, reports):
+        for row in report["results"]:
+            key = (row["method"], row["context"], row.get("prefill", 0), row["sparsity"])
+            if key in seen:
+                raise SpecError(f"eval-report: {name} and {seen[key]} both measure {key}")
+            seen[key] = name
+            rows.append(row)
+    merged = {key: reports[0][key] for key in ("model", "text", "dtype", "device") if key in reports[0]}
+    merged["runs"] = [{"file": name, **{key: report[key] for key in ("date", "elapsed_s", "tokens_evaluated")
+                                        if key in report}} for name, report in zip(names, reports)]
+    merged["results"] = rows
+    stats = [report["stats"] for report in reports if "stats" in report]
+    if stats:
+        merged["stats"] = stats[0]
+    return merged
+
+
+def cmd_eval_report(args: argparse.Namespace, console: Console) -> int:
+    from alisa_exec.accuracy.report import write_report
+    from alisa_sim.errors import load_json_file
+
+    reports = [load_json_file(Path(name), "eval results") for name in args.results]
+    merged = merge_reports(reports, args.results)
+    write_json_atomic(args.out, merged)
+    console.print(f"wrote {args.out}")
+    if args.report:
+        written = write_report(merged, Path(args.report))
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:

@@ -363,6 +363,26 @@ def test_progress_lines_with_eta_when_not_a_terminal(monkeypatch):
                      "eval 100/100 tokens (100.0%), elapsed 0:00:20, ETA 0:00:00"]
 
 
+def test_eval_report_merges_runs(tmp_path):
+    def run(method, prefill):
+        return {"model": "m", "text": "t", "dtype": "float32", "date": "d", "elapsed_s": 1.0,
+                "results": [{"method": method, "context": 8, "prefill": prefill, "sparsity": 0.8, "tokens": 7,
+                             "perplexity": 2.0}]}
+    paths = []
+    for index, report in enumerate([run("swa", 0), run("swa", 4), run("dense", 0)]):
+        paths.append(tmp_path / f"r{index}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "merged.json"
+    assert main(["eval-report", *map(str, paths), "--out", str(out), "--report", str(tmp_path / "rep")]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["method"], r["prefill"]) for r in merged["results"]] == [("swa", 0), ("swa", 4), ("dense", 0)]
+    assert len(merged["runs"]) == 3 and (tmp_path / "rep" / "table.md").is_file()
+    assert main(["eval-report", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert not (tmp_path / "x.json").exists()
+    (tmp_path / "bad.json").write_text("[]")
+    assert main(["eval-report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
+
+
 def test_bad_method_is_a_spec_error():
     with pytest.raises(SpecError, match="unknown method"):
         parse_methods("swa,nope")
