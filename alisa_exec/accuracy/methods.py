@@ -52,6 +52,7 @@ from alisa_sim.swa import swa_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
 PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
+INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
 DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
 
 
@@ -348,6 +349,50 @@ class PageBound(Selector):
         """The bounds need no attention history."""
 
 
+def int4_keys(k: Tensor) -> Tensor:
+    """Keys [..., tokens, d] as a 4-bit copy reads them back: asymmetric min-max over each token's d channels, 16
+    levels."""
+    low, high = k.amin(dim=-1, keepdim=True), k.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / (INT4_LEVELS - 1)).clamp(min=torch.finfo(k.dtype).tiny)
+    return ((k - low) / scale).round().clamp(0, INT4_LEVELS - 1) * scale + low
+
+
+class ApproximateAttention(Selector):
+    """Per KV head: the current and k recent tokens, and the older tokens with the largest attention of the step
+    itself as computed from a 4-bit copy of every key (kept on the GPU, 1/8 of the fp16 K and V), summed over the
+    head's query group. Only the chosen tokens' full K and V are read: as many as SWA's."""
+
+    query_choice = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self.groups = kv_heads
+        self._tables()
+
+    def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
+        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, width, d] (width = first + rows)."""
+        rows = q.shape[3]
+        width = first + rows
+        scores = (q @ int4_keys(k[:, :, :width])[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        current = torch.arange(first, width, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        probs = torch.softmax(scores.masked_fill(cols > current[:, None], float("-inf")), dim=-1)
+        weights = to_fixed_point(probs.sum(dim=2))  # [batch, kv_heads, rows, width]
+        counts = current + 1
+        recent = self.recents[counts].T  # [batch, rows]
+        older = cols < (counts - recent)[..., None]
+        chosen = top_older(torch.where(older[:, None], weights, -1), (self.budgets[counts].T - recent)[:, None])
+        return chosen | (~older & (cols < counts[:, None]))[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("approximate attention chooses from the step's query: call choose_by_query()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The choice needs no attention history."""
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -370,6 +415,7 @@ METHODS = {
     "swa-int8": Method("swa-int8", _sums(), int8_kv=True),
     "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
     "quest-head": Method("quest-head", PageBound),
+    "k4-head": Method("k4-head", ApproximateAttention),
     "oracle": Method("oracle", Oracle),
     "h2o": Method("h2o", HeavyHitters),
     "streamingllm": Method("streamingllm", StreamingLLM),
