@@ -257,6 +257,32 @@ def test_quest_head_matches_a_plain_reference():
                 assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
 
 
+def test_k4_head_matches_a_plain_reference():
+    """Per KV head and step: every key rounded to 16 levels between its own channel min and max, the step's softmax
+    over all cached tokens with those keys, summed over the query group, the best `take` older tokens (ties: older
+    first) plus the recent window."""
+    sparsities, steps, kv_heads, group, head_dim = [0.5, 0.8, 0.9], 60, 2, 3, 8
+    selector = METHODS["k4-head"].make_selector(sparsities, kv_heads, steps, CPU)
+    generator = torch.Generator().manual_seed(22)
+    keys = torch.randn(3, kv_heads, steps, head_dim, generator=generator, dtype=torch.float64)
+    for n in range(1, steps + 1):
+        query = torch.randn(3, kv_heads, group, 1, head_dim, generator=generator, dtype=torch.float64)
+        keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
+        for b, sparsity in enumerate(sparsities):
+            recent = swa_recent(n, sparsity, "extra")
+            take, older = swa_budget(n, sparsity, "extra") - recent, n - recent
+            for head in range(kv_heads):
+                key = keys[b, head, :n]
+                low, high = key.min(dim=1, keepdim=True).values, key.max(dim=1, keepdim=True).values
+                step = (high - low) / 15
+                rounded = torch.round((key - low) / step) * step + low
+                probs = torch.softmax(query[b, head, :, 0] @ rounded.T / math.sqrt(head_dim), dim=-1).sum(dim=0)
+                fixed = (probs.float() * 2.0 ** 32).to(torch.int64)[:older]
+                ranked = torch.sort(fixed, descending=True, stable=True).indices[:take]
+                want = sorted(ranked.tolist()) + list(range(older, n))
+                assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
+
+
 def test_oracle_is_never_worse_than_a_one_set_method_on_the_same_rows():
     """On the same dense attention rows, the oracle's set holds at least as much attention (summed over the heads)
     as the set of every method that keeps one set per layer at the same budget; per-KV-head methods may hold more,
