@@ -104,7 +104,9 @@ class AttentionStats:
     seq_len: int
     prefill: int = 0
     natural: bool = False  # measure the natural sparsity (a dense pass)
-    ages: bool = False  # measure where the global picks lie (a method with a recent window and global picks)
+    # measure where the global picks lie: kept tokens older than the default recent window of k + 1 tokens (for the
+    # "inside" SWA variants, whose window is k, the k-th newest token before the current one counts as recent)
+    ages: bool = False
     kept_pairs: np.ndarray = field(init=False)  # per sequence: kept (step, head, token) triples
     causal_pairs: int = field(init=False)  # per sequence: all (step, head, cached token) triples
     natural_sparse: np.ndarray = field(init=False)  # per layer: triples below the threshold (all sequences)
