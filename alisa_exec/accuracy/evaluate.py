@@ -14,7 +14,8 @@ batch of windows of each context and setting, over its decoded steps:
 - attained KV sparsity per method: the share of (step, head, cached token) triples a method leaves out (Fig. 10);
 - Spearman rank correlation with dense of the attention each token receives on average from the queries after it,
   per window and layer, averaged (Fig. 4);
-- for every method with global picks (the SWA variants, `hh-head`, `oracle`), where they lie by normalised age
+- for every method that picks older tokens by attention (all but dense and the static patterns), where they lie
+  by normalised age
   (n - 1 - i) / n: `alisa_sim.selection_stats`' format.
 """
 
@@ -222,8 +223,8 @@ def planned_tokens(num_tokens: int, settings: EvalSettings) -> int:
 
 
 def has_global_picks(method: Method) -> bool:
-    """Whether a method keeps a recent window plus picks among older tokens by attention (its ages are measured)."""
-    return method.name.startswith("swa") or method.name in ("hh-head", "oracle")
+    """Whether a method picks older tokens by attention, beside its recent window (where they lie is measured)."""
+    return method.sparse and not method.make_selector([0.5], 1, 1, torch.device("cpu")).static
 
 
 def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> dict:

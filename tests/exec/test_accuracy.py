@@ -328,7 +328,7 @@ def test_attention_stats_attained_sparsity_and_ages(gqa_model):
 
 def test_evaluate_rows_stats_and_selection_stats_file_round_trip(gqa_model, tmp_path):
     text = tokens(1, seq=200, seed=5)[0]
-    settings = EvalSettings(contexts=[32, 64], methods=parse_methods("swa,hh-head,local"), sparsities=[0.5, 0.8, 0.9],
+    settings = EvalSettings(contexts=[32, 64], methods=parse_methods("swa,k4-head,local"), sparsities=[0.5, 0.8, 0.9],
                             prefills=[0, 0.25], batch_tokens=128, stats=True)
     report = evaluate(gqa_model, text, settings)
     rows = report["results"]
@@ -348,9 +348,9 @@ def test_evaluate_rows_stats_and_selection_stats_file_round_trip(gqa_model, tmp_
     assert decoded["attained_sparsity"] == pytest.approx(1 - sum(budget(n, decoded["sparsity"]) for n in steps)
                                                          / sum(steps), rel=1e-12), "over the decoded steps only"
     assert len(report["stats"]["natural_sparsity"]["64"]) == 2
-    assert set(report["stats"]["selection_ages"]) == {"swa", "hh-head"}
+    assert set(report["stats"]["selection_ages"]) == {"swa", "k4-head"}
     report.update(model="tiny", text="random tokens")
-    for method in ("swa", "hh-head"):
+    for method in ("swa", "k4-head"):
         path = tmp_path / f"selection_stats_{method}.json"
         path.write_text(json.dumps(selection_stats_file(report, method, "tiny", "random tokens")))
         loaded = load_selection_stats(path)
