@@ -96,8 +96,9 @@ def print_results(report: dict, console: Console) -> None:
 
 
 def merge_reports(reports: list[dict], names: list[str]) -> dict:
-    """Several eval reports of one model and text as one: their rows in order, each row's setting measured once, the
-    statistics of the first report that has them; `runs` keeps each run's provenance."""
+    """Several eval reports of one model and text as one: their rows in order (a setting measured again must give
+    the same perplexity and is kept once), the statistics of the first report that has them; `runs` keeps each
+    run's provenance."""
     for name, report in zip(names, reports):
         if not isinstance(report, dict) or not isinstance(report.get("results"), list):
             raise SpecError(f"eval-report: {name} is not an `alisa-exec eval --out` results file")
@@ -110,8 +111,11 @@ def merge_reports(reports: list[dict], names: list[str]) -> dict:
         for row in report["results"]:
             key = (row["method"], row["context"], row.get("prefill", 0), row["sparsity"])
             if key in seen:
-                raise SpecError(f"eval-report: {name} and {seen[key]} both measure {key}")
-            seen[key] = name
+                first, earlier = seen[key]
+                if earlier["perplexity"] != row["perplexity"] or earlier["tokens"] != row["tokens"]:
+                    raise SpecError(f"eval-report: {name} and {first} measure {key} differently")
+                continue  # the same setting measured again, to the same result: kept once
+            seen[key] = (name, row)
             rows.append(row)
     merged = {key: reports[0][key] for key in ("model", "text", "dtype", "device") if key in reports[0]}
     merged["runs"] = [{"file": name, **{key: report[key] for key in ("date", "elapsed_s", "tokens_evaluated")

@@ -403,7 +403,12 @@ def test_eval_report_merges_runs(tmp_path):
     merged = json.loads(out.read_text())
     assert [(r["method"], r["prefill"]) for r in merged["results"]] == [("swa", 0), ("swa", 4), ("dense", 0)]
     assert len(merged["runs"]) == 3 and (tmp_path / "rep" / "table.md").is_file()
-    assert main(["eval-report", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["eval-report", str(paths[0]), str(paths[0]), "--out", str(out)]) == 0, "the same result twice"
+    assert len(json.loads(out.read_text())["results"]) == 1
+    other = run("swa", 0)
+    other["results"][0]["perplexity"] = 3.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["eval-report", str(paths[0]), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
     (tmp_path / "bad.json").write_text("[]")
     assert main(["eval-report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
