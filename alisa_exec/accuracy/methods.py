@@ -299,12 +299,9 @@ class Oracle(Selector):
         """The oracle keeps no state."""
 
 
-class PageBound(Selector):
-    """Quest-like (Tang et al., 2024), per KV head: the current and k recent tokens, and the older tokens of the pages
-    of PAGE_TOKENS positions whose upper bound on the step's attention score is largest (the bound from the page's
-    per-channel minimum and maximum key, summed over the head's query group); the last page taken in part, oldest
-    tokens first. The keys' page minima and maxima stay on the GPU (2 values per channel per page: 1/8 of a page's
-    K at 16 tokens); the tokens attended are as many as SWA's."""
+class QuerySelector(Selector):
+    """Per KV head, from the step's own query and the cached keys: the current and k recent tokens, and the
+    `budget - (k + 1)` older tokens of largest `older_scores` (ties to the older)."""
 
     query_choice = True
 
@@ -314,13 +311,43 @@ class PageBound(Selector):
         self.groups = kv_heads
         self._tables()
 
+    @abstractmethod
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """Scores [batch, kv_heads, rows, width] (float, or int64 of zero or more) of rows first, first + 1, ...
+        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, width, d]."""
+
     def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
-        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, width, d] (width = first + rows)."""
-        batch, kv_heads, _, rows, head_dim = q.shape
-        width = first + rows
+        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, >= width, d] (width = first + rows)."""
+        width = first + q.shape[3]
+        scores = self.older_scores(first, q, k[:, :, :width])
+        current = torch.arange(first, width, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        counts = current + 1
+        recent = self.recents[counts].T  # [batch, rows]
+        older = cols < (counts - recent)[..., None]
+        never = float("-inf") if scores.is_floating_point() else -1
+        chosen = top_older(torch.where(older[:, None], scores, never), (self.budgets[counts].T - recent)[:, None])
+        return chosen | (~older & (cols < counts[:, None]))[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("this selector chooses from the step's query: call choose_by_query()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The choice needs no attention history."""
+
+
+class PageBound(QuerySelector):
+    """Quest-like (Tang et al., 2024): older tokens scored by their page's upper bound on the step's attention
+    score, from the page's per-channel minimum and maximum key (pages of PAGE_TOKENS positions; the step's own page
+    only up to its current token), summed over the KV head's query group; so whole pages are taken, the last in part,
+    oldest tokens first. The page minima and maxima stay on the GPU (2 values per channel per page: 1/8 of a page's
+    K at 16 tokens)."""
+
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        batch, kv_heads, width, head_dim = k.shape
         pages = -(-width // PAGE_TOKENS)
-        padded = torch.cat([k[:, :, :width], k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
+        padded = torch.cat([k, k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
         paged = padded.view(batch, kv_heads, pages, PAGE_TOKENS, head_dim)
         # Running minimum and maximum within each page: a step sees its own page only up to its current token.
         high = paged.cummax(dim=3).values.view(batch, kv_heads, -1, head_dim)
@@ -333,20 +360,7 @@ class PageBound(Selector):
         partial = ((positive * high[:, :, None, current]).sum(dim=-1)
                    + (negative * low[:, :, None, current]).sum(dim=-1)).sum(dim=2)  # [batch, kv_heads, rows]
         page_of = torch.arange(width, device=self.device) // PAGE_TOKENS
-        bound = torch.where(page_of == (current // PAGE_TOKENS)[:, None], partial[..., None], full[..., page_of])
-        counts = current + 1
-        recent = self.recents[counts].T  # [batch, rows]
-        older = torch.arange(width, device=self.device) < (counts - recent)[..., None]
-        take = (self.budgets[counts].T - recent)[:, None]
-        chosen = top_older(torch.where(older[:, None], bound, float("-inf")), take)
-        is_recent = ~older & (torch.arange(width, device=self.device) < counts[:, None])
-        return chosen | is_recent[:, None]
-
-    def keep(self, num_tokens: int) -> Tensor:
-        raise TypeError("page bounds choose from the step's query: call choose_by_query()")
-
-    def observe(self, probs: Tensor) -> None:
-        """The bounds need no attention history."""
+        return torch.where(page_of == (current // PAGE_TOKENS)[:, None], partial[..., None], full[..., page_of])
 
 
 def int4_keys(k: Tensor) -> Tensor:
@@ -357,40 +371,15 @@ def int4_keys(k: Tensor) -> Tensor:
     return ((k - low) / scale).round().clamp(0, INT4_LEVELS - 1) * scale + low
 
 
-class ApproximateAttention(Selector):
-    """Per KV head: the current and k recent tokens, and the older tokens with the largest attention of the step
-    itself as computed from a 4-bit copy of every key (kept on the GPU, 1/8 of the fp16 K and V), summed over the
-    head's query group. Only the chosen tokens' full K and V are read: as many as SWA's."""
+class ApproximateAttention(QuerySelector):
+    """Older tokens scored by the step's own attention computed from a 4-bit copy of every key (kept on the GPU,
+    1/8 of the fp16 K and V), summed over the KV head's query group (int64 fixed point)."""
 
-    query_choice = True
-
-    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
-                 current: str = DEFAULT_CURRENT):
-        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
-        self.groups = kv_heads
-        self._tables()
-
-    def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
-        """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
-        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, width, d] (width = first + rows)."""
-        rows = q.shape[3]
-        width = first + rows
-        scores = (q @ int4_keys(k[:, :, :width])[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
-        current = torch.arange(first, width, device=self.device)
-        cols = torch.arange(width, device=self.device)
-        probs = torch.softmax(scores.masked_fill(cols > current[:, None], float("-inf")), dim=-1)
-        weights = to_fixed_point(probs.sum(dim=2))  # [batch, kv_heads, rows, width]
-        counts = current + 1
-        recent = self.recents[counts].T  # [batch, rows]
-        older = cols < (counts - recent)[..., None]
-        chosen = top_older(torch.where(older[:, None], weights, -1), (self.budgets[counts].T - recent)[:, None])
-        return chosen | (~older & (cols < counts[:, None]))[:, None]
-
-    def keep(self, num_tokens: int) -> Tensor:
-        raise TypeError("approximate attention chooses from the step's query: call choose_by_query()")
-
-    def observe(self, probs: Tensor) -> None:
-        """The choice needs no attention history."""
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        width = k.shape[2]
+        scores = (q @ int4_keys(k)[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        future = torch.arange(width, device=self.device) > torch.arange(first, width, device=self.device)[:, None]
+        return to_fixed_point(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=2))
 
 
 @dataclass(frozen=True)

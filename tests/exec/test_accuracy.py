@@ -232,12 +232,13 @@ def test_attention_sum_variants_match_a_from_scratch_reference(name, current, se
             past.append(probs[b, g].sum(dim=0) if selector.groups > 1 else probs[b].sum(dim=(0, 1)))
 
 
-def test_quest_head_matches_a_plain_reference():
-    """Per KV head and step: page bounds sum_g sum_d max(q k_max, q k_min) over the cached part of each 16-token
-    page, every older token scored by its page, the best `take` (ties: older first) plus the recent window."""
-    sparsities, steps, kv_heads, group, head_dim = [0.5, 0.8, 0.9], 70, 2, 3, 8
-    selector = METHODS["quest-head"].make_selector(sparsities, kv_heads, steps, CPU)
-    generator = torch.Generator().manual_seed(21)
+def check_query_selector(name: str, older_scores, seed: int, steps: int = 60):
+    """Drive a query-based selector with random queries and keys and compare every step, sequence and KV head with
+    the recent window plus the best `take` older tokens by `older_scores(query [group, d], keys [n, d], older)`
+    under a stable sort (ties: older first)."""
+    sparsities, kv_heads, group, head_dim = [0.5, 0.8, 0.9], 2, 3, 8
+    selector = METHODS[name].make_selector(sparsities, kv_heads, steps, CPU)
+    generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(3, kv_heads, steps, head_dim, generator=generator, dtype=torch.float64)
     for n in range(1, steps + 1):
         query = torch.randn(3, kv_heads, group, 1, head_dim, generator=generator, dtype=torch.float64)
@@ -246,41 +247,34 @@ def test_quest_head_matches_a_plain_reference():
             recent = swa_recent(n, sparsity, "extra")
             take, older = swa_budget(n, sparsity, "extra") - recent, n - recent
             for head in range(kv_heads):
-                scores = torch.zeros(older, dtype=torch.float64)
-                for page_start in range(0, older, 16):
-                    page = keys[b, head, page_start:min(page_start + 16, n)]
-                    q = query[b, head, :, 0]
-                    bound = torch.maximum(q[:, None] * page.amax(0), q[:, None] * page.amin(0)).sum()
-                    scores[page_start:page_start + 16] = bound
+                scores = older_scores(query[b, head, :, 0], keys[b, head, :n], older)
                 ranked = torch.sort(scores, descending=True, stable=True).indices[:take]
                 want = sorted(ranked.tolist()) + list(range(older, n))
                 assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
 
 
+def test_quest_head_matches_a_plain_reference():
+    """Page bounds sum_g sum_d max(q k_max, q k_min) over the cached part of each 16-token page; every older token
+    scored by its page."""
+    def page_bounds(query, keys, older):
+        scores = torch.zeros(older, dtype=torch.float64)
+        for start in range(0, older, 16):
+            page = keys[start:start + 16]
+            scores[start:start + 16] = torch.maximum(query[:, None] * page.amax(0), query[:, None] * page.amin(0)).sum()
+        return scores
+    check_query_selector("quest-head", page_bounds, seed=21, steps=70)
+
+
 def test_k4_head_matches_a_plain_reference():
-    """Per KV head and step: every key rounded to 16 levels between its own channel min and max, the step's softmax
-    over all cached tokens with those keys, summed over the query group, the best `take` older tokens (ties: older
-    first) plus the recent window."""
-    sparsities, steps, kv_heads, group, head_dim = [0.5, 0.8, 0.9], 60, 2, 3, 8
-    selector = METHODS["k4-head"].make_selector(sparsities, kv_heads, steps, CPU)
-    generator = torch.Generator().manual_seed(22)
-    keys = torch.randn(3, kv_heads, steps, head_dim, generator=generator, dtype=torch.float64)
-    for n in range(1, steps + 1):
-        query = torch.randn(3, kv_heads, group, 1, head_dim, generator=generator, dtype=torch.float64)
-        keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
-        for b, sparsity in enumerate(sparsities):
-            recent = swa_recent(n, sparsity, "extra")
-            take, older = swa_budget(n, sparsity, "extra") - recent, n - recent
-            for head in range(kv_heads):
-                key = keys[b, head, :n]
-                low, high = key.min(dim=1, keepdim=True).values, key.max(dim=1, keepdim=True).values
-                step = (high - low) / 15
-                rounded = torch.round((key - low) / step) * step + low
-                probs = torch.softmax(query[b, head, :, 0] @ rounded.T / math.sqrt(head_dim), dim=-1).sum(dim=0)
-                fixed = (probs.float() * 2.0 ** 32).to(torch.int64)[:older]
-                ranked = torch.sort(fixed, descending=True, stable=True).indices[:take]
-                want = sorted(ranked.tolist()) + list(range(older, n))
-                assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
+    """Every key rounded to 16 levels between its own channel min and max, the step's softmax over all cached tokens
+    with those keys, summed over the query group, in the kernels' fixed point."""
+    def approximate_attention(query, keys, older):
+        low, high = keys.min(dim=1, keepdim=True).values, keys.max(dim=1, keepdim=True).values
+        step = (high - low) / 15
+        rounded = torch.round((keys - low) / step) * step + low
+        probs = torch.softmax(query @ rounded.T / math.sqrt(keys.shape[1]), dim=-1).sum(dim=0)
+        return (probs.float() * 2.0 ** 32).to(torch.int64)[:older]
+    check_query_selector("k4-head", approximate_attention, seed=22)
 
 
 def test_oracle_is_never_worse_than_a_one_set_method_on_the_same_rows():
