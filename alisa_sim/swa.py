@@ -13,10 +13,24 @@ def swa_window(num_tokens: int, kv_sparsity: float) -> int:
     return max(1, math.floor(num_tokens * keep_ratio / 2 + 0.5 + 1e-9))
 
 
-def kv_budget(num_tokens: int, kv_sparsity: float) -> int:
-    """Tokens attended (or kept) at a step with `num_tokens` cached: SWA's k recent plus k older, min(n, 2k). The one
-    budget of SWA, H2O, StreamingLLM and the accuracy evaluator's methods."""
-    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity))
+# How SWA's budget treats the current token (workload option `swa_current` of the alisa policy, the accuracy
+# methods' `current`): "inside" counts it among the k recent tokens of the 2k budget (the paper's literal
+# |I| = 2k with I_l = [n - k, n - 1]); "extra" attends it on top of k recent and k older tokens (2k + 1).
+SWA_CURRENT_OPTIONS = ("inside", "extra")
+
+
+def kv_budget(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
+    """Tokens attended (or kept) at a step with `num_tokens` cached: SWA's k recent plus k older, min(n, 2k), or
+    min(n, 2k + 1) when the current token is attended on top (`current="extra"`). The one budget of SWA, H2O,
+    StreamingLLM and the accuracy evaluator's methods."""
+    if current not in SWA_CURRENT_OPTIONS:
+        raise ValueError(f"current must be one of {SWA_CURRENT_OPTIONS}, not {current!r}")
+    return min(num_tokens, 2 * swa_window(num_tokens, kv_sparsity) + (current == "extra"))
+
+
+def swa_recent(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
+    """How many of the newest tokens SWA attends as its local window (the current one included)."""
+    return min(num_tokens, swa_window(num_tokens, kv_sparsity) + (current == "extra"))
 
 
 def eviction_kept(num_tokens: int, kv_sparsity: float, prompt_len: int) -> int:

@@ -2,16 +2,21 @@
 decoding, and (with stats) the attention statistics of the ALISA paper and the selection statistics the simulator
 reads.
 
-The text is tokenized whole (no special tokens) and cut into non-overlapping windows of `context` tokens; a window
-scores its tokens 1..context-1. One masked pass runs a batch of windows at every requested sparsity of a method at
-once. Statistics come from the first batch of windows of each context:
+The text is tokenized whole (no special tokens) and cut into non-overlapping windows of `context` tokens. In the
+decode setting (prefill 0) a window is decoded from its first token and scores its tokens 1..context-1; with a
+prefill of P tokens (the paper's setting: a dense prompt, then decoding) the first P tokens are attended densely,
+their attention seeds the selectors, and the tokens P+1..context-1, predicted by decoded steps, are scored. One
+masked pass runs a batch of windows at every requested sparsity of a method at once. Statistics come from the first
+batch of windows of each context and setting, over its decoded steps:
 
 - natural sparsity per layer (dense attention): the share of causal attention weights below 1% of their row's
   maximum (the paper's Fig. 3);
 - attained KV sparsity per method: the share of (step, head, cached token) triples a method leaves out (Fig. 10);
 - Spearman rank correlation with dense of the attention each token receives on average from the queries after it,
   per window and layer, averaged (Fig. 4);
-- for `swa`, where the global picks lie by normalised age (n - 1 - i) / n: `alisa_sim.selection_stats`' format.
+- for every method that picks older tokens by attention (all but dense and the static patterns), where they lie
+  by normalised age
+  (n - 1 - i) / n: `alisa_sim.selection_stats`' format.
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ from scipy import stats as scipy_stats
 from torch import Tensor
 
 from alisa_exec.accuracy.forward import masked_pass, token_nll
-from alisa_exec.accuracy.methods import METHODS, Method
+from alisa_exec.accuracy.methods import DEFAULT_CURRENT, METHODS, Method
 from alisa_exec.weights import gguf_model_spec, load_model, weights_format
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
 from alisa_sim.selection_stats import FORMAT as SELECTION_STATS_FORMAT
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import swa_recent
 
 SMOLLM2 = "smollm2-135m"
 NATURAL_THRESHOLD = 0.01  # a weight below 1% of its row's maximum counts as sparse (the paper's Fig. 3)
@@ -88,7 +93,8 @@ def tokenize(model_path: Path, text_path: Path) -> Tensor:
 
 @dataclass
 class AttentionStats:
-    """Statistics of one method's masked pass over a batch of windows; a `Probe` for `masked_pass`.
+    """Statistics of one method's masked pass over a batch of windows, over the decoded steps (rows from `prefill`);
+    a `Probe` for `masked_pass`.
 
     The batch holds `windows` windows at each sparsity of `kv_sparsity` (sequence b is at kv_sparsity[b])."""
 
@@ -97,8 +103,11 @@ class AttentionStats:
     num_layers: int
     num_heads: int
     seq_len: int
+    prefill: int = 0
     natural: bool = False  # measure the natural sparsity (a dense pass)
-    ages: bool = False  # measure where the global picks lie (an SWA pass)
+    # measure where the global picks lie: kept tokens older than the default recent window of k + 1 tokens (for the
+    # "inside" SWA variants, whose window is k, the k-th newest token before the current one counts as recent)
+    ages: bool = False
     kept_pairs: np.ndarray = field(init=False)  # per sequence: kept (step, head, token) triples
     causal_pairs: int = field(init=False)  # per sequence: all (step, head, cached token) triples
     natural_sparse: np.ndarray = field(init=False)  # per layer: triples below the threshold (all sequences)
@@ -107,37 +116,38 @@ class AttentionStats:
 
     def __post_init__(self):
         self.kept_pairs = np.zeros(len(self.kv_sparsity))
-        self.causal_pairs = self.num_heads * self.seq_len * (self.seq_len + 1) // 2 * self.num_layers
+        steps = sum(range(self.prefill + 1, self.seq_len + 1))  # cached tokens summed over the decoded steps
+        self.causal_pairs = self.num_heads * steps * self.num_layers
         self.natural_sparse = np.zeros(self.num_layers)
         self.importance = np.zeros((len(self.kv_sparsity), self.num_layers, self.seq_len))
         self.age_counts = {s: np.zeros(len(AGE_EDGES) - 1) for s in self.kv_sparsity}
 
     def __call__(self, layer: int, probs: Tensor, kept: Tensor) -> None:
-        seq, heads = self.seq_len, self.num_heads
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=probs.device).tril()
-        per_group = kept.sum(dim=(-1, -2)).double()
-        kept_heads = per_group.sum(dim=1) * (heads // kept.shape[1])
-        self.kept_pairs += kept_heads.cpu().numpy()
+        seq, heads, first = self.seq_len, self.num_heads, self.prefill
+        probs, kept = probs[..., first:, :], kept[..., first:, :]
+        self.kept_pairs += (kept.sum(dim=(1, 2, 3)).double() * (heads // kept.shape[1])).cpu().numpy()
         if self.natural:
-            row_max = probs.amax(dim=-1, keepdim=True)
-            sparse = (probs < NATURAL_THRESHOLD * row_max) & causal
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=probs.device).tril()[first:]
+            sparse = (probs < NATURAL_THRESHOLD * probs.amax(dim=-1, keepdim=True)) & causal
             self.natural_sparse[layer] += float(sparse.sum())
-        receivers = torch.arange(seq, 0, -1, device=probs.device, dtype=torch.float64) * heads
+        # Token i receives attention from the decoded steps at or after it.
+        receivers = (seq - torch.arange(seq, device=probs.device).clamp(min=first)).double() * heads
         self.importance[:, layer] = (probs.sum(dim=(1, 2, 3)).double() / receivers).cpu().numpy()
         if self.ages:
             self._count_ages(kept)
 
     def _count_ages(self, kept: Tensor) -> None:
-        seq = kept.shape[-1]
-        rows = torch.arange(seq, device=kept.device)[:, None]
+        seq = self.seq_len
+        rows = torch.arange(self.prefill, seq, device=kept.device)[:, None]
         cols = torch.arange(seq, device=kept.device)[None, :]
         age = (rows - cols).double() / (rows + 1).double()
         bins = torch.bucketize(age, torch.tensor(AGE_EDGES[1:-1], device=kept.device), right=True)
         for sparsity in dict.fromkeys(self.kv_sparsity):
-            k = torch.tensor([swa_window(n, sparsity) for n in range(1, seq + 1)], device=kept.device)
-            older = cols < (rows + 1 - k[:, None])  # positions outside the local window: global picks
+            recent = torch.tensor([swa_recent(n, sparsity, DEFAULT_CURRENT) for n in range(self.prefill + 1, seq + 1)],
+                                  device=kept.device)
+            older = cols < (rows + 1 - recent[:, None])  # positions outside the recent window: global picks
             sequences = [b for b, s in enumerate(self.kv_sparsity) if s == sparsity]
-            picks = kept[sequences, 0] & older
+            picks = kept[sequences] & older
             self.age_counts[sparsity] += torch.bincount(bins.expand_as(picks)[picks],
                                                         minlength=len(AGE_EDGES) - 1).cpu().numpy()
 
@@ -157,11 +167,32 @@ def spearman(importance: np.ndarray, dense: np.ndarray) -> np.ndarray:
                       for layer in range(layers)] for w in range(windows)]).mean(axis=0)
 
 
+def parse_prefill(text: str) -> list[float]:
+    """--prefill values: fractions of a window in [0, 1) or whole token counts (>= 1), comma-separated."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpecError(f"--prefill: {text!r} is not a comma-separated list of fractions or token counts") from None
+    if not values or any(v < 0 or (v >= 1 and v != int(v)) for v in values):
+        raise SpecError(f"--prefill: {text!r}: each value is a fraction in [0, 1) or a whole number of tokens")
+    return values
+
+
+def prefill_tokens(prefill: float, context: int) -> int:
+    """The prompt length of a window: a fraction of the context, or a token count; at least 2 tokens are decoded."""
+    tokens = round(prefill * context) if prefill < 1 else int(prefill)
+    if tokens > context - 2:
+        raise SpecError(f"--prefill {prefill:g}: a {tokens}-token prefill leaves fewer than 2 tokens of a "
+                        f"{context}-token window to decode")
+    return tokens
+
+
 @dataclass
 class EvalSettings:
     contexts: list[int]
     methods: list[Method]
     sparsities: list[float]
+    prefills: list[float] = field(default_factory=lambda: [0.0])
     max_tokens: int | None = None
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     stats: bool = False
@@ -185,66 +216,74 @@ def methods_to_run(settings: EvalSettings) -> list[Method]:
 
 
 def planned_tokens(num_tokens: int, settings: EvalSettings) -> int:
-    """Tokens all passes together run through the model (the progress bar's total)."""
+    """Tokens all passes together run through the model (the progress's total)."""
     runs = sum(len(settings.sparsities) if m.sparse else 1 for m in methods_to_run(settings))
     usable = min(num_tokens, settings.max_tokens or num_tokens)
-    return sum(usable // context * context * runs for context in settings.contexts)
+    return sum(usable // context * context * runs for context in settings.contexts) * len(settings.prefills)
+
+
+def has_global_picks(method: Method) -> bool:
+    """Whether a method picks older tokens by attention, beside its recent window (where they lie is measured)."""
+    return method.sparse and not method.make_selector([0.5], 1, 1, torch.device("cpu")).static
 
 
 def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> dict:
-    """Perplexity rows for every context, method and sparsity, with statistics when asked.
+    """Perplexity rows for every context, setting (prefill), method and sparsity, with statistics when asked.
 
-    `progress(tokens_done)` is called after each pass with the number of tokens it ran (all sparsities)."""
+    `progress(tokens_done)` is called after each layer of each pass with its share of the pass's tokens."""
     device = model.tok_embeddings.weight.device
     methods = methods_to_run(settings)
     results, natural, selection, stats_windows = [], {}, {}, {}
     for context in settings.contexts:
         windows = windows_of(tokens, context, settings.max_tokens).to(device)
         per_batch = max(1, settings.batch_tokens // context)
-        dense_importance = None
-        for method in methods:
-            sparsities = settings.sparsities if method.sparse else [0.0]
-            nll_sum = dict.fromkeys(sparsities, 0.0)
-            started = time.perf_counter()
-            stats = None
-            for first in range(0, len(windows), per_batch):
-                batch = windows[first:first + per_batch]
-                sequence_sparsity = [s for s in sparsities for _ in range(len(batch))]
-                if settings.stats and first == 0:
-                    stats = AttentionStats(sequence_sparsity, len(batch), len(model.layers), model.spec.num_heads,
-                                           context, natural=not method.sparse, ages=method.name == "swa")
-                    stats_windows[str(context)] = len(batch)
-                hidden = masked_pass(model, batch.repeat(len(sparsities), 1), method, sequence_sparsity,
-                                     probe=stats if first == 0 else None)
-                nll = token_nll(model, hidden, batch.repeat(len(sparsities), 1)).sum(dim=1).view(len(sparsities), -1)
-                for sparsity, total in zip(sparsities, nll.sum(dim=1).tolist()):
-                    nll_sum[sparsity] += total
-                if progress:
-                    progress(batch.numel() * len(sparsities))
-            seconds = time.perf_counter() - started
-            scored = len(windows) * (context - 1)
-            for sparsity in sparsities:
-                row = {"method": method.name, "sparsity": sparsity, "context": context, "tokens": scored,
-                       "perplexity": float(np.exp(nll_sum[sparsity] / scored)),
-                       "seconds": seconds / len(sparsities)}
-                if stats is not None:
-                    row["attained_sparsity"] = stats.attained(sparsity)
-                    sequences = [b for b, s in enumerate(stats.kv_sparsity) if s == sparsity]
-                    importance = stats.importance[sequences]
-                    if not method.sparse:
-                        dense_importance = importance
-                    per_layer = spearman(importance, dense_importance)
-                    row["spearman"] = float(per_layer.mean())
-                    row["spearman_per_layer"] = per_layer.tolist()
-                results.append(row)
-            if stats is not None and stats.natural:
-                natural[str(context)] = stats.natural_per_layer()
-            if stats is not None and stats.ages:
-                selection[str(context)] = {
-                    "windows": stats.windows,
-                    "by_sparsity": {f"{s:g}": (counts / counts.sum()).tolist()
-                                    for s, counts in stats.age_counts.items()},
-                    "global_picks": {f"{s:g}": int(counts.sum()) for s, counts in stats.age_counts.items()}}
+        for prefill in (prefill_tokens(p, context) for p in settings.prefills):
+            setting = f"{context}" if prefill == 0 else f"{context}/prefill {prefill}"
+            dense_importance = None
+            for method in methods:
+                sparsities = settings.sparsities if method.sparse else [0.0]
+                nll_sum = dict.fromkeys(sparsities, 0.0)
+                started = time.perf_counter()
+                stats = None
+                for first in range(0, len(windows), per_batch):
+                    batch = windows[first:first + per_batch].repeat(len(sparsities), 1)
+                    sequence_sparsity = [s for s in sparsities for _ in range(batch.shape[0] // len(sparsities))]
+                    if settings.stats and first == 0:
+                        stats = AttentionStats(sequence_sparsity, len(batch) // len(sparsities), len(model.layers),
+                                               model.spec.num_heads, context, prefill,
+                                               natural=not method.sparse and prefill == 0,
+                                               ages=has_global_picks(method))
+                        stats_windows[setting] = stats.windows
+                    layer_done = None if progress is None else (lambda: progress(batch.numel() / len(model.layers)))
+                    hidden = masked_pass(model, batch, method, sequence_sparsity, probe=stats if first == 0 else None,
+                                         prefill=prefill, layer_done=layer_done)
+                    nll = token_nll(model, hidden, batch, prefill).sum(dim=1).view(len(sparsities), -1)
+                    for sparsity, total in zip(sparsities, nll.sum(dim=1).tolist()):
+                        nll_sum[sparsity] += total
+                seconds = time.perf_counter() - started
+                scored = len(windows) * (context - 1 - prefill)
+                for sparsity in sparsities:
+                    row = {"method": method.name, "sparsity": sparsity, "context": context, "prefill": prefill,
+                           "tokens": scored, "perplexity": float(np.exp(nll_sum[sparsity] / scored)),
+                           "seconds": seconds / len(sparsities)}
+                    if stats is not None:
+                        row["attained_sparsity"] = stats.attained(sparsity)
+                        sequences = [b for b, s in enumerate(stats.kv_sparsity) if s == sparsity]
+                        importance = stats.importance[sequences]
+                        if not method.sparse:
+                            dense_importance = importance
+                        per_layer = spearman(importance, dense_importance)
+                        row["spearman"] = float(per_layer.mean())
+                        row["spearman_per_layer"] = per_layer.tolist()
+                    results.append(row)
+                if stats is not None and stats.natural:
+                    natural[str(context)] = stats.natural_per_layer()
+                if stats is not None and stats.ages:
+                    selection.setdefault(method.name, {})[setting] = {
+                        "context": context, "prefill": prefill, "windows": stats.windows,
+                        "by_sparsity": {f"{s:g}": (counts / counts.sum()).tolist()
+                                        for s, counts in stats.age_counts.items()},
+                        "global_picks": {f"{s:g}": int(counts.sum()) for s, counts in stats.age_counts.items()}}
     report = {"results": results}
     if settings.stats:
         report["stats"] = {"stats_windows": stats_windows,
@@ -254,24 +293,27 @@ def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> di
     return report
 
 
-def selection_stats_file(report: dict, model: str, text: str) -> dict:
-    """The SWA selection statistics of the longest context measured, in `alisa_sim.selection_stats`' format."""
-    ages = report["stats"]["selection_ages"]
+def selection_stats_file(report: dict, method: str, model: str, text: str) -> dict:
+    """A method's selection statistics in `alisa_sim.selection_stats`' format: of the longest context measured, in
+    its setting with the longest prefill (a prompt, then decoding, as the simulator's workloads run)."""
+    ages = report["stats"]["selection_ages"].get(method)
     if not ages:
-        raise SpecError("--selection-stats needs the swa method among --methods")
-    context = max(ages, key=int)
-    measured = ages[context]
+        raise SpecError(f"--selection-stats: no global-pick statistics of {method!r} (it must be among --methods)")
+    measured = max(ages.values(), key=lambda m: (m["context"], m["prefill"]))
+    context, prefill = measured["context"], measured["prefill"]
     picks = ", ".join(f"{count} at {s}" for s, count in measured["global_picks"].items())
+    decoded = (f"after a dense prefill of {prefill} tokens, so n runs from {prefill + 1} to {context}" if prefill
+               else f"each window decoded from its first token, so n runs from 1 to {context}")
     return {
         "format": SELECTION_STATS_FORMAT,
         "model": model,
         "text": text,
         "context": int(context),
-        "measured_by": "alisa-exec eval --stats (SWA, one token set per layer, simulated decoding in masked passes)",
+        "measured_by": f"alisa-exec eval --stats ({method}; simulated decoding in masked passes)",
         "date": datetime.date.today().isoformat(),
         "notes": [
-            f"Global picks of every decode step and layer of the first {measured['windows']} windows of "
-            f"{context} tokens; each window is decoded from its first token, so n runs from 1 to {context}.",
+            f"Global picks (kept tokens outside the recent window) of every decoded step and layer of the first "
+            f"{measured['windows']} windows of {context} tokens, {decoded}.",
             f"Global picks counted per KV sparsity: {picks}.",
             "Age of the token at position i at a step with n cached tokens: (n - 1 - i) / n.",
         ],

@@ -24,8 +24,9 @@ from alisa_exec.accuracy.methods import Method, Selector
 from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference
 from alisa_exec.model import OPT_POSITION_OFFSET, Block, Transformer, apply_rope, rope_tables
 
+ROW_BLOCK = 128  # rows whose scores against the keys before them are computed at once
 INT8_CHANNEL_GROUP = 64  # the INT8 cache's default group of channels
-LOGIT_CHUNK = 1024  # positions whose logits are materialized at once when scoring
+LOGIT_CHUNK = 128  # positions whose logits are materialized at once when scoring
 
 # probe(layer, probs [batch, kv_heads, group, S, S], kept [batch, groups, S, S] bool): a layer's attention
 Probe = Callable[[int, Tensor, Tensor], None]
@@ -78,45 +79,92 @@ def _finish_block(block: Block, x: Tensor, y: Tensor) -> Tensor:
 
 
 def _lm_weight(model: Transformer) -> Tensor:
-    return model.tok_embeddings.weight if model.output is None else model.output.weight
+    """The output projection in at least fp32: logits are scored in full precision whatever the model's dtype."""
+    weight = model.tok_embeddings.weight if model.output is None else model.output.weight
+    return weight.to(_attention_dtype(weight.dtype))
 
 
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector,
-                      mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention of every row under the method: output [batch, kv_heads, group, S, d], probabilities
-    [batch, kv_heads, group, S, S] and the kept tokens [batch, groups, S, S]."""
-    seq = q.shape[3]
-    scores = (q @ k[:, :, None].transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if selector.static:
-        probs = torch.softmax(scores.masked_fill_(~mask[:, :, None], float("-inf")), dim=-1)
-        kept = mask
-    else:
-        probs = torch.zeros_like(scores)
-        kept = torch.zeros(q.shape[0], selector.groups, seq, seq, dtype=torch.bool, device=q.device)
-        threads = torch.get_num_threads()
-        # The loop's ops are small: a second CPU thread only adds a barrier per op, which stalls for a whole
-        # scheduler slice whenever another process holds the other core.
-        torch.set_num_threads(1)
-        try:
-            for row in range(seq):
-                keep = selector.keep(row + 1)
-                kept[:, :, row, :row + 1] = keep
-                row_scores = scores[..., row, :row + 1].masked_fill(~keep[:, :, None], float("-inf"))
-                probs[..., row, :row + 1] = row_probs = torch.softmax(row_scores, dim=-1)
-                selector.observe(row_probs)
-        finally:
-            torch.set_num_threads(threads)
-    return probs @ v[:, :, None], probs, kept
+def _attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Attention scores, probabilities and their sums are computed in at least fp32 (a bfloat16 model included)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def row_blocks(seq_len: int, prefill: int) -> list[tuple[int, int]]:
+    """The masked pass's blocks of rows: ROW_BLOCK at a time, the prefill's rows and the decoded ones apart."""
+    return [(first, min(first + ROW_BLOCK, stop)) for begin, stop in ((0, prefill), (prefill, seq_len))
+            for first in range(begin, stop, ROW_BLOCK)]
+
+
+def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
+    """Softmax of scores [batch, kv_heads, group, rows, n] over the kept tokens keep [batch, groups, rows, n]."""
+    return torch.softmax(scores.masked_fill(~keep[:, :, None], float("-inf")), dim=-1)
+
+
+def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
+    """Kept tokens and probabilities of a block of rows of an attention-dependent selector, one row at a time: each
+    row's choice depends on the rows before it."""
+    batch, _, _, rows, width = scores.shape
+    keep = torch.zeros(batch, selector.groups, rows, width, dtype=torch.bool, device=scores.device)
+    probs = torch.zeros_like(scores)
+    threads = torch.get_num_threads()
+    # The loop's ops are small: a second CPU thread only adds a barrier per op, which stalls for a whole
+    # scheduler slice whenever another process holds the other core.
+    torch.set_num_threads(1)
+    try:
+        for row in range(rows):
+            count = first + row + 1
+            keep[:, :, row, :count] = row_keep = selector.keep(count)
+            row_probs = torch.softmax(scores[..., row, :count].masked_fill(~row_keep[:, :, None], float("-inf")), -1)
+            probs[..., row, :count] = row_probs
+            selector.observe(row_probs)
+    finally:
+        torch.set_num_threads(threads)
+    return keep, probs
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask: Tensor | None, prefill: int,
+                      probe: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Attention of every row under the method, a block of rows at a time: output [batch, kv_heads, group, S, d]
+    and, with `probe`, the probabilities [batch, kv_heads, group, S, S] and the kept tokens [batch, groups, S, S]."""
+    batch, kv_heads, group, seq, head_dim = q.shape
+    y = torch.empty_like(q)
+    all_probs = q.new_zeros(batch, kv_heads, group, seq, seq) if probe else None
+    all_kept = torch.zeros(batch, selector.groups, seq, seq, dtype=torch.bool, device=q.device) if probe else None
+    for first, last in row_blocks(seq, prefill):
+        scores = (q[..., first:last, :] @ k[:, :, None, :last].transpose(-1, -2)) * head_dim ** -0.5
+        causal = (torch.arange(last, device=q.device) <= torch.arange(first, last, device=q.device)[:, None])
+        if last <= prefill or selector.dense_choice:
+            dense = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        if last <= prefill:
+            keep, probs = causal.expand(batch, selector.groups, -1, -1), dense
+            selector.prefill_rows(first, probs)
+        elif selector.static:
+            keep = mask[:, :, first:last, :last]
+            probs = _softmax_kept(scores, keep)
+        elif selector.dense_choice:
+            keep = selector.choose(first, dense)
+            probs = _softmax_kept(scores, keep)
+        elif selector.query_choice:
+            keep = selector.choose_by_query(first, q[..., first:last, :], k)
+            probs = _softmax_kept(scores, keep)
+        else:
+            keep, probs = _row_by_row(scores, selector, first)
+        y[..., first:last, :] = probs @ v[:, :, None, :last]
+        if probe:
+            all_probs[..., first:last, :last] = probs
+            all_kept[:, :, first:last, :last] = keep
+    return y, all_probs, all_kept
 
 
 @torch.no_grad()
 def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float],
-                probe: Probe | None = None) -> Tensor:
+                probe: Probe | None = None, prefill: int = 0, layer_done: Callable[[], None] | None = None) -> Tensor:
     """Final normed hidden states [batch, S, hidden] of windows `tokens` [batch, S] decoded under `method`, each
-    window at its own KV sparsity.
+    window at its own KV sparsity, after a dense prefill of the first `prefill` tokens (0: none); `layer_done()` is
+    called after each layer.
 
     Static methods without a probe attend through SDPA with their mask (dense: causal); every other case
-    materializes the probabilities and, with `probe`, hands each layer's to it."""
+    computes the attention a block of rows at a time and, with `probe`, hands each layer's to it."""
     batch, seq = tokens.shape
     device = tokens.device
     x = _embed(model, tokens, torch.arange(seq, device=device))
@@ -125,63 +173,100 @@ def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
         return method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device)
 
     first = make_selector()
-    mask = first.mask(seq) if first.static else None
+    mask = first.mask(seq, prefill) if first.static else None
     fused = probe is None and mask is not None
-    additive = (torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
+    dtype = _attention_dtype(x.dtype)
+    additive = (torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
                 if fused and method.name != "dense" else None)
     for index, block in enumerate(model.layers):
-        q, k, v = _qkv(block, x, rope, method.int8_kv)
+        q, k, v = (t.to(dtype) for t in _qkv(block, x, rope, method.int8_kv))
         if fused:
             y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, attn_mask=additive, is_causal=additive is None,
                                                enable_gqa=True).view(q.shape)
         else:
-            y, probs, kept = _masked_attention(q, k, v, first if first.static else make_selector(), mask)
+            y, probs, kept = _masked_attention(q, k, v, first if first.static else make_selector(), mask, prefill,
+                                               probe is not None)
             if probe is not None:
                 probe(index, probs, kept)
             del probs, kept
-        x = _finish_block(block, x, y)
+        x = _finish_block(block, x, y.to(x.dtype))
+        if layer_done is not None:
+            layer_done()
     return model.norm(x)
 
 
 @torch.no_grad()
-def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor) -> Tensor:
-    """Negative log-likelihood [batch, S - 1] (fp64) of tokens 1..S-1 given the hidden states of positions before."""
+def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor, first: int = 0) -> Tensor:
+    """Negative log-likelihood [batch, S - 1 - first] (fp64) of tokens first+1..S-1 given the hidden states of the
+    positions before."""
     weight = _lm_weight(model)
     losses = []
-    for start in range(0, tokens.shape[1] - 1, LOGIT_CHUNK):
+    for start in range(first, tokens.shape[1] - 1, LOGIT_CHUNK):
         stop = min(start + LOGIT_CHUNK, tokens.shape[1] - 1)
-        logits = F.linear(hidden[:, start:stop], weight).float()
+        logits = F.linear(hidden[:, start:stop].to(weight.dtype), weight).float()
         losses.append(F.cross_entropy(logits.transpose(1, 2), tokens[:, start + 1:stop + 1], reduction="none"))
     return torch.cat(losses, dim=1).double()
 
 
 @torch.no_grad()
-def masked_logits(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float]) -> Tensor:
+def masked_logits(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float],
+                  prefill: int = 0) -> Tensor:
     """Logits of every position [batch, S, vocab] from `masked_pass`."""
-    return F.linear(masked_pass(model, tokens, method, kv_sparsity), _lm_weight(model))
+    hidden = masked_pass(model, tokens, method, kv_sparsity, prefill=prefill)
+    weight = _lm_weight(model)
+    return F.linear(hidden.to(weight.dtype), weight)
+
+
+def _dense_prefill(block: Block, x: Tensor, rope: tuple[Tensor, Tensor] | None, int8_kv: bool, selector: Selector):
+    """One layer of a dense causal prefill over x [batch, P, hidden]: the layer's output, K and V; the selector sees
+    every attention row."""
+    q, k, v = (t.to(_attention_dtype(x.dtype)) for t in _qkv(block, x, rope, int8_kv))
+    prompt = x.shape[1]
+    scores = (q @ k[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+    future = torch.ones(prompt, prompt, dtype=torch.bool, device=x.device).triu(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    selector.prefill_rows(0, probs)
+    return _finish_block(block, x, (probs @ v[:, :, None]).to(x.dtype)), k, v
 
 
 @torch.no_grad()
-def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float]) -> Tensor:
-    """Logits of every position [batch, S, vocab], decoding one token at a time from an empty cache: each step
-    gathers the K and V the method keeps and attends to those only, then shows the method its attention."""
+def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float],
+                prefill: int = 0) -> Tensor:
+    """Logits of every position [batch, S, vocab]: a dense prefill of the first `prefill` tokens (its attention
+    seeds the selectors), then decoding one token at a time: each step gathers the K and V the method keeps and
+    attends to those only (the oracle chooses from the step's dense attention first), then shows the method its
+    attention."""
     batch, seq = tokens.shape
     device = tokens.device
     rope = _rope(model, seq)
+    weight = _lm_weight(model)
     selectors = [method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device) for _ in model.layers]
     keys: list[Tensor | None] = [None] * len(model.layers)
     values: list[Tensor | None] = [None] * len(model.layers)
     logits = []
-    for step in range(seq):
+    if prefill:
+        x = _embed(model, tokens[:, :prefill], torch.arange(prefill, device=device))
+        prompt_rope = None if rope is None else (rope[0][:prefill], rope[1][:prefill])
+        for index, (block, selector) in enumerate(zip(model.layers, selectors)):
+            x, keys[index], values[index] = _dense_prefill(block, x, prompt_rope, method.int8_kv, selector)
+        logits.append(F.linear(model.norm(x).to(weight.dtype), weight))
+    for step in range(prefill, seq):
         position = torch.tensor([step], device=device)
         x = _embed(model, tokens[:, step:step + 1], position)
         step_rope = None if rope is None else (rope[0][position], rope[1][position])
         for index, (block, selector) in enumerate(zip(model.layers, selectors)):
-            q, k, v = _qkv(block, x, step_rope, method.int8_kv)
-            keys[index] = k if step == 0 else torch.cat([keys[index], k], dim=2)
-            values[index] = v if step == 0 else torch.cat([values[index], v], dim=2)
+            q, k, v = (t.to(_attention_dtype(x.dtype)) for t in _qkv(block, x, step_rope, method.int8_kv))
+            keys[index] = k if keys[index] is None else torch.cat([keys[index], k], dim=2)
+            values[index] = v if values[index] is None else torch.cat([values[index], v], dim=2)
             kv_heads, group, head_dim = q.shape[1], q.shape[2], q.shape[-1]
-            keep = selector.keep(step + 1).expand(batch, kv_heads, -1)
+            if selector.dense_choice:
+                scores = (q @ keys[index][:, :, None].transpose(-1, -2)) * head_dim ** -0.5
+                keep = selector.choose(step, torch.softmax(scores, dim=-1))[:, :, 0]
+            elif selector.query_choice:
+                keep = selector.choose_by_query(step, q, keys[index])[:, :, 0]
+            else:
+                keep = selector.keep(step + 1)
+            keep = keep.expand(batch, kv_heads, -1)
             # Index lists of the kept positions, padded to the longest (sequences at other sparsities keep more).
             counts = keep.sum(dim=-1, keepdim=True)
             kept = torch.argsort(~keep, dim=-1, stable=True)[..., :int(counts.max())]
@@ -193,6 +278,6 @@ def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
             y = probs @ v_kept[:, :, None]
             full = torch.zeros(batch, kv_heads, group, step + 1, dtype=probs.dtype, device=device)
             selector.observe(full.scatter_(-1, kept[:, :, None].expand(-1, -1, group, -1), probs[..., 0, :]))
-            x = _finish_block(block, x, y)
-        logits.append(F.linear(model.norm(x), _lm_weight(model)))
+            x = _finish_block(block, x, y.to(x.dtype))
+        logits.append(F.linear(model.norm(x).to(weight.dtype), weight))
     return torch.cat(logits, dim=1)

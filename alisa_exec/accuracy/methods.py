@@ -2,20 +2,36 @@
 simulates, one layer at a time, for a batch of sequences decoding in lockstep.
 
 All methods share one budget. At the step with n cached tokens (the current one included) and KV sparsity s,
-`k = swa_window(n, s)` and a method attends `budget(n, s) = min(n, 2k)` tokens, always the current one among them:
+`k = swa_window(n, s)` and a method attends `kv_budget(n, s, current)` tokens, always the current one among them:
+min(n, 2k) when the current token counts inside the 2k ("inside", the paper's literal |I| = 2k), min(n, 2k + 1)
+when it is attended on top ("extra", the default, see docs/accuracy.md):
 
 - `dense`: every cached token (the budget does not apply).
-- `swa`, `swa-int8`: the k most recent tokens and the k older ones with the largest attention weight summed over
-  all heads over the last k decode steps (one set per layer); `swa-int8` reads K and V through INT8.
-- `swa-head`: the same with one set per KV head (weights summed over the head's query group).
+- `swa`, `swa-int8`: the current token, the k most recent before it and the k older ones with the largest attention
+  weight summed over all heads over the last k decode steps, where a step's own (current) token is not credited with
+  its self-attention (one set per layer); `swa-int8` reads K and V through INT8.
+- `swa-literal`: the paper's literal reading: the current token is one of the k recent ones (budget 2k) and each
+  step's self-attention counts in the sums. `swa-inside` and `swa-self` switch one of the two details each.
+- `swa-head`: `swa` with one set per KV head (weights summed over the head's query group).
+- `hh-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the k older ones with the
+  largest attention summed over every step so far (H2O's score), chosen among all older tokens every step, so a
+  token left out can come back (it stays in CPU memory); no more tokens than SWA per step and head.
+- `quest-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the older tokens
+  of the pages (16 positions) whose upper bound on the step's attention score, from the page's per-channel key
+  minimum and maximum (kept on the GPU, as Quest does), is largest; as many tokens as SWA.
+- `oracle`: a diagnostic, not realisable: per step the budget's tokens of largest dense attention of that very step,
+  summed over the layer's heads (the current token always among them).
 - `h2o`: per KV head, the k most recent tokens and the heavy hitters by attention summed over every step since the
   token arrived, chosen only among the tokens the previous step kept: a token left out once is evicted for good,
   so the set grows by at most one token a step and is one short of the budget on a step where the budget grows
   by two.
 - `streamingllm`: the first min(4, budget - 1) tokens (attention sinks) and the most recent ones.
 - `local`: the `budget` most recent tokens.
-- `strided`: the k most recent tokens and `budget - k` older ones at a fixed stride counted back from the newest
+- `strided`: the recent window and the rest of the budget older ones at a fixed stride counted back from the newest
   older token (the Sparse Transformer's strided pattern at this budget).
+
+A prefill (the first P tokens of a window attended densely, as a prompt) seeds every selector with its attention
+rows (`prefill_rows`), as the executor seeds its local sums.
 
 Attention sums are kept in fixed point (the kernels' int64 units), so a sum that gains and loses a row returns
 exactly to what it was and ties are real ties; ties go to the older token, as in the kernels.
@@ -32,21 +48,31 @@ from torch import Tensor
 
 from alisa_exec.kernels.selection import to_fixed_point
 from alisa_sim.errors import SpecError
-from alisa_sim.swa import kv_budget as budget, swa_window
+from alisa_sim.swa import kv_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
+PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
+INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
+DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
+
+
+def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) -> int:
+    """Tokens every sparse method attends at a step with `num_tokens` cached tokens."""
+    return kv_budget(num_tokens, kv_sparsity, current)
 
 
 def top_older(scores: Tensor, take: Tensor) -> Tensor:
-    """Bool mask of the `take[b]` largest entries of each row of scores [batch, groups, m] (ties to the lower, older
-    position). Entries below zero are never among them as long as each row has `take` entries of zero or more."""
+    """Bool mask of the `take[...]` largest entries of each row of scores [..., m] (take broadcasts to
+    scores.shape[:-1]; ties to the lower, older position). Integer entries below zero (float: -inf) are never among
+    them as long as each row has `take` entries above them."""
     most = int(take.max())
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    count = take.view(-1, 1, 1)
+    count = take.expand(scores.shape[:-1])[..., None]
     top = scores.topk(most, dim=-1).values
-    kth = top.gather(-1, (count - 1).clamp(min=0).expand(*scores.shape[:2], 1))
-    kth = torch.where(count > 0, kth, torch.iinfo(scores.dtype).max)
+    kth = top.gather(-1, (count - 1).clamp(min=0))
+    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max if scores.is_floating_point()
+                      else torch.iinfo(scores.dtype).max)
     above = scores > kth
     tied = scores == kth
     return above | (tied & (tied.cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
@@ -56,25 +82,37 @@ class Selector(ABC):
     """One layer's token selection for a batch of sequences decoding in lockstep, each at its own KV sparsity.
     `keep(n)` says what the step with n cached tokens attends, [batch, groups, n] bool (groups: 1 when one set serves
     every head, else one per KV head); `observe(probs)` gets that step's attention probabilities,
-    [batch, kv_heads, group_size, n], zero off the kept tokens."""
+    [batch, kv_heads, group_size, n], zero off the kept tokens; `prefill_rows(first, probs)` gets densely attended
+    rows first, first + 1, ... of a prefill, [batch, kv_heads, group_size, rows, n]."""
 
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
+    dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
+    query_choice = False  # chooses from the step's query and the cached keys: `choose_by_query` instead of `keep`
 
-    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device):
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
         self.kv_sparsity = list(kv_sparsity)
         self.batch, self.kv_heads, self.max_tokens, self.device = len(self.kv_sparsity), kv_heads, max_tokens, device
+        self.current = current
         self.groups = 1
+        self.token_positions = torch.arange(max_tokens, device=device)
+        self.sequences = torch.arange(self.batch, device=device)
 
     def _per_step(self, what: Callable[[int, float], int]) -> Tensor:
         """what(n, sparsity) for every step and sequence, [max_tokens + 1, batch]."""
         return torch.tensor([[what(max(n, 1), s) for s in self.kv_sparsity] for n in range(self.max_tokens + 1)],
                             device=self.device)
 
+    def _tables(self) -> None:
+        """k, the recent window and the budget of every step and sequence, [max_tokens + 1, batch] each."""
+        self.windows = self._per_step(swa_window)
+        self.recents = self._per_step(lambda n, s: swa_recent(n, s, self.current))
+        self.budgets = self._per_step(lambda n, s: kv_budget(n, s, self.current))
+
     def _recent(self, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """k per sequence [batch], and which of the n positions are among the k most recent [batch, 1, n]."""
-        k = self.windows[num_tokens]
-        positions = torch.arange(num_tokens, device=self.device)
-        return k, (positions >= (num_tokens - k)[:, None])[:, None]
+        """The recent-window size per sequence [batch], and which of the n positions are in it [batch, 1, n]."""
+        recent = self.recents[num_tokens]
+        return recent, (self.token_positions[:num_tokens] >= (num_tokens - recent)[:, None])[:, None]
 
     @abstractmethod
     def keep(self, num_tokens: int) -> Tensor:
@@ -84,126 +122,264 @@ class Selector(ABC):
     def observe(self, probs: Tensor) -> None:
         """The attention probabilities of the step that just ran."""
 
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        """Densely attended rows of a prefill; a selector that ignores attention ignores them."""
+
 
 class StaticSelector(Selector):
     """A fixed pattern of positions, the same for every head (and every sequence at the same sparsity)."""
 
     static = True
 
-    @staticmethod
     @abstractmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
         """The kept positions at a step with `num_tokens` cached tokens, ascending."""
 
-    def _rows(self, num_tokens: int) -> Tensor:
+    def keep(self, num_tokens: int) -> Tensor:
         mask = torch.zeros(self.batch, 1, num_tokens, dtype=torch.bool, device=self.device)
         for sequence, sparsity in enumerate(self.kv_sparsity):
             mask[sequence, 0, self.positions(num_tokens, sparsity).to(self.device)] = True
         return mask
 
-    def mask(self, seq_len: int) -> Tensor:
-        """[batch, 1, seq_len, seq_len] bool: row i is what the step with i + 1 cached tokens keeps."""
+    def mask(self, seq_len: int, prefill: int = 0) -> Tensor:
+        """[batch, 1, seq_len, seq_len] bool: row i is what the step with i + 1 cached tokens keeps (rows before
+        `prefill`: every earlier token)."""
         by_sparsity = {}
         for sparsity in dict.fromkeys(self.kv_sparsity):
-            rows = torch.zeros(seq_len, seq_len, dtype=torch.bool)
-            for row in range(seq_len):
+            rows = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+            for row in range(prefill, seq_len):
+                rows[row, :row + 1] = False
                 rows[row, self.positions(row + 1, sparsity)] = True
             by_sparsity[sparsity] = rows.to(self.device)
         return torch.stack([by_sparsity[s] for s in self.kv_sparsity])[:, None]
-
-    def keep(self, num_tokens: int) -> Tensor:
-        return self._rows(num_tokens)
 
     def observe(self, probs: Tensor) -> None:
         """A static pattern ignores attention."""
 
 
 class Dense(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
         return torch.arange(num_tokens)
 
 
 class Local(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        return torch.arange(num_tokens - budget(num_tokens, kv_sparsity), num_tokens)
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        return torch.arange(num_tokens - budget(num_tokens, kv_sparsity, self.current), num_tokens)
 
 
 class StreamingLLM(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        kept = budget(num_tokens, kv_sparsity)
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        kept = budget(num_tokens, kv_sparsity, self.current)
         sinks = min(STREAMING_SINKS, kept - 1) if kept < num_tokens else 0
         return torch.cat([torch.arange(sinks), torch.arange(num_tokens - (kept - sinks), num_tokens)])
 
 
 class Strided(StaticSelector):
-    @staticmethod
-    def positions(num_tokens: int, kv_sparsity: float) -> Tensor:
-        k = swa_window(num_tokens, kv_sparsity)
-        older = num_tokens - k
-        take = budget(num_tokens, kv_sparsity) - k
+    def positions(self, num_tokens: int, kv_sparsity: float) -> Tensor:
+        older = num_tokens - swa_recent(num_tokens, kv_sparsity, self.current)
+        take = budget(num_tokens, kv_sparsity, self.current) - (num_tokens - older)
         stride = older // take if take else 1
         return torch.cat([older - 1 - stride * torch.arange(take).flip(0), torch.arange(older, num_tokens)])
 
 
-class SlidingWindowSum(Selector):
-    """SWA: k recent tokens plus the top-k older ones by attention summed over the last k steps (and over the heads
-    of a group: all heads, or one KV head's query group with `per_head`).
+class AttentionSum(Selector):
+    """The recent window plus the top older tokens by attention summed over the last k steps (`history="window"`,
+    SWA) or over every step so far (`history="all"`), over the heads of a group: all heads, or one KV head's query
+    group with `per_head`. With `self_weight=False` a step's row does not credit its own (current) token.
 
-    The window sum is a difference of prefix sums of the observed rows, kept for the last `span` row counts (a
-    ring: the longest window plus one)."""
+    `total` is the sum of every observed row (int64 fixed point); a window's sum is `total` less the prefix sum
+    where the window starts, kept in `ring` for the last `span` row counts (the longest window plus one)."""
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
-                 per_head: bool = False):
-        super().__init__(kv_sparsity, kv_heads, max_tokens, device)
+                 current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
+                 history: str = "window"):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
         self.groups = kv_heads if per_head else 1
-        self.windows = self._per_step(swa_window)
-        self.span = int(self.windows.max()) + 1
-        self.prefix = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
+        self.self_weight, self.history = self_weight, history
+        self._tables()
+        self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
+        if history == "window":
+            self.span = int(self.windows.max()) + 1
+            self.ring = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
         self.observed = 0
 
     def keep(self, num_tokens: int) -> Tensor:
-        k, recent = self._recent(num_tokens)
-        first = (self.observed - k).clamp(min=0) % self.span
-        window = (self.prefix[:, :, self.observed % self.span, :num_tokens]
-                  - self.prefix[torch.arange(self.batch, device=self.device), :, first, :num_tokens])
-        older = ~recent
-        chosen = top_older(torch.where(older, window, -1), torch.minimum(k, num_tokens - k))
+        recent_count, recent = self._recent(num_tokens)
+        sums = self.total[..., :num_tokens]
+        if self.history == "window":
+            start = (self.observed - self.windows[num_tokens]).clamp(min=0) % self.span
+            sums = sums - self.ring[self.sequences, :, start, :num_tokens]
+        chosen = top_older(torch.where(recent, -1, sums), (self.budgets[num_tokens] - recent_count)[:, None])
         return chosen | recent
 
+    def _weights(self, probs: Tensor) -> Tensor:
+        """Fixed-point weights [batch, groups, ...] of probabilities [batch, kv_heads, group_size, ...]."""
+        return to_fixed_point(probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None])
+
     def observe(self, probs: Tensor) -> None:
-        row = to_fixed_point(probs.sum(dim=2) if self.groups > 1 else probs.sum(dim=(1, 2))[:, None])
-        now, after = self.observed % self.span, (self.observed + 1) % self.span
-        self.prefix[:, :, after] = self.prefix[:, :, now]
-        self.prefix[:, :, after, :row.shape[-1]] += row
+        weights = self._weights(probs)
+        width = weights.shape[-1]
+        if not self.self_weight:
+            weights[..., width - 1] = 0  # the step's current token
+        self.total[..., :width] += weights
         self.observed += 1
+        if self.history == "window":
+            self.ring[:, :, self.observed % self.span, :width] = self.total[..., :width]
+
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        weights = self._weights(probs)  # [batch, groups, rows, width]
+        rows, width = weights.shape[-2:]
+        if not self.self_weight:  # row i of the block is the step whose current token is at position first + i
+            weights[:, :, torch.arange(rows), first + torch.arange(rows)] = 0
+        prefix = self.total[..., None, :width] + weights.cumsum(dim=2)  # the sums after each row
+        if self.history == "window":
+            kept = range(max(0, rows - self.span), rows)
+            slots = torch.tensor([(first + 1 + row) % self.span for row in kept], device=self.device)
+            self.ring[:, :, slots, :width] = prefix[:, :, kept.start:]
+        self.total[..., :width] = prefix[:, :, -1]
+        self.observed = first + rows
 
 
 class HeavyHitters(Selector):
     """H2O per KV head: k recent tokens plus heavy hitters by attention summed over all history, among the tokens
     the previous step kept."""
 
-    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device):
-        super().__init__(kv_sparsity, kv_heads, max_tokens, device)
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
         self.groups = kv_heads
-        self.windows, self.budgets = self._per_step(swa_window), self._per_step(budget)
+        self._tables()
         self.scores = torch.zeros(self.batch, kv_heads, max_tokens, dtype=torch.int64, device=device)
         self.kept = torch.zeros(self.batch, kv_heads, max_tokens, dtype=torch.bool, device=device)
 
     def keep(self, num_tokens: int) -> Tensor:
-        k, recent = self._recent(num_tokens)
+        recent_count, recent = self._recent(num_tokens)
         candidates = self.kept[..., :num_tokens] & ~recent
         # Every head of a sequence kept as many tokens, the previous step's recent window among them.
-        heavy = torch.minimum(self.budgets[num_tokens] - k, candidates[:, 0].sum(dim=-1))
-        chosen = top_older(torch.where(candidates, self.scores[..., :num_tokens], -1), heavy)
+        heavy = torch.minimum(self.budgets[num_tokens] - recent_count, candidates[:, 0].sum(dim=-1))
+        chosen = top_older(torch.where(candidates, self.scores[..., :num_tokens], -1), heavy[:, None])
         self.kept[..., :num_tokens] = keep = chosen | recent
         return keep
 
     def observe(self, probs: Tensor) -> None:
         row = to_fixed_point(probs.sum(dim=2))
         self.scores[..., :row.shape[-1]] += row
+
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        width = probs.shape[-1]
+        self.scores[..., :width] += to_fixed_point(probs.sum(dim=2)).sum(dim=-2)
+        self.kept[..., :width] = True
+
+
+class Oracle(Selector):
+    """Per step, the budget's tokens of largest dense attention summed over all heads (the current one always):
+    needs the step's full attention, so no decoder could choose this way."""
+
+    dense_choice = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self._tables()
+
+    def choose(self, first: int, dense: Tensor) -> Tensor:
+        """What rows first, first + 1, ... attend [batch, 1, rows, width] from their dense (causal) attention
+        probabilities [batch, kv_heads, group_size, rows, width]."""
+        rows, width = dense.shape[-2:]
+        weights = to_fixed_point(dense.sum(dim=(1, 2)))
+        current = torch.arange(first, first + rows, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        chosen = top_older(torch.where(cols < current[:, None], weights, -1), self.budgets[current + 1].T - 1)
+        return (chosen | (cols == current[:, None]))[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("the oracle chooses from the step's dense attention: call choose()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The oracle keeps no state."""
+
+
+class QuerySelector(Selector):
+    """Per KV head, from the step's own query and the cached keys: the current and k recent tokens, and the
+    `budget - (k + 1)` older tokens of largest `older_scores` (ties to the older)."""
+
+    query_choice = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self.groups = kv_heads
+        self._tables()
+
+    @abstractmethod
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """Scores [batch, kv_heads, rows, width] (float, or int64 of zero or more) of rows first, first + 1, ...
+        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, width, d]."""
+
+    def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
+        [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, >= width, d] (width = first + rows)."""
+        width = first + q.shape[3]
+        scores = self.older_scores(first, q, k[:, :, :width])
+        current = torch.arange(first, width, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        counts = current + 1
+        recent = self.recents[counts].T  # [batch, rows]
+        older = cols < (counts - recent)[..., None]
+        never = float("-inf") if scores.is_floating_point() else -1
+        chosen = top_older(torch.where(older[:, None], scores, never), (self.budgets[counts].T - recent)[:, None])
+        return chosen | (~older & (cols < counts[:, None]))[:, None]
+
+    def keep(self, num_tokens: int) -> Tensor:
+        raise TypeError("this selector chooses from the step's query: call choose_by_query()")
+
+    def observe(self, probs: Tensor) -> None:
+        """The choice needs no attention history."""
+
+
+class PageBound(QuerySelector):
+    """Quest-like (Tang et al., 2024): older tokens scored by their page's upper bound on the step's attention
+    score, from the page's per-channel minimum and maximum key (pages of PAGE_TOKENS positions; the step's own page
+    only up to its current token), summed over the KV head's query group; so whole pages are taken, the last in part,
+    oldest tokens first. The page minima and maxima stay on the GPU (2 values per channel per page: 1/8 of a page's
+    K at 16 tokens)."""
+
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        batch, kv_heads, width, head_dim = k.shape
+        pages = -(-width // PAGE_TOKENS)
+        padded = torch.cat([k, k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
+        paged = padded.view(batch, kv_heads, pages, PAGE_TOKENS, head_dim)
+        # Running minimum and maximum within each page: a step sees its own page only up to its current token.
+        high = paged.cummax(dim=3).values.view(batch, kv_heads, -1, head_dim)
+        low = paged.cummin(dim=3).values.view(batch, kv_heads, -1, head_dim)
+        last = torch.arange(PAGE_TOKENS - 1, pages * PAGE_TOKENS, PAGE_TOKENS, device=self.device)
+        positive, negative = q.clamp(min=0), q.clamp(max=0)
+        full = (positive @ high[:, :, None, last].transpose(-1, -2)
+                + negative @ low[:, :, None, last].transpose(-1, -2)).sum(dim=2)  # [batch, kv_heads, rows, pages]
+        current = torch.arange(first, width, device=self.device)
+        partial = ((positive * high[:, :, None, current]).sum(dim=-1)
+                   + (negative * low[:, :, None, current]).sum(dim=-1)).sum(dim=2)  # [batch, kv_heads, rows]
+        page_of = torch.arange(width, device=self.device) // PAGE_TOKENS
+        return torch.where(page_of == (current // PAGE_TOKENS)[:, None], partial[..., None], full[..., page_of])
+
+
+def int4_keys(k: Tensor) -> Tensor:
+    """Keys [..., tokens, d] as a 4-bit copy reads them back: asymmetric min-max over each token's d channels, 16
+    levels."""
+    low, high = k.amin(dim=-1, keepdim=True), k.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / (INT4_LEVELS - 1)).clamp(min=torch.finfo(k.dtype).tiny)
+    return ((k - low) / scale).round().clamp(0, INT4_LEVELS - 1) * scale + low
+
+
+class ApproximateAttention(QuerySelector):
+    """Older tokens scored by the step's own attention computed from a 4-bit copy of every key (kept on the GPU,
+    1/8 of the fp16 K and V), summed over the KV head's query group (int64 fixed point)."""
+
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        width = k.shape[2]
+        scores = (q @ int4_keys(k)[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        future = torch.arange(width, device=self.device) > torch.arange(first, width, device=self.device)[:, None]
+        return to_fixed_point(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=2))
 
 
 @dataclass(frozen=True)
@@ -214,11 +390,22 @@ class Method:
     sparse: bool = True  # evaluated at each requested sparsity (dense: once)
 
 
+def _sums(**options) -> Callable[..., AttentionSum]:
+    return lambda *args: AttentionSum(*args, **options)
+
+
 METHODS = {
     "dense": Method("dense", Dense, sparse=False),
-    "swa": Method("swa", SlidingWindowSum),
-    "swa-head": Method("swa-head", lambda *args: SlidingWindowSum(*args, per_head=True)),
-    "swa-int8": Method("swa-int8", SlidingWindowSum, int8_kv=True),
+    "swa": Method("swa", _sums()),
+    "swa-literal": Method("swa-literal", _sums(current="inside", self_weight=True)),
+    "swa-inside": Method("swa-inside", _sums(current="inside")),
+    "swa-self": Method("swa-self", _sums(self_weight=True)),
+    "swa-head": Method("swa-head", _sums(per_head=True)),
+    "swa-int8": Method("swa-int8", _sums(), int8_kv=True),
+    "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
+    "quest-head": Method("quest-head", PageBound),
+    "k4-head": Method("k4-head", ApproximateAttention),
+    "oracle": Method("oracle", Oracle),
     "h2o": Method("h2o", HeavyHitters),
     "streamingllm": Method("streamingllm", StreamingLLM),
     "local": Method("local", Local),

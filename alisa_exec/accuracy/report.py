@@ -16,43 +16,55 @@ from alisa_sim.report import log_ticks
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
+def _settings(rows: list[dict]) -> list[tuple[int, int]]:
+    """(context, prefill) pairs in order; a row without a prefill was decoded from its first token."""
+    return sorted({(r["context"], r.get("prefill", 0)) for r in rows})
+
+
+def _setting_name(context: int, prefill: int) -> str:
+    return f"context {context}" + (f", prefill {prefill}" if prefill else ", decode from token 0")
+
+
 def perplexity_figure(report: dict) -> go.Figure:
     """One panel per context: perplexity over KV sparsity per method, dense (no KV cut) as a dashed black baseline
     across each panel and in the legend; the title on two lines so no width cuts it."""
     rows = report["results"]
-    contexts = sorted({r["context"] for r in rows})
+    settings = _settings(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"}) or [0.0]
-    figure = make_subplots(rows=1, cols=len(contexts), subplot_titles=[f"context {c}" for c in contexts])
-    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    for col, context in enumerate(contexts, start=1):
+    figure = make_subplots(rows=1, cols=len(settings), subplot_titles=[_setting_name(*s) for s in settings])
+    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
+    shown = set()
+    for col, setting in enumerate(settings, start=1):
         for index, method in enumerate(methods):
             points = sorted((r["sparsity"], r["perplexity"]) for r in rows
-                            if r["context"] == context and r["method"] == method)
+                            if _settings([r])[0] == setting and r["method"] == method)
             if not points:
                 continue
             if method == "dense":
                 dense = points[0][1]
                 figure.add_trace(go.Scatter(x=[sparsities[0], sparsities[-1]], y=[dense, dense], mode="lines",
-                                            name=f"dense (no KV cut; {dense:.2f} at context {contexts[0]})"
-                                            if col == 1 else f"dense, context {context}",
+                                            name=f"dense (no KV cut; {dense:.2f} at {_setting_name(*settings[0])})"
+                                            if col == 1 else f"dense, {_setting_name(*setting)}",
                                             legendgroup="dense", showlegend=col == 1,
                                             line={"color": "black", "dash": "dash"},
                                             hovertemplate=f"dense: perplexity {dense:.3f}<extra></extra>"),
                                  row=1, col=col)
                 continue
             figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                                        name=method, legendgroup=method, showlegend=col == 1,
+                                        name=method, legendgroup=method, showlegend=method not in shown,
                                         line_color=palette[index % len(palette)]),
                              row=1, col=col)
+            shown.add(method)
         figure.update_xaxes(title_text="KV sparsity (share of cached tokens not attended)", row=1, col=col)
-        shown = [r["perplexity"] for r in rows if r["context"] == context]
-        figure.update_yaxes(type="log", title_text="perplexity (log)" if col == 1 else None, tickvals=log_ticks(shown),
+        values = [r["perplexity"] for r in rows if _settings([r])[0] == setting]
+        figure.update_yaxes(type="log", title_text="perplexity (log)" if col == 1 else None, tickvals=log_ticks(values),
                             row=1, col=col)
     title = (f"Perplexity vs KV sparsity<br><sup>{report['model']} on {Path(report['text']).name}, "
              f"{report.get('tokens_evaluated', '?')} tokens</sup>")
     figure.update_layout(title={"text": title, "x": 0.02, "xanchor": "left"}, template="plotly_white",
-                         width=max(900, 520 * len(contexts) + 260), height=520, margin={"t": 110})
+                         width=max(900, 480 * len(settings) + 260), height=520, margin={"t": 110})
     return figure
 
 
@@ -63,19 +75,21 @@ def chromium_path() -> str | None:
 
 
 def perplexity_table(report: dict) -> str:
-    """Markdown: one row per method, one column per (context, sparsity); dense fills every column of its context."""
+    """Markdown: one row per method, one column per (context, prefill, sparsity); dense fills every column of its
+    setting; a cell not measured is empty."""
     rows = report["results"]
-    contexts = sorted({r["context"] for r in rows})
+    settings = _settings(rows)
     sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
-    value = {(r["method"], r["context"], r["sparsity"]): r["perplexity"] for r in rows}
-    header = ["method"] + [f"{c} @ {s:g}" for c in contexts for s in sparsities]
+    value = {(r["method"], *_settings([r])[0], r["sparsity"]): r["perplexity"] for r in rows}
+    columns = [(c, p, s) for c, p in settings for s in sparsities
+               if any((m, c, p, s) in value for m in {r["method"] for r in rows})]
+    header = ["method"] + [f"{c}{f' p{p}' if p else ''} @ {s:g}" for c, p, s in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
-        for c in contexts:
-            for s in sparsities:
-                ppl = value.get((method, c, 0.0 if method == "dense" else s))
-                cells.append("" if ppl is None else f"{ppl:.2f}")
+        for c, p, s in columns:
+            ppl = value.get((method, c, p, 0.0 if method == "dense" else s))
+            cells.append("" if ppl is None else f"{ppl:.2f}")
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines) + "\n"
 
