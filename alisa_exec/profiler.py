@@ -16,7 +16,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from torch.nn import functional as F
 
 from alisa_exec import ops
 from alisa_exec.kernels.selection import LocalAttentionSum
 from alisa_exec.kv_cache import Tiers, TokenRows
 from alisa_exec.model import Transformer
+from alisa_sim.calibrate import write_profile_yaml
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import HardwareProfile
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
@@ -509,18 +508,8 @@ def measure_profile(name: str, device: torch.device, quick: bool,
 
 
 def write_profile(profile: dict, path: Path) -> None:
-    """Write the profile YAML atomically (temporary file beside it, then rename); table rows one per line."""
-    text = ("# Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.\n"
-            + yaml.safe_dump(profile, sort_keys=False, default_flow_style=None, width=120))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the measured profile YAML whole or not at all."""
+    write_profile_yaml(profile, path, "Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.")
 
 
 def check_out_path(path: Path) -> str:

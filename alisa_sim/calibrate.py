@@ -30,8 +30,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +40,7 @@ from scipy.optimize import minimize
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import GemmRow, HardwareProfile, Source
-from alisa_sim.results import build_result
+from alisa_sim.results import build_result, write_texts_atomic
 from alisa_sim.simulator import simulate
 from alisa_sim.validate import LoadedResult, describe, percent_error
 from alisa_sim.workload import ResolvedWorkload, resolve_workload
@@ -330,18 +328,10 @@ def fitted_profile_data(calibration: Calibration, name: str, holdout_errors: dic
     return data
 
 
-def write_profile_yaml(data: dict, path: Path) -> Path:
-    """Write the profile YAML atomically (a temporary file beside it, then rename), table rows one per line."""
-    text = ("# Fitted by `alisa-sim calibrate` from measured runs; see provenance. Re-fit rather than edit.\n"
-            + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_profile_yaml(data: dict, path: Path, header: str = "Fitted by `alisa-sim calibrate` from measured runs; "
+                       "see provenance. Re-fit rather than edit.") -> Path:
+    """Write a profile YAML whole or not at all, a `# header` line first and table rows one per line (the fitted
+    profiles here, the measured ones of `alisa-exec profile`)."""
+    text = f"# {header}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    write_texts_atomic(path.parent, {path.name: text})
     return path
