@@ -80,7 +80,7 @@ def test_non_utf8_workload_profile_config_and_plan(tmp_path, capsys):
     ("digits.json", '{"workload": {"batch_size": ' + "9" * 4301 + "}}", "not valid JSON"),
     ("digits.yaml", "batch_size: " + "9" * 4301, "not valid YAML"),
     ("nan.json", '{"workload": {"batch_size": NaN}}', "NaN is not a JSON number"),
-])
+], ids=lambda value: value if isinstance(value, str) and len(value) < 40 else "")
 def test_deep_nesting_and_huge_numbers(tmp_path, capsys, name, content, expected):
     out = tmp_path / "out"
     assert_one_message(*run_cli(["run", str(write(tmp_path / name, content)), "--out", str(out)], capsys), out,
