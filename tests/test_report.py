@@ -221,8 +221,8 @@ def test_perplexity_plot_has_a_dense_baseline_and_renders(tmp_path):
     report = json.loads((Path(__file__).resolve().parent.parent / "reports" / "accuracy" / "results.json").read_text())
     fig = perplexity_figure(report)
     dense = [t for t in fig.data if t.legendgroup == "dense"]
-    contexts = {r["context"] for r in report["results"]}
-    assert len(dense) == len(contexts) and sum(bool(t.showlegend) for t in dense) == 1
+    settings = {(r["context"], r.get("prefill", 0)) for r in report["results"]}
+    assert len(dense) == len(settings) and sum(bool(t.showlegend) for t in dense) == 1
     assert dense[0].line.dash == "dash" and "<br>" in fig.layout.title.text and fig.layout.width >= 900
     written = write_report(report, tmp_path / "accuracy")
     dom, errors = render(written[0], tmp_path)

@@ -218,7 +218,9 @@ def test_an_interrupt_while_writing_leaves_no_result(tmp_path, monkeypatch, caps
 
 
 def test_ctrl_c_during_a_run_leaves_a_complete_result_or_none(tmp_path):
-    workload = write_workload(tmp_path, {"name": "alisa", "kv_sparsity": 0.5}, gen_len=200, prompt_len=32)
+    # Long enough (seconds) that the signal lands mid-run, whatever the machine's speed.
+    workload = write_workload(tmp_path, {"name": "alisa", "kv_sparsity": 0.5}, gen_len=2000, prompt_len=32,
+                              model={**MODEL, "max_position_embeddings": 4096})
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "alisa_exec.cli", "run", str(workload), "--device", "cpu",
