@@ -84,6 +84,19 @@ class StepTiming:
         return self._spans()
 
 
+def _issue_in_order(lanes: list[int], device: list[float], host: list[float], clock: float,
+                    free: list[float]) -> tuple[float, list[tuple[float, float]]]:
+    """Ops with no dependencies but their lanes (the head, the tail), issued in order from host time `clock`: each
+    starts once issued and its lane is free (`free` is updated). The host clock after them, and each op's span."""
+    spans = []
+    for lane, d, h in zip(lanes, device, host):
+        clock += h
+        start = max(clock, free[lane])
+        free[lane] = start + d
+        spans.append((start, start + d))
+    return clock, spans
+
+
 class StepSimulator:
     """Times steps one after another, carrying copy-stream backlogs from each step into the next."""
 
@@ -140,13 +153,7 @@ class StepSimulator:
         """List-schedule the head and the first `layers` layers: exact for those layers, because an op only ever
         waits on ops issued before it."""
         free = [carry.get(name, 0.0) for name in program.lane_names]
-        clock = 0.0  # the host's issue clock
-        head_spans = []
-        for lane, d, h in zip(program.lanes[0], device[0], host[0]):
-            clock += h
-            start = max(clock, free[lane])
-            free[lane] = start + d
-            head_spans.append((start, start + d))
+        clock, head_spans = _issue_in_order(program.lanes[0], device[0], host[0], 0.0, free)
         lanes, deps, durations, hosts = program.lanes[1], program.deps, device[1], host[1]
         count = len(lanes)
         starts: list[list[float]] = []
@@ -200,13 +207,8 @@ class StepSimulator:
         if shift:
             for lane, end in zip(program.lanes[1], ends[-1]):  # each lane's last op is in the last layer
                 lane_end[lane] = max(lane_end[lane], end + shift)
-        clock = sum(host[0]) + num_layers * sum(host[1])  # the host has issued every layer
-        tail_spans = []
-        for lane, d, h in zip(program.lanes[2], device[2], host[2]):
-            clock += h
-            start = max(clock, lane_end[lane])
-            lane_end[lane] = start + d
-            tail_spans.append((start, start + d))
+        issued = sum(host[0]) + num_layers * sum(host[1])  # the host has issued every layer
+        _, tail_spans = _issue_in_order(program.lanes[2], device[2], host[2], issued, lane_end)
         duration = lane_end[program.compute_lane]
         carry = {name: end - duration for name, end in zip(program.lane_names, lane_end) if end > duration}
 
