@@ -108,6 +108,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _profiled_model(ref: str):
+    """A model for `profile --models`: a preset, a HF config.json, or a YAML file (a workload's `model`, or a spec)."""
+    from alisa_sim.errors import load_yaml_file
+    from alisa_sim.model_spec import load_model_spec
+
+    if ref.endswith((".yaml", ".yml")):
+        data = load_yaml_file(ref, "model spec")
+        model = data.get("model", data) if isinstance(data, dict) else data
+        return load_model_spec(model if isinstance(model, (dict, str)) else {}, f"{ref}: model")
+    return load_model_spec(ref)
+
+
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from alisa_exec.device import resolve_device
     from alisa_exec.profiler import check_out_path, measure_profile, write_profile
@@ -116,7 +128,9 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     name = check_out_path(out)
     device = resolve_device(args.device)
     status = Console(stderr=True)
-    profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"))
+    models = tuple(_profiled_model(ref.strip()) for ref in args.models.split(",") if ref.strip()) if args.models else ()
+    profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"),
+                              models=models)
     write_profile(profile, out)
     console.print(f"wrote {out} ({profile['gpu']['name']}; load it with --hardware {out})")
     return 0
@@ -143,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="measure this machine into a hardware profile YAML")
     prof.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     prof.add_argument("--quick", action="store_true", help="a reduced grid that runs in seconds (for CI)")
+    prof.add_argument("--models", help="comma-separated model presets or spec YAML files whose layers (head layout, "
+                                       "widths, GEMMs) the named ops are also timed at")
     prof.add_argument("--out", required=True, help="the YAML to write, e.g. hw_profiles/NAME.yaml (NAME = the stem)")
     prof.set_defaults(handler=cmd_profile)
     add_eval_parser(sub)

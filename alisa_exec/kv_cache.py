@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from alisa_exec.kernels.int8_kv import QuantizedKV, dequantize_rows, quantize_reference, store_quantized
+from alisa_exec.ledger import issued
 from alisa_exec.timeline import Timeline
 from alisa_sim.policies.alisa import INT8_GROUP, int8_group  # noqa: F401 (the one copy; users import it here)
 
@@ -54,6 +55,7 @@ class Tiers:
         self.index_moved = dict.fromkeys(DIRECTIONS, 0)  # index lists that travel beside the payload
         self.tallies = dict.fromkeys(ROW_COUNTERS, 0)
         self.timeline = timeline
+        self._pinned: set[int] = set()  # storages the plan allocated pinned
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
             self.h2d = torch.cuda.Stream(device) if overlap else self.compute
@@ -70,7 +72,21 @@ class Tiers:
             return torch.empty(shape, dtype=dtype, device="meta")
         if tier == GPU:
             return torch.zeros(shape, dtype=dtype, device=self.device)
-        return torch.zeros(shape, dtype=dtype, pin_memory=self.cuda and pinned)
+        tensor = torch.zeros(shape, dtype=dtype, pin_memory=self.cuda and pinned)
+        if pinned:  # as the plan has it, also on a CPU device where nothing can be page-locked
+            self._pinned.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    def pinned(self, host: Tensor) -> Tensor:
+        """A transient host tensor as pinned memory: page-locked on CUDA (a copy), marked so on a CPU device."""
+        host = host.pin_memory() if self.cuda else host
+        self._pinned.add(host.untyped_storage().data_ptr())
+        return host
+
+    def _pinned_copy(self, dst: Tensor, src: Tensor, direction: str) -> bool:
+        """Whether a copy's host side is pinned memory (as the plan allocated it)."""
+        host = src if direction == "h2d" else dst
+        return host.is_pinned() or (host.device.type == "cpu" and host.untyped_storage().data_ptr() in self._pinned)
 
     def count(self, tier: str, purpose: str, nbytes: int) -> None:
         self.held[tier][purpose] = self.held[tier].get(purpose, 0) + int(nbytes)
@@ -121,6 +137,8 @@ class Tiers:
         issued so far on the compute stream, which produced its source); counts the bytes (as payload, or as an
         index list beside it) and returns an event at the copy's end."""
         events = tuple(after) + ((self.event(),) if direction == "d2h" else ())
+        memory = "pinned" if self._pinned_copy(dst, src, direction) else "pageable"
+        issued(f"copy_{direction}_{memory}", bytes=src.numel() * src.element_size())
         with self.on(direction):
             self.wait(direction, *events)
             span = self.timeline.span(direction, name, direction, self.stream(direction)) if self.timeline else None
@@ -192,6 +210,7 @@ class TokenRows:
         if not self.int8:
             return (values,)
         n, batch, _ = values.shape
+        issued("kv_quantize", rows=n * batch, width=self.width, e=values.element_size())
         if self.triton:
             parts = (torch.empty(values.shape, dtype=torch.uint8, device=values.device),
                      *(torch.empty(n, batch, self.width // self.group, dtype=self.dtype, device=values.device)
@@ -212,6 +231,11 @@ class TokenRows:
         """Store values [n, batch, width] at slots `index` (a slice, an int or a tensor of n slots)."""
         if not values.shape[0]:
             return
+        n, batch, width = values.shape
+        if not self.int8:
+            issued("kv_store", b=batch, T=n, width=width, e=values.element_size())
+        elif self.triton:
+            issued("kv_quantize", rows=n * batch, width=width, e=self.scale.element_size())
         if self.int8 and self.triton:
             self.quantize_into(self.parts, _slot_positions(index, self.data.shape[0], values.device),
                                values.to(self.dtype))
@@ -225,6 +249,7 @@ class TokenRows:
             return parts[0]
         data, scale, zero = parts
         shape = data.shape
+        issued("kv_dequantize", rows=data.numel() // self.width, width=self.width, e=scale.element_size())
         flat = QuantizedKV(data.reshape(1, 1, -1, self.width), scale.reshape(1, 1, -1, scale.shape[-1]),
                            zero.reshape(1, 1, -1, zero.shape[-1]), 1, self.group)
         rows = torch.arange(flat.data.shape[2], device=data.device)
@@ -244,6 +269,7 @@ class TokenRows:
     def flat_rows(self, index: Tensor, out: tuple[Tensor, ...]) -> None:
         """Gather stored rows at flat indices slot * batch + sequence into `out` ([N, ...] per part)."""
         for part, dst in zip(self.parts, out):
+            issued("host_gather", bytes=index.numel() * part.shape[-1] * part.element_size())
             torch.index_select(part.view(-1, part.shape[-1]), 0, index, out=dst)
 
     def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> TokenRows:

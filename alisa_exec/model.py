@@ -12,16 +12,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from alisa_sim.errors import SpecError
-from alisa_sim.model_spec import ModelSpec
+from alisa_sim.model_spec import ModelSpec, aligned_seq_len
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table keeps two unused rows in front
 FAMILIES = ("opt", "llama")
-SEQ_ALIGN = 16  # KV buffers and masks span a multiple of this (SDPA's memory-efficient kernel pads masks otherwise)
-
-
-def aligned_seq_len(max_seq_len: int) -> int:
-    """Positions the static buffers hold for sequences of up to `max_seq_len` tokens."""
-    return -(-max_seq_len // SEQ_ALIGN) * SEQ_ALIGN
 
 
 class RMSNorm(nn.Module):
@@ -50,13 +44,19 @@ def pack_weight(owner: nn.Module, name: str, weight: Tensor, rows: int) -> None:
     owner.packed_rows = rows
 
 
+def packed_weight_for(owner: nn.Module, packed_name: str, x: Tensor) -> Tensor | None:
+    """`owner`'s weight packed for MKL's GEMM (buffer `packed_name`) if it was packed for inputs of x's rows."""
+    packed = getattr(owner, packed_name, None)
+    return packed if packed is not None and x.numel() == getattr(owner, "packed_rows", 0) * x.shape[-1] else None
+
+
 def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, owner: nn.Module, packed_name: str) -> Tensor:
     """x @ weight^T + bias: by MKL's packed GEMM when `owner` holds the weight packed (buffer `packed_name`) for
     inputs of x's rows, else as F.linear."""
-    packed = getattr(owner, packed_name, None)
-    rows = getattr(owner, "packed_rows", 0)
-    if packed is None or x.numel() != rows * x.shape[-1]:
+    packed = packed_weight_for(owner, packed_name, x)
+    if packed is None:
         return F.linear(x, weight, bias)
+    rows = owner.packed_rows
     out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
     return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -11,13 +11,27 @@ from torch.nn import functional as F
 
 from alisa_exec.kernels import dense_decode_attention, gather_decode_attention, sparse_decode_attention
 from alisa_exec.kernels.int8_kv import QuantizedKV
-from alisa_exec.model import Attention, FeedForward, Transformer, gemm
+from alisa_exec.ledger import issued
+from alisa_exec.model import Attention, FeedForward, Transformer, gemm, packed_weight_for
 
 KVView = Tensor | QuantizedKV
+def _rows(x: Tensor, width: int | None = None) -> dict[str, int]:
+    width = width or x.shape[-1]
+    return {"rows": x.numel() // width, "width": width, "e": x.element_size()}
+
+
+def _cache(keys: KVView, q: Tensor) -> dict[str, int]:
+    """The shape of attention over a cache: `e` is the bytes of a cached value (1 for INT8 levels)."""
+    data = keys.data if isinstance(keys, QuantizedKV) else keys
+    return {"b": q.shape[0], "T": data.shape[2], "kv": data.shape[1], "d": q.shape[-1], "e": data.element_size()}
 
 
 def project(linear: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """A GEMM projection: x @ W^T + b (the layer's own weights, or staged ones of the same shape)."""
+    w = linear.weight if weight is None else weight
+    packed = weight is None and packed_weight_for(linear, "packed_weight", x) is not None
+    issued("project_packed" if packed else "project", m=x.numel() // w.shape[1], k=w.shape[1], n=w.shape[0],
+           e=x.element_size())
     if weight is None:  # packed for MKL's GEMM on the CPU when `Transformer.pack_weights` packed it
         return gemm(x, linear.weight, linear.bias, linear, "packed_weight")
     return F.linear(x, weight, bias)
@@ -25,25 +39,38 @@ def project(linear: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Te
 
 def norm(module: nn.Module, x: Tensor) -> Tensor:
     """LayerNorm (OPT) or RMSNorm (LLaMA)."""
+    issued("norm", **_rows(x))
     return module(x)
 
 
 def activate(feed_forward: FeedForward, up: Tensor) -> Tensor:
     """The MLP's nonlinearity (ReLU, or SwiGLU's gate)."""
+    gated = int(feed_forward.gated)
+    issued("activate", rows=up.numel() // up.shape[-1], width=up.shape[-1] // (1 + gated), gated=gated,
+           e=up.element_size())
     return feed_forward.activate(up)
 
 
 def split_heads(attention: Attention, qkv: Tensor, rope) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v per head from the fused projection, rotary embeddings applied (LLaMA)."""
+    issued("split_heads", **_rows(qkv))
     return attention.split_heads(qkv, rope)
+
+
+def residual(x: Tensor, y: Tensor) -> Tensor:
+    """x + y, a block's skip connection."""
+    issued("residual", **_rows(x))
+    return x + y
 
 
 def project_kv(attention: Attention, h: Tensor, rope) -> tuple[Tensor, Tensor]:
     """Only the K and V projections of normed layer inputs (recomputing deleted tokens' KV), rotary applied."""
+    issued("project", m=h.numel() // h.shape[-1], k=h.shape[-1], n=2 * attention.kv_dim, e=h.element_size())
     return attention.project_kv(h, rope)
 
 
 def embed(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+    issued("embed", rows=tokens.numel(), width=model.spec.hidden_size, e=model.tok_embeddings.weight.element_size())
     return model.embed(tokens, positions)
 
 
@@ -53,19 +80,34 @@ def rope(model: Transformer, positions: Tensor):
 
 def lm_head(model: Transformer, x: Tensor) -> Tensor:
     """fp32 logits of the last position (final norm and the LM head GEMM)."""
-    return model.logits(x[:, -1:])
+    last = x[:, -1:]
+    head = model.head_weight()
+    packed = packed_weight_for(model, "packed_head", last) is not None
+    issued("norm", **_rows(last))
+    issued("project_packed" if packed else "project", m=last.numel() // head.shape[1], k=head.shape[1],
+           n=head.shape[0], e=last.element_size())
+    return model.logits(last)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """A prompt pass over its own tokens: q [b, s, heads, d], k and v [b, s, kv_heads, d] -> [b, s, heads x d]."""
+    issued("causal_attention", b=q.shape[0], L=q.shape[1], h=q.shape[2], d=q.shape[3])
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=k.shape[2] != q.shape[2])
     return y.transpose(1, 2).flatten(2)
 
 
+def kv_store(keys: Tensor, values: Tensor, positions: Tensor | slice, k: Tensor, v: Tensor) -> None:
+    """Write new tokens' k and v [b, T, kv_heads, d] into static buffers [b, kv_heads, L, d] at `positions`."""
+    issued("kv_store", b=k.shape[0], T=k.shape[1], width=2 * k.shape[2] * k.shape[3], e=k.element_size())
+    keys[:, :, positions] = k.transpose(1, 2)
+    values[:, :, positions] = v.transpose(1, 2)
+
+
 def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Dense attention of q [b, s, heads, d] over a whole cache [b, kv_heads, L, d] under an additive mask [s, L]
     (the dense and zero policies' static buffers) -> [b, s, heads x d]."""
+    issued("masked_attention", **_cache(keys, q))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[None, None],
                                        enable_gqa=keys.shape[1] != q.shape[2])
     return y.transpose(1, 2).flatten(2)
@@ -74,14 +116,25 @@ def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> T
 def rows_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """Decode attention of q [b, 1, heads, d] over every row of packed K/V [b, kv_heads, T, d] -> [b, 1, heads x d]
     (the offloading policies' staged caches)."""
+    issued("rows_attention", **_cache(keys, q))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=keys.shape[1] != q.shape[2])
     return y.transpose(1, 2).flatten(2)
+
+
+def cpu_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """`rows_attention` on the host over the CPU's share of the cache, computed in float32 as FlexGen does (CPUs
+    have no fast half-precision kernels), returned in q's dtype."""
+    issued("cpu_attention", **{**_cache(keys, q), "e": 4})
+    y = F.scaled_dot_product_attention(q.transpose(1, 2).float(), keys.float(), values.float(),
+                                       enable_gqa=keys.shape[1] != q.shape[2])
+    return y.transpose(1, 2).flatten(2).to(q.dtype)
 
 
 def packed_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor | None = None,
                      per_head: bool = False) -> tuple[Tensor, Tensor]:
     """Decode attention of q [b, heads, d] over packed K/V [b, kv_heads, T, d], with the head-summed probabilities
     (the explicit-gather path, vLLM's block tables, H2O's slots)."""
+    issued("packed_attention", **_cache(keys, q))
     return dense_decode_attention(q, keys, values, lengths, per_head=per_head)
 
 
@@ -89,6 +142,7 @@ def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, s
                      triton: bool) -> tuple[Tensor, Tensor]:
     """The fused path: decode attention over an index list into the cache in place (and a staging buffer), with the
     head-summed probabilities, in one pass: the Triton kernel, or its PyTorch form (same results) off the GPU."""
+    issued("sparse_attention", **{**_cache(keys, q), "T": indices.shape[-1]})  # staged rows are in the index list
     if triton:
         return sparse_decode_attention(q, keys, values, indices, staged=staged)
     return gather_decode_attention(q, keys, values, indices, staged=staged)
@@ -96,5 +150,6 @@ def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, s
 
 def argmax(logits: Tensor) -> Tensor:
     """Greedy next tokens [batch, 1] of logits [batch, 1, vocab]."""
+    issued("argmax", rows=logits.numel() // logits.shape[-1], width=logits.shape[-1])
     return logits.argmax(dim=-1)
 

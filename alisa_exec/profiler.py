@@ -28,11 +28,11 @@ from torch.nn import functional as F
 from alisa_exec import ops
 from alisa_exec.kernels.selection import LocalAttentionSum
 from alisa_exec.kv_cache import Tiers, TokenRows
-from alisa_exec.model import Transformer
+from alisa_exec.model import Transformer, mkl_packable, pack_weight
 from alisa_sim.calibrate import write_profile_yaml
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import HardwareProfile
-from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
+from alisa_sim.model_spec import PRESETS, ModelSpec, aligned_seq_len, load_model_spec
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention variant keeps
@@ -92,8 +92,9 @@ CPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 16, 64, 256), heads=32,
                 bidirectional_bytes=64 * MiB, device_copy_bytes=256 * MiB, peak_gemm_size=2048,
                 host_copy_bytes=256 * MiB, host_gemm_size=2048, host_decode_bL=((1, 1024), (8, 1024), (8, 4096)),
                 reps=5)
-CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), gemm_m=(1, 16, 128, 512), heads=8,
-                 head_dim=64, decode_bL=((1, 128), (1, 512), (4, 128), (4, 512)), prefill_bL=((1, 64), (2, 256)),
+CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), gemm_m=(1, 4, 16, 64, 256, 1024, 2048),
+                 heads=8, head_dim=64, decode_bL=_decode_grid((1, 4, 16, 32), (32, 128, 512), 2**14),
+                 prefill_bL=((1, 64), (2, 256), (1, 512), (8, 64), (32, 64)),
                  copy_bytes=(64 * KiB, MiB, 16 * MiB), bidirectional_bytes=16 * MiB, device_copy_bytes=64 * MiB,
                  peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024,
                  host_decode_bL=((1, 512), (4, 512)),
@@ -339,23 +340,35 @@ def profile_spec(grid: Grid) -> ModelSpec:
                      tie_word_embeddings=False, norm_eps=1e-5)
 
 
-def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
+def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype, models: tuple[ModelSpec, ...] = ()) -> list[dict]:
     """The executor's own named ops (alisa_sim.hardware.NAMED_OPS), called as the executor calls them at the grid's
-    shapes: projections over weights streamed from more than a cache's worth of distinct buffers, every attention
-    path, the elementwise ops, INT8 store/decode, SWA selection, tier copies and host gathers."""
-    device, e = bench.device, torch.empty((), dtype=dtype).element_size()
-    spec = profile_spec(grid)
-    model = Transformer(spec).to(device=device, dtype=dtype)
-    model.setup_tables(spec.max_position_embeddings)
-    layer, kv, d = model.layers[0], spec.num_kv_heads, spec.dim_per_head
+    shapes: projections over weights streamed from more than a cache's worth of distinct buffers (also packed for
+    MKL on a CPU device), every attention path, the elementwise ops, KV stores, INT8 store/decode, SWA selection,
+    tier copies and host gathers; for the grid's own LLaMA-style layer and for every model in `models` (at its head
+    layout and widths, its GEMMs and LM head)."""
     rows_out: list[dict] = []
 
     def add(op: str, shape: dict[str, int], fn: Callable[[], object]) -> None:
         rows_out.append({"op": op, "shape": shape, "s": bench.time_s(fn), "host_s": bench.host_s(fn),
                          "source": "measured"})
 
+    families = set(grid.gemm_kn)
+    for spec in models:
+        families.update((g.k, g.n) for g in spec.layer_gemms(1) + [spec.lm_head_gemm(1)])
+    _measure_projections(bench, grid, dtype, sorted(families), add)
+    for spec in (profile_spec(grid), *models):
+        _measure_layer_ops(bench, grid, dtype, spec, add)
+    _measure_copies(bench, grid, add)
+    return rows_out
+
+
+def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families: list[tuple[int, int]],
+                         add: Callable) -> None:
+    """`project` (and `project_packed` where the executor packs weights) per (k, n) family and m of the grid."""
+    device, e = bench.device, torch.empty((), dtype=dtype).element_size()
     pool = _rand(STREAMED_WEIGHT_BYTES // e, device=device, dtype=dtype)  # distinct weights, views into one pool
-    for k, n in grid.gemm_kn:
+    packable = mkl_packable(device, dtype)
+    for k, n in families:
         count = max(2, pool.numel() // (k * n))
         buffers = [pool[i * k * n:(i + 1) * k * n].view(n, k) if (i + 1) * k * n <= pool.numel()
                    else _rand(n, k, device=device, dtype=dtype) for i in range(count)]
@@ -364,6 +377,24 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict
             x, turn = _rand(1, m, k, device=device, dtype=dtype), iter(range(1 << 62))
             add("project", {"m": m, "k": k, "n": n, "e": e},
                 lambda: ops.project(linear, x, buffers[next(turn) % len(buffers)]))
+            if packable and m <= max(b for b, _ in grid.decode_bL):  # packed at a decode batch's rows
+                layers = [torch.nn.Module() for _ in buffers]
+                for layer, weight in zip(layers, buffers):
+                    layer.weight, layer.bias = weight, None
+                    pack_weight(layer, "packed_weight", weight, m)
+                add("project_packed", {"m": m, "k": k, "n": n, "e": e},
+                    lambda: ops.project(layers[next(turn) % len(layers)], x))
+                del layers
+
+
+def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: ModelSpec, add: Callable) -> None:
+    """Every op of one layer of `spec` but its projections, at the grid's rows, prompts and caches."""
+    device, e = bench.device, torch.empty((), dtype=dtype).element_size()
+    spec = spec.model_copy(update={"num_layers": 1, "max_position_embeddings": max(
+        spec.max_position_embeddings, *(L for _, L in grid.decode_bL + grid.prefill_bL))})
+    model = Transformer(spec).to(device=device, dtype=dtype)
+    model.setup_tables(spec.max_position_embeddings)
+    layer, kv, d = model.layers[0], spec.num_kv_heads, spec.dim_per_head
     hidden, width = spec.hidden_size, spec.q_dim + 2 * spec.kv_dim
     for rows in sorted({m for m in grid.gemm_m}):
         x = _rand(1, rows, hidden, device=device, dtype=dtype)
@@ -371,13 +402,14 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict
         qkv = _rand(1, rows, width, device=device, dtype=dtype)
         rope = ops.rope(model, torch.arange(rows, device=device) % spec.max_position_embeddings)
         tokens = torch.randint(spec.vocab_size, (1, rows), device=device)
+        positions = torch.arange(rows, device=device) % spec.max_position_embeddings
         logits = _rand(rows, 1, spec.vocab_size, device=device, dtype=torch.float32)
         add("norm", {"rows": rows, "width": hidden, "e": e}, lambda: ops.norm(layer.attention_norm, x))
         add("activate", {"rows": rows, "width": spec.ffn_dim, "gated": 1, "e": e},
             lambda: ops.activate(layer.feed_forward, up))
         add("split_heads", {"rows": rows, "width": width, "e": e}, lambda: ops.split_heads(layer.attention, qkv, rope))
         add("residual", {"rows": rows, "width": hidden, "e": e}, lambda: x + x)
-        add("embed", {"rows": rows, "width": hidden, "e": e}, lambda: ops.embed(model, tokens, None))
+        add("embed", {"rows": rows, "width": hidden, "e": e}, lambda: ops.embed(model, tokens, positions))
         add("argmax", {"rows": rows, "width": spec.vocab_size}, lambda: ops.argmax(logits))
         tiers = Tiers(device)
         store = TokenRows(tiers, "gpu", "kv", rows, 1, width, dtype, int8=True)
@@ -388,6 +420,11 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict
         q = _rand(b, L, spec.num_heads, d, device=device, dtype=dtype)
         k_, v_ = (_rand(b, L, kv, d, device=device, dtype=dtype) for _ in range(2))
         add("causal_attention", {"b": b, "L": L, "h": spec.num_heads, "d": d}, lambda: ops.causal_attention(q, k_, v_))
+        cache = [_rand(b, kv, aligned_seq_len(L + 1), d, device=device, dtype=dtype) for _ in range(2)]
+        for tokens, where in ((L, slice(0, L)), (1, torch.tensor([L], device=device))):
+            new_k, new_v = k_[:, :tokens], v_[:, :tokens]
+            add("kv_store", {"b": b, "T": tokens, "width": 2 * kv * d, "e": e},
+                lambda: ops.kv_store(*cache, where, new_k, new_v))
     for b, L in grid.decode_bL:
         q = _rand(b, 1, spec.num_heads, d, device=device, dtype=dtype)
         keys, values_ = (_rand(b, kv, L, d, device=device, dtype=dtype) for _ in range(2))
@@ -411,10 +448,15 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict
         add("local_sum", {"b": b, "T": L}, lambda: scores.push(positions, probs) or scores.reset())
         add("topk", {"b": b, "L": L}, push_and_select)
     cpu = torch.device("cpu")
-    for b, L in grid.host_decode_bL:
+    for b, L in grid.host_decode_bL + (grid.decode_bL if device.type == "cpu" else ()):
         q = _rand(b, 1, spec.num_heads, d, device=cpu, dtype=dtype)
         keys, values_ = (_rand(b, kv, L, d, device=cpu, dtype=dtype) for _ in range(2))
-        add("cpu_attention", {"b": b, "T": L, "kv": kv, "d": d, "e": e}, lambda: ops.rows_attention(q, keys, values_))
+        add("cpu_attention", {"b": b, "T": L, "kv": kv, "d": d, "e": e}, lambda: ops.cpu_attention(q, keys, values_))
+
+
+def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:
+    """Tier copies by size and direction, pinned and pageable, and host gathers of a fifth of a pool's rows."""
+    device = bench.device
     for nbytes in grid.copy_bytes:
         host = {"pinned": torch.empty(nbytes, dtype=torch.uint8, pin_memory=bench.cuda),
                 "pageable": torch.empty(nbytes, dtype=torch.uint8)}
@@ -425,12 +467,12 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict
         rows_host = torch.empty(nbytes // 256, 256, dtype=torch.uint8)
         picked = torch.randperm(rows_host.shape[0])[:max(1, rows_host.shape[0] // 5)]
         add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host, 0, picked))
-    return rows_out
 
 
 def measure_profile(name: str, device: torch.device, quick: bool,
-                    progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Measure the machine into a profile mapping (validated against the HardwareProfile schema)."""
+                    progress: Callable[[str], None] = lambda _: None, models: tuple[ModelSpec, ...] = ()) -> dict:
+    """Measure the machine into a profile mapping (validated against the HardwareProfile schema); the named ops
+    also at the head layouts, widths and GEMMs of `models`."""
     cuda = device.type == "cuda"
     grid = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
     dtype = torch.float16 if cuda else torch.float32
@@ -444,7 +486,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     decode = measure_decode_attention(bench, grid.decode_bL, grid.heads, grid.head_dim, dtype, gathered=True)
     prefill = measure_prefill_attention(bench, grid, dtype)
     progress("the executor's named ops")
-    named = measure_named_ops(bench, grid, dtype)
+    named = measure_named_ops(bench, grid, dtype, models)
     progress("copies")
     copies, bidirectional = measure_cuda_link(bench, grid) if cuda else measure_host_copies(bench, grid)
     progress("host CPU")
@@ -478,6 +520,8 @@ def measure_profile(name: str, device: torch.device, quick: bool,
                  "for predicting `alisa-exec run --device cpu`"]
     if quick:
         notes.append("--quick: a reduced grid of shapes and sizes, for CI; not for predictions of large models")
+    if models:
+        notes.append("named ops also timed at the layers of " + ", ".join(spec.name for spec in models))
     profile = {
         "name": name,
         "description": f"measured by alisa-exec profile{' --quick' if quick else ''} --device {device.type}: {machine}",

@@ -76,7 +76,7 @@ def resampled_gemm_rows(profile: HardwareProfile, families: list[tuple[int, int]
 def _op_parameter(op: str) -> str:
     """The fit parameter that scales a named op's time: projections the GEMMs, attention paths the attention, copies
     the link, every other op (elementwise, selection, host gathers) the memory-bound kernels."""
-    if op == "project":
+    if op in ("project", "project_packed"):
         return "gemm"
     if op.endswith("_attention"):
         return "attention"

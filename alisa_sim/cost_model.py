@@ -19,14 +19,14 @@ from alisa_sim.hardware import NAMED_OPS, HardwareProfile, op_work
 COPY_DIRECTIONS = ("h2d", "d2h")
 # Eager PyTorch calls per named op as the executor issues it (for rows derived without a host measurement: the host
 # cost is this many launches at the profile's launch_overhead_s).
-EAGER_CALLS = {"project": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2, "argmax": 1,
+EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2, "argmax": 1,
                "causal_attention": 3, "masked_attention": 4, "rows_attention": 3, "packed_attention": 8,
-               "sparse_attention": 10, "cpu_attention": 3, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
+               "sparse_attention": 10, "cpu_attention": 3, "kv_store": 2, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
                "host_gather": 1}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
-_BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_quantize", "kv_dequantize",
-                  "local_sum", "topk")
+_BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "kv_quantize",
+                  "kv_dequantize", "local_sum", "topk")
 _DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 # Bytes per element of the dtypes CPU attention rows are measured in.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -71,14 +71,15 @@ def causal_attention_flops(batch, prompt_len, num_heads, head_dim):
 def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
     """A shape of `op` over `rows` rows of width 1024 (fp16) for bandwidth-derived rows."""
     keys = NAMED_OPS[op][0]
+    if op == "kv_store":  # rows tokens of 1024 values
+        return {"b": 1, "T": rows, "width": 1024, "e": 2}
     values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024}
     return {key: values[key] for key in keys}
 
 
 def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     """Named-op rows for every op the profile does not time itself, derived from its other tables and marked
-    "derived": projections are the GEMM table, attention paths the attention tables (the sparse and packed paths the
-    20%-gathered rows where there are any), CPU attention the CPU section, copies the link table (host gathers at the
+    "derived": projections are the GEMM table, attention paths the decode and prefill attention tables, CPU attention the CPU section, copies the link table (host gathers at the
     CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never below one
     launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost EAGER_CALLS x
     launch_overhead_s."""
@@ -86,15 +87,16 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     floor_s, hbm_Bps = gpu.launch_overhead_s, gpu.hbm_GBps * 1e9
     shapes: dict[str, list[tuple[dict, float]]] = {
         "project": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
+        "project_packed": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
         "causal_attention": [({"b": r.b, "L": r.L, "h": r.H, "d": r.D}, r.s) for r in gpu.prefill_attention_fp16],
         "cpu_attention": [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": _DTYPE_BYTES[r.dtype]}, r.s)
                           for r in profile.cpu.decode_attention],
     }
     decode = [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": 2}, r.s) for r in gpu.decode_attention_fp16]
-    gathered = [({"b": r.b, "T": max(1, round(0.2 * r.L)), "kv": r.H, "d": r.D, "e": 2}, r.gather20_s)
-                for r in gpu.decode_attention_fp16 if r.gather20_s]
-    shapes.update({"masked_attention": decode, "rows_attention": decode,
-                   "packed_attention": gathered or decode, "sparse_attention": gathered or decode})
+    # Packed attention reads K/V already packed (H2O's slots, vLLM's gathered blocks) and the fused sparse kernel
+    # reads its index list's rows in place: both as dense decode attention over the tokens they attend.
+    shapes.update({"masked_attention": decode, "rows_attention": decode, "packed_attention": decode,
+                   "sparse_attention": decode})
     for direction in COPY_DIRECTIONS:
         for memory in ("pinned", "pageable"):
             shapes[f"copy_{direction}_{memory}"] = [({"bytes": r.bytes}, getattr(r, f"{direction}_{memory}_s"))
@@ -108,11 +110,25 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
              "source": "derived"} for op in NAMED_OPS if op not in measured for shape, seconds in shapes[op]]
 
 
-class _OpCurve:
-    """A named op's time over its work: one log-log curve (the first row's time below the rows), or for attention
-    over a cache (ops over `b` sequences of `T` tokens) one curve per measured batch interpolated in log batch (the
-    nearest batch's curve outside them), each scaling down below its smallest row at that row's rate, not below the
-    op's fastest row (a large batch's smallest cache is already bandwidth-bound)."""
+# The shape key a named op's rows grow along (its length); with the batch `b` of cache ops, the other keys name the
+# op's family (head layout, width, dtype), which its rows are grouped by.
+_LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "topk": "L", "local_sum": "T", "kv_store": "T", "masked_attention": "T",
+                "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T", "cpu_attention": "T",
+                "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
+                "copy_d2h_pageable": "bytes", "host_gather": "bytes"}
+
+
+def _family(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """The op's family of a shape: every key but its length and batch."""
+    length = _LENGTH_KEYS.get(op, "rows")
+    return tuple(sorted((key, value) for key, value in shape.items() if key not in (length, "b")))
+
+
+class _BatchCurves:
+    """One family's time over work: one log-log curve (the first row's time below the rows), or for attention over a
+    cache (ops over `b` sequences of `T` tokens) one curve per measured batch interpolated in log batch (the nearest
+    batch's curve outside them), each scaling down below its smallest row at that row's rate, not below the family's
+    fastest row (a large batch's smallest cache is already bandwidth-bound)."""
 
     def __init__(self, op: str, rows: list[dict]):
         self.op = op
@@ -124,14 +140,63 @@ class _OpCurve:
         self._log_batches = np.log(np.array(batches, dtype=float))
         self._curves = [_LogLogCurve(*zip(*by_batch[b]), floor_s=floor_s) for b in batches]
 
+    def __call__(self, work: float, batch: int) -> float:
+        if len(self._curves) == 1:
+            return self._curves[0](work)
+        log_times = [math.log(curve(work)) for curve in self._curves]
+        return math.exp(float(np.interp(math.log(batch), self._log_batches, log_times)))
+
+
+class _OpCurve:
+    """A named op's time over its work, from the rows of its family nearest the asked shape (in log space over the
+    family keys: a profile measured at the model's own head layout and widths prices it from those rows exactly;
+    another family's rows price it by its work)."""
+
+    def __init__(self, op: str, rows: list[dict]):
+        self.op = op
+        families = defaultdict(list)
+        for row in rows:
+            families[_family(op, row["shape"])].append(row)
+        self._families = list(families)
+        self._family_log = np.log(np.array([[max(1, value) for _, value in family] for family in self._families],
+                                           dtype=float))
+        self._curves = [_BatchCurves(op, families[family]) for family in self._families]
+
     def __call__(self, shape: dict[str, int]) -> float:
         work = op_work(self.op, shape)
         if work <= 0:
             return 0.0
-        if len(self._curves) == 1:
-            return self._curves[0](work)
-        log_times = [math.log(curve(work)) for curve in self._curves]
-        return math.exp(float(np.interp(math.log(shape.get("b", 1)), self._log_batches, log_times)))
+        nearest = 0
+        if len(self._families) > 1:
+            asked = np.log([max(1, value) for _, value in _family(self.op, shape)])
+            nearest = int(np.argmin(np.abs(self._family_log - asked).sum(axis=1)))
+        return self._curves[nearest](work, shape.get("b", 1))
+
+
+_GEMM_OPS = ("project", "project_packed")
+
+
+class _GemmCurves:
+    """A GEMM op's time: one curve over m per measured (k, n) family. An unmeasured (k, n) takes the nearest
+    measured family in log (k, n) scaled by the FLOPs ratio, never below the fastest measured GEMM (the kernel
+    latency floor)."""
+
+    def __init__(self, rows: list[dict]):
+        m_and_s = defaultdict(list)
+        for row in rows:
+            m_and_s[row["shape"]["k"], row["shape"]["n"]].append((row["shape"]["m"], row["s"]))
+        self._families = list(m_and_s)
+        self._log_kn = np.log(np.array(self._families, dtype=float))
+        self._curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._families]
+        self._floor_s = min(row["s"] for row in rows)
+
+    @lru_cache(maxsize=1 << 16)
+    def __call__(self, m: int, k: int, n: int) -> float:
+        if min(m, k, n) <= 0:
+            return 0.0
+        nearest = int(np.argmin(np.hypot(*(self._log_kn - np.log([k, n])).T)))
+        family_k, family_n = self._families[nearest]
+        return max(self._floor_s, self._curves[nearest](m) * (k * n) / (family_k * family_n))
 
 
 class CostModel:
@@ -148,17 +213,12 @@ class CostModel:
         own = [row.model_dump() for row in gpu.ops if row.source == "measured"]
         for row in own + derived_op_rows(profile):
             self.op_rows[row["op"]].append(row)
-        self._op_curves = {op: _OpCurve(op, rows) for op, rows in self.op_rows.items() if op != "project"}
+        self._op_curves = {op: _OpCurve(op, rows) for op, rows in self.op_rows.items() if op not in _GEMM_OPS}
         self._op_host_s = {op: float(np.median([r["host_s"] for r in rows])) for op, rows in self.op_rows.items()}
 
-        # GEMM (the executor's `project`, weights streamed): one curve over m per measured (k, n) family.
-        m_and_s = defaultdict(list)
-        for row in self.op_rows["project"]:
-            m_and_s[row["shape"]["k"], row["shape"]["n"]].append((row["shape"]["m"], row["s"]))
-        self._gemm_families = list(m_and_s)
-        self._gemm_family_log_kn = np.log(np.array(self._gemm_families, dtype=float))
-        self._gemm_curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._gemm_families]
-        self._gemm_floor_s = min(row["s"] for row in self.op_rows["project"])
+        # GEMMs (the executor's `project`, weights streamed, and `project_packed`): per op one curve over m per
+        # measured (k, n) family.
+        self._gemms = {op: _GemmCurves(self.op_rows[op]) for op in _GEMM_OPS}
 
         # Decode attention: one curve over KV bytes per measured batch (rows are fp16, MHA: kv heads = H).
         bytes_and_s = defaultdict(list)
@@ -224,23 +284,15 @@ class CostModel:
         """Device time of one named executor op at a shape (NAMED_OPS keys), interpolated over its work along the
         profile's rows for that op (`project` is gemm_s)."""
         self._check_op(op)
-        if op == "project":
-            return self.gemm_s(shape["m"], shape["k"], shape["n"])
+        if op in _GEMM_OPS:
+            return self._gemms[op](shape["m"], shape["k"], shape["n"])
         return self._op_curves[op](shape)
 
     # ---- GPU ----------------------------------------------------------------------------------------------------
 
-    @lru_cache(maxsize=1 << 16)
     def gemm_s(self, m: int, k: int, n: int) -> float:
-        """fp16 (m x k) @ (k x n). An unmeasured (k, n) takes the nearest measured family in log (k, n) scaled by the
-        FLOPs ratio, never below the fastest measured GEMM (the kernel latency floor)."""
-        if min(m, k, n) <= 0:
-            return 0.0
-        distance = np.hypot(*(self._gemm_family_log_kn - np.log([k, n])).T)
-        nearest = int(np.argmin(distance))
-        family_k, family_n = self._gemm_families[nearest]
-        scaled = self._gemm_curves[nearest](m) * (k * n) / (family_k * family_n)
-        return max(self._gemm_floor_s, scaled)
+        """(m x k) @ (k x n) in the device dtype, weights streamed (the executor's `project`)."""
+        return self._gemms["project"](m, k, n)
 
     @lru_cache(maxsize=1 << 16)
     def decode_attention_s(self, batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,

@@ -89,6 +89,8 @@ def _kv(b, T, kv, d, e):
 
 NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "project": (("m", "k", "n", "e"), lambda m, k, n, e: (m * k + k * n + m * n) * e),
+    # The same GEMM over weights kept packed for MKL (the dense CPU executor's projections at its decode batch).
+    "project_packed": (("m", "k", "n", "e"), lambda m, k, n, e: (m * k + k * n + m * n) * e),
     "norm": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
     "activate": (("rows", "width", "gated", "e"), lambda rows, width, gated, e: (3 if gated else 2) * rows * width * e),
     "split_heads": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
@@ -101,6 +103,9 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "packed_attention": (("b", "T", "kv", "d", "e"), _kv),
     "sparse_attention": (("b", "T", "kv", "d", "e"), _kv),
     "cpu_attention": (("b", "T", "kv", "d", "e"), _kv),
+    # New tokens' K and V (`width` values a token) written into a cache at their positions (T per sequence): read
+    # + write.
+    "kv_store": (("b", "T", "width", "e"), lambda b, T, width, e: 2 * b * T * width * e),
     "kv_quantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
     "kv_dequantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
     "local_sum": (("b", "T"), lambda b, T: 8 * b * T),

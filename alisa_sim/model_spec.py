@@ -254,3 +254,12 @@ def load_model_spec(ref: str | dict, source: str = "model") -> ModelSpec:
         cfg = load_json_file(path, "model config")
         return validate(ModelSpec, _from_hf_config(cfg, path.parent.name or path.stem), str(path))
     raise SpecError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}) nor a path to a HF config.json")
+
+
+SEQ_ALIGN = 16  # the executor's static KV buffers and masks span a multiple of this (SDPA's memory-efficient kernel
+# pads masks otherwise)
+
+
+def aligned_seq_len(max_seq_len: int) -> int:
+    """Positions the executor's static buffers hold for sequences of up to `max_seq_len` tokens."""
+    return -(-max_seq_len // SEQ_ALIGN) * SEQ_ALIGN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -21,6 +22,8 @@ class Op:
     parts: tuple[tuple[str, float], ...]
     nbytes: int = 0  # bytes moved over PCIe (h2d / d2h ops)
     host_s: float = 0.0  # host time to issue the op (its kernel launches, a copy's call), filled by the cost model
+    # The executor's named ops (alisa_sim.hardware.NAMED_OPS) the op was priced from: (name, sorted shape items).
+    calls: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
     duration_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -30,7 +33,8 @@ class Op:
 _KINDS = frozenset(KINDS)
 
 
-def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: int = 0) -> Op:
+def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: int = 0,
+            calls: tuple = ()) -> Op:
     """An op of `parts` device seconds by kind on `resource`, issued by the host in `host_s` (the engine puts the two
     on separate resources: on a GPU the device runs behind the host, on a CPU device they add)."""
     if resource not in RESOURCES:
@@ -39,7 +43,7 @@ def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0
         raise ValueError(f"unknown op kinds {sorted(set(parts) - _KINDS)}")
     if host_s < 0 or any(seconds < 0 for seconds in parts.values()):
         raise ValueError(f"op {name!r} has a negative time")
-    return Op(name, resource, tuple(parts.items()), nbytes, host_s)
+    return Op(name, resource, tuple(parts.items()), nbytes, host_s, calls)
 
 
 @dataclass
@@ -99,6 +103,17 @@ class LayerTemplate:
 
     def dependencies(self, name: str) -> list[tuple[str, int]]:
         return [(src, lag) for (src, dst), lag in self._lags.items() if dst == name]
+
+    def calls(self, num_layers: int) -> Counter:
+        """The executor's named ops one step of this template issues, by (name, shape items): the head's and the
+        tail's once, every layer's `num_layers` times."""
+        count: Counter = Counter()
+        for op in self.head + self.tail:
+            count.update(op.calls)
+        for op in self._ops.values():
+            for call in op.calls:
+                count[call] += num_layers
+        return count
 
     def structure(self) -> tuple:
         """What the engine's schedule depends on besides times: ops and their resources in issue order, and the

@@ -1,6 +1,7 @@
 """The validation loop: the simulator's predictions against real runs of every executor policy on this machine.
 
-1. `alisa-exec profile --device DEVICE --quick` measures the device into a profile (or `--profile PATH` takes one).
+1. `alisa-exec profile --device DEVICE --quick --models ...` measures the device into a profile, its named ops also
+   at the two models' layers (or `--profile PATH` takes one).
 2. `POINTS`: tiny OPT and LLaMA/GQA models, batch 1 to 32, prompt 32 to 512, under every policy variant of
    `VARIANTS` (dense, accelerate, flexgen with and without CPU attention, vLLM recompute and swap, ALISA in Phase
    I/II/III in the model's dtype and INT8 at sparsity 0.5 and 0.8, H2O, StreamingLLM), memory budgets tight enough to
@@ -209,8 +210,16 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
     folder.mkdir(parents=True, exist_ok=True)
     profile = folder / "profile.yaml"
     if given is None:
-        log(f"profiling ({' '.join(['alisa-exec', 'profile', '--device', device, '--quick'])})")
-        _call(exec_main, ["profile", "--device", device, "--quick", "--out", str(profile)])
+        # The named ops also at the loop's two models' layers (their head layouts, widths and GEMMs).
+        specs = []
+        for key in sorted({point.model for point in selected}):
+            spec = folder / "models" / f"{key}.yaml"
+            spec.parent.mkdir(parents=True, exist_ok=True)
+            spec.write_text(yaml.safe_dump({"model": MODELS[key]}, sort_keys=False))
+            specs.append(str(spec))
+        command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(profile)]
+        log(f"profiling (alisa-exec {' '.join(command)})")
+        _call(exec_main, command)
     else:
         shutil.copyfile(given, profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}

@@ -143,10 +143,12 @@ def test_recompute_against_swap_follows_the_link(tmp_path):
         assert swap["h2d_bytes"] == swap["swapped_in_blocks"] * block_bytes == swap["d2h_bytes"]
         assert recompute["preemptions"] > 0 and recompute["recomputed_tokens"] > 0
         assert recompute["h2d_bytes"] == recompute["d2h_bytes"] == 0
-        # The direction, derived per preempted token from the profile and the run's first (full) prefill.
-        first = runs["recompute"]["steps"][0]
-        recompute_per_token = first["time_s"] / (first["running_seqs"] * CAPPED["prompt_len"])
-        piece = 16 * wl.model.kv_bytes_per_token_per_layer() / 2  # K or V of one block in one layer
+        # The direction, derived per preempted token from the profile and the recompute run's extra prompt passes
+        # (beyond the swap run's, which has none: one pass per distinct length, as the executor runs them).
+        prompt_s = {mode: sum(step["time_s"] for step in run["steps"] if step["kind"] == "prefill")
+                    for mode, run in runs.items()}
+        recompute_per_token = (prompt_s["recompute"] - prompt_s["swap"]) / recompute["recomputed_tokens"]
+        piece = 16 * wl.model.kv_bytes_per_token_per_layer()  # one block of one layer (K and V, one row a token)
         cost = CostModel(wl.hardware)
         swap_per_token = wl.model.kv_bytes_per_token() * sum(cost.copy_s(piece, d) for d in ("d2h", "h2d")) / piece
         swap_wins = swap_per_token < recompute_per_token
@@ -169,14 +171,16 @@ def test_swap_falls_back_to_recompute_when_the_swap_space_is_full():
 @pytest.mark.parametrize("model,batch,prompt_len,gen_len", [("opt-6.7b", 8, 128, 32), ("opt-6.7b", 64, 128, 64),
                                                               ("llama-7b", 32, 512, 128)])
 def test_with_room_for_everything_vllm_matches_dense(model, batch, prompt_len, gen_len):
+    """Prefills split into iterations of at most 2048 tokens; the decode steps are the same steps, but dense (as the
+    executor runs it) attends over its whole static cache buffer every step and vLLM over each sequence's blocks:
+    vLLM's decode is no slower, and within a few percent."""
     kwargs = dict(model=model, hardware="paper-h100-80g", batch_size=batch, prompt_len=prompt_len, gen_len=gen_len)
     dense = build_result(simulate(resolve_workload({**kwargs, "policy": {"name": "dense"}})))["metrics"]
     vllm = build_result(simulate(resolve_workload({**kwargs, "policy": {"name": "vllm"}})))["metrics"]
     assert vllm["preemptions"] == 0
-    # Prefills split into iterations of at most 2048 tokens; decode steps are the same steps.
     assert vllm["prefill_s"] == pytest.approx(dense["prefill_s"], rel=0.1)
-    assert vllm["decode_s"] == pytest.approx(dense["decode_s"], rel=1e-9)
-    assert vllm["total_s"] == pytest.approx(dense["total_s"], rel=0.03)
+    assert 0.93 * dense["decode_s"] <= vllm["decode_s"] <= dense["decode_s"]
+    assert vllm["total_s"] == pytest.approx(dense["total_s"], rel=0.05)
 
 
 def test_max_num_seqs_and_batched_tokens_bound_the_iterations():

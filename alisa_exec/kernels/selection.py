@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from alisa_exec.ledger import issued
 from alisa_sim.swa import swa_window
 
 FIXED_POINT_ONE = 2.0 ** 32  # a probability of 1 in the int64 window sum
@@ -147,6 +148,7 @@ class LocalAttentionSum:
             raise ValueError(f"a row of {width} tokens does not fit the ring's {self.width} (a prefill row needs "
                              f"prompt_len at construction)")
         slot = self.rows_pushed % self.capacity
+        issued("local_sum", b=positions.shape[0], T=width)
         if lengths is not None:
             positions = torch.where(torch.arange(width, device=positions.device) < lengths[:, None], positions, -1)
         self.ring_positions[:, slot, :width] = positions
@@ -165,6 +167,7 @@ class LocalAttentionSum:
         """Positions to attend at a step with `num_tokens` cached tokens, sorted, int32 [batch, min(n, 2k)]."""
         if not 1 <= num_tokens <= self.max_seq_len:
             raise ValueError(f"{num_tokens} tokens: the cache holds 1 to {self.max_seq_len}")
+        issued("topk", b=self.scores.shape[0], L=num_tokens)
         k = swa_window(num_tokens, self.kv_sparsity)
         window_first = max(0, self.rows_pushed - k)
         subtract = (self.summed_first, min(self.summed_end, window_first))

@@ -84,7 +84,7 @@ class AlisaExec(ExecPolicy):
         self.deleted_end = [r.deleted for r in self.residency]
         self.input_end = max(self.deleted_end)  # positions whose layer inputs are kept for recompute
         self.offload_end = max(self.cpu_end)
-        self.window = min(self.positions, max(r.on_gpu for r in self.residency) + 1)
+        self.window = sim.ring_slots()
         self.attended = sim.selected(self.positions)[1]
 
     # ---- memory --------------------------------------------------------------------------------------------------

@@ -224,9 +224,10 @@ class ExecPolicy(ABC):
         else:
             y = self.decode_attend(index, group, x, q, k, v)
         with self.span("out_proj_mlp", "gemm"):
-            h = x + self.project(index, "attention.wo", layer, y)
+            h = ops.residual(x, self.project(index, "attention.wo", layer, y))
             up = self.project(index, "feed_forward.w_up", layer, ops.norm(layer.ffn_norm, h))
-            return h + self.project(index, "feed_forward.w_down", layer, ops.activate(layer.feed_forward, up))
+            return ops.residual(h, self.project(index, "feed_forward.w_down", layer, ops.activate(layer.feed_forward,
+                                                                                                  up)))
 
     def block(self, index: int) -> Block:
         """The layer whose weights the step uses (its staged copy when weights are streamed)."""

@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from alisa_exec import ops
 from alisa_exec.generate import capture_graph
 from alisa_exec.kv_cache import CPU, GPU, Tiers
-from alisa_exec.model import Block, Transformer, aligned_seq_len, mkl_packable
+from alisa_exec.model import Block, Transformer, mkl_packable
 from alisa_exec.policies.base import ExecPolicy, Run
 from alisa_exec.timeline import Timeline
+from alisa_sim.model_spec import aligned_seq_len
 
 
 class DenseExec(ExecPolicy):
@@ -45,7 +46,7 @@ class DenseExec(ExecPolicy):
         """On the CPU, the projections' and LM head's weights are also kept packed for MKL's GEMM at the decode
         step's batch (a GEMM of a few rows otherwise spends most of its time packing the whole weight)."""
         super().weight_placement(model, tiers)
-        if mkl_packable(tiers.device, self.dtype):
+        if self.sim.packs_weights and mkl_packable(tiers.device, self.dtype):
             tiers.count(GPU, "packed_weights", model.packable_bytes())
             if not tiers.dry:
                 model.pack_weights(self.batch)
@@ -56,15 +57,13 @@ class DenseExec(ExecPolicy):
     def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)
         with self.span("kv_store", "elementwise"):
-            self.keys[index][:, :, :self.prompt_len] = k.transpose(1, 2)
-            self.values[index][:, :, :self.prompt_len] = v.transpose(1, 2)
+            ops.kv_store(self.keys[index], self.values[index], slice(0, self.prompt_len), k, v)
         return y
 
     def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         positions = self.run.positions
         with self.span("attention", "attention"):
-            self.keys[index][:, :, positions] = k.transpose(1, 2)
-            self.values[index][:, :, positions] = v.transpose(1, 2)
+            ops.kv_store(self.keys[index], self.values[index], positions, k, v)
             # Over the whole static buffer, later positions masked (what the CUDA graph replays at any position).
             mask = self.run.model.causal_mask[positions]
             return ops.masked_attention(q, self.keys[index], self.values[index], mask)

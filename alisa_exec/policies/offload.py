@@ -48,10 +48,10 @@ class OffloadRun(Run):
     weights_used: list = field(default_factory=lambda: [None, None])
 
 
-def attend_rows(q: Tensor, rows: Tensor, kv_heads: int) -> Tensor:
+def attend_rows(q: Tensor, rows: Tensor, kv_heads: int, on_host: bool = False) -> Tensor:
     """Decode attention of q [batch, 1, heads, d] over token rows [T, batch, 2 x kv_heads x d], [batch, 1, heads x d]
-    out."""
-    return ops.rows_attention(q, *split_kv(rows.transpose(0, 1), kv_heads))
+    out (`on_host`: FlexGen's CPU attention)."""
+    return (ops.cpu_attention if on_host else ops.rows_attention)(q, *split_kv(rows.transpose(0, 1), kv_heads))
 
 
 class AccelerateExec(ExecPolicy):
@@ -313,11 +313,11 @@ class FlexGenExec(ExecPolicy):
     def cpu_attend(self, index: int, k_batch: int, n: int, q: Tensor, new_rows: Tensor) -> Tensor:
         """Attention of the CPU heads on the CPU over the cache: q and the new K/V go down, the output comes back."""
         tiers, pool = self.tiers, self.cpu_kv[index][k_batch].data
-        q_host = torch.empty(q.shape, dtype=q.dtype, pin_memory=tiers.cuda)
+        q_host = tiers.pinned(torch.empty(q.shape, dtype=q.dtype))
         tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu"),
                         tiers.copy_rows((pool[n - 1],), (new_rows,), "d2h", "qkv_to_cpu", "offloaded_tokens", self.gbs))
         with self.span("cpu_attention", "cpu", track="cpu"):
-            y = attend_rows(q_host, pool[:n], self.cpu_heads)
+            y = attend_rows(q_host, pool[:n], self.cpu_heads, on_host=True)
         out = torch.empty(y.shape, dtype=y.dtype, device=q.device)
-        tiers.wait("compute", tiers.copy(out, y.pin_memory() if tiers.cuda else y, "h2d", "attention_to_gpu"))
+        tiers.wait("compute", tiers.copy(out, tiers.pinned(y), "h2d", "attention_to_gpu"))
         return out

@@ -81,6 +81,7 @@ class AlisaPolicy(Policy):
         longest = workload.max_context()
         self.static_cpu_share = max(cfg.alpha or 0.0, 1 - self.gpu_tokens / longest)
         self._schedule = schedule
+        self._ring_slots: dict[AlisaSchedule, int] = {}
 
     @property
     def schedule(self) -> AlisaSchedule:
@@ -234,29 +235,127 @@ class AlisaPolicy(Policy):
         return {name: count for name, count in counters.items() if count}
 
     # ---- templates ---------------------------------------------------------------------------------------------------
-    def _attention_op(self, attended: int):
-        m = self.model
-        args = (self.batch, attended, m.num_heads, m.num_kv_heads, m.dim_per_head, self.value_bytes)
-        if self.cfg.attention_kernel == "gather":
-            seconds = self.cost.gathered_decode_attention_s(*args)
-        else:
-            seconds = self.cost.decode_attention_s(*args)
-        path = "packed_attention" if self.cfg.attention_kernel == "gather" else "sparse_attention"
-        return make_op("attention", "gpu", {"attention": seconds}, host_s=self.host_of(path))
+    # Every op below prices the executor's named ops as `alisa_exec.policies.alisa` issues them, call for call
+    # (tests/exec/test_op_ledger.py): the window ring, the CPU pools in parts (INT8 levels, scales, zero points),
+    # the host gathers and index lists of the prefetch, the recompute, the selection and its copy to the host.
+    def ring_slots(self, schedule: AlisaSchedule | None = None) -> int:
+        """Rows of the executor's GPU window ring: the most tokens a step keeps on the GPU, plus one slot, so the
+        newest token never overwrites a row still being copied out (at most every position of the run)."""
+        schedule = schedule or self.schedule
+        if schedule not in self._ring_slots:
+            most = max(self.residency(step, schedule).on_gpu for step in range(self.wl.decode_steps + 1))
+            self._ring_slots[schedule] = min(self.wl.max_context() - 1, most + 1)
+        return self._ring_slots[schedule]
 
-    def _selection_op(self, rows: int, context: int):
-        """Local-sum update over the attention row and top-k: memory-bound passes over fp32 sums."""
+    def _part_bytes(self, width: int, group: int) -> tuple[float, ...]:
+        """Bytes a stored row of `width` values takes in each of its parts: the values, or INT8 levels, scales
+        and zero points (a scale and a zero point per group of channels, in the model's dtype)."""
+        e = self.model.dtype_bytes
+        if not self.cfg.int8:
+            return (width * e,)
+        groups = width // int8_group(width, group)
+        return (width, groups * e, groups * e)
+
+    def _kv_parts(self) -> tuple[float, ...]:
+        m = self.model
+        return self._part_bytes(2 * m.kv_dim, int8_group(m.dim_per_head))
+
+    def _input_parts(self) -> tuple[float, ...]:
+        return self._part_bytes(self.model.hidden_size, INT8_GROUP)
+
+    def _store_call(self, batch: int, tokens: int, width: int) -> tuple[str, dict[str, int]]:
+        """Rows written into a cache in its format: INT8 quantized, or stored as they are."""
+        e = self.model.dtype_bytes
+        if self.cfg.int8:
+            return "kv_quantize", {"rows": batch * tokens, "width": width, "e": e}
+        return "kv_store", {"b": batch, "T": tokens, "width": width, "e": e}
+
+    def _rows_copy(self, name: str, direction: str, rows: float, parts: tuple[float, ...], payload: bool = True):
+        return self.copy_op(name, direction, rows * sum(parts), pieces=tuple(rows * part for part in parts),
+                            payload=payload)
+
+    def _attention_op(self, attended: int):
+        """The new token's K/V into the window ring, then attention over the attended tokens (ring slots and staged
+        rows in one index list with the fused kernel; a packed copy of them with the gather kernel)."""
+        m = self.model
+        store = self._store_call(self.batch, 1, 2 * m.kv_dim)
+        if self.cfg.attention_kernel == "gather":
+            args = (self.batch, attended, m.num_heads, m.num_kv_heads, m.dim_per_head, self.value_bytes)
+            seconds, host_s = self._priced(store)
+            return make_op("attention", "gpu", {"attention": seconds + self.cost.gathered_decode_attention_s(*args)},
+                           host_s=host_s + self.host_of("packed_attention"))
+        shape = {**self._cache_shape(attended), "e": 1 if self.cfg.int8 else m.dtype_bytes}
+        return self._gpu_op("attention", {"elementwise": (store,), "attention": (("sparse_attention", shape),)})
+
+    def _selection_op(self, step: int, context: int):
+        """The step's attention row pushed into the local sums, then (unless it is the last step) the next step's
+        picks over n + 1 tokens (per head with per-head selection); the prefill (step 0) seeds the sums with the
+        prompt's last attention rows, as many as the sums' ring holds."""
         per_layer = self.model.num_heads if self.cfg.selection == "per_head" else 1
-        return self._gpu_op("selection", {"selection": (("local_sum", {"b": rows * per_layer, "T": context}),
-                                                        ("topk", {"b": rows * per_layer, "L": context}))})
+        rows = self.batch * per_layer
+        if step == 0:
+            capacity = swa_window(self.wl.max_context() - 1, self.cfg.kv_sparsity) + 1
+            pushes = (("local_sum", {"b": rows, "T": context}),) * min(capacity, context)
+        else:
+            pushes = (("local_sum", {"b": rows, "T": self.selected(context)[1]}),)
+        picks = (("topk", {"b": rows, "L": context + 1}),) if step < self.wl.decode_steps else ()
+        return self._gpu_op("selection", {"selection": pushes + picks})
+
+    def _selection_copy(self, step: int, schedule: AlisaSchedule | None):
+        """The next step's picks copied to the host when that step reads from the CPU (an index list)."""
+        following = step + 1
+        if following > self.wl.decode_steps or not self.cpu_end(following, schedule):
+            return None
+        return self.copy_op("selection_to_host", "d2h", self.batch * self.selected(self.context(following))[1] * 4,
+                            payload=False)
 
     def _recompute_op(self, tokens: float):
+        """K/V of the selected deleted tokens: their stored layer inputs decoded, normed and projected to K and V
+        (rotary applied), stored into the staging buffer in the cache's format."""
         m, rows = self.model, max(1, math.ceil(tokens))
-        if self.cfg.recompute_source == "layer_input":
-            seconds = self.cost.gemm_s(rows, m.hidden_size, 2 * m.kv_dim)
-        else:  # through every earlier layer: on average (L - 1) / 2 full layers per recomputed token
+        if self.cfg.recompute_source != "layer_input":  # through every earlier layer: (L - 1) / 2 of them on average
             seconds = (m.num_layers - 1) / 2 * sum(self.cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(rows))
-        return make_op("recompute", "gpu", {"recompute": seconds}, host_s=self.host_of("norm", "project", "split_heads"))
+            return make_op("recompute", "gpu", {"recompute": seconds},
+                           host_s=self.host_of("norm", "project", "split_heads"))
+        calls = ((("kv_dequantize", {"rows": rows, "width": m.hidden_size, "e": m.dtype_bytes}),) if self.cfg.int8
+                 else ()) + (("norm", self._rows(rows)), self._project(m.layer_gemms(rows)[0].__class__(
+                     "kv_proj", rows, m.hidden_size, 2 * m.kv_dim)), self._store_call(1, rows, 2 * m.kv_dim))
+        return self._gpu_op("recompute", {"recompute": calls})
+
+    def _offload_ops(self, step: int, schedule: AlisaSchedule | None, first: int, end: int) -> list:
+        """Window rows [first, end) of every sequence to the CPU pool, in the ring's contiguous runs (each run's
+        parts one copy each), and the step's new layer inputs of tokens the plan deletes (their own copies)."""
+        ops, parts, window = [], self._kv_parts(), self.ring_slots(schedule)
+        runs = []
+        while first < end:
+            count = min(end - first, window - first % window)
+            runs.append(count)
+            first += count
+        if runs:
+            pieces = tuple(count * self.batch * part for count in runs for part in parts)
+            ops.append(self.copy_op("kv_offload", "d2h", sum(pieces), pieces=pieces))
+        stored = self.inputs_stored(step, schedule) if self.cfg.recompute and self.cfg.dynamic_scheduling else 0
+        if stored:
+            ops.append(self._rows_copy("input_offload", "d2h", self.batch * stored, self._input_parts()))
+        return ops
+
+    def _prefetch_ops(self, fetch: float, recompute: float) -> list:
+        """The host's gathers of the selected CPU rows (and of the deleted ones' layer inputs) from the pinned pools
+        into staging, and their copies to the GPU with the index list of (sequence, slot, position) per row."""
+        fetched, recomputed = self.batch * fetch, self.batch * recompute
+        gathers = tuple(("host_gather", {"bytes": int(rows * part)}) for rows, parts in
+                        ((fetched, self._kv_parts()), (recomputed, self._input_parts())) if rows for part in parts)
+        if not gathers:
+            return []
+        seconds, host_s = self._priced(*gathers)
+        ops = [make_op("host_gather", "cpu", {"cpu": seconds}, host_s=host_s,
+                       calls=tuple((op, tuple(sorted(shape.items()))) for op, shape in gathers))]
+        if fetched:
+            ops.append(self._rows_copy("kv_fetch", "h2d", fetched, self._kv_parts()))
+        if recomputed:
+            ops.append(self._rows_copy("input_fetch", "h2d", recomputed, self._input_parts()))
+        ops.append(self.copy_op("indices", "h2d", 3 * (fetched + recomputed) * 8, payload=False))
+        return ops
 
     def decode_template(self, step: int, schedule: AlisaSchedule | None = None) -> LayerTemplate:
         n = self.context(step)
@@ -264,49 +363,75 @@ class AlisaPolicy(Policy):
         fetch, recompute = self.picks(step, schedule)
         t = LayerTemplate()
         buffered = ()
-        if fetch > 0:
+        if self.cfg.dynamic_scheduling:
+            for op in self._prefetch_ops(fetch, recompute):
+                t.add(op, after=buffered[-1:])
+                buffered += (op.name,)
+        elif fetch > 0:  # the static head split: every selected token's CPU heads come up
             t.add(self.copy_op("kv_fetch", "h2d", self.batch * fetch * self.kv_token_layer))
             buffered += ("kv_fetch",)
-        if recompute > 0 and self.cfg.recompute_source == "layer_input":
-            t.add(self.copy_op("input_fetch", "h2d", self.batch * recompute * self.input_token_layer))
-            buffered += ("input_fetch",)
         t.add(self.pre_attention_op(self.batch))
-        before_attention = ("qkv_proj",) + buffered
+        before_attention = ("qkv_proj",) + tuple(name for name in buffered if name != "host_gather")
         if recompute > 0:
             t.add(self._recompute_op(self.batch * recompute),
                   after=("input_fetch",) if "input_fetch" in buffered else ())
             before_attention += ("recompute",)
         t.add(self._attention_op(attended), after=before_attention)
-        t.add(self._selection_op(self.batch, n), after=("attention",))  # the picks of the next step
-        t.add(self.post_attention_op(self.batch), after=("selection",))
+        after_attention = ("attention",)
+        if self.cfg.kv_sparsity > 0:
+            t.add(self._selection_op(step, n), after=after_attention)  # the picks of the next step
+            after_attention = ("selection",)
+            copy = self._selection_copy(step, schedule)
+            if copy is not None:
+                t.add(copy, after=after_attention)
+        t.add(self.post_attention_op(self.batch), after=after_attention)
         t.link("out_proj_mlp", "qkv_proj", lag=1)
         for name in buffered:  # two staging buffers: reused once attention two layers back has read them
-            t.link("attention", name, lag=2)
+            if name != "host_gather":
+                t.link("attention", name, lag=2)
         if self.cfg.dynamic_scheduling:
-            offloaded = self.batch * (self.offloaded(step, schedule) * self.kv_token_layer
-                                      + self.inputs_stored(step, schedule) * self.input_token_layer)
+            for op in self._offload_ops(step, schedule, self.offload_end(step - 1, schedule),
+                                        self.offload_end(step, schedule)):
+                t.add(op, after=("qkv_proj",))
         else:
             per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
             offloaded = self.batch * self.static_cpu_share * per_token
-        if offloaded > 0:
-            t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
+            if offloaded > 0:
+                t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
         return self.head_and_tail(t, self.batch)
 
     def prefill_template(self, schedule: AlisaSchedule | None = None) -> LayerTemplate:
-        rows = self.batch * self.prompt_len
+        """The prompt pass; its K/V written into the window ring (the tokens the GPU keeps), the tokens bound for the
+        CPU encoded and copied there, the layer inputs of tokens the plan deletes stored, the local sums seeded."""
+        m, s = self.model, self.prompt_len
+        rows = self.batch * s
         t = LayerTemplate()
         self.add_compute_chain(t, rows, self.prefill_attention_op())
-        k, _ = self.selected(self.prompt_len)
-        # Seed the local sums from the prompt's last k attention rows.
-        t.add(self._selection_op(self.batch * k, self.prompt_len), after=("attention",))
         schedule = schedule or self._schedule
-        if self.cfg.dynamic_scheduling and schedule is not None:
-            offloaded = self.batch * (self.offloaded(0, schedule) * self.kv_token_layer
-                                      + self.inputs_stored(0, schedule) * self.input_token_layer)
-        elif self.cfg.dynamic_scheduling:  # no schedule yet (the search's bound): the prompt beyond the budget
-            offloaded = self.batch * (self.prompt_len - min(self.prompt_len, self.gpu_tokens)) * self.kv_token_layer
-        else:
-            offloaded = self.batch * self.prompt_len * self.static_cpu_share * self.kv_token_layer
-        if offloaded > 0:
-            t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
+        if not self.cfg.dynamic_scheduling:
+            offloaded = self.batch * s * self.static_cpu_share * self.kv_token_layer
+            if offloaded > 0:
+                t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
+            return t
+        if schedule is not None:
+            kept, offload_to = self.cpu_end(0, schedule), self.offload_end(0, schedule)
+        else:  # no schedule yet (the search's bound): the prompt beyond the budget
+            kept = offload_to = s - min(s, self.gpu_tokens)
+        stores = ((self._store_call(self.batch, s - kept, 2 * m.kv_dim),) if s > kept else ()) + \
+            ((self._store_call(self.batch, offload_to, 2 * m.kv_dim),) if offload_to and self.cfg.int8 else ())
+        stored_inputs = min(s, self.input_end(schedule)) if schedule is not None else 0
+        if stored_inputs and self.cfg.int8:
+            stores += (self._store_call(self.batch, stored_inputs, m.hidden_size),)
+        if stores:
+            t.add(self._gpu_op("kv_store", {"elementwise": stores}), after=("attention",))
+        if offload_to:
+            t.add(self._rows_copy("kv_offload", "d2h", self.batch * offload_to, self._kv_parts()), after=("qkv_proj",))
+        if stored_inputs:
+            t.add(self._rows_copy("input_offload", "d2h", self.batch * stored_inputs, self._input_parts()),
+                  after=("qkv_proj",))
+        if self.cfg.kv_sparsity > 0:
+            t.add(self._selection_op(0, s), after=("attention",))
+            copy = self._selection_copy(0, schedule) if schedule is not None else None
+            if copy is not None:
+                t.add(copy, after=("selection",))
         return t

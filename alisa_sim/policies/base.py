@@ -8,6 +8,7 @@ from typing import Iterator
 
 from alisa_sim.cost_model import CostModel
 from alisa_sim.engine import StepSimulator
+from alisa_sim.model_spec import aligned_seq_len
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
@@ -116,7 +117,9 @@ class Policy(ABC):
         """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows."""
         priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
         return make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
-                       host_s=sum(host for _, host in priced.values()))
+                       host_s=sum(host for _, host in priced.values()),
+                       calls=tuple((op, tuple(sorted(shape.items()))) for calls in parts.values()
+                                   for op, shape in calls))
 
     def host_of(self, *ops: str) -> float:
         """The host's time issuing these named executor ops (from their profile rows)."""
@@ -125,8 +128,16 @@ class Policy(ABC):
     def _rows(self, rows: int, width: int | None = None) -> dict[str, int]:
         return {"rows": rows, "width": width or self.model.hidden_size, "e": self.model.dtype_bytes}
 
+    @property
+    def packs_weights(self) -> bool:
+        """Whether the executor keeps the projections' weights packed for MKL's GEMM at the decode batch (the dense
+        policy on a CPU device in float32); a GEMM of exactly that many rows then runs packed."""
+        return False
+
     def _project(self, gemm) -> tuple[str, dict[str, int]]:
-        return "project", {"m": gemm.m, "k": gemm.k, "n": gemm.n, "e": self.model.dtype_bytes}
+        packed = self.packs_weights and gemm.m == self.batch
+        return "project_packed" if packed else "project", {"m": gemm.m, "k": gemm.k, "n": gemm.n,
+                                                           "e": self.model.dtype_bytes}
 
     def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
         """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
@@ -151,22 +162,49 @@ class Policy(ABC):
                             name: str = "attention", path: str = "rows_attention") -> Op:
         """Decode attention of `batch` sequences (default: all) over `kv_heads` KV heads (default: all) on the GPU,
         along the executor's attention `path` (a named op)."""
+        return self._gpu_op(name, {"attention": ((path, self._cache_shape(context, kv_heads, batch)),)})
+
+    def _cache_shape(self, context: float, kv_heads: int | None = None, batch: int | None = None) -> dict[str, int]:
+        """The shape of a decode attention op of `batch` sequences (default: all) over `context` cached tokens of
+        `kv_heads` KV heads (default: all)."""
         m = self.model
-        kv_heads = m.num_kv_heads if kv_heads is None else kv_heads
-        shape = {"b": batch or self.batch, "T": max(1, round(context)), "kv": kv_heads, "d": m.dim_per_head,
-                 "e": m.dtype_bytes}
-        return self._gpu_op(name, {"attention": ((path, shape),)})
+        return {"b": batch or self.batch, "T": max(1, round(context)), "kv": m.num_kv_heads if kv_heads is None
+                else kv_heads, "d": m.dim_per_head, "e": m.dtype_bytes}
+
+    def _kv_store(self, tokens: int) -> tuple[str, dict[str, int]]:
+        m = self.model
+        return "kv_store", {"b": self.batch, "T": tokens, "width": 2 * m.kv_dim, "e": m.dtype_bytes}
+
+    def static_prefill_attention_op(self) -> Op:
+        """The prompt's causal attention, then its K/V written into static cache buffers (dense, zero)."""
+        m = self.model
+        return self._gpu_op("attention", {"attention": (("causal_attention", {
+            "b": self.batch, "L": self.prompt_len, "h": m.num_heads, "d": m.dim_per_head}),),
+            "elementwise": (self._kv_store(self.prompt_len),)})
+
+    def static_decode_attention_op(self) -> Op:
+        """The new token's K/V written into static cache buffers, then attention over the whole buffer, which
+        holds every position of the run, later ones masked (dense, zero: one step's ops at every position)."""
+        m = self.model
+        buffer = aligned_seq_len(self.prompt_len + self.wl.workload.gen_len - 1)
+        return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention", {
+            "b": self.batch, "T": buffer, "kv": m.num_kv_heads, "d": m.dim_per_head, "e": m.dtype_bytes}))})
 
     def prefill_attention_op(self, batch: int | None = None, name: str = "attention") -> Op:
         m = self.model
         shape = {"b": batch or self.batch, "L": self.prompt_len, "h": m.num_heads, "d": m.dim_per_head}
         return self._gpu_op(name, {"attention": (("causal_attention", shape),)})
 
-    def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
-        """One `Tiers.copy` of nbytes: device time from the link table, host time from its named copy row."""
+    def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True, pieces: tuple[float, ...] = (),
+                payload: bool = True) -> Op:
+        """`Tiers.copy` of nbytes (or of each of `pieces`, copied one after another: the parts of stored rows):
+        device time from the link table, host time from the named copy row; `payload: False` for index lists,
+        which the traffic counts apart."""
         op = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
-        return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)},
-                       host_s=self.cost.op_host_s(op), nbytes=int(nbytes))
+        pieces = pieces or (nbytes,)
+        return make_op(name, direction, {direction: sum(self.cost.copy_s(piece, direction, pinned) for piece in pieces)},
+                       host_s=len(pieces) * self.cost.op_host_s(op), nbytes=int(sum(pieces)) if payload else 0,
+                       calls=tuple((op, (("bytes", int(piece)),)) for piece in pieces))
 
     @property
     def overlap(self) -> bool:

@@ -15,10 +15,12 @@ class DensePolicy(Policy):
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(gpu={"kv": self.kv_bytes(context)})
 
+    @property
+    def packs_weights(self) -> bool:
+        return self.wl.hardware.device_kind == "cpu" and self.model.dtype_bytes == 4
+
     def prefill_template(self) -> LayerTemplate:
-        rows = self.batch * self.prompt_len
-        return self.add_compute_chain(LayerTemplate(), rows, self.prefill_attention_op())
+        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.static_prefill_attention_op())
 
     def decode_template(self, step: int) -> LayerTemplate:
-        attention = self.decode_attention_op(self.context(step))
-        return self.add_compute_chain(LayerTemplate(), self.batch, attention)
+        return self.add_compute_chain(LayerTemplate(), self.batch, self.static_decode_attention_op())

@@ -39,7 +39,7 @@ class _EvictionPolicy(Policy):
 
     def decode_template(self, step: int) -> LayerTemplate:
         kept = self.kept(self.context(step))
-        t = self.add_compute_chain(LayerTemplate(), self.batch, self.decode_attention_op(kept))
+        t = self.add_compute_chain(LayerTemplate(), self.batch, self.decode_attention_op(kept, path="packed_attention"))
         self.add_eviction_cost(t, kept)
         return t
 

@@ -150,7 +150,8 @@ class FlexGenPolicy(Policy):
             ops.append(self.post_attention_op(rows, f"out_proj_mlp_b{k}"))
             if prefill or not self.cpu_attention:
                 # FlexGen writes new KV into slices of the preallocated CPU cache: strided copies that run at
-                # pageable speed, not pinned.
+                # pageable speed, not pinned (its published T4 throughput; the executor's copies of whole rows
+                # into its pinned pool are the one op it prices otherwise: docs/executor.md).
                 ops.append(self._copy(f"kv_store_b{k}", "d2h", rows * cpu_kv_bytes, pinned=False))
             ops.append(self._copy(f"hidden_store_b{k}", "d2h", self.activations_cpu_share * self._hidden_bytes(rows)))
             current = self._add_slot(t, ops, previous)
@@ -172,7 +173,7 @@ class FlexGenPolicy(Policy):
             if op is None:
                 continue
             after = tuple(previous)
-            if op.resource in ("gpu", "cpu") or op.name.startswith(("qkv_to_cpu", "attention_to_gpu")):
+            if op.resource in ("gpu", "cpu") or op.name.startswith(("qkv_to_cpu", "kv_to_cpu", "attention_to_gpu")):
                 after += tuple(compute_chain[-1:])  # the layer's compute runs in order
                 compute_chain.append(op.name)
             t.add(op, after=after)
@@ -184,18 +185,23 @@ class FlexGenPolicy(Policy):
         m, gbs = self.model, self.gbs
         if prefill:
             return [self.prefill_attention_op(gbs, f"attention_b{k}")]
-        if not self.cpu_attention:
-            return [self.decode_attention_op(context, gbs, name=f"attention_b{k}")]
+        if not self.cpu_attention:  # the GPU heads over their pool, the CPU heads over their staged copy
+            shapes = [self._cache_shape(context, heads, gbs) for heads in (self.gpu_kv_heads, self.cpu_kv_heads)
+                      if heads]
+            return [self._gpu_op(f"attention_b{k}", {"attention": tuple(("rows_attention", s) for s in shapes)})]
         ops = []
         if self.gpu_kv_heads:
             ops.append(self.decode_attention_op(context, gbs, self.gpu_kv_heads, f"attention_b{k}"))
         group = m.num_heads // m.num_kv_heads
         cpu_heads = self.cpu_kv_heads * group
-        qkv_bytes = gbs * (cpu_heads + 2 * self.cpu_kv_heads) * m.dim_per_head * m.dtype_bytes
-        ops.append(self.copy_op(f"qkv_to_cpu_b{k}", "d2h", qkv_bytes))
-        # FlexGen computes CPU attention in fp32 over the fp16 cache, so it streams it as 4-byte values.
-        cpu_s = self.cost.cpu_decode_attention_s(gbs, context, cpu_heads, self.cpu_kv_heads, m.dim_per_head, 4)
-        ops.append(make_op(f"cpu_attention_b{k}", "cpu", {"cpu": cpu_s}, host_s=self.host_of("cpu_attention")))
+        # q to a transient host buffer, the new token's K/V into the CPU cache: two copies.
+        ops.append(self.copy_op(f"qkv_to_cpu_b{k}", "d2h", gbs * cpu_heads * m.dim_per_head * m.dtype_bytes))
+        ops.append(self.copy_op(f"kv_to_cpu_b{k}", "d2h", gbs * 2 * self.cpu_kv_heads * m.dim_per_head * m.dtype_bytes))
+        # FlexGen (and the executor) computes CPU attention in fp32 over the cache, streaming it as 4-byte values.
+        call = ("cpu_attention", {**self._cache_shape(context, self.cpu_kv_heads, gbs), "e": 4})
+        cpu_s, host_s = self._priced(call)
+        ops.append(make_op(f"cpu_attention_b{k}", "cpu", {"cpu": cpu_s}, host_s=host_s,
+                           calls=((call[0], tuple(sorted(call[1].items()))),)))
         out_bytes = gbs * cpu_heads * m.dim_per_head * m.dtype_bytes
         ops.append(self.copy_op(f"attention_to_gpu_b{k}", "h2d", out_bytes))
         return ops

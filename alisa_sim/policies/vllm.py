@@ -25,8 +25,7 @@ layers' compute as vLLM issues them on the compute stream before the forward. Th
 from __future__ import annotations
 
 import copy
-import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -293,12 +292,24 @@ class VllmPolicy(Policy):
         return view
 
     def _prefill_template(self, lengths: list[int]) -> LayerTemplate:
-        """Prompt passes of sequences of different lengths: GEMMs over all their tokens, causal attention over each
-        sequence's own tokens (FLOPs grow with the square of the length, so the uniform batch that does the same
-        FLOPs has the root-mean-square length)."""
-        rms = math.sqrt(sum(length * length for length in lengths) / len(lengths))
-        view = self._as_batch(len(lengths), rms)
-        return view.add_compute_chain(LayerTemplate(), sum(lengths), view.prefill_attention_op())
+        """Prompt passes of sequences of different lengths, as the executor runs them: one pass per distinct length
+        over the sequences of that length (each pass's ops in a layer after the previous pass's)."""
+        groups = sorted(Counter(lengths).items())
+        if len(groups) == 1:
+            (length, count), = groups
+            view = self._as_batch(count, length)
+            return view.add_compute_chain(LayerTemplate(), count * length, view.prefill_attention_op())
+        template, previous = LayerTemplate(), ()
+        for g, (length, count) in enumerate(groups):
+            view, rows = self._as_batch(count, length), count * length
+            names = (f"qkv_proj_g{g}", f"attention_g{g}", f"out_proj_mlp_g{g}")
+            template.add(view.pre_attention_op(rows, names[0]), after=previous)
+            template.add(view.prefill_attention_op(name=names[1]), after=names[:1])
+            template.add(view.post_attention_op(rows, names[2]), after=names[1:2])
+            template.link(names[2], names[0], lag=1)
+            previous = names[2:]
+            view.head_and_tail(template, rows)
+        return template
 
     def _decode_template(self, contexts: list[int], swap_in_blocks: int = 0, swap_out_blocks: int = 0) -> LayerTemplate:
         """One token per sequence; attention over each sequence's own context, timed by the total KV bytes read
@@ -311,19 +322,22 @@ class VllmPolicy(Policy):
         for op in swaps:
             template.add(op, after=previous)
             previous = (op.name,)
-        attention = view.decode_attention_op(sum(contexts) / len(contexts))
+        # The executor pads every sequence's gathered blocks to the longest context.
+        attention = view.decode_attention_op(max(contexts), path="packed_attention")
         view.add_compute_chain(template, len(contexts), attention, qkv_after=previous)
         if swaps:
             template.link("out_proj_mlp", swaps[0].name, lag=1)
         return template
 
     def _swap_op(self, name: str, direction: str, blocks: int) -> Op:
-        """One layer's share of vLLM's swap_blocks: a cudaMemcpyAsync per block for K and one for V (pinned CPU
-        cache), each paying the profile's transfer time at that size."""
-        piece = self.block_size * self.model.kv_bytes_per_token_per_layer() / 2
-        copies = 2 * blocks
+        """One layer's share of vLLM's swap_blocks as the executor runs it: a copy per block (a token's K and V are
+        one row of the pinned CPU cache), each paying the profile's transfer time at that size."""
+        piece = self.block_size * self.model.kv_bytes_per_token_per_layer()
+        copies = blocks
+        op = f"copy_{direction}_pinned"
         return make_op(name, direction, {direction: copies * self.cost.copy_s(piece, direction)},
-                       host_s=copies * self.host_of(f"copy_{direction}_pinned"), nbytes=int(copies * piece))
+                       host_s=copies * self.host_of(op), nbytes=int(copies * piece),
+                       calls=((op, (("bytes", int(piece)),)),) * copies)
 
     def prefill_template(self) -> LayerTemplate:
         """The whole batch's prompts in one iteration."""

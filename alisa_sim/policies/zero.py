@@ -30,7 +30,7 @@ class ZeroPolicy(Policy):
         return template
 
     def prefill_template(self) -> LayerTemplate:
-        return self._template(self.batch * self.prompt_len, self.prefill_attention_op())
+        return self._template(self.batch * self.prompt_len, self.static_prefill_attention_op())
 
     def decode_template(self, step: int) -> LayerTemplate:
-        return self._template(self.batch, self.decode_attention_op(self.context(step)))
+        return self._template(self.batch, self.static_decode_attention_op())

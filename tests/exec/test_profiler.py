@@ -11,13 +11,14 @@ from alisa_sim.cost_model import CostModel
 from alisa_sim.hardware import NAMED_OPS, HardwareProfile, load_hardware_profile, op_work
 
 # Each named op and the executor callable it times (alisa_exec.ops functions, or the cache's, selection's and tiers'
-# own calls); residual is the layer loop's inline `x + y` in alisa_exec/policies/base.py.
+# own calls).
 EXECUTOR_CALLS = {
-    "project": ops.project, "norm": ops.norm, "activate": ops.activate, "split_heads": ops.split_heads,
-    "residual": torch.add, "embed": ops.embed, "argmax": ops.argmax, "causal_attention": ops.causal_attention,
-    "masked_attention": ops.masked_attention, "rows_attention": ops.rows_attention,
-    "packed_attention": ops.packed_attention, "sparse_attention": ops.sparse_attention,
-    "cpu_attention": ops.rows_attention, "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
+    "project": ops.project, "project_packed": ops.project, "norm": ops.norm, "activate": ops.activate,
+    "split_heads": ops.split_heads, "residual": ops.residual, "embed": ops.embed, "argmax": ops.argmax,
+    "causal_attention": ops.causal_attention, "masked_attention": ops.masked_attention,
+    "rows_attention": ops.rows_attention, "packed_attention": ops.packed_attention,
+    "sparse_attention": ops.sparse_attention, "cpu_attention": ops.cpu_attention, "kv_store": ops.kv_store,
+    "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
     "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
     "host_gather": TokenRows.flat_rows,
@@ -42,7 +43,7 @@ def test_the_cost_model_reads_measured_rows_by_name(named_rows):
     for row in named_rows:
         same_work = [other for other in named_rows if other["op"] == row["op"]
                      and op_work(row["op"], other["shape"]) == op_work(row["op"], row["shape"])]
-        if row["op"] != "project" and len(same_work) == 1:  # rows of equal work are merged by geometric mean
+        if row["op"] not in ("project", "project_packed") and len(same_work) == 1:  # rows of equal work are merged by geometric mean
             assert cost.op_s(row["op"], **row["shape"]) == pytest.approx(row["s"], rel=1e-6)
     gemm = next(row for row in named_rows if row["op"] == "project")
     shape = gemm["shape"]
@@ -74,3 +75,27 @@ def test_quick_cpu_profile_measures_the_named_ops():
     profile = measure_profile("cpu-quick", torch.device("cpu"), quick=True)
     assert {row["op"] for row in profile["gpu"]["ops"]} == set(NAMED_OPS)
     CostModel(HardwareProfile.model_validate(profile))
+
+
+def test_named_ops_are_timed_at_each_models_layer_and_priced_from_its_own_rows():
+    """`--models`: the rows of a model's head layout and widths, which the cost model picks over the grid's own
+    layer (the nearest family) when it prices that model's shapes."""
+    from dataclasses import replace
+
+    from tiny_models import TINY_SPEC
+    from alisa_sim.model_spec import ModelSpec
+
+    grid = replace(CPU_QUICK, gemm_kn=((256, 256),), gemm_m=(1, 4), decode_bL=((1, 32), (4, 32)),
+                   prefill_bL=((1, 16),), copy_bytes=(64 * 1024,), host_decode_bL=((1, 32),))
+    spec = ModelSpec(**TINY_SPEC)
+    rows = measure_named_ops(Bench(torch.device("cpu"), 2, min_time_s=0.0), grid, torch.float32, (spec,))
+    attention = [row for row in rows if row["op"] == "rows_attention" and row["shape"]["kv"] == spec.num_kv_heads
+                 and row["shape"]["d"] == spec.dim_per_head]
+    assert len(attention) == len(grid.decode_bL)
+    assert {(row["shape"]["k"], row["shape"]["n"]) for row in rows if row["op"] == "project"} >= {
+        (g.k, g.n) for g in spec.layer_gemms(1)}
+    profile = load_hardware_profile("h200").model_dump()
+    profile["gpu"]["ops"] = rows
+    cost = CostModel(HardwareProfile.model_validate(profile))
+    for row in attention:
+        assert cost.op_s("rows_attention", **row["shape"]) == pytest.approx(row["s"], rel=1e-6)
