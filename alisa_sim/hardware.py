@@ -151,6 +151,11 @@ class GpuSection(_Strict):
     hbm_GBps: Rate = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
     peak_fp16_tflops: Rate
     launch_overhead_s: Seconds = Field(description="host time to issue one kernel (eager PyTorch)")
+    step_overhead_s: Annotated[float, Field(ge=0, le=MAX_OP_S)] = Field(0.0, description=(
+        "host time of the executor's step driver per step beyond its named ops (measured by alisa-exec profile; "
+        "0 where not measured)"))
+    layer_overhead_s: Annotated[float, Field(ge=0, le=MAX_OP_S)] = Field(0.0, description=(
+        "host time of the executor's layer loop per layer (and row group) beyond its named ops"))
     gemm_fp16: list[GemmRow] = Field(min_length=2)
     decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
     prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)

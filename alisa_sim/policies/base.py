@@ -113,11 +113,13 @@ class Policy(ABC):
         return (sum(self.cost.op_s(op, **shape) for op, shape in calls),
                 sum(self.cost.op_host_s(op) for op, _ in calls))
 
-    def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]]) -> Op:
-        """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows."""
+    def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]],
+                extra_host_s: float = 0.0) -> Op:
+        """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows
+        (and `extra_host_s` of the executor's own host time around them)."""
         priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
         return make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
-                       host_s=sum(host for _, host in priced.values()),
+                       host_s=extra_host_s + sum(host for _, host in priced.values()),
                        calls=tuple((op, tuple(sorted(shape.items()))) for calls in parts.values()
                                    for op, shape in calls))
 
@@ -146,7 +148,8 @@ class Policy(ABC):
         qkv = m.layer_gemms(rows)[0]
         return self._gpu_op(name, {"gemm": (self._project(qkv),),
                                    "elementwise": (("norm", self._rows(rows)),
-                                                   ("split_heads", self._rows(rows, m.q_dim + 2 * m.kv_dim)))})
+                                                   ("split_heads", self._rows(rows, m.q_dim + 2 * m.kv_dim)))},
+                            extra_host_s=self.wl.hardware.gpu.layer_overhead_s)  # the layer loop's own host time
 
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
@@ -218,7 +221,8 @@ class Policy(ABC):
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
-        template.head.append(self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)}))
+        template.head.append(self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)},
+                                          extra_host_s=self.wl.hardware.gpu.step_overhead_s))  # the step driver's
         lm = self.model.lm_head_gemm(self.batch)
         template.tail.append(self._gpu_op("lm_head", {
             "gemm": (self._project(lm),),
