@@ -57,6 +57,9 @@ class Policy(ABC):
         self.cost = cost
         self.batch = workload.workload.batch_size
         self.prompt_len = workload.workload.prompt_len
+        # Ops already priced, by everything they are priced from: a run builds thousands of step DAGs whose ops,
+        # but for attention and KV copies, repeat from step to step (a view made by copy.copy shares it).
+        self._priced_ops: dict[tuple, Op] = {}
 
     # ---- what a policy decides -----------------------------------------------------------------
     @abstractmethod
@@ -114,9 +117,13 @@ class Policy(ABC):
 
     def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]]) -> Op:
         """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows."""
-        priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
-        return make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
-                       host_s=sum(host for _, host in priced.values()))
+        key = (name, *((kind, *((op, *shape.items()) for op, shape in calls)) for kind, calls in parts.items()))
+        op = self._priced_ops.get(key)
+        if op is None:
+            priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
+            op = self._priced_ops[key] = make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
+                                                 host_s=sum(host for _, host in priced.values()))
+        return op
 
     def host_of(self, *ops: str) -> float:
         """The host's time issuing these named executor ops (from their profile rows)."""
@@ -131,6 +138,11 @@ class Policy(ABC):
     def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
         """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
         (the executor's `qkv_proj` span)."""
+        if (op := self._priced_ops.get(("pre_attention", rows, name))) is None:
+            op = self._priced_ops["pre_attention", rows, name] = self._pre_attention_op(rows, name)
+        return op
+
+    def _pre_attention_op(self, rows: int, name: str) -> Op:
         m = self.model
         qkv = m.layer_gemms(rows)[0]
         return self._gpu_op(name, {"gemm": (self._project(qkv),),
@@ -140,6 +152,11 @@ class Policy(ABC):
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
         rows (the executor's `out_proj_mlp` span)."""
+        if (op := self._priced_ops.get(("post_attention", rows, name))) is None:
+            op = self._priced_ops["post_attention", rows, name] = self._post_attention_op(rows, name)
+        return op
+
+    def _post_attention_op(self, rows: int, name: str) -> Op:
         m = self.model
         return self._gpu_op(name, {
             "gemm": tuple(self._project(g) for g in m.layer_gemms(rows)[1:]),
@@ -164,9 +181,12 @@ class Policy(ABC):
 
     def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True) -> Op:
         """One `Tiers.copy` of nbytes: device time from the link table, host time from its named copy row."""
-        op = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
-        return make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)},
-                       host_s=self.cost.op_host_s(op), nbytes=int(nbytes))
+        key = ("copy", name, direction, nbytes, pinned)
+        if (op := self._priced_ops.get(key)) is None:
+            row = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
+            op = self._priced_ops[key] = make_op(name, direction, {direction: self.cost.copy_s(nbytes, direction, pinned)},
+                                                 host_s=self.cost.op_host_s(row), nbytes=int(nbytes))
+        return op
 
     @property
     def overlap(self) -> bool:
@@ -180,11 +200,15 @@ class Policy(ABC):
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
-        template.head.append(self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)}))
-        lm = self.model.lm_head_gemm(self.batch)
-        template.tail.append(self._gpu_op("lm_head", {
-            "gemm": (self._project(lm),),
-            "elementwise": (("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
+        key = ("head_and_tail", rows, self.batch)
+        if (ops := self._priced_ops.get(key)) is None:
+            lm = self.model.lm_head_gemm(self.batch)
+            ops = self._priced_ops[key] = (
+                self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)}),
+                self._gpu_op("lm_head", {"gemm": (self._project(lm),), "elementwise": (
+                    ("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
+        template.head.append(ops[0])
+        template.tail.append(ops[1])
         return template
 
     def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, qkv_after: tuple[str, ...] = (),
