@@ -57,12 +57,15 @@ class LayerTemplate:
     tail: list[Op] = field(default_factory=list)  # on the GPU after the last layer (final norm, LM head, sampling)
     _ops: dict[str, Op] = field(default_factory=dict, repr=False)  # by name, in the order added
     _lags: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (src, dst) -> lag
+    # structure() as last computed, with the head and tail it saw (the layer's ops and edges reset it)
+    _structure: tuple | None = field(default=None, repr=False, compare=False)
 
     def add(self, op: Op, after: tuple[str, ...] = (), after_previous: tuple[tuple[str, int], ...] = ()) -> None:
         """Add `op` depending on ops of this layer (`after`) and on (name, lag) ops of earlier layers."""
         if op.name in self._ops:
             raise ValueError(f"duplicate op {op.name!r}")
         self._ops[op.name] = op
+        self._structure = None
         for name in after:
             self._edge(name, op.name, 0)
         for name, lag in after_previous:
@@ -79,6 +82,7 @@ class LayerTemplate:
             raise ValueError(f"{dst!r} depends on unknown op {src!r}")
         # A pair linked twice keeps the shorter lag: waiting on this layer's op implies waiting on an earlier one's.
         self._lags[src, dst] = min(lag, self._lags.get((src, dst), lag))
+        self._structure = None
 
     @property
     def ops(self) -> list[Op]:
@@ -102,6 +106,11 @@ class LayerTemplate:
 
     def structure(self) -> tuple:
         """What the engine's schedule depends on besides times: ops and their resources in issue order, and the
-        edges. Two templates with the same structure differ only in their ops' times and bytes."""
-        ops = [*self.head, *self._ops.values(), *self.tail]
-        return len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]), tuple(self._lags.items())
+        edges. Two templates with the same structure differ only in their ops' times and bytes (asked for every
+        time a step is timed, so it is kept until the ops change)."""
+        ends = (tuple(self.head), tuple(self.tail))
+        if self._structure is None or self._structure[0] != ends:
+            ops = [*self.head, *self._ops.values(), *self.tail]
+            self._structure = ends, (len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]),
+                                     tuple(self._lags.items()))
+        return self._structure[1]

@@ -59,7 +59,7 @@ class Policy(ABC):
         self.prompt_len = workload.workload.prompt_len
         # Ops already priced, by everything they are priced from: a run builds thousands of step DAGs whose ops,
         # but for attention and KV copies, repeat from step to step (a view made by copy.copy shares it).
-        self._priced_ops: dict[tuple, Op] = {}
+        self._priced_ops: dict[tuple, Op | tuple | dict] = {}
 
     # ---- what a policy decides -----------------------------------------------------------------
     @abstractmethod
@@ -117,12 +117,12 @@ class Policy(ABC):
 
     def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]]) -> Op:
         """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows."""
-        key = (name, *((kind, *((op, *shape.items()) for op, shape in calls)) for kind, calls in parts.items()))
-        op = self._priced_ops.get(key)
-        if op is None:
-            priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
-            op = self._priced_ops[key] = make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
-                                                 host_s=sum(host for _, host in priced.values()))
+        key = tuple((kind, *((op, *shape.items()) for op, shape in calls)) for kind, calls in parts.items())
+        if (op := self._priced_ops.get((name, key))) is None:
+            if (priced := self._priced_ops.get(key)) is None:  # the same work under another name (FlexGen's batches)
+                priced = self._priced_ops[key] = {kind: self._priced(*calls) for kind, calls in parts.items()}
+            op = self._priced_ops[name, key] = make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
+                                                       host_s=sum(host for _, host in priced.values()))
         return op
 
     def host_of(self, *ops: str) -> float:
