@@ -265,7 +265,13 @@ class MemoryPool:
 
     def hold(self, usage: dict[str, float], when: str) -> None:
         """Set the bytes held for each purpose in `usage` (others unchanged); OutOfMemory if it would overflow."""
-        held = {**self.held, **usage}
+        current = self.held
+        for purpose, nbytes in usage.items():
+            if current.get(purpose) != nbytes:
+                break
+        else:
+            return  # nothing changes (most steps hold the CPU's or the GPU's KV as it was)
+        held = {**current, **usage}
         total = sum(held.values())
         if total > self.capacity_bytes:
             detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)

@@ -41,7 +41,7 @@ _LINE_TOL = 1e-7
 _MIN_SPAN = 4
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """One timed step of the run, in order (the prefill is normally step 0). A step of a collapsed run has no
     template in its plan (`plan.template` is None); its `timing.events()` simulate it on demand."""

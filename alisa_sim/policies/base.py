@@ -11,7 +11,9 @@ from alisa_sim.engine import StepSimulator
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
-@dataclass(frozen=True)
+# MemoryUse and StepPlan are built for every step of a run (100,000 in a long one): slotted and, since a frozen
+# dataclass's __init__ costs five times as much, not frozen; nothing changes them once built.
+@dataclass(slots=True)
 class MemoryUse:
     """Bytes a policy holds on each device, with a by-purpose breakdown for error messages and reports."""
 
@@ -27,7 +29,7 @@ class MemoryUse:
         return int(sum(self.cpu.values()))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepPlan:
     """One step a policy wants run: the op DAG of a layer, the KV held meanwhile, and what the step achieves.
 
@@ -60,6 +62,7 @@ class Policy(ABC):
         # Ops already priced, by everything they are priced from: a run builds thousands of step DAGs whose ops,
         # but for attention and KV copies, repeat from step to step (a view made by copy.copy shares it).
         self._priced_ops: dict[tuple, Op | tuple | dict] = {}
+        self._kv_bytes_per_token = self.model.kv_bytes_per_token()  # asked for every step of a long run
 
     # ---- what a policy decides -----------------------------------------------------------------
     @abstractmethod
@@ -230,4 +233,4 @@ class Policy(ABC):
                 "logits": self.model.logits_bytes(batch)}
 
     def kv_bytes(self, context: int) -> float:
-        return self.batch * context * self.model.kv_bytes_per_token()
+        return self.batch * context * self._kv_bytes_per_token
