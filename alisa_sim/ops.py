@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 RESOURCES = ("gpu", "h2d", "d2h", "cpu")
 # Breakdown categories of the Result JSON (time an op spends, by what it does).
 KINDS = ("gemm", "attention", "elementwise", "selection", "h2d", "d2h", "recompute", "cpu")
@@ -89,13 +87,20 @@ class LayerTemplate:
         return list(self._ops.values())
 
     @property
-    def graph(self) -> nx.DiGraph:
-        """The layer's DAG as a networkx graph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
-        engine reads the ops and lags directly."""
+    def graph(self):
+        """The layer's DAG as a networkx DiGraph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
+        engine and the planners read `ops` and `edges` directly (so a run never imports networkx)."""
+        import networkx as nx
+
         graph = nx.DiGraph()
         graph.add_nodes_from((name, {"op": op}) for name, op in self._ops.items())
         graph.add_edges_from((src, dst, {"lag": lag}) for (src, dst), lag in self._lags.items())
         return graph
+
+    @property
+    def edges(self) -> list[tuple[str, str, int]]:
+        """(src, dst, lag) of every dependency, in the order they were added."""
+        return [(src, dst, lag) for (src, dst), lag in self._lags.items()]
 
     @property
     def max_lag(self) -> int:
