@@ -86,6 +86,13 @@ class LayerTemplate:
     def ops(self) -> list[Op]:
         return list(self._ops.values())
 
+    def with_ops(self, ops: list[Op]) -> LayerTemplate:
+        """A template with this one's edges and a copy of its head and tail around `ops`, which replace the layer's
+        ops one for one (the same names and resources, in order): a DAG wired once, its ops priced per step."""
+        if [(op.name, op.resource) for op in ops] != [(op.name, op.resource) for op in self._ops.values()]:
+            raise ValueError("with_ops takes the template's ops, by name and resource, in their order")
+        return LayerTemplate(list(self.head), list(self.tail), {op.name: op for op in ops}, dict(self._lags))
+
     @property
     def graph(self):
         """The layer's DAG as a networkx DiGraph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
