@@ -141,8 +141,9 @@ class Policy(ABC):
     def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
         """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
         (the executor's `qkv_proj` span)."""
-        if (op := self._priced_ops.get(("pre_attention", rows, name))) is None:
-            op = self._priced_ops["pre_attention", rows, name] = self._pre_attention_op(rows, name)
+        key = ("pre_attention", rows, name, self.batch)  # the batch too, for views of another batch (vLLM's)
+        if (op := self._priced_ops.get(key)) is None:
+            op = self._priced_ops[key] = self._pre_attention_op(rows, name)
         return op
 
     def _pre_attention_op(self, rows: int, name: str) -> Op:
@@ -155,8 +156,9 @@ class Policy(ABC):
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
         rows (the executor's `out_proj_mlp` span)."""
-        if (op := self._priced_ops.get(("post_attention", rows, name))) is None:
-            op = self._priced_ops["post_attention", rows, name] = self._post_attention_op(rows, name)
+        key = ("post_attention", rows, name, self.batch)  # the batch too, for views of another batch (vLLM's)
+        if (op := self._priced_ops.get(key)) is None:
+            op = self._priced_ops[key] = self._post_attention_op(rows, name)
         return op
 
     def _post_attention_op(self, rows: int, name: str) -> Op:
