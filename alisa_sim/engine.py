@@ -145,7 +145,7 @@ class StepSimulator:
             if period is not None:
                 break
             unrolled = min(num_layers, 2 * unrolled)
-        return self._finish(template, program, device, host, num_layers, unrolled, period, free, head_spans,
+        return self._finish(sections, program, device, host, num_layers, unrolled, period, free, head_spans,
                             starts, ends)
 
     @staticmethod
@@ -154,18 +154,17 @@ class StepSimulator:
         waits on ops issued before it."""
         free = [carry.get(name, 0.0) for name in program.lane_names]
         clock, head_spans = _issue_in_order(program.lanes[0], device[0], host[0], 0.0, free)
-        lanes, deps, durations, hosts = program.lanes[1], program.deps, device[1], host[1]
-        count = len(lanes)
+        layer_ops = list(enumerate(zip(program.lanes[1], program.deps, device[1], host[1])))
+        count = len(layer_ops)
         starts: list[list[float]] = []
         ends: list[list[float]] = []
         for layer in range(layers):
             row_start = [0.0] * count
             row_end = [0.0] * count
-            for i in range(count):
-                clock += hosts[i]
-                lane = lanes[i]
+            for i, (lane, deps, duration, host_s) in layer_ops:
+                clock += host_s
                 t = free[lane] if free[lane] > clock else clock
-                for j, lag in deps[i]:
+                for j, lag in deps:
                     if lag == 0:
                         ready = row_end[j]
                     elif layer >= lag:
@@ -175,7 +174,7 @@ class StepSimulator:
                     if ready > t:
                         t = ready
                 row_start[i] = t
-                free[lane] = row_end[i] = t + durations[i]
+                free[lane] = row_end[i] = t + duration
             starts.append(row_start)
             ends.append(row_end)
         return free, head_spans, starts, ends
@@ -199,9 +198,9 @@ class StepSimulator:
                     return None
         return period
 
-    def _finish(self, template: LayerTemplate, program: _Program, device: list, host: list, num_layers: int,
-                unrolled: int, period: float, free: list[float], head_spans: list, starts: list, ends: list
-                ) -> StepTiming:
+    def _finish(self, sections: tuple[list[Op], list[Op], list[Op]], program: _Program, device: list, host: list,
+                num_layers: int, unrolled: int, period: float, free: list[float], head_spans: list, starts: list,
+                ends: list) -> StepTiming:
         shift = (num_layers - unrolled) * period
         lane_end = list(free)
         if shift:
@@ -213,19 +212,21 @@ class StepSimulator:
         carry = {name: end - duration for name, end in zip(program.lane_names, lane_end) if end > duration}
 
         busy: dict[str, float] = {HOST: 0.0}
+        host_busy = 0.0
         parts = dict.fromkeys(KINDS, 0.0)
         h2d = d2h = 0
-        for ops, labels, count in ((template.head, program.labels[0], 1), (template.ops, program.labels[1], num_layers),
-                                   (template.tail, program.labels[2], 1)):
+        for ops, labels, count in zip(sections, program.labels, (1, num_layers, 1)):
             for op, label in zip(ops, labels):
                 busy[label] = busy.get(label, 0.0) + count * op.duration_s
-                busy[HOST] += count * op.host_s
+                host_busy += count * op.host_s
                 for kind, seconds in op.parts:
                     parts[kind] += count * seconds
-                if op.resource == "h2d":
-                    h2d += count * op.nbytes
-                elif op.resource == "d2h":
-                    d2h += count * op.nbytes
+                if op.nbytes:
+                    if op.resource == "h2d":
+                        h2d += count * op.nbytes
+                    elif op.resource == "d2h":
+                        d2h += count * op.nbytes
+        busy[HOST] = host_busy
         collapsed_period = period if unrolled < num_layers else 0.0
 
         def spans() -> Iterator[TimedOp]:
@@ -265,7 +266,13 @@ class MemoryPool:
 
     def hold(self, usage: dict[str, float], when: str) -> None:
         """Set the bytes held for each purpose in `usage` (others unchanged); OutOfMemory if it would overflow."""
-        held = {**self.held, **usage}
+        current = self.held
+        for purpose, nbytes in usage.items():
+            if current.get(purpose) != nbytes:
+                break
+        else:
+            return  # nothing changes (most steps hold the CPU's or the GPU's KV as it was)
+        held = {**current, **usage}
         total = sum(held.values())
         if total > self.capacity_bytes:
             detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)

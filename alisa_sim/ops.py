@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 RESOURCES = ("gpu", "h2d", "d2h", "cpu")
 # Breakdown categories of the Result JSON (time an op spends, by what it does).
 KINDS = ("gemm", "attention", "elementwise", "selection", "h2d", "d2h", "recompute", "cpu")
@@ -61,12 +59,15 @@ class LayerTemplate:
     tail: list[Op] = field(default_factory=list)  # on the GPU after the last layer (final norm, LM head, sampling)
     _ops: dict[str, Op] = field(default_factory=dict, repr=False)  # by name, in the order added
     _lags: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)  # (src, dst) -> lag
+    # structure() as last computed, with the head and tail it saw (the layer's ops and edges reset it)
+    _structure: tuple | None = field(default=None, repr=False, compare=False)
 
     def add(self, op: Op, after: tuple[str, ...] = (), after_previous: tuple[tuple[str, int], ...] = ()) -> None:
         """Add `op` depending on ops of this layer (`after`) and on (name, lag) ops of earlier layers."""
         if op.name in self._ops:
             raise ValueError(f"duplicate op {op.name!r}")
         self._ops[op.name] = op
+        self._structure = None
         for name in after:
             self._edge(name, op.name, 0)
         for name, lag in after_previous:
@@ -83,19 +84,34 @@ class LayerTemplate:
             raise ValueError(f"{dst!r} depends on unknown op {src!r}")
         # A pair linked twice keeps the shorter lag: waiting on this layer's op implies waiting on an earlier one's.
         self._lags[src, dst] = min(lag, self._lags.get((src, dst), lag))
+        self._structure = None
 
     @property
     def ops(self) -> list[Op]:
         return list(self._ops.values())
 
+    def with_ops(self, ops: list[Op]) -> LayerTemplate:
+        """A template with this one's edges and a copy of its head and tail around `ops`, which replace the layer's
+        ops one for one (the same names and resources, in order): a DAG wired once, its ops priced per step."""
+        if [(op.name, op.resource) for op in ops] != [(op.name, op.resource) for op in self._ops.values()]:
+            raise ValueError("with_ops takes the template's ops, by name and resource, in their order")
+        return LayerTemplate(list(self.head), list(self.tail), {op.name: op for op in ops}, dict(self._lags))
+
     @property
-    def graph(self) -> nx.DiGraph:
-        """The layer's DAG as a networkx graph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
-        engine reads the ops and lags directly."""
+    def graph(self):
+        """The layer's DAG as a networkx DiGraph (nodes carry `op`, edges `lag`), for inspecting and drawing it; the
+        engine and the planners read `ops` and `edges` directly (so a run never imports networkx)."""
+        import networkx as nx
+
         graph = nx.DiGraph()
         graph.add_nodes_from((name, {"op": op}) for name, op in self._ops.items())
         graph.add_edges_from((src, dst, {"lag": lag}) for (src, dst), lag in self._lags.items())
         return graph
+
+    @property
+    def edges(self) -> list[tuple[str, str, int]]:
+        """(src, dst, lag) of every dependency, in the order they were added."""
+        return [(src, dst, lag) for (src, dst), lag in self._lags.items()]
 
     @property
     def max_lag(self) -> int:
@@ -117,6 +133,11 @@ class LayerTemplate:
 
     def structure(self) -> tuple:
         """What the engine's schedule depends on besides times: ops and their resources in issue order, and the
-        edges. Two templates with the same structure differ only in their ops' times and bytes."""
-        ops = [*self.head, *self._ops.values(), *self.tail]
-        return len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]), tuple(self._lags.items())
+        edges. Two templates with the same structure differ only in their ops' times and bytes (asked for every
+        time a step is timed, so it is kept until the ops change)."""
+        ends = (tuple(self.head), tuple(self.tail))
+        if self._structure is None or self._structure[0] != ends:
+            ops = [*self.head, *self._ops.values(), *self.tail]
+            self._structure = ends, (len(self.head), len(self.tail), tuple([(op.name, op.resource) for op in ops]),
+                                     tuple(self._lags.items()))
+        return self._structure[1]

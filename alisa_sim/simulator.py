@@ -41,7 +41,7 @@ _LINE_TOL = 1e-7
 _MIN_SPAN = 4
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """One timed step of the run, in order (the prefill is normally step 0). A step of a collapsed run has no
     template in its plan (`plan.template` is None); its `timing.events()` simulate it on demand."""
@@ -242,6 +242,7 @@ class _DecodeRuns:
         # Steps timed with the copy streams idle at their start: the samples of a run, and the anchor.
         self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
         self._phases: dict[int, int] = {}
+        self._points: dict[int, tuple[tuple, list[float], list[int]]] = {}  # sampled steps' structure and _point
         self.span = _MIN_SPAN
 
     def plan(self, step: int, template: LayerTemplate | None) -> StepPlan:
@@ -275,6 +276,7 @@ class _DecodeRuns:
         """Drop the samples of steps already recorded (or interpolated past)."""
         for done in [x for x in self.sampled if x < step]:
             del self.sampled[done]
+            self._points.pop(done, None)
 
     def simulation_of(self, step: int) -> Callable[[], StepTiming]:
         """Simulate an interpolated step again, for its op schedule (copy streams idle at its start, as proven)."""
@@ -318,9 +320,11 @@ class _DecodeRuns:
         points = []
         for step in (lo, x, hi):
             template, timing = self._idle(step)
-            if timing.carry_s or template.structure() != structure:
+            if step not in self._points:
+                self._points[step] = template.structure(), *self._point(template, timing)
+            if timing.carry_s or self._points[step][0] != structure:
                 return False
-            points.append(self._point(template, timing))
+            points.append(self._points[step][1:])
         (f0, i0), (f, i), (f1, i1) = points
         w = (x - lo) / (hi - lo)
         if any((b + (x - lo) * (c - b) // (hi - lo) != v) or ((x - lo) * (c - b)) % (hi - lo)

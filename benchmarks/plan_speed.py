@@ -68,8 +68,10 @@ def main() -> None:
             walls.append(time.perf_counter() - start)
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                sim_main(_plan_args(path, policy))
+                code = sim_main(_plan_args(str(ROOT / path), policy))  # wherever the script is run from
             inside.append(time.perf_counter() - start)
+            if code:
+                raise SystemExit(f"alisa-sim plan {path} failed in-process (exit code {code})")
         plan = json.loads(done.stdout)
         table.add_row(path, policy or plan["policy"], f"{sorted(walls)[len(walls) // 2]:.2f}",
                       f"{sorted(inside)[len(inside) // 2]:.2f}", _what_was_spared(plan))

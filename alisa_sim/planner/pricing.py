@@ -16,7 +16,6 @@ the bound is the first op's issue plus the sum of all op times, exact unless the
 
 from __future__ import annotations
 
-import networkx as nx
 import numpy as np
 
 from alisa_sim.ops import LayerTemplate
@@ -44,8 +43,7 @@ def step_time_s(policy: Policy, template: LayerTemplate) -> float:
 
 def step_lower_bound_s(template: LayerTemplate, num_layers: int, overlap: bool) -> float:
     """A lower bound on `step_time_s` of the template, from its op times and dependencies (see the module)."""
-    graph = template.graph
-    ops = {name: graph.nodes[name]["op"] for name in graph.nodes}
+    ops = {op.name: op for op in template.ops}  # in issue order
     # Nothing runs before the host has issued the first op.
     tail_s = sum(op.duration_s for op in template.tail) + (template.head[0].host_s if template.head else 0.0)
     if not overlap:
@@ -59,17 +57,20 @@ def step_lower_bound_s(template: LayerTemplate, num_layers: int, overlap: bool) 
     bound = busy.get("gpu", 0.0)
     # to_gpu[name]: the longest chain of ops after `name` in its layer that ends on the GPU (0 for a GPU op with none
     # after it); None when nothing on the GPU depends on it within the layer.
-    same_layer = nx.DiGraph((src, dst) for src, dst, lag in graph.edges(data="lag") if lag == 0)
-    same_layer.add_nodes_from(graph.nodes)
+    successors: dict[str, list[str]] = {name: [] for name in ops}
+    for src, dst, lag in template.edges:
+        if lag == 0:
+            successors[src].append(dst)
     to_gpu: dict[str, float | None] = {}
-    for name in reversed(list(nx.topological_sort(same_layer))):
-        chains = [ops[after].duration_s + to_gpu[after] for after in same_layer.successors(name)
-                  if to_gpu[after] is not None]
+    # An op depends only on ops issued before it (LayerTemplate), so the issue order, reversed, visits every op after
+    # the ops that depend on it.
+    for name in reversed(ops):
+        chains = [ops[after].duration_s + to_gpu[after] for after in successors[name] if to_gpu[after] is not None]
         if ops[name].resource == "gpu":
             chains.append(0.0)
         to_gpu[name] = max(chains, default=None)
     issued_after: dict[str, float] = {}  # per resource: time of its ops issued after the one at hand in the layer
-    for name in reversed(list(graph.nodes)):
+    for name in reversed(ops):
         resource = ops[name].resource
         if resource != "gpu" and to_gpu[name] is not None:
             bound = max(bound, busy[resource] - issued_after.get(resource, 0.0) + to_gpu[name])

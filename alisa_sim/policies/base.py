@@ -12,7 +12,9 @@ from alisa_sim.model_spec import aligned_seq_len
 from alisa_sim.ops import LayerTemplate, Op, make_op
 from alisa_sim.workload import ResolvedWorkload
 
-@dataclass(frozen=True)
+# MemoryUse and StepPlan are built for every step of a run (100,000 in a long one): slotted and, since a frozen
+# dataclass's __init__ costs five times as much, not frozen; nothing changes them once built.
+@dataclass(slots=True)
 class MemoryUse:
     """Bytes a policy holds on each device, with a by-purpose breakdown for error messages and reports."""
 
@@ -28,7 +30,7 @@ class MemoryUse:
         return int(sum(self.cpu.values()))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepPlan:
     """One step a policy wants run: the op DAG of a layer, the KV held meanwhile, and what the step achieves.
 
@@ -58,6 +60,10 @@ class Policy(ABC):
         self.cost = cost
         self.batch = workload.workload.batch_size
         self.prompt_len = workload.workload.prompt_len
+        # Ops already priced, by everything they are priced from: a run builds thousands of step DAGs whose ops,
+        # but for attention and KV copies, repeat from step to step (a view made by copy.copy shares it).
+        self._priced_ops: dict[tuple, Op | tuple | dict] = {}
+        self._kv_bytes_per_token = self.model.kv_bytes_per_token()  # asked for every step of a long run
 
     # ---- what a policy decides -----------------------------------------------------------------
     @abstractmethod
@@ -117,11 +123,15 @@ class Policy(ABC):
                 extra_host_s: float = 0.0) -> Op:
         """A GPU op whose parts (by kind) are sequences of named executor ops, device and host time from their rows
         (and `extra_host_s` of the executor's own host time around them)."""
-        priced = {kind: self._priced(*calls) for kind, calls in parts.items()}
-        return make_op(name, "gpu", {kind: device for kind, (device, _) in priced.items()},
-                       host_s=extra_host_s + sum(host for _, host in priced.values()),
-                       calls=tuple((op, tuple(sorted(shape.items()))) for calls in parts.values()
-                                   for op, shape in calls))
+        key = tuple((kind, *((op, *shape.items()) for op, shape in calls)) for kind, calls in parts.items())
+        if (op := self._priced_ops.get((name, key, extra_host_s))) is None:
+            if (priced := self._priced_ops.get(key)) is None:  # the same work under another name (FlexGen's batches)
+                priced = self._priced_ops[key] = {kind: self._priced(*calls) for kind, calls in parts.items()}
+            op = self._priced_ops[name, key, extra_host_s] = make_op(
+                name, "gpu", {kind: device for kind, (device, _) in priced.items()},
+                host_s=extra_host_s + sum(host for _, host in priced.values()),
+                calls=tuple((op, tuple(sorted(shape.items()))) for calls in parts.values() for op, shape in calls))
+        return op
 
     def host_of(self, *ops: str) -> float:
         """The host's time issuing these named executor ops (from their profile rows)."""
@@ -144,6 +154,12 @@ class Policy(ABC):
     def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
         """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
         (the executor's `qkv_proj` span)."""
+        key = ("pre_attention", rows, name, self.batch)  # the batch too, for views of another batch (vLLM's)
+        if (op := self._priced_ops.get(key)) is None:
+            op = self._priced_ops[key] = self._pre_attention_op(rows, name)
+        return op
+
+    def _pre_attention_op(self, rows: int, name: str) -> Op:
         m = self.model
         qkv = m.layer_gemms(rows)[0]
         return self._gpu_op(name, {"gemm": (self._project(qkv),),
@@ -154,6 +170,12 @@ class Policy(ABC):
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
         rows (the executor's `out_proj_mlp` span)."""
+        key = ("post_attention", rows, name, self.batch)  # the batch too, for views of another batch (vLLM's)
+        if (op := self._priced_ops.get(key)) is None:
+            op = self._priced_ops[key] = self._post_attention_op(rows, name)
+        return op
+
+    def _post_attention_op(self, rows: int, name: str) -> Op:
         m = self.model
         return self._gpu_op(name, {
             "gemm": tuple(self._project(g) for g in m.layer_gemms(rows)[1:]),
@@ -203,11 +225,15 @@ class Policy(ABC):
         """`Tiers.copy` of nbytes (or of each of `pieces`, copied one after another: the parts of stored rows):
         device time from the link table, host time from the named copy row; `payload: False` for index lists,
         which the traffic counts apart."""
-        op = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
         pieces = pieces or (nbytes,)
-        return make_op(name, direction, {direction: sum(self.cost.copy_s(piece, direction, pinned) for piece in pieces)},
-                       host_s=len(pieces) * self.cost.op_host_s(op), nbytes=int(sum(pieces)) if payload else 0,
-                       calls=tuple((op, (("bytes", int(piece)),)) for piece in pieces))
+        key = ("copy", name, direction, pieces, pinned, payload)
+        if (op := self._priced_ops.get(key)) is None:
+            row = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
+            op = self._priced_ops[key] = make_op(
+                name, direction, {direction: sum(self.cost.copy_s(piece, direction, pinned) for piece in pieces)},
+                host_s=len(pieces) * self.cost.op_host_s(row), nbytes=int(sum(pieces)) if payload else 0,
+                calls=tuple((row, (("bytes", int(piece)),)) for piece in pieces))
+        return op
 
     @property
     def overlap(self) -> bool:
@@ -221,12 +247,16 @@ class Policy(ABC):
 
     def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
         """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
-        template.head.append(self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)},
-                                          extra_host_s=self.wl.hardware.gpu.step_overhead_s))  # the step driver's
-        lm = self.model.lm_head_gemm(self.batch)
-        template.tail.append(self._gpu_op("lm_head", {
-            "gemm": (self._project(lm),),
-            "elementwise": (("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
+        key = ("head_and_tail", rows, self.batch)
+        if (ops := self._priced_ops.get(key)) is None:
+            lm = self.model.lm_head_gemm(self.batch)
+            ops = self._priced_ops[key] = (
+                self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)},
+                             extra_host_s=self.wl.hardware.gpu.step_overhead_s),  # the step driver's own host time
+                self._gpu_op("lm_head", {"gemm": (self._project(lm),), "elementwise": (
+                    ("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
+        template.head.append(ops[0])
+        template.tail.append(ops[1])
         return template
 
     def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, qkv_after: tuple[str, ...] = (),
@@ -248,4 +278,4 @@ class Policy(ABC):
                 "logits": self.model.logits_bytes(batch)}
 
     def kv_bytes(self, context: int) -> float:
-        return self.batch * context * self.model.kv_bytes_per_token()
+        return self.batch * context * self._kv_bytes_per_token

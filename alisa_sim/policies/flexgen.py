@@ -70,6 +70,7 @@ class FlexGenPolicy(Policy):
         self.cpu_kv_heads = m.num_kv_heads - self.gpu_kv_heads
         self.gbs, self.ngb = setting.gpu_batch_size, setting.num_gpu_batches
         self.cpu_attention = setting.cpu_attention and self.cpu_kv_heads > 0
+        self._wired: dict[tuple, LayerTemplate] = {}  # block layers' DAGs by the ops of their slots
 
     @property
     def overlap(self) -> bool:
@@ -134,8 +135,7 @@ class FlexGenPolicy(Policy):
         m, gbs = self.model, self.gbs
         prefill = rows_per_seq > 1
         rows = gbs * rows_per_seq
-        t = LayerTemplate()
-        previous: list[str] = []
+        slots = []
         for k in range(self.ngb):
             ops: list = []  # in issue order; None for a transfer of nothing
             if k == 0:
@@ -154,14 +154,29 @@ class FlexGenPolicy(Policy):
                 # into its pinned pool are the one op it prices otherwise: docs/executor.md).
                 ops.append(self._copy(f"kv_store_b{k}", "d2h", rows * cpu_kv_bytes, pinned=False))
             ops.append(self._copy(f"hidden_store_b{k}", "d2h", self.activations_cpu_share * self._hidden_bytes(rows)))
-            current = self._add_slot(t, ops, previous)
+            slots.append([op for op in ops if op is not None])
+        # The DAG depends only on which ops each slot has: wired once (hundreds of edges for a large block), the
+        # decode steps' templates put their own ops into it.
+        key = tuple(tuple((op.name, op.resource) for op in ops) for ops in slots)
+        if (wired := self._wired.get(key)) is None:
+            wired = self._wired[key] = self._wire(slots)
+        return self.head_and_tail(wired.with_ops([op for ops in slots for op in ops]), self.batch * rows_per_seq)
+
+    @classmethod
+    def _wire(cls, slots: list[list]) -> LayerTemplate:
+        """A layer of these slots (each a list of ops in issue order): every op of a slot after every op of the
+        slot before, and the first slot after the previous layer's last."""
+        t = LayerTemplate()
+        previous: list[str] = []
+        for k, ops in enumerate(slots):
+            current = cls._add_slot(t, ops, previous)
             if k == 0:
                 first_slot = current
             previous = current
         for src in previous:  # the layer's first slot waits for the previous layer's last slot
             for dst in first_slot:
                 t.link(src, dst, lag=1)
-        return self.head_and_tail(t, self.batch * rows_per_seq)
+        return t
 
     @staticmethod
     def _add_slot(t: LayerTemplate, ops: list, previous: list[str]) -> list[str]:
@@ -170,8 +185,6 @@ class FlexGenPolicy(Policy):
         names: list[str] = []
         compute_chain: list[str] = []
         for op in ops:
-            if op is None:
-                continue
             after = tuple(previous)
             if op.resource in ("gpu", "cpu") or op.name.startswith(("qkv_to_cpu", "kv_to_cpu", "attention_to_gpu")):
                 after += tuple(compute_chain[-1:])  # the layer's compute runs in order

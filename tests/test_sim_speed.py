@@ -1,0 +1,102 @@
+"""What the simulator reuses for speed changes nothing: priced ops, FlexGen's wired block DAG, templates' cached
+structure, unchanged memory holds; and a simulation never imports networkx."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alisa_sim.cost_model import CostModel
+from alisa_sim.engine import MemoryPool, OutOfMemory
+from alisa_sim.ops import LayerTemplate, make_op
+from alisa_sim.planner import make_policy
+from alisa_sim.workload import resolve_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _workload(policy: dict, **overrides):
+    data = {"model": "opt-13b", "hardware": "paper-v100-32g", "batch_size": 32, "prompt_len": 128, "gen_len": 64,
+            "policy": policy}
+    return resolve_workload({**data, **overrides})
+
+
+def _fingerprint(template: LayerTemplate) -> tuple:
+    """Everything the engine reads off a template: structure, and every op in full."""
+    return template.structure(), tuple(template.head), tuple(template.ops), tuple(template.tail)
+
+
+@pytest.mark.parametrize("policy", [
+    {"name": "flexgen"},
+    {"name": "flexgen", "gpu_batch_size": 4, "num_gpu_batches": 8, "cpu_attention": True,
+     "percent": [50, 50, 0, 100, 100, 0]},
+    {"name": "accelerate"}, {"name": "zero"}, {"name": "vllm"}, {"name": "alisa", "kv_sparsity": 0.8},
+    {"name": "h2o", "kv_sparsity": 0.8},
+])
+def test_templates_of_a_policy_that_reuses_its_work_equal_fresh_ones(policy):
+    """A policy asked for many steps (its priced ops and FlexGen's wired DAG reused) gives each step the template a
+    policy that builds only that step gives."""
+    wl = _workload(policy)
+    busy = make_policy(wl)
+    steps = list(range(1, wl.decode_steps + 1, 7))
+    reused = [_fingerprint(busy.decode_template(step)) for step in steps + steps]
+    for step, first, again in zip(steps, reused, reused[len(steps):]):
+        fresh = make_policy(wl, CostModel(wl.hardware))
+        assert _fingerprint(fresh.decode_template(step)) == first == again
+    assert _fingerprint(busy.prefill_template()) == _fingerprint(make_policy(wl).prefill_template())
+
+
+def test_with_ops_keeps_the_edges_and_takes_only_the_same_ops():
+    t = LayerTemplate()
+    t.add(make_op("load", "h2d", {"h2d": 1.0}, nbytes=10))
+    t.add(make_op("compute", "gpu", {"gemm": 2.0}), after=("load",))
+    t.link("compute", "load", lag=2)
+    t.head.append(make_op("embedding", "gpu", {"elementwise": 0.1}))
+    ops = [make_op("load", "h2d", {"h2d": 3.0}, nbytes=30), make_op("compute", "gpu", {"gemm": 4.0})]
+    other = t.with_ops(ops)
+    assert other.structure() == t.structure() and other.ops == ops and other.head == t.head
+    before = t.structure()
+    other.add(make_op("store", "d2h", {"d2h": 1.0}), after=("compute",))  # the copy's ops and edges are its own
+    other.link("store", "load", lag=1)
+    assert other.structure() != before and t.structure() == before and t.dependencies("load") == [("compute", 2)]
+    with pytest.raises(ValueError):
+        t.with_ops(ops[::-1])
+    with pytest.raises(ValueError):
+        t.with_ops([make_op("load", "d2h", {"d2h": 1.0}), ops[1]])
+
+
+def test_structure_follows_changes_to_the_template():
+    t = LayerTemplate()
+    t.add(make_op("a", "gpu", {"gemm": 1.0}))
+    first = t.structure()
+    t.head.append(make_op("embedding", "gpu", {"elementwise": 0.1}))
+    assert t.structure() != first and t.structure()[0] == 1
+    before_edge = t.structure()
+    t.add(make_op("b", "h2d", {"h2d": 1.0}), after=("a",))
+    assert t.structure() != before_edge
+    with_b = t.structure()
+    t.link("b", "a", lag=1)
+    assert t.structure() != with_b and t.structure()[3] == ((("a", "b"), 0), (("b", "a"), 1))
+
+
+def test_an_unchanged_hold_keeps_the_peak_and_a_changed_one_is_checked():
+    pool = MemoryPool("GPU", 100)
+    pool.hold({"weights": 60.0, "kv": 10.0}, "at the start")
+    pool.hold({"kv": 10.0}, "in decode 1")
+    assert (pool.level_bytes, pool.peak_bytes, pool.held) == (70.0, 70, {"weights": 60.0, "kv": 10.0})
+    pool.hold({"kv": 5.0}, "in decode 2")
+    assert (pool.level_bytes, pool.peak_bytes) == (65.0, 70)
+    with pytest.raises(OutOfMemory, match="in decode 3"):
+        pool.hold({"kv": 41.0}, "in decode 3")
+    pool.hold({"new": 0.0}, "in decode 4")  # a purpose not held before is recorded, even at zero bytes
+    assert "new" in pool.held
+
+
+def test_a_simulation_and_a_plan_do_not_import_networkx():
+    """networkx (half a second to import) is only for drawing a template's DAG (LayerTemplate.graph)."""
+    code = ("import sys; from alisa_sim.cli import main; "
+            "main(['plan', 'workloads/paper/fig11-attention-opt6.7b.yaml', '--json']); "
+            "assert 'networkx' not in sys.modules, 'networkx was imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
