@@ -143,8 +143,13 @@ class _BatchCurves:
     def __call__(self, work: float, batch: int) -> float:
         if len(self._curves) == 1:
             return self._curves[0](work)
-        log_times = [math.log(curve(work)) for curve in self._curves]
-        return math.exp(float(np.interp(math.log(batch), self._log_batches, log_times)))
+        log_batch = math.log(batch)
+        above = int(np.searchsorted(self._log_batches, log_batch))
+        if above == 0 or above == len(self._curves):  # outside the measured batches: the nearest batch's curve
+            return self._curves[min(above, len(self._curves) - 1)](work)
+        pair = slice(above - 1, above + 1)  # only the two batches around it enter the interpolation
+        log_times = [math.log(curve(work)) for curve in self._curves[pair]]
+        return math.exp(float(np.interp(log_batch, self._log_batches[pair], log_times)))
 
 
 class _OpCurve:
