@@ -11,6 +11,7 @@ each a SpecError naming the file, never a traceback nor a run of the wrong model
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -148,12 +149,20 @@ class _GGUFFile:
 
 
 def _gguf_reader(path: Path):
-    import gguf
-
+    """The parsed GGUF file, parsed once while it is unchanged: parsing builds every metadata field (a tokenizer's
+    vocabulary too) and takes seconds, and a load reads the file for its spec and again for its tensors."""
     try:
-        return gguf.GGUFReader(str(path))
+        stat = path.stat()
+        return _parsed_gguf(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     except _GGUF_READ_ERRORS as exc:
         raise SpecError(f"{path}: not a readable GGUF file: {type(exc).__name__}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed_gguf(path: str, mtime_ns: int, size: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
 
 
 def gguf_model_spec(path: str | Path) -> ModelSpec:

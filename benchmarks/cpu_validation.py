@@ -199,14 +199,15 @@ def traffic_differences(predicted: dict, measured: dict) -> list[str]:
 
 
 def run_loop(folder: Path, selected: list[Point] | None = None, device: str = "cpu", profile: Path | None = None,
-             log=lambda _: None, threads: int = THREADS) -> dict:
+             log=lambda _: None, threads: int = THREADS, calibrate: bool = True) -> dict:
     """One loop into `folder`; returns the uncalibrated and calibrated validation documents, the fit, the traffic
-    differences per point and the points' variants."""
+    differences per point and the points' variants. Without `calibrate`, the loop stops after the uncalibrated
+    validation (calibrated None, fit empty)."""
     with torch_threads(threads):
-        return _run_loop(folder, points() if selected is None else selected, device, profile, log)
+        return _run_loop(folder, points() if selected is None else selected, device, profile, log, calibrate)
 
 
-def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | None, log) -> dict:
+def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | None, log, calibrate: bool) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     profile = folder / "profile.yaml"
     if given is None:
@@ -244,6 +245,10 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
     measured = folder / "measured"
     uncalibrated = json.loads(_call(sim_main, ["validate", str(folder / "predicted"), str(measured), "--json",
                                                "--out", str(folder / "uncalibrated")]))
+    loop = {"uncalibrated": uncalibrated, "calibrated": None, "fit": {}, "traffic": traffic,
+            "variants": {p.name: p.variant.name for p in selected}}
+    if not calibrate:
+        return loop
     fitted = folder / "profile-fitted.yaml"
     log("calibrating on the fit half")
     try:
@@ -252,16 +257,14 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
                                           "--params", ",".join(FIT_PARAMETERS), "--holdout",
                                           *(str(measured / n / "result.json") for n in split["holdout"])]))
     except RuntimeError as refused:  # calibrate refuses a fit that is worse than the profile as measured
-        return {"uncalibrated": uncalibrated, "calibrated": None, "fit": {"refused": str(refused)},
-                "traffic": traffic, "variants": {p.name: p.variant.name for p in selected}}
+        return {**loop, "fit": {"refused": str(refused)}}
     for name in split["holdout"]:
         _call(sim_main, ["run", str(measured / name / "result.json"), "--hardware", str(fitted.resolve()),
                          "--out", str(folder / "predicted-fitted" / name)])
     calibrated = json.loads(_call(sim_main, [
         "validate", str(folder / "predicted-fitted"), *(str(measured / n / "result.json") for n in split["holdout"]),
         "--json", "--out", str(folder / "calibrated")]))
-    return {"uncalibrated": uncalibrated, "calibrated": calibrated, "fit": fit, "traffic": traffic,
-            "variants": {p.name: p.variant.name for p in selected}}
+    return {**loop, "calibrated": calibrated, "fit": fit}
 
 
 def by_variant(loop: dict, side: str) -> dict[str, dict]:

@@ -49,33 +49,33 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-# Imports each named module with every project module dropped from sys.modules first, so each is imported on its own
-# (third-party modules stay loaded, which is what keeps this to one interpreter per package).
+# Imports each module of each package (JSON lists in argv) with every project module dropped from sys.modules first,
+# so each is imported on its own; after each package, which heavy modules are loaded. Third-party modules stay
+# loaded, which keeps this to one interpreter; alisa_sim goes first, so torch is not yet loaded when it is checked.
 IMPORT_EACH = """
 import importlib, json, sys
-failed = {}
-for module in sys.argv[1:]:
-    for name in [m for m in sys.modules if m.split(".")[0] in ("alisa_sim", "alisa_exec")]:
-        del sys.modules[name]
-    try:
-        importlib.import_module(module)
-    except Exception as exc:
-        failed[module] = f"{type(exc).__name__}: {exc}"
-print(json.dumps({"failed": failed, "heavy": [m for m in ("torch", "triton") if m in sys.modules]}))
+report = {}
+for package, modules in json.loads(sys.argv[1]).items():
+    failed = {}
+    for module in modules:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("alisa_sim", "alisa_exec")]:
+            del sys.modules[name]
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            failed[module] = f"{type(exc).__name__}: {exc}"
+    report[package] = {"failed": failed, "heavy": [m for m in ("torch", "triton") if m in sys.modules]}
+print(json.dumps(report))
 """
-
-
-def import_each(package: str) -> dict:
-    modules = [m for m in MODULES if m.split(".")[0] == package]
-    done = subprocess.run([sys.executable, "-c", IMPORT_EACH, *modules], capture_output=True, text=True, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def imported_alone():
-    return {package: import_each(package) for package in PACKAGES}
+    modules = {package: [m for m in MODULES if m.split(".")[0] == package] for package in PACKAGES}
+    done = subprocess.run([sys.executable, "-c", IMPORT_EACH, json.dumps(modules)], capture_output=True, text=True,
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -1,4 +1,5 @@
-"""Fixtures for the executor tests: tiny random Hugging Face models saved as safetensors folders."""
+"""Fixtures for the executor tests: tiny random Hugging Face models saved as safetensors folders, and one quick CPU
+profile measured for the whole session."""
 
 import pytest
 
@@ -21,3 +22,20 @@ def tiny_hf_models(tmp_path_factory):
         model.save_pretrained(folder)
         models[name] = (model, folder)
     return models
+
+
+@pytest.fixture(scope="session")
+def quick_cpu_profile(tmp_path_factory):
+    """`alisa-exec profile --device cpu --quick`, measured once for every test that needs a measured CPU profile. On
+    one torch thread, as benchmarks/cpu_validation.py measures and runs (its THREADS says why: on a shared machine two
+    threads time competing work as stalls), so that the validation loop's timing bound holds under load."""
+    from alisa_exec.cli import main
+
+    path = tmp_path_factory.mktemp("profiles") / "cpu-quick.yaml"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["profile", "--device", "cpu", "--quick", "--out", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return path

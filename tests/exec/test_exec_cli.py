@@ -2,7 +2,7 @@
 JSON and Chrome trace, and bad input exits 2 with one message and no half-written output."""
 
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -21,13 +21,6 @@ METRICS = {"prefill_s", "decode_s", "total_s", "throughput_tok_s", "decode_step_
            "h2d_bytes", "d2h_bytes", "oom"}
 
 
-@pytest.fixture(scope="session")
-def cpu_profile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("profiles") / "cpu-quick.yaml"
-    assert main(["profile", "--device", "cpu", "--quick", "--out", str(path)]) == 0
-    return path
-
-
 def write_workload(folder, profile, **overrides):
     data = {"model": TINY_SPEC, "hardware": str(profile), "batch_size": BATCH, "prompt_len": PROMPT_LEN,
             "gen_len": GEN_LEN, "policy": {"name": "dense"}, **overrides}
@@ -36,8 +29,8 @@ def write_workload(folder, profile, **overrides):
     return path
 
 
-def test_quick_cpu_profile_loads_in_the_simulator(cpu_profile):
-    profile = load_hardware_profile(cpu_profile)
+def test_quick_cpu_profile_loads_in_the_simulator(quick_cpu_profile):
+    profile = load_hardware_profile(quick_cpu_profile)
     assert profile.name == "cpu-quick"
     assert "CPU" in profile.gpu.source.note and "host" in profile.link.source.note
     assert {"torch", "triton", "driver"} <= profile.provenance.software.keys()
@@ -46,9 +39,9 @@ def test_quick_cpu_profile_loads_in_the_simulator(cpu_profile):
     assert cost.copy_s(2**20, "h2d") > 0 and cost.prefill_attention_s(1, 128, 8, 64) > 0
 
 
-def test_run_writes_result_json_and_trace(tmp_path, cpu_profile):
+def test_run_writes_result_json_and_trace(tmp_path, quick_cpu_profile):
     out = tmp_path / "out"
-    assert main(["run", str(write_workload(tmp_path, cpu_profile)), "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["run", str(write_workload(tmp_path, quick_cpu_profile)), "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["source"] == "exec"
     assert result["workload"]["batch_size"] == BATCH and result["workload"]["model"] == TINY_SPEC
@@ -78,10 +71,10 @@ def test_run_writes_result_json_and_trace(tmp_path, cpu_profile):
     assert {"qkv_proj", "attention", "out_proj_mlp", "lm_head"} <= ops  # dense runs the same layer loop
 
 
-def test_run_with_hf_weights_and_json_output(tmp_path, cpu_profile, tiny_hf_models, capsys):
+def test_run_with_hf_weights_and_json_output(tmp_path, quick_cpu_profile, tiny_hf_models, capsys):
     _, folder = tiny_hf_models["llama-gqa"]
     model = load_model_spec(str(folder)).model_dump()
-    workload = write_workload(tmp_path, cpu_profile, model=model)
+    workload = write_workload(tmp_path, quick_cpu_profile, model=model)
     assert main(["run", str(workload), "--device", "cpu", "--weights", str(folder), "--out", str(tmp_path / "o"),
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -95,9 +88,10 @@ def test_run_with_hf_weights_and_json_output(tmp_path, cpu_profile, tiny_hf_mode
     ({"model": "pythia-6.9b"}, "dummy", "gpt_neox"),
     ({}, "/no/such/weights", "not 'dummy'"),
 ])
-def test_bad_runs_exit_2_with_one_message_and_no_output(tmp_path, cpu_profile, capsys, overrides, weights, message):
+def test_bad_runs_exit_2_with_one_message_and_no_output(tmp_path, quick_cpu_profile, capsys, overrides, weights,
+                                                        message):
     out = tmp_path / "out"
-    workload = write_workload(tmp_path, cpu_profile, **overrides)
+    workload = write_workload(tmp_path, quick_cpu_profile, **overrides)
     assert main(["run", str(workload), "--device", "cpu", "--weights", weights, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("alisa-exec: error:")
@@ -105,8 +99,8 @@ def test_bad_runs_exit_2_with_one_message_and_no_output(tmp_path, cpu_profile, c
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no CUDA GPU")
-def test_cuda_without_a_gpu_exits_2(tmp_path, cpu_profile, capsys):
-    assert main(["run", str(write_workload(tmp_path, cpu_profile)), "--device", "cuda"]) == 2
+def test_cuda_without_a_gpu_exits_2(tmp_path, quick_cpu_profile, capsys):
+    assert main(["run", str(write_workload(tmp_path, quick_cpu_profile)), "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
@@ -115,18 +109,21 @@ def test_profile_out_must_be_a_yaml_file(tmp_path, capsys):
     assert "YAML file" in capsys.readouterr().err
 
 
-def test_console_script_reports_a_missing_workload_without_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "alisa_exec.cli", "run", str(tmp_path / "missing.yaml")],
-                          capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "workload file not found" in done.stderr and "Traceback" not in done.stderr
+def test_console_script_reports_a_missing_workload_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """`python -m alisa_exec.cli`: its `__main__` block exits with main's code (run here, in this process)."""
+    monkeypatch.setattr(sys, "argv", ["alisa-exec", "run", str(tmp_path / "missing.yaml")])
+    with pytest.warns(RuntimeWarning, match="found in sys.modules"), pytest.raises(SystemExit) as exited:
+        runpy.run_module("alisa_exec.cli", run_name="__main__")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "workload file not found" in err and "Traceback" not in err
 
 
-def test_run_takes_the_simulators_plan_json(tmp_path, cpu_profile, capsys):
+def test_run_takes_the_simulators_plan_json(tmp_path, quick_cpu_profile, capsys):
     """`alisa-sim plan --json` writes the plan the executor runs: the same workload, measured."""
     from alisa_sim.cli import main as sim_main
 
-    assert sim_main(["plan", str(write_workload(tmp_path, cpu_profile)), "--json"]) == 0
+    assert sim_main(["plan", str(write_workload(tmp_path, quick_cpu_profile)), "--json"]) == 0
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(capsys.readouterr().out)
     out = tmp_path / "out"

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import yaml
 
 from alisa_exec import ops
 from alisa_exec.kernels.selection import LocalAttentionSum
 from alisa_exec.kv_cache import Tiers, TokenRows
-from alisa_exec.profiler import CPU_QUICK, Bench, measure_named_ops, measure_profile
+from alisa_exec.profiler import CPU_QUICK, Bench, measure_named_ops
 from alisa_sim.cost_model import CostModel
 from alisa_sim.hardware import NAMED_OPS, HardwareProfile, load_hardware_profile, op_work
 
@@ -26,14 +27,16 @@ EXECUTOR_CALLS = {
 
 
 @pytest.fixture(scope="module")
-def named_rows():
-    return measure_named_ops(Bench(torch.device("cpu"), 2, min_time_s=0.0), CPU_QUICK, torch.float32)
+def named_rows(quick_cpu_profile):
+    """The named-op rows of the session's `alisa-exec profile --device cpu --quick`."""
+    return yaml.safe_load(quick_cpu_profile.read_text())["gpu"]["ops"]
 
 
-def test_every_named_op_is_an_executor_call_and_the_profiler_times_each(named_rows):
+def test_every_named_op_is_an_executor_call_and_the_profiler_times_each(named_rows, quick_cpu_profile):
     assert set(EXECUTOR_CALLS) == set(NAMED_OPS)
     assert {row["op"] for row in named_rows} == set(NAMED_OPS)
     assert all(row["source"] == "measured" and row["s"] > 0 and row["host_s"] == 0 for row in named_rows)
+    assert {row.op for row in load_hardware_profile(quick_cpu_profile).gpu.ops} == set(NAMED_OPS)
 
 
 def test_the_cost_model_reads_measured_rows_by_name(named_rows):
@@ -68,13 +71,6 @@ def test_shipped_profiles_derive_every_named_op():
     profile = load_hardware_profile("h200")
     assert {row.op for row in profile.gpu.ops} == set(NAMED_OPS)
     assert {row.source for row in profile.gpu.ops} == {"derived"}
-
-
-@pytest.mark.slow
-def test_quick_cpu_profile_measures_the_named_ops():
-    profile = measure_profile("cpu-quick", torch.device("cpu"), quick=True)
-    assert {row["op"] for row in profile["gpu"]["ops"]} == set(NAMED_OPS)
-    CostModel(HardwareProfile.model_validate(profile))
 
 
 def test_named_ops_are_timed_at_each_models_layer_and_priced_from_its_own_rows():

@@ -240,13 +240,14 @@ def test_ctrl_c_during_a_run_leaves_a_complete_result_or_none(tmp_path):
         assert json.loads((out / "result.json").read_text())["metrics"]["oom"] is False
 
 
-def test_policies_benchmark_smoke(tmp_path, monkeypatch, capsys):
-    """benchmarks/exec_policies.py on the CPU: a tiny model, a quick CPU profile, measured beside predicted."""
+def test_policies_benchmark_smoke(tmp_path, monkeypatch, capsys, quick_cpu_profile):
+    """benchmarks/exec_policies.py on the CPU: a tiny model, the session's quick CPU profile (the GPU check's dry run
+    runs --smoke measuring its own), measured beside predicted."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import exec_policies
 
-    assert exec_policies.main(["--smoke", "--batches", "2", "--policies", "alisa,flexgen,h2o", "--out",
-                               str(tmp_path)]) == 0
+    assert exec_policies.main(["--smoke", "--batches", "2", "--policies", "alisa,flexgen,h2o", "--hardware",
+                               str(quick_cpu_profile), "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("exec_policies-cpu-*.json")).read_text())
     rows = {row["policy"]: row for row in report["rows"]}
     assert set(rows) == {"alisa", "flexgen", "h2o"} and all(row["batch"] == 2 for row in rows.values())
