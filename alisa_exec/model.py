@@ -67,20 +67,20 @@ def make_norm(spec: ModelSpec) -> nn.Module:
 
 
 def rope_tables(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin of every position's rotation angles, [max_seq_len, head_dim], each frequency twice (half layout)."""
+    """cos and signed sin of every position's rotation angles, [max_seq_len, head_dim], each frequency twice (half
+    layout); the sin table's first half is negated, the sign the half rotation gives those lanes (see `apply_rope`)."""
     dim = spec.dim_per_head
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """Rotate [batch, seq, heads, head_dim] by the angles of its positions ([seq, head_dim] tables shared by the
-    batch, or [batch, seq, head_dim] when every sequence sits at its own positions)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+    batch, or [batch, seq, head_dim] when every sequence sits at its own positions): x cos + (-x2, x1) sin, with the
+    sign in the table, so the rotated copy is one roll of the halves (bit-equal to negating x2, one op fewer)."""
+    return torch.addcmul(x * cos.unsqueeze(-2), x.roll(x.shape[-1] // 2, -1), signed_sin.unsqueeze(-2))
 
 
 class KVCache(nn.Module):
@@ -229,9 +229,9 @@ class Transformer(nn.Module):
         mask = torch.zeros(max_seq_len, max_seq_len, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         self.register_buffer("causal_mask", mask, persistent=False)
         if self.spec.family == "llama":
-            cos, sin = rope_tables(self.spec, max_seq_len, dtype, device)
+            cos, signed_sin = rope_tables(self.spec, max_seq_len, dtype, device)
             self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_signed_sin", signed_sin, persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, all_logits: bool = False) -> Tensor:
         """fp32 logits of the last position of each sequence ([batch, 1, vocab]), or of every position.
@@ -254,8 +254,8 @@ class Transformer(nn.Module):
         return x
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The rotary tables at positions [seq] or [batch, seq] (None for OPT)."""
-        return (self.rope_cos[positions], self.rope_sin[positions]) if self.spec.family == "llama" else None
+        """The rotary tables (`rope_tables`) at positions [seq] or [batch, seq] (None for OPT)."""
+        return (self.rope_cos[positions], self.rope_signed_sin[positions]) if self.spec.family == "llama" else None
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 logits of hidden states [batch, seq, hidden] after the final norm."""

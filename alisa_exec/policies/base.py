@@ -10,12 +10,14 @@ object (a subclass per policy), made fresh for every run.
 
 from __future__ import annotations
 
+import functools
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alisa_exec import ops
 from alisa_exec.kv_cache import GPU, ROW_COUNTERS, Tiers
@@ -233,7 +235,7 @@ class ExecPolicy(ABC):
         return self.run.model.layers[index]
 
     def project(self, index: int, name: str, layer: Block, x: Tensor) -> Tensor:
-        return ops.project(layer.get_submodule(name), x)
+        return ops.project(projection(layer, name), x)
 
     def layer_input(self, x: Tensor, rows: slice, index: int) -> Tensor:
         return x[rows]
@@ -278,6 +280,17 @@ class ExecPolicy(ABC):
             if self.logits_log is not None:
                 self.logits_log.append(logits[:, 0].cpu())
             return ops.argmax(logits)
+
+
+@functools.cache
+def _getter(name: str) -> Callable[[Block], nn.Linear]:
+    return operator.attrgetter(name)
+
+
+def projection(layer: Block, name: str) -> nn.Linear:
+    """The layer's projection by dotted name ("attention.wqkv"); a cached getter, as the layer loop asks four times a
+    layer per step (`nn.Module.get_submodule` parses the name each time)."""
+    return _getter(name)(layer)
 
 
 def split_kv(rows: Tensor, kv_heads: int) -> tuple[Tensor, Tensor]:
