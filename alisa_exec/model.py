@@ -112,11 +112,12 @@ class Attention(nn.Module):
         """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim] from the fused projection's
         output, rotated when the model uses rotary embeddings."""
         batch, seq, _ = qkv.shape
-        qk, v = qkv.split([self.q_dim + self.kv_dim, self.kv_dim], dim=-1)
+        # torch.split_with_sizes, not Tensor.split (a Python wrapper around it): this runs in every layer of a step
+        qk, v = torch.split_with_sizes(qkv, [self.q_dim + self.kv_dim, self.kv_dim], dim=-1)
         qk = qk.view(batch, seq, self.num_heads + self.num_kv_heads, self.head_dim)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q's and k's heads in one pass (half the small ops of a decode step)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+        q, k = torch.split_with_sizes(qk, [self.num_heads, self.num_kv_heads], dim=2)
         return q, k, v.view(batch, seq, self.num_kv_heads, self.head_dim)
 
     def project_kv(self, h: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:

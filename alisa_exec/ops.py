@@ -66,7 +66,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Dense attention of q [b, s, heads, d] over a whole cache [b, kv_heads, L, d] under an additive mask [s, L]
     (the dense and zero policies' static buffers) -> [b, s, heads x d]."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[None, None],
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,  # broadcast over b, heads
                                        enable_gqa=keys.shape[1] != q.shape[2])
     return y.transpose(1, 2).flatten(2)
 

@@ -28,6 +28,8 @@ from alisa_sim.policies import Policy
 from alisa_sim.results import StepRow
 from alisa_sim.workload import ResolvedWorkload
 
+ALL_ROWS = slice(None)  # the layer loop's one row group when a policy runs the whole batch at once
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -98,6 +100,10 @@ class Run:
     prefill: bool = True  # the step is a prompt pass
     positions: Tensor | None = None  # the positions of the tokens in the layers now
     counters: dict[str, int] = field(default_factory=dict)
+    layers: list[Block] = field(init=False)  # the model's layers, a plain list (the layer loop indexes it per layer)
+
+    def __post_init__(self):
+        self.layers = list(self.model.layers)
 
 
 class ExecPolicy(ABC):
@@ -192,7 +198,7 @@ class ExecPolicy(ABC):
     @property
     def row_groups(self) -> tuple[slice, ...]:
         """The batch's rows as the layer loop runs them: all at once, or GPU batch by GPU batch (FlexGen)."""
-        return (slice(None),)
+        return (ALL_ROWS,)
 
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """The decoder over tokens [rows, seq] at positions [seq] (or [rows, seq]): embedding, every layer with the
@@ -232,13 +238,13 @@ class ExecPolicy(ABC):
 
     def block(self, index: int) -> Block:
         """The layer whose weights the step uses (its staged copy when weights are streamed)."""
-        return self.run.model.layers[index]
+        return self.run.layers[index]
 
     def project(self, index: int, name: str, layer: Block, x: Tensor) -> Tensor:
         return ops.project(projection(layer, name), x)
 
     def layer_input(self, x: Tensor, rows: slice, index: int) -> Tensor:
-        return x[rows]
+        return x if rows == ALL_ROWS else x[rows]
 
     def before_layer(self, index: int, group: int) -> None:
         """Issue what must be under way before a layer's group runs (prefetches of what comes next)."""
