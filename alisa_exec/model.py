@@ -29,13 +29,14 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
+        self.eps, self.normalized_shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x)
+        weight = self.weight
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # one call, weight applied inside
+        return weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).type_as(x)
 
 
 def mkl_packable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -54,11 +55,9 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, owner: nn.Module, packe
     """x @ weight^T + bias: by MKL's packed GEMM when `owner` holds the weight packed (buffer `packed_name`) for
     inputs of x's rows, else as F.linear."""
     packed = getattr(owner, packed_name, None)
-    rows = getattr(owner, "packed_rows", 0)
-    if packed is None or x.numel() != rows * x.shape[-1]:
+    if packed is None or x.numel() != owner.packed_rows * x.shape[-1]:
         return F.linear(x, weight, bias)
-    out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, owner.packed_rows)  # any leading dims, as F.linear
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
