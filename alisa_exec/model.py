@@ -23,13 +23,14 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
+        self.eps, self.normalized_shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x)
+        weight = self.weight
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # one call, weight applied inside
+        return weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).type_as(x)
 
 
 def mkl_packable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,9 +57,7 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, owner: nn.Module, packe
     packed = packed_weight_for(owner, packed_name, x)
     if packed is None:
         return F.linear(x, weight, bias)
-    rows = owner.packed_rows
-    out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), packed, weight, bias, rows)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, owner.packed_rows)  # any leading dims, as F.linear
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
@@ -67,20 +66,20 @@ def make_norm(spec: ModelSpec) -> nn.Module:
 
 
 def rope_tables(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin of every position's rotation angles, [max_seq_len, head_dim], each frequency twice (half layout)."""
+    """cos and signed sin of every position's rotation angles, [max_seq_len, head_dim], each frequency twice (half
+    layout); the sin table's first half is negated, the sign the half rotation gives those lanes (see `apply_rope`)."""
     dim = spec.dim_per_head
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    return torch.cat((angles, angles), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """Rotate [batch, seq, heads, head_dim] by the angles of its positions ([seq, head_dim] tables shared by the
-    batch, or [batch, seq, head_dim] when every sequence sits at its own positions)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+    batch, or [batch, seq, head_dim] when every sequence sits at its own positions): x cos + (-x2, x1) sin, with the
+    sign in the table, so the rotated copy is one roll of the halves (bit-equal to negating x2, one op fewer)."""
+    return torch.addcmul(x * cos.unsqueeze(-2), x.roll(x.shape[-1] // 2, -1), signed_sin.unsqueeze(-2))
 
 
 class KVCache(nn.Module):
@@ -112,11 +111,12 @@ class Attention(nn.Module):
         """q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, head_dim] from the fused projection's
         output, rotated when the model uses rotary embeddings."""
         batch, seq, _ = qkv.shape
-        qk, v = qkv.split([self.q_dim + self.kv_dim, self.kv_dim], dim=-1)
+        # torch.split_with_sizes, not Tensor.split (a Python wrapper around it): this runs in every layer of a step
+        qk, v = torch.split_with_sizes(qkv, [self.q_dim + self.kv_dim, self.kv_dim], dim=-1)
         qk = qk.view(batch, seq, self.num_heads + self.num_kv_heads, self.head_dim)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q's and k's heads in one pass (half the small ops of a decode step)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+        q, k = torch.split_with_sizes(qk, [self.num_heads, self.num_kv_heads], dim=2)
         return q, k, v.view(batch, seq, self.num_kv_heads, self.head_dim)
 
     def project_kv(self, h: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -229,9 +229,9 @@ class Transformer(nn.Module):
         mask = torch.zeros(max_seq_len, max_seq_len, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         self.register_buffer("causal_mask", mask, persistent=False)
         if self.spec.family == "llama":
-            cos, sin = rope_tables(self.spec, max_seq_len, dtype, device)
+            cos, signed_sin = rope_tables(self.spec, max_seq_len, dtype, device)
             self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_signed_sin", signed_sin, persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, all_logits: bool = False) -> Tensor:
         """fp32 logits of the last position of each sequence ([batch, 1, vocab]), or of every position.
@@ -254,8 +254,8 @@ class Transformer(nn.Module):
         return x
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The rotary tables at positions [seq] or [batch, seq] (None for OPT)."""
-        return (self.rope_cos[positions], self.rope_sin[positions]) if self.spec.family == "llama" else None
+        """The rotary tables (`rope_tables`) at positions [seq] or [batch, seq] (None for OPT)."""
+        return (self.rope_cos[positions], self.rope_signed_sin[positions]) if self.spec.family == "llama" else None
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 logits of hidden states [batch, seq, hidden] after the final norm."""

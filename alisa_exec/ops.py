@@ -100,15 +100,19 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def kv_store(keys: Tensor, values: Tensor, positions: Tensor | slice, k: Tensor, v: Tensor) -> None:
     """Write new tokens' k and v [b, T, kv_heads, d] into static buffers [b, kv_heads, L, d] at `positions`."""
     issued("kv_store", b=k.shape[0], T=k.shape[1], width=2 * k.shape[2] * k.shape[3], e=k.element_size())
-    keys[:, :, positions] = k.transpose(1, 2)
-    values[:, :, positions] = v.transpose(1, 2)
+    if isinstance(positions, slice):
+        keys[:, :, positions] = k.transpose(1, 2)
+        values[:, :, positions] = v.transpose(1, 2)
+    else:  # a decode step's positions
+        keys.index_copy_(2, positions, k.transpose(1, 2))
+        values.index_copy_(2, positions, v.transpose(1, 2))
 
 
 def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Dense attention of q [b, s, heads, d] over a whole cache [b, kv_heads, L, d] under an additive mask [s, L]
     (the dense and zero policies' static buffers) -> [b, s, heads x d]."""
     issued("masked_attention", **_cache(keys, q))
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[None, None],
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,  # broadcast over b, heads
                                        enable_gqa=keys.shape[1] != q.shape[2])
     return y.transpose(1, 2).flatten(2)
 

@@ -7,6 +7,8 @@ picked token marked on the host clock by a streamer. The floor of a decode step 
 bandwidth measured here in the same run: a tensor copy (bytes read + written, as `alisa-exec profile` measures it
 and as the hardware profile records it), and, as a stricter second floor, a read-only reduction over a buffer far
 beyond the caches. Targets: decode step within 1.25x of the floor at batch 1, at least 1.5x faster than HF at batch 8.
+Where the step goes: its GEMMs alone (every projection and the LM head on the run's own packed weights, back to
+back) against the rest of the step.
 
     python benchmarks/cpu_dense.py [--batches 1,8] [--prompt-len 128] [--gen-len 16] [--threads N]
 
@@ -31,9 +33,10 @@ from rich.table import Table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alisa_exec import executor  # noqa: E402
+from alisa_exec import executor, ops  # noqa: E402
 from alisa_exec.accuracy.evaluate import smollm2_gguf  # noqa: E402
 from alisa_exec.device import device_name  # noqa: E402
+from alisa_exec.model import gemm  # noqa: E402
 from alisa_exec.profiler import Bench, copy_GBps  # noqa: E402
 from alisa_sim.errors import EXIT_BAD_INPUT, SpecError  # noqa: E402
 from alisa_sim.workload import load_workload  # noqa: E402
@@ -53,8 +56,9 @@ def read_GBps(nbytes: int = BANDWIDTH_BYTES) -> float:
     return nbytes / Bench(torch.device("cpu"), reps=10).time_s(buffer.sum) / 1e9
 
 
-def measure_ours(batch: int, args) -> tuple[list[float], torch.Tensor, int]:
-    """The executor's decode step times, its tokens and the model's weight bytes."""
+def measure_ours(batch: int, args) -> tuple[list[float], torch.Tensor, int, float]:
+    """The executor's decode step times, its tokens, the model's weight bytes and the time of the step's GEMMs
+    alone (`projections_s`)."""
     overrides = [f"hardware={PROFILE}", f"batch_size={batch}", f"prompt_len={args.prompt_len}",
                  f"gen_len={args.gen_len}"]
     wl = load_workload(WORKLOAD, overrides=overrides)
@@ -62,7 +66,23 @@ def measure_ours(batch: int, args) -> tuple[list[float], torch.Tensor, int]:
     plan = executor.plan_run(wl, device, torch.float32)
     measured = executor.execute(plan, device, torch.float32, str(args.weights), SEED)
     steps = [row.time_s for row in measured.rows() if row.kind == "decode"]
-    return steps, measured.tokens, plan.gpu_bytes["weights"]
+    return steps, measured.tokens, plan.gpu_bytes["weights"], projections_s(plan.policy.run.model, batch)
+
+
+def projections_s(model, batch: int) -> float:
+    """One decode step's GEMMs and nothing else: every projection and the LM head, back to back on the run's own
+    (packed) weights at the step's shapes, through the executor's op. What the step spends beyond this is the
+    rest of the layer (norms, rotary, attention, KV stores, the driver), the breakdown's other column."""
+    head = model.head_weight()
+    inputs = [(linear, torch.randn(batch, 1, linear.in_features)) for linear in model.projections()]
+    hidden = torch.randn(batch, 1, head.shape[1])
+
+    def chain():
+        for linear, x in inputs:
+            ops.project(linear, x)
+        gemm(hidden, head, None, model, "packed_head")
+    with torch.no_grad():
+        return Bench(torch.device("cpu"), reps=5).time_s(chain)
 
 
 def prompt_tokens(batch: int, prompt_len: int, vocab_size: int) -> torch.Tensor:
@@ -128,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     hf = AutoModelForCausalLM.from_pretrained(args.weights.parent, gguf_file=args.weights.name,
                                               dtype=torch.float32).eval()
     table = Table("batch", "ours ms/step", "HF ms/step", "HF / ours", "floor ms\n(copy bw)", "ours /\nfloor",
-                  "floor ms\n(read bw)", "ours /\nread floor", "same\ntokens",
+                  "floor ms\n(read bw)", "ours /\nread floor", "GEMMs\nalone ms", "rest of\nstep ms", "same\ntokens",
                   title=f"SmolLM2-135M fp32 dense decode, prompt {args.prompt_len}, gen {args.gen_len}, {card}, "
                         f"torch {torch.__version__}")
     for batch in args.batches:
-        ours, tokens, weight_bytes = measure_ours(batch, args)
+        ours, tokens, weight_bytes, gemms_s = measure_ours(batch, args)
         theirs, hf_tokens = measure_hf(hf, batch, args)
         ours_s, hf_s = statistics.median(ours), statistics.median(theirs)
         floor_s, read_floor_s = weight_bytes / (copy_bw * 1e9), weight_bytes / (read_bw * 1e9)
@@ -145,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             speedup_text += f" {'ok' if speedup >= TARGET_HF_SPEEDUP_BATCH8 else 'MISS'} (>= {TARGET_HF_SPEEDUP_BATCH8})"
         log(f"batch {batch}: ours {ours_s * 1e3:.1f} ms, HF {hf_s * 1e3:.1f} ms per decode step (medians)")
         table.add_row(str(batch), f"{ours_s * 1e3:.1f}", f"{hf_s * 1e3:.1f}", speedup_text, f"{floor_s * 1e3:.1f}",
-                      ratio_text, f"{read_floor_s * 1e3:.1f}", f"{ours_s / read_floor_s:.2f}x",
-                      "yes" if torch.equal(tokens, hf_tokens) else "no")
+                      ratio_text, f"{read_floor_s * 1e3:.1f}", f"{ours_s / read_floor_s:.2f}x", f"{gemms_s * 1e3:.1f}",
+                      f"{(ours_s - gemms_s) * 1e3:.1f}", "yes" if torch.equal(tokens, hf_tokens) else "no")
     Console(width=None if sys.stdout.isatty() else 180).print(table)
     log(f"{weight_bytes / 1e6:.0f} MB of weights; medians of the decode steps; load: "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (a loaded machine slows both sides)")

@@ -10,12 +10,14 @@ object (a subclass per policy), made fresh for every run.
 
 from __future__ import annotations
 
+import functools
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alisa_exec import ops
 from alisa_exec.kv_cache import GPU, ROW_COUNTERS, Tiers
@@ -25,6 +27,8 @@ from alisa_sim.errors import SpecError
 from alisa_sim.policies import Policy
 from alisa_sim.results import StepRow
 from alisa_sim.workload import ResolvedWorkload
+
+ALL_ROWS = slice(None)  # the layer loop's one row group when a policy runs the whole batch at once
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,10 @@ class Run:
     prefill: bool = True  # the step is a prompt pass
     positions: Tensor | None = None  # the positions of the tokens in the layers now
     counters: dict[str, int] = field(default_factory=dict)
+    layers: list[Block] = field(init=False)  # the model's layers, a plain list (the layer loop indexes it per layer)
+
+    def __post_init__(self):
+        self.layers = list(self.model.layers)
 
 
 class ExecPolicy(ABC):
@@ -190,7 +198,7 @@ class ExecPolicy(ABC):
     @property
     def row_groups(self) -> tuple[slice, ...]:
         """The batch's rows as the layer loop runs them: all at once, or GPU batch by GPU batch (FlexGen)."""
-        return (slice(None),)
+        return (ALL_ROWS,)
 
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """The decoder over tokens [rows, seq] at positions [seq] (or [rows, seq]): embedding, every layer with the
@@ -231,13 +239,13 @@ class ExecPolicy(ABC):
 
     def block(self, index: int) -> Block:
         """The layer whose weights the step uses (its staged copy when weights are streamed)."""
-        return self.run.model.layers[index]
+        return self.run.layers[index]
 
     def project(self, index: int, name: str, layer: Block, x: Tensor) -> Tensor:
-        return ops.project(layer.get_submodule(name), x)
+        return ops.project(projection(layer, name), x)
 
     def layer_input(self, x: Tensor, rows: slice, index: int) -> Tensor:
-        return x[rows]
+        return x if rows == ALL_ROWS else x[rows]
 
     def before_layer(self, index: int, group: int) -> None:
         """Issue what must be under way before a layer's group runs (prefetches of what comes next)."""
@@ -279,6 +287,17 @@ class ExecPolicy(ABC):
             if self.logits_log is not None:
                 self.logits_log.append(logits[:, 0].cpu())
             return ops.argmax(logits)
+
+
+@functools.cache
+def _getter(name: str) -> Callable[[Block], nn.Linear]:
+    return operator.attrgetter(name)
+
+
+def projection(layer: Block, name: str) -> nn.Linear:
+    """The layer's projection by dotted name ("attention.wqkv"); a cached getter, as the layer loop asks four times a
+    layer per step (`nn.Module.get_submodule` parses the name each time)."""
+    return _getter(name)(layer)
 
 
 def split_kv(rows: Tensor, kv_heads: int) -> tuple[Tensor, Tensor]:

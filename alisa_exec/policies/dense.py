@@ -35,6 +35,7 @@ class DenseExec(ExecPolicy):
     def __init__(self, wl, sim, dtype):
         super().__init__(wl, sim, dtype)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.decode_mask: Tensor | None = None  # [1, positions] additive mask of the step in the layers
 
     def allocate(self, tiers: Tiers) -> None:
         spec = self.spec
@@ -60,13 +61,17 @@ class DenseExec(ExecPolicy):
             ops.kv_store(self.keys[index], self.values[index], slice(0, self.prompt_len), k, v)
         return y
 
+    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        # Decode attention spans the whole static buffer, later positions masked (what the CUDA graph replays at any
+        # position): the mask rows of the step's positions, taken once for every layer.
+        self.decode_mask = self.run.model.causal_mask[positions]
+        return super().forward(tokens, positions)
+
     def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         positions = self.run.positions
         with self.span("attention", "attention"):
             ops.kv_store(self.keys[index], self.values[index], positions, k, v)
-            # Over the whole static buffer, later positions masked (what the CUDA graph replays at any position).
-            mask = self.run.model.causal_mask[positions]
-            return ops.masked_attention(q, self.keys[index], self.values[index], mask)
+            return ops.masked_attention(q, self.keys[index], self.values[index], self.decode_mask)
 
     # ---- the CUDA graph --------------------------------------------------------------------------------------------
     def uses_graph(self) -> bool:
