@@ -88,6 +88,7 @@ class Selector(ABC):
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
     dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
     query_choice = False  # chooses from the step's query and the cached keys: `choose_by_query` instead of `keep`
+    seeded = False  # a prefill's attention rows seed it (`prefill_rows`); others ignore them
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
@@ -123,7 +124,7 @@ class Selector(ABC):
         """The attention probabilities of the step that just ran."""
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
-        """Densely attended rows of a prefill; a selector that ignores attention ignores them."""
+        """Densely attended rows of a prefill; a selector that is not `seeded` ignores them."""
 
 
 class StaticSelector(Selector):
@@ -190,6 +191,8 @@ class AttentionSum(Selector):
     `total` is the sum of every observed row (int64 fixed point); a window's sum is `total` less the prefix sum
     where the window starts, kept in `ring` for the last `span` row counts (the longest window plus one)."""
 
+    seeded = True
+
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
                  history: str = "window"):
@@ -243,6 +246,8 @@ class AttentionSum(Selector):
 class HeavyHitters(Selector):
     """H2O per KV head: k recent tokens plus heavy hitters by attention summed over all history, among the tokens
     the previous step kept."""
+
+    seeded = True
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
