@@ -97,10 +97,14 @@ def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
 
 def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
     """Kept tokens and probabilities of a block of rows of an attention-dependent selector, one row at a time: each
-    row's choice depends on the rows before it."""
+    row's choice depends on the rows before it. The exponentials of the block's causal scores are taken at once,
+    outside the loop; a row's probabilities are then its kept exponentials over their sum (the row's maximum
+    over every causal token instead of the kept ones changes only the last bit)."""
     batch, _, _, rows, width = scores.shape
     keep = torch.zeros(batch, selector.groups, rows, width, dtype=torch.bool, device=scores.device)
-    probs = torch.zeros_like(scores)
+    future = torch.arange(width, device=scores.device) > torch.arange(first, first + rows, device=scores.device)[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
     threads = torch.get_num_threads()
     # The loop's ops are small: a second CPU thread only adds a barrier per op, which stalls for a whole
     # scheduler slice whenever another process holds the other core.
@@ -109,11 +113,13 @@ def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor,
         for row in range(rows):
             count = first + row + 1
             keep[:, :, row, :count] = row_keep = selector.keep(count)
-            row_probs = torch.softmax(scores[..., row, :count].masked_fill(~row_keep[:, :, None], float("-inf")), -1)
-            probs[..., row, :count] = row_probs
-            selector.observe(row_probs)
+            row_probs = probs[..., row, :count]
+            row_probs.mul_(row_keep[:, :, None])
+            selector.observe(row_probs.div_(row_probs.sum(dim=-1, keepdim=True)))
     finally:
         torch.set_num_threads(threads)
+    if not bool(probs.isfinite().all()):
+        raise FloatingPointError("every kept token's attention underflowed against the row's maximum")
     return keep, probs
 
 

@@ -78,6 +78,15 @@ def top_older(scores: Tensor, take: Tensor) -> Tensor:
     return above | (tied & (tied.cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
 
 
+def top_distinct(keys: Tensor, take: Tensor, most: int) -> Tensor:
+    """Bool mask of the `take[...]` largest of each row of distinct integer keys [..., m] (take [..., 1], at most
+    `most`). Negative keys are never among them as long as each row has `take` keys of zero or more."""
+    if most == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    kth = keys.topk(most, dim=-1).values.gather(-1, (take - 1).clamp(min=0))
+    return (keys >= kth) & (take > 0)
+
+
 class Selector(ABC):
     """One layer's token selection for a batch of sequences decoding in lockstep, each at its own KV sparsity.
     `keep(n)` says what the step with n cached tokens attends, [batch, groups, n] bool (groups: 1 when one set serves
@@ -203,17 +212,31 @@ class AttentionSum(Selector):
         self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
         if history == "window":
             self.span = int(self.windows.max()) + 1
-            self.ring = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
+            self.ring = torch.zeros(self.batch, self.span, self.groups, max_tokens, dtype=torch.int64, device=device)
+            # The ring row (of ring viewed [batch * span, groups, tokens]) where the step with n cached tokens'
+            # window starts: its k rows are the steps n - k .. n - 1, so it starts after n - 1 - k observed rows.
+            start = (torch.arange(max_tokens + 1, device=device)[:, None] - 1 - self.windows).clamp(min=0)
+            self.window_start = self.sequences * self.span + start % self.span
+        # Each step's distinct selection keys are sum * max_tokens + (max_tokens - 1 - position): ties go to the
+        # older token. Sums stay below 2^48 (9 heads x 4096 rows x 2^32), so the keys fit in int64 for any
+        # max_tokens up to 2^15.
+        self.tie_break = max_tokens - 1 - self.token_positions
+        self.recent_start = (torch.arange(max_tokens + 1, device=device)[:, None] - self.recents)[..., None, None]
+        self.takes = (self.budgets - self.recents)[..., None, None]  # [max_tokens + 1, batch, 1, 1]
+        self.most_takes = self.takes.amax(dim=(1, 2, 3)).tolist()
         self.observed = 0
 
     def keep(self, num_tokens: int) -> Tensor:
-        recent_count, recent = self._recent(num_tokens)
+        if self.observed != num_tokens - 1:
+            raise ValueError(f"step with {num_tokens} cached tokens after {self.observed} observed rows")
+        recent = self.token_positions[:num_tokens] >= self.recent_start[num_tokens]
         sums = self.total[..., :num_tokens]
         if self.history == "window":
-            start = (self.observed - self.windows[num_tokens]).clamp(min=0) % self.span
-            sums = sums - self.ring[self.sequences, :, start, :num_tokens]
-        chosen = top_older(torch.where(recent, -1, sums), (self.budgets[num_tokens] - recent_count)[:, None])
-        return chosen | recent
+            starts = self.ring.view(-1, self.groups, self.max_tokens)[..., :num_tokens]
+            sums = sums - starts.index_select(0, self.window_start[num_tokens])
+        keys = torch.where(recent, -1, sums * self.max_tokens + self.tie_break[:num_tokens])
+        take = self.takes[num_tokens].expand(-1, self.groups, -1)
+        return top_distinct(keys, take, self.most_takes[num_tokens]) | recent
 
     def _weights(self, probs: Tensor) -> Tensor:
         """Fixed-point weights [batch, groups, ...] of probabilities [batch, kv_heads, group_size, ...]."""
@@ -227,7 +250,7 @@ class AttentionSum(Selector):
         self.total[..., :width] += weights
         self.observed += 1
         if self.history == "window":
-            self.ring[:, :, self.observed % self.span, :width] = self.total[..., :width]
+            self.ring[:, self.observed % self.span, :, :width] = self.total[..., :width]
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
         weights = self._weights(probs)  # [batch, groups, rows, width]
@@ -238,7 +261,7 @@ class AttentionSum(Selector):
         if self.history == "window":
             kept = range(max(0, rows - self.span), rows)
             slots = torch.tensor([(first + 1 + row) % self.span for row in kept], device=self.device)
-            self.ring[:, :, slots, :width] = prefix[:, :, kept.start:]
+            self.ring[:, slots, :, :width] = prefix[:, :, kept.start:].transpose(1, 2)
         self.total[..., :width] = prefix[:, :, -1]
         self.observed = first + rows
 
