@@ -97,14 +97,13 @@ def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
 
 def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
     """Kept tokens and probabilities of a block of rows of an attention-dependent selector, one row at a time: each
-    row's choice depends on the rows before it. The exponentials of the block's causal scores are taken at once,
-    outside the loop; a row's probabilities are then its kept exponentials over their sum (the row's maximum
-    over every causal token instead of the kept ones changes only the last bit)."""
+    row's choice depends on the rows before it. The block's dense causal softmax is taken at once, outside the
+    loop (scores are overwritten); a row's probabilities are then its kept dense ones over their sum, equal to a
+    softmax over the kept tokens but for the last bit."""
     batch, _, _, rows, width = scores.shape
     keep = torch.zeros(batch, selector.groups, rows, width, dtype=torch.bool, device=scores.device)
     future = torch.arange(width, device=scores.device) > torch.arange(first, first + rows, device=scores.device)[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
-    probs = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
     threads = torch.get_num_threads()
     # The loop's ops are small: a second CPU thread only adds a barrier per op, which stalls for a whole
     # scheduler slice whenever another process holds the other core.
@@ -118,7 +117,7 @@ def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor,
             selector.observe(row_probs.div_(row_probs.sum(dim=-1, keepdim=True)))
     finally:
         torch.set_num_threads(threads)
-    if not bool(probs.isfinite().all()):
+    if not bool(probs.sum().isfinite()):
         raise FloatingPointError("every kept token's attention underflowed against the row's maximum")
     return keep, probs
 

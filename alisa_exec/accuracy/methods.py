@@ -66,13 +66,17 @@ def top_older(scores: Tensor, take: Tensor) -> Tensor:
     scores.shape[:-1]; ties to the lower, older position). Integer entries below zero (float: -inf) are never among
     them as long as each row has `take` entries above them."""
     most = int(take.max())
+    count = take.expand(scores.shape[:-1])[..., None]
+    if not scores.is_floating_point():
+        # Distinct keys, ties to the older: fixed-point sums stay below 2^48 and rows below 2^15 tokens.
+        width = scores.shape[-1]
+        keys = scores * width + torch.arange(width - 1, -1, -1, device=scores.device)
+        return top_distinct(keys, count, most)
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    count = take.expand(scores.shape[:-1])[..., None]
     top = scores.topk(most, dim=-1).values
     kth = top.gather(-1, (count - 1).clamp(min=0))
-    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max if scores.is_floating_point()
-                      else torch.iinfo(scores.dtype).max)
+    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max)
     above = scores > kth
     tied = scores == kth
     return above | (tied & (tied.cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
@@ -342,13 +346,14 @@ class QuerySelector(Selector):
     @abstractmethod
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """Scores [batch, kv_heads, rows, width] (float, or int64 of zero or more) of rows first, first + 1, ...
-        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, width, d]."""
+        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, >= width, d]
+        (width = first + rows)."""
 
     def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
         [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, >= width, d] (width = first + rows)."""
         width = first + q.shape[3]
-        scores = self.older_scores(first, q, k[:, :, :width])
+        scores = self.older_scores(first, q, k)
         current = torch.arange(first, width, device=self.device)
         cols = torch.arange(width, device=self.device)
         counts = current + 1
@@ -373,6 +378,7 @@ class PageBound(QuerySelector):
     K at 16 tokens)."""
 
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        k = k[:, :, :first + q.shape[3]]
         batch, kv_heads, width, head_dim = k.shape
         pages = -(-width // PAGE_TOKENS)
         padded = torch.cat([k, k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
@@ -403,9 +409,14 @@ class ApproximateAttention(QuerySelector):
     """Older tokens scored by the step's own attention computed from a 4-bit copy of every key (kept on the GPU,
     1/8 of the fp16 K and V), summed over the KV head's query group (int64 fixed point)."""
 
+    keys: Tensor | None = None  # the keys last handed in and their 4-bit copy: a layer's blocks share them
+    int4: Tensor | None = None
+
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
-        width = k.shape[2]
-        scores = (q @ int4_keys(k)[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        width = first + q.shape[3]
+        if self.keys is not k:
+            self.keys, self.int4 = k, int4_keys(k)
+        scores = (q @ self.int4[:, :, None, :width].transpose(-1, -2)) * q.shape[-1] ** -0.5
         future = torch.arange(width, device=self.device) > torch.arange(first, width, device=self.device)[:, None]
         return to_fixed_point(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=2))
 
