@@ -27,8 +27,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alisa_exec.accuracy.evaluate import (EvalSettings, evaluate, load_eval_model, prefill_tokens,  # noqa: E402
-                                          resolve_model, tokenize)
+from alisa_exec.accuracy.command import ProgressLines  # noqa: E402
+from alisa_exec.accuracy.evaluate import (EvalSettings, evaluate, load_eval_model, planned_tokens,  # noqa: E402
+                                          prefill_tokens, resolve_model, tokenize)
 from alisa_exec.accuracy.methods import METHODS, parse_methods  # noqa: E402
 
 SPARSITIES = [0.5, 0.8, 0.9]
@@ -59,7 +60,8 @@ def main() -> int:
         settings = EvalSettings(contexts=[context], methods=methods, sparsities=SPARSITIES, prefills=PREFILLS,
                                 max_tokens=args.tokens, batch_tokens=args.tokens)
         windows = args.tokens // context
-        for row in evaluate(model, tokens, settings)["results"]:
+        progress = ProgressLines(Console(stderr=True), planned_tokens(len(tokens), settings))
+        for row in evaluate(model, tokens, settings, progress.advance)["results"]:
             runs = len(SPARSITIES) if METHODS[row["method"]].sparse else 1
             seconds = row["seconds"] * runs  # every sparsity of the method in one pass
             decoded = windows * (context - row["prefill"]) * runs

@@ -32,7 +32,7 @@ import torch
 from scipy import stats as scipy_stats
 from torch import Tensor
 
-from alisa_exec.accuracy.forward import DensePrefix, dense_prefix, masked_pass, token_nll
+from alisa_exec.accuracy.forward import DensePrefix, dense_prefix, lm_weight, masked_pass, token_nll
 from alisa_exec.accuracy.methods import DEFAULT_CURRENT, METHODS, Method
 from alisa_exec.weights import gguf_model_spec, load_model, weights_format
 from alisa_sim.errors import SpecError
@@ -235,6 +235,7 @@ def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> di
     `progress(tokens_done)` is called after each layer of each pass with its share of the pass's tokens."""
     device = model.tok_embeddings.weight.device
     methods = methods_to_run(settings)
+    output = lm_weight(model)
     results, natural, selection, stats_windows = [], {}, {}, {}
     for context in settings.contexts:
         windows = windows_of(tokens, context, settings.max_tokens).to(device)
@@ -266,7 +267,7 @@ def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> di
                     layer_done = None if progress is None else (lambda: progress(decoded))
                     hidden = masked_pass(model, batch, method, sequence_sparsity, probe=stats, prefill=prefill,
                                          layer_done=layer_done, prefix=prefixes.get(method.int8_kv))
-                    nll = token_nll(model, hidden, batch, prefill).sum(dim=1).view(len(sparsities), -1)
+                    nll = token_nll(model, hidden, batch, prefill, output).sum(dim=1).view(len(sparsities), -1)
                     for sparsity, total in zip(sparsities, nll.sum(dim=1).tolist()):
                         nll_sum[method.name][sparsity] += total
                     seconds[method.name] += time.perf_counter() - started

@@ -79,7 +79,7 @@ def _finish_block(block: Block, x: Tensor, y: Tensor) -> Tensor:
     return h + block.feed_forward(block.ffn_norm(h))
 
 
-def _lm_weight(model: Transformer) -> Tensor:
+def lm_weight(model: Transformer) -> Tensor:
     """The output projection in at least fp32: logits are scored in full precision whatever the model's dtype."""
     weight = model.tok_embeddings.weight if model.output is None else model.output.weight
     return weight.to(_attention_dtype(weight.dtype))
@@ -267,10 +267,11 @@ def mask_of_prefill(prefill: int, seq: int, leading: tuple[int, ...], device: to
 
 
 @torch.no_grad()
-def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor, first: int = 0) -> Tensor:
+def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor, first: int = 0,
+              weight: Tensor | None = None) -> Tensor:
     """Negative log-likelihood [batch, S - 1 - first] (fp64) of tokens first+1..S-1 given the hidden states of the
-    positions before."""
-    weight = _lm_weight(model)
+    positions before; `weight` is `lm_weight(model)` when several calls share it."""
+    weight = lm_weight(model) if weight is None else weight
     losses = []
     for start in range(first, tokens.shape[1] - 1, LOGIT_CHUNK):
         stop = min(start + LOGIT_CHUNK, tokens.shape[1] - 1)
@@ -284,7 +285,7 @@ def masked_logits(model: Transformer, tokens: Tensor, method: Method, kv_sparsit
                   prefill: int = 0) -> Tensor:
     """Logits of every position [batch, S, vocab] from `masked_pass`."""
     hidden = masked_pass(model, tokens, method, kv_sparsity, prefill=prefill)
-    weight = _lm_weight(model)
+    weight = lm_weight(model)
     return F.linear(hidden.to(weight.dtype), weight)
 
 
@@ -310,7 +311,7 @@ def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
     batch, seq = tokens.shape
     device = tokens.device
     rope = _rope(model, seq)
-    weight = _lm_weight(model)
+    weight = lm_weight(model)
     selectors = [method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device) for _ in model.layers]
     keys: list[Tensor | None] = [None] * len(model.layers)
     values: list[Tensor | None] = [None] * len(model.layers)
