@@ -54,6 +54,9 @@ STREAMING_SINKS = 4
 PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
 INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
 DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
+# Selection keys are fixed-point sums x window length: with at most 64 heads summed over at most 4096 rows, below
+# 2^6 x 2^12 x 2^32 x 2^12 = 2^62, inside int64.
+MAX_WINDOW = 4096
 
 
 def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) -> int:
@@ -68,7 +71,7 @@ def top_older(scores: Tensor, take: Tensor) -> Tensor:
     most = int(take.max())
     count = take.expand(scores.shape[:-1])[..., None]
     if not scores.is_floating_point():
-        # Distinct keys, ties to the older: fixed-point sums stay below 2^48 and rows below 2^15 tokens.
+        # Distinct keys, ties to the older (MAX_WINDOW keeps them inside int64).
         width = scores.shape[-1]
         keys = scores * width + torch.arange(width - 1, -1, -1, device=scores.device)
         return top_distinct(keys, count, most)
@@ -105,6 +108,8 @@ class Selector(ABC):
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
+        if max_tokens > MAX_WINDOW and not self.static:
+            raise SpecError(f"windows of {max_tokens} tokens: at most {MAX_WINDOW} (the selection keys' int64 range)")
         self.kv_sparsity = list(kv_sparsity)
         self.batch, self.kv_heads, self.max_tokens, self.device = len(self.kv_sparsity), kv_heads, max_tokens, device
         self.current = current
@@ -222,8 +227,7 @@ class AttentionSum(Selector):
             start = (torch.arange(max_tokens + 1, device=device)[:, None] - 1 - self.windows).clamp(min=0)
             self.window_start = self.sequences * self.span + start % self.span
         # Each step's distinct selection keys are sum * max_tokens + (max_tokens - 1 - position): ties go to the
-        # older token. Sums stay below 2^48 (9 heads x 4096 rows x 2^32), so the keys fit in int64 for any
-        # max_tokens up to 2^15.
+        # older token (MAX_WINDOW keeps them inside int64).
         self.tie_break = max_tokens - 1 - self.token_positions
         self.recent_start = (torch.arange(max_tokens + 1, device=device)[:, None] - self.recents)[..., None, None]
         self.takes = (self.budgets - self.recents)[..., None, None]  # [max_tokens + 1, batch, 1, 1]
