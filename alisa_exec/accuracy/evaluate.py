@@ -32,7 +32,7 @@ import torch
 from scipy import stats as scipy_stats
 from torch import Tensor
 
-from alisa_exec.accuracy.forward import masked_pass, token_nll
+from alisa_exec.accuracy.forward import DensePrefix, dense_prefix, lm_weight, masked_pass, token_nll
 from alisa_exec.accuracy.methods import DEFAULT_CURRENT, METHODS, Method
 from alisa_exec.weights import gguf_model_spec, load_model, weights_format
 from alisa_sim.errors import SpecError
@@ -216,10 +216,12 @@ def methods_to_run(settings: EvalSettings) -> list[Method]:
 
 
 def planned_tokens(num_tokens: int, settings: EvalSettings) -> int:
-    """Tokens all passes together run through the model (the progress's total)."""
+    """Decoded tokens all passes together run through the model (the progress's total; a window's prefill runs
+    once for all of them and is not counted)."""
     runs = sum(len(settings.sparsities) if m.sparse else 1 for m in methods_to_run(settings))
     usable = min(num_tokens, settings.max_tokens or num_tokens)
-    return sum(usable // context * context * runs for context in settings.contexts) * len(settings.prefills)
+    return sum(usable // context * (context - prefill_tokens(prefill, context)) * runs
+               for context in settings.contexts for prefill in settings.prefills)
 
 
 def has_global_picks(method: Method) -> bool:
@@ -233,39 +235,51 @@ def evaluate(model, tokens: Tensor, settings: EvalSettings, progress=None) -> di
     `progress(tokens_done)` is called after each layer of each pass with its share of the pass's tokens."""
     device = model.tok_embeddings.weight.device
     methods = methods_to_run(settings)
+    output = lm_weight(model)
     results, natural, selection, stats_windows = [], {}, {}, {}
     for context in settings.contexts:
         windows = windows_of(tokens, context, settings.max_tokens).to(device)
         per_batch = max(1, settings.batch_tokens // context)
         for prefill in (prefill_tokens(p, context) for p in settings.prefills):
             setting = f"{context}" if prefill == 0 else f"{context}/prefill {prefill}"
-            dense_importance = None
-            for method in methods:
-                sparsities = settings.sparsities if method.sparse else [0.0]
-                nll_sum = dict.fromkeys(sparsities, 0.0)
-                started = time.perf_counter()
-                stats = None
-                for first in range(0, len(windows), per_batch):
+            nll_sum = {m.name: dict.fromkeys(settings.sparsities if m.sparse else [0.0], 0.0) for m in methods}
+            seconds = dict.fromkeys(nll_sum, 0.0)
+            stats_of: dict[str, AttentionStats] = {}
+            for first in range(0, len(windows), per_batch):
+                # The prefill's rows are the same for every method and sparsity: computed once per batch.
+                prefixes: dict[bool, DensePrefix] = {}
+                for method in methods:
+                    started = time.perf_counter()
+                    sparsities = list(nll_sum[method.name])
                     batch = windows[first:first + per_batch].repeat(len(sparsities), 1)
                     sequence_sparsity = [s for s in sparsities for _ in range(batch.shape[0] // len(sparsities))]
+                    stats = None
                     if settings.stats and first == 0:
-                        stats = AttentionStats(sequence_sparsity, len(batch) // len(sparsities), len(model.layers),
-                                               model.spec.num_heads, context, prefill,
-                                               natural=not method.sparse and prefill == 0,
-                                               ages=has_global_picks(method))
+                        stats = stats_of[method.name] = AttentionStats(
+                            sequence_sparsity, len(batch) // len(sparsities), len(model.layers),
+                            model.spec.num_heads, context, prefill, natural=not method.sparse and prefill == 0,
+                            ages=has_global_picks(method))
                         stats_windows[setting] = stats.windows
-                    layer_done = None if progress is None else (lambda: progress(batch.numel() / len(model.layers)))
-                    hidden = masked_pass(model, batch, method, sequence_sparsity, probe=stats if first == 0 else None,
-                                         prefill=prefill, layer_done=layer_done)
-                    nll = token_nll(model, hidden, batch, prefill).sum(dim=1).view(len(sparsities), -1)
+                    if prefill and method.int8_kv not in prefixes:
+                        prefixes[method.int8_kv] = dense_prefix(model, windows[first:first + per_batch, :prefill],
+                                                                method.int8_kv)
+                    decoded = batch.shape[0] * (context - prefill) / len(model.layers)
+                    layer_done = None if progress is None else (lambda: progress(decoded))
+                    hidden = masked_pass(model, batch, method, sequence_sparsity, probe=stats, prefill=prefill,
+                                         layer_done=layer_done, prefix=prefixes.get(method.int8_kv))
+                    nll = token_nll(model, hidden, batch, prefill, output).sum(dim=1).view(len(sparsities), -1)
                     for sparsity, total in zip(sparsities, nll.sum(dim=1).tolist()):
-                        nll_sum[sparsity] += total
-                seconds = time.perf_counter() - started
-                scored = len(windows) * (context - 1 - prefill)
-                for sparsity in sparsities:
+                        nll_sum[method.name][sparsity] += total
+                    seconds[method.name] += time.perf_counter() - started
+                del prefixes
+            scored = len(windows) * (context - 1 - prefill)
+            dense_importance = None
+            for method in methods:
+                stats = stats_of.get(method.name)
+                for sparsity, total in nll_sum[method.name].items():
                     row = {"method": method.name, "sparsity": sparsity, "context": context, "prefill": prefill,
-                           "tokens": scored, "perplexity": float(np.exp(nll_sum[sparsity] / scored)),
-                           "seconds": seconds / len(sparsities)}
+                           "tokens": scored, "perplexity": float(np.exp(total / scored)),
+                           "seconds": seconds[method.name] / len(nll_sum[method.name])}
                     if stats is not None:
                         row["attained_sparsity"] = stats.attained(sparsity)
                         sequences = [b for b, s in enumerate(stats.kv_sparsity) if s == sparsity]

@@ -14,6 +14,7 @@ Both passes reuse the decoder's modules and weights (`alisa_exec.model.Transform
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -78,7 +79,7 @@ def _finish_block(block: Block, x: Tensor, y: Tensor) -> Tensor:
     return h + block.feed_forward(block.ffn_norm(h))
 
 
-def _lm_weight(model: Transformer) -> Tensor:
+def lm_weight(model: Transformer) -> Tensor:
     """The output projection in at least fp32: logits are scored in full precision whatever the model's dtype."""
     weight = model.tok_embeddings.weight if model.output is None else model.output.weight
     return weight.to(_attention_dtype(weight.dtype))
@@ -89,12 +90,6 @@ def _attention_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def row_blocks(seq_len: int, prefill: int) -> list[tuple[int, int]]:
-    """The masked pass's blocks of rows: ROW_BLOCK at a time, the prefill's rows and the decoded ones apart."""
-    return [(first, min(first + ROW_BLOCK, stop)) for begin, stop in ((0, prefill), (prefill, seq_len))
-            for first in range(begin, stop, ROW_BLOCK)]
-
-
 def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
     """Softmax of scores [batch, kv_heads, group, rows, n] over the kept tokens keep [batch, groups, rows, n]."""
     return torch.softmax(scores.masked_fill(~keep[:, :, None], float("-inf")), dim=-1)
@@ -102,10 +97,13 @@ def _softmax_kept(scores: Tensor, keep: Tensor) -> Tensor:
 
 def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor, Tensor]:
     """Kept tokens and probabilities of a block of rows of an attention-dependent selector, one row at a time: each
-    row's choice depends on the rows before it."""
+    row's choice depends on the rows before it. The block's dense causal softmax is taken at once, outside the
+    loop (scores are overwritten); a row's probabilities are then its kept dense ones over their sum, equal to a
+    softmax over the kept tokens but for the last bit."""
     batch, _, _, rows, width = scores.shape
     keep = torch.zeros(batch, selector.groups, rows, width, dtype=torch.bool, device=scores.device)
-    probs = torch.zeros_like(scores)
+    future = torch.arange(width, device=scores.device) > torch.arange(first, first + rows, device=scores.device)[:, None]
+    probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
     threads = torch.get_num_threads()
     # The loop's ops are small: a second CPU thread only adds a barrier per op, which stalls for a whole
     # scheduler slice whenever another process holds the other core.
@@ -114,61 +112,117 @@ def _row_by_row(scores: Tensor, selector: Selector, first: int) -> tuple[Tensor,
         for row in range(rows):
             count = first + row + 1
             keep[:, :, row, :count] = row_keep = selector.keep(count)
-            row_probs = torch.softmax(scores[..., row, :count].masked_fill(~row_keep[:, :, None], float("-inf")), -1)
-            probs[..., row, :count] = row_probs
-            selector.observe(row_probs)
+            row_probs = probs[..., row, :count]
+            row_probs.mul_(row_keep[:, :, None])
+            selector.observe(row_probs.div_(row_probs.sum(dim=-1, keepdim=True)))
     finally:
         torch.set_num_threads(threads)
+    if not bool(probs.sum().isfinite()):
+        raise FloatingPointError("every kept token's attention underflowed against the row's maximum")
     return keep, probs
 
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask: Tensor | None, prefill: int,
                       probe: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Attention of every row under the method, a block of rows at a time: output [batch, kv_heads, group, S, d]
-    and, with `probe`, the probabilities [batch, kv_heads, group, S, S] and the kept tokens [batch, groups, S, S]."""
-    batch, kv_heads, group, seq, head_dim = q.shape
+    """Attention of the decoded rows (prefill..S-1) under the method, a block of rows at a time: q holds their
+    queries [batch, kv_heads, group, S - prefill, d], k and v every row's keys and values [batch, kv_heads, S, d].
+    Output [batch, kv_heads, group, S - prefill, d] and, with `probe`, the probabilities
+    [batch, kv_heads, group, S - prefill, S] and the kept tokens [batch, groups, S - prefill, S]."""
+    batch, kv_heads, group, rows, head_dim = q.shape
+    seq = k.shape[2]
     y = torch.empty_like(q)
-    all_probs = q.new_zeros(batch, kv_heads, group, seq, seq) if probe else None
-    all_kept = torch.zeros(batch, selector.groups, seq, seq, dtype=torch.bool, device=q.device) if probe else None
-    for first, last in row_blocks(seq, prefill):
-        scores = (q[..., first:last, :] @ k[:, :, None, :last].transpose(-1, -2)) * head_dim ** -0.5
-        causal = (torch.arange(last, device=q.device) <= torch.arange(first, last, device=q.device)[:, None])
-        if last <= prefill or selector.dense_choice:
-            dense = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        if last <= prefill:
-            keep, probs = causal.expand(batch, selector.groups, -1, -1), dense
-            selector.prefill_rows(first, probs)
-        elif selector.static:
+    all_probs = q.new_zeros(batch, kv_heads, group, rows, seq) if probe else None
+    all_kept = torch.zeros(batch, selector.groups, rows, seq, dtype=torch.bool, device=q.device) if probe else None
+    for first in range(prefill, seq, ROW_BLOCK):
+        last = min(first + ROW_BLOCK, seq)
+        block = slice(first - prefill, last - prefill)
+        scores = (q[..., block, :] @ k[:, :, None, :last].transpose(-1, -2)) * head_dim ** -0.5
+        if selector.static:
             keep = mask[:, :, first:last, :last]
             probs = _softmax_kept(scores, keep)
         elif selector.dense_choice:
-            keep = selector.choose(first, dense)
+            causal = torch.arange(last, device=q.device) <= torch.arange(first, last, device=q.device)[:, None]
+            keep = selector.choose(first, torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
             probs = _softmax_kept(scores, keep)
         elif selector.query_choice:
-            keep = selector.choose_by_query(first, q[..., first:last, :], k)
+            keep = selector.choose_by_query(first, q[..., block, :], k)
             probs = _softmax_kept(scores, keep)
         else:
             keep, probs = _row_by_row(scores, selector, first)
-        y[..., first:last, :] = probs @ v[:, :, None, :last]
+        y[..., block, :] = probs @ v[:, :, None, :last]
         if probe:
-            all_probs[..., first:last, :last] = probs
-            all_kept[:, :, first:last, :last] = keep
+            all_probs[..., block, :last] = probs
+            all_kept[:, :, block, :last] = keep
     return y, all_probs, all_kept
+
+
+@dataclass
+class DensePrefix:
+    """A dense causal prefill of the first `length` tokens of some windows, shared by every method and sparsity
+    decoded after it (a prefill's rows do not depend on the method): per layer the queries
+    [windows, kv_heads, group, P, d], keys and values [windows, kv_heads, P, d] (attention dtype), and the final
+    normed hidden states [windows, P, hidden]."""
+
+    tokens: Tensor
+    int8_kv: bool
+    queries: list[Tensor]
+    keys: list[Tensor]
+    values: list[Tensor]
+    hidden: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+    def probs(self, layer: int, windows: Tensor) -> Tensor:
+        """The layer's dense prefill attention [batch, kv_heads, group, P, P] of the windows `windows` [batch]."""
+        q, k = self.queries[layer][windows], self.keys[layer][windows]
+        scores = (q @ k[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        future = torch.ones(self.length, self.length, dtype=torch.bool, device=q.device).triu(1)
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def dense_prefix(model: Transformer, tokens: Tensor, int8_kv: bool = False) -> DensePrefix:
+    """The dense prefill of windows' first tokens `tokens` [windows, P] (K and V through INT8 with `int8_kv`)."""
+    prompt = tokens.shape[1]
+    x = _embed(model, tokens, torch.arange(prompt, device=tokens.device))
+    rope = _rope(model, prompt)
+    queries, keys, values = [], [], []
+    for block in model.layers:
+        q, k, v = (t.to(_attention_dtype(x.dtype)) for t in _qkv(block, x, rope, int8_kv))
+        y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, is_causal=True, enable_gqa=True).view(q.shape)
+        x = _finish_block(block, x, y.to(x.dtype))
+        queries.append(q)
+        keys.append(k)
+        values.append(v)
+    return DensePrefix(tokens, int8_kv, queries, keys, values, model.norm(x))
 
 
 @torch.no_grad()
 def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity: Sequence[float],
-                probe: Probe | None = None, prefill: int = 0, layer_done: Callable[[], None] | None = None) -> Tensor:
+                probe: Probe | None = None, prefill: int = 0, layer_done: Callable[[], None] | None = None,
+                prefix: DensePrefix | None = None) -> Tensor:
     """Final normed hidden states [batch, S, hidden] of windows `tokens` [batch, S] decoded under `method`, each
     window at its own KV sparsity, after a dense prefill of the first `prefill` tokens (0: none); `layer_done()` is
     called after each layer.
 
-    Static methods without a probe attend through SDPA with their mask (dense: causal); every other case
-    computes the attention a block of rows at a time and, with `probe`, hands each layer's to it."""
+    The prefill is `prefix` when given (computed once for several passes: sequence b continues its window
+    b % windows, as `Tensor.repeat` lays out a batch of windows at several sparsities), else computed here. Only
+    the decoded rows run through the layers under the method. Static methods without a probe attend through SDPA
+    with their mask; every other case computes the attention a block of rows at a time and, with `probe`, hands
+    each layer's to it (the prefill's rows are the dense ones)."""
     batch, seq = tokens.shape
     device = tokens.device
-    x = _embed(model, tokens, torch.arange(seq, device=device))
+    if prefill and prefix is None:
+        prefix = dense_prefix(model, tokens[:, :prefill], method.int8_kv)
+    windows = torch.arange(batch, device=device) % (len(prefix.tokens) if prefill else 1)
+    if prefill and (prefix.length != prefill or prefix.int8_kv != method.int8_kv
+                    or not torch.equal(prefix.tokens[windows], tokens[:, :prefill])):
+        raise ValueError("the dense prefix is not these windows' prefill")
+    x = _embed(model, tokens[:, prefill:], torch.arange(prefill, seq, device=device))
     rope = _rope(model, seq)
+    decoded_rope = None if rope is None else (rope[0][prefill:], rope[1][prefill:])
     def make_selector() -> Selector:  # one layer's, made when the layer runs (its state is freed after)
         return method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device)
 
@@ -176,30 +230,48 @@ def masked_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
     mask = first.mask(seq, prefill) if first.static else None
     fused = probe is None and mask is not None
     dtype = _attention_dtype(x.dtype)
-    additive = (torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-                if fused and method.name != "dense" else None)
+    additive = (torch.zeros(mask[:, :, prefill:].shape, dtype=dtype, device=device).masked_fill_(
+        ~mask[:, :, prefill:], float("-inf")) if fused and (prefill or method.name != "dense") else None)
     for index, block in enumerate(model.layers):
-        q, k, v = (t.to(dtype) for t in _qkv(block, x, rope, method.int8_kv))
+        q, k, v = (t.to(dtype) for t in _qkv(block, x, decoded_rope, method.int8_kv))
+        if prefill:
+            k = torch.cat([prefix.keys[index][windows], k], dim=2)
+            v = torch.cat([prefix.values[index][windows], v], dim=2)
         if fused:
             y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, attn_mask=additive, is_causal=additive is None,
                                                enable_gqa=True).view(q.shape)
         else:
-            y, probs, kept = _masked_attention(q, k, v, first if first.static else make_selector(), mask, prefill,
-                                               probe is not None)
+            selector = first if first.static else make_selector()
+            prefill_probs = (prefix.probs(index, windows) if prefill and (selector.seeded or probe is not None)
+                             else None)
+            if prefill_probs is not None:
+                selector.prefill_rows(0, prefill_probs)
+            y, probs, kept = _masked_attention(q, k, v, selector, mask, prefill, probe is not None)
             if probe is not None:
+                if prefill:
+                    probs = torch.cat([F.pad(prefill_probs, (0, seq - prefill)), probs], dim=3)
+                    kept = torch.cat([mask_of_prefill(prefill, seq, kept.shape[:2], device), kept], dim=2)
                 probe(index, probs, kept)
             del probs, kept
         x = _finish_block(block, x, y.to(x.dtype))
         if layer_done is not None:
             layer_done()
-    return model.norm(x)
+    hidden = model.norm(x)
+    return torch.cat([prefix.hidden[windows], hidden], dim=1) if prefill else hidden
+
+
+def mask_of_prefill(prefill: int, seq: int, leading: tuple[int, ...], device: torch.device) -> Tensor:
+    """What a prefill's rows attend, [*leading, prefill, seq] bool: every token up to their own."""
+    causal = torch.ones(prefill, seq, dtype=torch.bool, device=device).tril()
+    return causal.expand(*leading, -1, -1)
 
 
 @torch.no_grad()
-def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor, first: int = 0) -> Tensor:
+def token_nll(model: Transformer, hidden: Tensor, tokens: Tensor, first: int = 0,
+              weight: Tensor | None = None) -> Tensor:
     """Negative log-likelihood [batch, S - 1 - first] (fp64) of tokens first+1..S-1 given the hidden states of the
-    positions before."""
-    weight = _lm_weight(model)
+    positions before; `weight` is `lm_weight(model)` when several calls share it."""
+    weight = lm_weight(model) if weight is None else weight
     losses = []
     for start in range(first, tokens.shape[1] - 1, LOGIT_CHUNK):
         stop = min(start + LOGIT_CHUNK, tokens.shape[1] - 1)
@@ -213,7 +285,7 @@ def masked_logits(model: Transformer, tokens: Tensor, method: Method, kv_sparsit
                   prefill: int = 0) -> Tensor:
     """Logits of every position [batch, S, vocab] from `masked_pass`."""
     hidden = masked_pass(model, tokens, method, kv_sparsity, prefill=prefill)
-    weight = _lm_weight(model)
+    weight = lm_weight(model)
     return F.linear(hidden.to(weight.dtype), weight)
 
 
@@ -239,7 +311,7 @@ def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
     batch, seq = tokens.shape
     device = tokens.device
     rope = _rope(model, seq)
-    weight = _lm_weight(model)
+    weight = lm_weight(model)
     selectors = [method.make_selector(kv_sparsity, model.spec.num_kv_heads, seq, device) for _ in model.layers]
     keys: list[Tensor | None] = [None] * len(model.layers)
     values: list[Tensor | None] = [None] * len(model.layers)

@@ -54,6 +54,9 @@ STREAMING_SINKS = 4
 PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
 INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
 DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
+# Selection keys are fixed-point sums x window length: with at most 64 heads summed over at most 4096 rows, below
+# 2^6 x 2^12 x 2^32 x 2^12 = 2^62, inside int64.
+MAX_WINDOW = 4096
 
 
 def budget(num_tokens: int, kv_sparsity: float, current: str = DEFAULT_CURRENT) -> int:
@@ -66,16 +69,29 @@ def top_older(scores: Tensor, take: Tensor) -> Tensor:
     scores.shape[:-1]; ties to the lower, older position). Integer entries below zero (float: -inf) are never among
     them as long as each row has `take` entries above them."""
     most = int(take.max())
+    count = take.expand(scores.shape[:-1])[..., None]
+    if not scores.is_floating_point():
+        # Distinct keys, ties to the older (MAX_WINDOW keeps them inside int64).
+        width = scores.shape[-1]
+        keys = scores * width + torch.arange(width - 1, -1, -1, device=scores.device)
+        return top_distinct(keys, count, most)
     if most == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    count = take.expand(scores.shape[:-1])[..., None]
     top = scores.topk(most, dim=-1).values
     kth = top.gather(-1, (count - 1).clamp(min=0))
-    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max if scores.is_floating_point()
-                      else torch.iinfo(scores.dtype).max)
+    kth = torch.where(count > 0, kth, torch.finfo(scores.dtype).max)
     above = scores > kth
     tied = scores == kth
     return above | (tied & (tied.cumsum(dim=-1) <= count - above.sum(dim=-1, keepdim=True)))
+
+
+def top_distinct(keys: Tensor, take: Tensor, most: int) -> Tensor:
+    """Bool mask of the `take[...]` largest of each row of distinct integer keys [..., m] (take [..., 1], at most
+    `most`). Negative keys are never among them as long as each row has `take` keys of zero or more."""
+    if most == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    kth = keys.topk(most, dim=-1).values.gather(-1, (take - 1).clamp(min=0))
+    return (keys >= kth) & (take > 0)
 
 
 class Selector(ABC):
@@ -88,9 +104,12 @@ class Selector(ABC):
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
     dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
     query_choice = False  # chooses from the step's query and the cached keys: `choose_by_query` instead of `keep`
+    seeded = False  # a prefill's attention rows seed it (`prefill_rows`); others ignore them
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
+        if max_tokens > MAX_WINDOW and not self.static:
+            raise SpecError(f"windows of {max_tokens} tokens: at most {MAX_WINDOW} (the selection keys' int64 range)")
         self.kv_sparsity = list(kv_sparsity)
         self.batch, self.kv_heads, self.max_tokens, self.device = len(self.kv_sparsity), kv_heads, max_tokens, device
         self.current = current
@@ -123,7 +142,7 @@ class Selector(ABC):
         """The attention probabilities of the step that just ran."""
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
-        """Densely attended rows of a prefill; a selector that ignores attention ignores them."""
+        """Densely attended rows of a prefill; a selector that is not `seeded` ignores them."""
 
 
 class StaticSelector(Selector):
@@ -190,6 +209,8 @@ class AttentionSum(Selector):
     `total` is the sum of every observed row (int64 fixed point); a window's sum is `total` less the prefix sum
     where the window starts, kept in `ring` for the last `span` row counts (the longest window plus one)."""
 
+    seeded = True
+
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
                  history: str = "window"):
@@ -200,17 +221,30 @@ class AttentionSum(Selector):
         self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
         if history == "window":
             self.span = int(self.windows.max()) + 1
-            self.ring = torch.zeros(self.batch, self.groups, self.span, max_tokens, dtype=torch.int64, device=device)
+            self.ring = torch.zeros(self.batch, self.span, self.groups, max_tokens, dtype=torch.int64, device=device)
+            # The ring row (of ring viewed [batch * span, groups, tokens]) where the step with n cached tokens'
+            # window starts: its k rows are the steps n - k .. n - 1, so it starts after n - 1 - k observed rows.
+            start = (torch.arange(max_tokens + 1, device=device)[:, None] - 1 - self.windows).clamp(min=0)
+            self.window_start = self.sequences * self.span + start % self.span
+        # Each step's distinct selection keys are sum * max_tokens + (max_tokens - 1 - position): ties go to the
+        # older token (MAX_WINDOW keeps them inside int64).
+        self.tie_break = max_tokens - 1 - self.token_positions
+        self.recent_start = (torch.arange(max_tokens + 1, device=device)[:, None] - self.recents)[..., None, None]
+        self.takes = (self.budgets - self.recents)[..., None, None]  # [max_tokens + 1, batch, 1, 1]
+        self.most_takes = self.takes.amax(dim=(1, 2, 3)).tolist()
         self.observed = 0
 
     def keep(self, num_tokens: int) -> Tensor:
-        recent_count, recent = self._recent(num_tokens)
+        if self.observed != num_tokens - 1:
+            raise ValueError(f"step with {num_tokens} cached tokens after {self.observed} observed rows")
+        recent = self.token_positions[:num_tokens] >= self.recent_start[num_tokens]
         sums = self.total[..., :num_tokens]
         if self.history == "window":
-            start = (self.observed - self.windows[num_tokens]).clamp(min=0) % self.span
-            sums = sums - self.ring[self.sequences, :, start, :num_tokens]
-        chosen = top_older(torch.where(recent, -1, sums), (self.budgets[num_tokens] - recent_count)[:, None])
-        return chosen | recent
+            starts = self.ring.view(-1, self.groups, self.max_tokens)[..., :num_tokens]
+            sums = sums - starts.index_select(0, self.window_start[num_tokens])
+        keys = torch.where(recent, -1, sums * self.max_tokens + self.tie_break[:num_tokens])
+        take = self.takes[num_tokens].expand(-1, self.groups, -1)
+        return top_distinct(keys, take, self.most_takes[num_tokens]) | recent
 
     def _weights(self, probs: Tensor) -> Tensor:
         """Fixed-point weights [batch, groups, ...] of probabilities [batch, kv_heads, group_size, ...]."""
@@ -224,7 +258,7 @@ class AttentionSum(Selector):
         self.total[..., :width] += weights
         self.observed += 1
         if self.history == "window":
-            self.ring[:, :, self.observed % self.span, :width] = self.total[..., :width]
+            self.ring[:, self.observed % self.span, :, :width] = self.total[..., :width]
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
         weights = self._weights(probs)  # [batch, groups, rows, width]
@@ -235,7 +269,7 @@ class AttentionSum(Selector):
         if self.history == "window":
             kept = range(max(0, rows - self.span), rows)
             slots = torch.tensor([(first + 1 + row) % self.span for row in kept], device=self.device)
-            self.ring[:, :, slots, :width] = prefix[:, :, kept.start:]
+            self.ring[:, slots, :, :width] = prefix[:, :, kept.start:].transpose(1, 2)
         self.total[..., :width] = prefix[:, :, -1]
         self.observed = first + rows
 
@@ -243,6 +277,8 @@ class AttentionSum(Selector):
 class HeavyHitters(Selector):
     """H2O per KV head: k recent tokens plus heavy hitters by attention summed over all history, among the tokens
     the previous step kept."""
+
+    seeded = True
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT):
@@ -314,13 +350,14 @@ class QuerySelector(Selector):
     @abstractmethod
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """Scores [batch, kv_heads, rows, width] (float, or int64 of zero or more) of rows first, first + 1, ...
-        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, width, d]."""
+        from their queries [batch, kv_heads, group_size, rows, d] and the keys [batch, kv_heads, >= width, d]
+        (width = first + rows)."""
 
     def choose_by_query(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """What rows first, first + 1, ... attend [batch, kv_heads, rows, width] from their queries
         [batch, kv_heads, group_size, rows, d] and the keys k [batch, kv_heads, >= width, d] (width = first + rows)."""
         width = first + q.shape[3]
-        scores = self.older_scores(first, q, k[:, :, :width])
+        scores = self.older_scores(first, q, k)
         current = torch.arange(first, width, device=self.device)
         cols = torch.arange(width, device=self.device)
         counts = current + 1
@@ -345,6 +382,7 @@ class PageBound(QuerySelector):
     K at 16 tokens)."""
 
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        k = k[:, :, :first + q.shape[3]]
         batch, kv_heads, width, head_dim = k.shape
         pages = -(-width // PAGE_TOKENS)
         padded = torch.cat([k, k[:, :, :1].expand(-1, -1, pages * PAGE_TOKENS - width, -1)], dim=2)
@@ -375,9 +413,14 @@ class ApproximateAttention(QuerySelector):
     """Older tokens scored by the step's own attention computed from a 4-bit copy of every key (kept on the GPU,
     1/8 of the fp16 K and V), summed over the KV head's query group (int64 fixed point)."""
 
+    keys: Tensor | None = None  # the keys last handed in and their 4-bit copy: a layer's blocks share them
+    int4: Tensor | None = None
+
     def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
-        width = k.shape[2]
-        scores = (q @ int4_keys(k)[:, :, None].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        width = first + q.shape[3]
+        if self.keys is not k:
+            self.keys, self.int4 = k, int4_keys(k)
+        scores = (q @ self.int4[:, :, None, :width].transpose(-1, -2)) * q.shape[-1] ** -0.5
         future = torch.arange(width, device=self.device) > torch.arange(first, width, device=self.device)[:, None]
         return to_fixed_point(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=2))
 

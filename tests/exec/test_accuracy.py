@@ -18,7 +18,7 @@ from alisa_exec.accuracy.command import ProgressLines
 from alisa_exec.accuracy.evaluate import (AttentionStats, EvalSettings, evaluate, parse_prefill, prefill_tokens,
                                           selection_stats_file, smollm2_gguf)
 from alisa_exec.accuracy.forward import decode_pass, masked_logits, masked_pass, token_nll
-from alisa_exec.accuracy.methods import METHODS, STREAMING_SINKS, budget, parse_methods
+from alisa_exec.accuracy.methods import MAX_WINDOW, METHODS, STREAMING_SINKS, budget, parse_methods
 from alisa_exec.accuracy.report import perplexity_table, write_report
 from alisa_exec.cli import main
 from alisa_exec.kernels.selection import select_reference, window_sum_reference
@@ -406,6 +406,22 @@ def test_eval_report_merges_runs(tmp_path):
     assert not (tmp_path / "x.json").exists()
     (tmp_path / "bad.json").write_text("[]")
     assert main(["eval-report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_selecting_methods_refuse_windows_beyond_the_keys_range():
+    with pytest.raises(SpecError, match="at most 4096"):
+        METHODS["swa"].make_selector([0.8], 1, MAX_WINDOW + 1, CPU)
+    METHODS["dense"].make_selector([0.0], 1, MAX_WINDOW + 1, CPU)  # a static pattern has no keys
+
+
+def test_a_shared_prefix_must_be_the_windows_prefill(gqa_model):
+    window = tokens(2, seed=5)
+    prefix = forward.dense_prefix(gqa_model, window[:1, :13])
+    with pytest.raises(ValueError, match="not these windows"):
+        masked_pass(gqa_model, window, METHODS["swa"], [0.8, 0.8], prefill=13, prefix=prefix)
+    shared = masked_pass(gqa_model, window[:1].repeat(2, 1), METHODS["swa"], [0.5, 0.8], prefill=13, prefix=prefix)
+    alone = masked_pass(gqa_model, window[:1].repeat(2, 1), METHODS["swa"], [0.5, 0.8], prefill=13)
+    assert torch.equal(shared, alone)
 
 
 def test_bad_method_is_a_spec_error():
