@@ -112,13 +112,18 @@ class AlisaPolicy(Policy):
         m = self.model
         k, attended = self.selected(self.wl.max_context())
         per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
-        staging = {"kv_staging": 2 * self.batch * attended * per_token}
+        # and beside each, the (sequence, slot, position) int64 index list of its rows
+        index_list = 3 * 8 if self.cfg.dynamic_scheduling else 0
+        staging = {"kv_staging": 2 * self.batch * attended * (per_token + index_list)}
         if self.cfg.attention_kernel == "gather":
             staging["attention_workspace"] = self.batch * attended * 2 * m.kv_dim * m.dtype_bytes
         return staging
 
     def static_memory(self) -> MemoryUse:
-        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._staging_bytes(),
+        # The executor's window ring holds one slot beyond the tokens a step keeps on the GPU (`ring_slots`), so
+        # writing the newest token never overwrites a row still being copied out.
+        ring_slot = self.batch * self.model.num_layers * self.kv_token_layer if self.cfg.dynamic_scheduling else 0.0
+        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._staging_bytes(), "kv_ring_slot": ring_slot,
                               "selection_state": self._selection_state_bytes(), **self.activation_buffers()})
 
     def _gpu_token_budget(self) -> int:

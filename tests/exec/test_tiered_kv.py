@@ -162,27 +162,15 @@ def test_the_executor_runs_the_plan_json_the_simulator_wrote(tmp_path, capsys):
     assert result["plan_gpu_capacity_bytes"] == 0.00068e9  # fitted as planned, no re-planning
 
 
-def sim_static_gb(folder: Path, policy: dict) -> float:
-    """What the simulator's policy holds on the GPU besides the KV cache, in GB (float32 values)."""
-    wl = load_workload(write_workload(folder, policy))
-    sim = executor.plan_run(wl, DEVICE, torch.float32).sim
-    return sim.static_memory().gpu_bytes / 1e9
-
-
 @pytest.mark.parametrize("policy,gpu_gb,message", [
     ({"name": "accelerate"}, 0.0002, "does not fit by the simulator's accounting: out of GPU memory before the "
                                      "prefill"),
     ({"name": "vllm", "block_size": 8}, 0.004, "does not fit by the simulator's accounting: out of GPU memory for "
                                                "vLLM's KV pool"),
-    # Room for the simulator's count but not for the selection ring and attention workspace the executor holds.
-    ({"name": "alisa", "kv_sparsity": 0.5, "int8": False, "p2": 2, "beta": 0.5}, "simulator's static + 1 kB",
-     "does not fit: the executor needs"),
     ({"name": "alisa", "selection": "per_head"}, None, "policy.selection = 'per_head' is simulated but not executed"),
     ({"name": "alisa", "dynamic_scheduling": False}, None, "dynamic_scheduling = False is simulated but not"),
 ])
 def test_a_plan_that_cannot_run_exits_2_before_allocating(tmp_path, capsys, policy, gpu_gb, message):
-    if isinstance(gpu_gb, str):
-        gpu_gb = sim_static_gb(tmp_path, policy) + 1e-6
     out = tmp_path / "out"
     assert run_cli(write_workload(tmp_path, policy, gpu_gb), out) == 2
     err = capsys.readouterr().err
@@ -191,16 +179,15 @@ def test_a_plan_that_cannot_run_exits_2_before_allocating(tmp_path, capsys, poli
 
 
 def test_the_executor_plans_for_what_it_really_holds(tmp_path):
-    """The simulator counts SWA's selection state as the executor holds it, but not the executor's own extras (the
-    staged row indices, a spare window slot): at the tightest budget the planner is asked again for less, and the
-    run then fits the budget."""
+    """The simulator counts what the executor holds on the GPU: SWA's selection state, the staging buffers with
+    their row indices, the window ring's spare slot. At the tightest budget the plan needs no second planning and
+    the executor's bytes are the simulated peak."""
     policy = {"name": "alisa", "kv_sparsity": 0.5, "int8": False, "p2": 2, "beta": 0.5}
     wl = load_workload(write_workload(tmp_path, policy, tight_gb(tmp_path, policy)))
     plan = executor.plan_run(wl, DEVICE, torch.float32)
-    assert plan.replans > 0 and plan.workload.gpu_capacity_bytes < wl.gpu_capacity_bytes
-    assert sum(plan.gpu_bytes.values()) <= wl.gpu_capacity_bytes
+    assert plan.replans == 0 and not any("planned for" in note for note in plan.notes)
+    assert sum(plan.gpu_bytes.values()) == plan.simulation.peak_gpu_bytes <= wl.gpu_capacity_bytes
     assert plan.gpu_bytes["selection_state"] == plan.sim.static_memory().gpu["selection_state"]
-    assert any("planned for" in note for note in plan.notes)
 
 
 def test_an_interrupt_while_writing_leaves_no_result(tmp_path, monkeypatch, capsys):
