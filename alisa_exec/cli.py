@@ -122,6 +122,7 @@ def _profiled_model(ref: str):
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from alisa_exec.device import resolve_device
+    from alisa_exec.overhead import add_executor_overhead
     from alisa_exec.profiler import check_out_path, measure_profile, write_profile
 
     out = Path(args.out)
@@ -131,6 +132,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     models = tuple(_profiled_model(ref.strip()) for ref in args.models.split(",") if ref.strip()) if args.models else ()
     profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"),
                               models=models)
+    status.print("measuring the executor's own host time")
+    add_executor_overhead(profile, device)
     write_profile(profile, out)
     console.print(f"wrote {out} ({profile['gpu']['name']}; load it with --hardware {out})")
     return 0

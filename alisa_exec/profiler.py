@@ -477,31 +477,6 @@ OVERHEAD_SPEC = ModelSpec(name="overhead-probe", family="llama", hidden_size=64,
 OVERHEAD_LAYERS = (1, 4)
 
 
-def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(per step, per layer) host seconds the executor spends beyond its named ops: the median measured decode step
-    of `OVERHEAD_SPEC` minus the step the profile's own named-op rows predict for it, at one and at four layers
-    (dense, eager: no CUDA graph), never below 0."""
-    from alisa_exec import executor
-    from alisa_sim.results import simulated_rows
-    from alisa_sim.workload import ResolvedWorkload, Workload
-
-    hardware = HardwareProfile.model_validate(profile)
-    residual = {}
-    for layers in OVERHEAD_LAYERS:
-        spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
-        workload = Workload.model_validate({"model": spec.model_dump(), "hardware": hardware.name, "batch_size": 1,
-                                            "prompt_len": 8, "gen_len": 40, "policy": {"name": "dense"}})
-        plan = executor.plan_run(ResolvedWorkload(workload, spec, hardware), device, dtype)
-        plan.policy.cuda_graph = False  # every step eager, as the profile's rows time the ops
-        measured = executor.execute(plan, device, dtype, "dummy", 0)
-        steps = [row.time_s for row in measured.rows() if row.kind == "decode"]
-        predicted = [row.time_s for row in simulated_rows(plan.simulation) if row.kind == "decode"]
-        residual[layers] = statistics.median(steps) - statistics.median(predicted)
-    first, last = OVERHEAD_LAYERS
-    per_layer = max(0.0, (residual[last] - residual[first]) / (last - first))
-    return max(0.0, residual[first] - first * per_layer), per_layer
-
-
 def measure_profile(name: str, device: torch.device, quick: bool,
                     progress: Callable[[str], None] = lambda _: None, models: tuple[ModelSpec, ...] = ()) -> dict:
     """Measure the machine into a profile mapping (validated against the HardwareProfile schema); the named ops
@@ -581,9 +556,6 @@ def measure_profile(name: str, device: torch.device, quick: bool,
             "float32 decode attention")}, **host},
     }
     validate(HardwareProfile, profile, f"measured profile {name}")
-    progress("the executor's own host time")
-    step_s, layer_s = measure_executor_overhead(profile, device, dtype)
-    profile["gpu"].update(step_overhead_s=step_s, layer_overhead_s=layer_s)
     return profile
 
 

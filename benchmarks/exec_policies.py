@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alisa_exec import executor  # noqa: E402
 from alisa_exec.executor import size  # noqa: E402
+from alisa_exec.overhead import add_executor_overhead  # noqa: E402
 from alisa_exec.profiler import measure_profile, software_versions, write_profile  # noqa: E402
 from alisa_exec.device import DTYPES, default_dtype, device_name, resolve_device  # noqa: E402
 from alisa_exec.weights import DUMMY  # noqa: E402
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         if args.hardware is None and args.smoke:
             args.hardware = str(Path(scratch) / "cpu-quick.yaml")
-            write_profile(measure_profile("cpu-quick", device, quick=True, progress=lambda _: None),
+            write_profile(add_executor_overhead(measure_profile("cpu-quick", device, quick=True,
+                                                                progress=lambda _: None), device),
                           Path(args.hardware))
         args.hardware = args.hardware or card_profile(device)
         budgets = {"shared": {batch: budget_gb(args, batch, dtype) for batch in args.batches},

@@ -187,5 +187,6 @@ def test_tiered_cache_ring_and_staged_rows_in_one_pass(device, generator, dtype,
                             for e in indices[b, :int(lengths[b])]])
         keys, values = rows.view(len(rows), 2, kv_heads, -1).unbind(1)
         out, probs = dense_decode_attention(q[b:b + 1], keys.transpose(0, 1)[None], values.transpose(0, 1)[None])
-        torch.testing.assert_close(plain[0][b:b + 1], out)
-        torch.testing.assert_close(plain[1][b, :len(rows)], probs[0])
+        # in the dtype's tolerance above (torch's fp16 default, atol 1e-5, is a few ulps of an output near zero)
+        torch.testing.assert_close(plain[0][b:b + 1], out, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(plain[1][b, :len(rows)], probs[0], atol=tolerance * q.shape[1], rtol=tolerance)
