@@ -55,7 +55,7 @@ class Tiers:
         self.index_moved = dict.fromkeys(DIRECTIONS, 0)  # index lists that travel beside the payload
         self.tallies = dict.fromkeys(ROW_COUNTERS, 0)
         self.timeline = timeline
-        self._pinned: set[int] = set()  # storages the plan allocated pinned
+        self._pinned: set[int] = set()  # storages of the pools the plan allocated pinned
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
             self.h2d = torch.cuda.Stream(device) if overlap else self.compute
@@ -78,13 +78,12 @@ class Tiers:
         return tensor
 
     def pinned(self, host: Tensor) -> Tensor:
-        """A transient host tensor as pinned memory: page-locked on CUDA (a copy), marked so on a CPU device."""
-        host = host.pin_memory() if self.cuda else host
-        self._pinned.add(host.untyped_storage().data_ptr())
-        return host
+        """A transient host tensor in page-locked memory on CUDA (a copy; as it is on a CPU device, where its copies
+        say `pinned=True`)."""
+        return host.pin_memory() if self.cuda else host
 
     def _pinned_copy(self, dst: Tensor, src: Tensor, direction: str) -> bool:
-        """Whether a copy's host side is pinned memory (as the plan allocated it)."""
+        """Whether a copy's host side is pinned memory (as the plan allocated its pools)."""
         host = src if direction == "h2d" else dst
         return host.is_pinned() or (host.device.type == "cpu" and host.untyped_storage().data_ptr() in self._pinned)
 
@@ -132,12 +131,15 @@ class Tiers:
             if event is not None:
                 event.synchronize()
 
-    def copy(self, dst: Tensor, src: Tensor, direction: str, name: str, after=(), payload: bool = True) -> object:
+    def copy(self, dst: Tensor, src: Tensor, direction: str, name: str, after=(), payload: bool = True,
+             pinned: bool | None = None) -> object:
         """Copy `src` into `dst` on the H2D or D2H stream, after `after` events (a D2H copy also waits for the work
         issued so far on the compute stream, which produced its source); counts the bytes (as payload, or as an
-        index list beside it) and returns an event at the copy's end."""
+        index list beside it) and returns an event at the copy's end. `pinned`: the host side is a transient buffer
+        from `pinned()` (default: whether it is one of the plan's pinned pools)."""
         events = tuple(after) + ((self.event(),) if direction == "d2h" else ())
-        memory = "pinned" if self._pinned_copy(dst, src, direction) else "pageable"
+        pinned = self._pinned_copy(dst, src, direction) if pinned is None else pinned
+        memory = "pinned" if pinned else "pageable"
         issued(f"copy_{direction}_{memory}", bytes=src.numel() * src.element_size())
         with self.on(direction):
             self.wait(direction, *events)

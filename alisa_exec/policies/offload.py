@@ -314,10 +314,10 @@ class FlexGenExec(ExecPolicy):
         """Attention of the CPU heads on the CPU over the cache: q and the new K/V go down, the output comes back."""
         tiers, pool = self.tiers, self.cpu_kv[index][k_batch].data
         q_host = tiers.pinned(torch.empty(q.shape, dtype=q.dtype))
-        tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu"),
+        tiers.host_wait(tiers.copy(q_host, q, "d2h", "qkv_to_cpu", pinned=True),
                         tiers.copy_rows((pool[n - 1],), (new_rows,), "d2h", "qkv_to_cpu", "offloaded_tokens", self.gbs))
         with self.span("cpu_attention", "cpu", track="cpu"):
             y = attend_rows(q_host, pool[:n], self.cpu_heads, on_host=True)
         out = torch.empty(y.shape, dtype=y.dtype, device=q.device)
-        tiers.wait("compute", tiers.copy(out, tiers.pinned(y), "h2d", "attention_to_gpu"))
+        tiers.wait("compute", tiers.copy(out, tiers.pinned(y), "h2d", "attention_to_gpu", pinned=True))
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from alisa_sim.model_spec import Gemm
 from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
@@ -322,9 +323,9 @@ class AlisaPolicy(Policy):
             seconds = (m.num_layers - 1) / 2 * sum(self.cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(rows))
             return make_op("recompute", "gpu", {"recompute": seconds},
                            host_s=self.host_of("norm", "project", "split_heads"))
-        calls = ((("kv_dequantize", {"rows": rows, "width": m.hidden_size, "e": m.dtype_bytes}),) if self.cfg.int8
-                 else ()) + (("norm", self._rows(rows)), self._project(m.layer_gemms(rows)[0].__class__(
-                     "kv_proj", rows, m.hidden_size, 2 * m.kv_dim)), self._store_call(1, rows, 2 * m.kv_dim))
+        decode = (("kv_dequantize", {"rows": rows, "width": m.hidden_size, "e": m.dtype_bytes}),) if self.cfg.int8 else ()
+        calls = decode + (("norm", self._rows(rows)), self._project(Gemm("kv_proj", rows, m.hidden_size, 2 * m.kv_dim)),
+                          self._store_call(1, rows, 2 * m.kv_dim))
         return self._gpu_op("recompute", {"recompute": calls})
 
     def _offload_ops(self, step: int, schedule: AlisaSchedule | None, first: int, end: int) -> list:
