@@ -133,7 +133,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"),
                               models=models)
     status.print("measuring the executor's own host time")
-    add_executor_overhead(profile, device)
+    add_executor_overhead(profile, device, warn=lambda message: status.print(f"warning: {message}"))
     write_profile(profile, out)
     console.print(f"wrote {out} ({profile['gpu']['name']}; load it with --hardware {out})")
     return 0

@@ -1,43 +1,96 @@
-"""The executor's own host time beyond its named ops (the step driver's and the layer loop's Python), measured into a
-hardware profile: `alisa-exec profile` adds it after the tables (alisa_exec.profiler times the ops themselves)."""
+"""The executor's own host time beyond its named ops (the step driver's, the layer loop's and each policy's hooks'
+Python), measured per policy into a hardware profile: `alisa-exec profile` adds it after the tables
+(alisa_exec.profiler times the ops themselves)."""
 
 from __future__ import annotations
 
 import statistics
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
 from alisa_exec import executor
-from alisa_exec.profiler import OVERHEAD_LAYERS, OVERHEAD_SPEC
+from alisa_exec.profiler import OVERHEAD_SPEC
 from alisa_sim.hardware import HardwareProfile
 from alisa_sim.results import simulated_rows
 from alisa_sim.workload import ResolvedWorkload, Workload
 
+OVERHEAD_PROMPT, OVERHEAD_GEN = 8, 39
+# (layers, batch) of the probes: the per-layer share from the first two, the per-sequence share from the first and third
+OVERHEAD_SHAPES = ((1, 1), (4, 1), (1, 4))
+OVERHEAD_MEMORY = {"gpu_gb": 0.25}  # the probe needs next to nothing; vLLM allocates its pool from this
+# What each executor policy runs on the probe model, by the simulator's `Policy.host_key` of its steps: one probe
+# per set of hooks. ALISA's run is pinned through all three phases (I until step 13, II until 26, III after), so one
+# run measures each phase's hooks; FlexGen keeps half its KV heads on the CPU, fetched or attended there.
+OVERHEAD_PROBES: dict[str, dict] = {
+    "dense": {"name": "dense"},
+    "zero": {"name": "zero"},
+    "accelerate": {"name": "accelerate"},
+    "flexgen": {"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "cpu_attention": False,
+                "num_gpu_batches": 1},
+    "flexgen-cpu-attention": {"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "cpu_attention": True,
+                              "num_gpu_batches": 1},
+    "vllm": {"name": "vllm", "block_size": 16, "swap_space": 0.01},
+    "alisa": {"name": "alisa", "kv_sparsity": 0.5, "int8": False, "p1": 13, "p2": 26, "alpha": 0.5, "beta": 0.5},
+    "h2o": {"name": "h2o", "kv_sparsity": 0.5},
+    "streamingllm": {"name": "streamingllm", "kv_sparsity": 0.5},
+}
+# Each probe runs this many times; the least residual is kept (other work on the machine only ever adds time).
+OVERHEAD_RUNS = 2
 
-def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(per step, per layer) host seconds the executor spends beyond its named ops: the median measured decode step
-    of `OVERHEAD_SPEC` minus the step the profile's own named-op rows predict for it, at one and at four layers
-    (dense, eager: no CUDA graph), never below 0."""
-    hardware = HardwareProfile.model_validate(profile)
-    residual = {}
-    for layers in OVERHEAD_LAYERS:
-        spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
-        workload = Workload.model_validate({"model": spec.model_dump(), "hardware": hardware.name, "batch_size": 1,
-                                            "prompt_len": 8, "gen_len": 40, "policy": {"name": "dense"}})
-        plan = executor.plan_run(ResolvedWorkload(workload, spec, hardware), device, dtype)
-        plan.policy.cuda_graph = False  # every step eager, as the profile's rows time the ops
-        measured = executor.execute(plan, device, dtype, "dummy", 0)
-        steps = [row.time_s for row in measured.rows() if row.kind == "decode"]
-        predicted = [row.time_s for row in simulated_rows(plan.simulation) if row.kind == "decode"]
-        residual[layers] = statistics.median(steps) - statistics.median(predicted)
-    first, last = OVERHEAD_LAYERS
-    per_layer = max(0.0, (residual[last] - residual[first]) / (last - first))
-    return max(0.0, residual[first] - first * per_layer), per_layer
+
+def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,
+               dtype: torch.dtype) -> dict[tuple[str, str], float]:
+    """Measured minus predicted seconds of the probe's steps at `layers` layers and `batch` sequences, by (host key,
+    step kind): the median over a run's steps of that key and kind, the least over `OVERHEAD_RUNS` runs."""
+    spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
+    if policy["name"] == "flexgen":
+        policy = {**policy, "gpu_batch_size": batch}
+    workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name,
+                                        "batch_size": batch, "prompt_len": OVERHEAD_PROMPT,
+                                        "gen_len": OVERHEAD_GEN, "policy": policy,
+                                        "memory": OVERHEAD_MEMORY})
+    plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
+    plan.policy.cuda_graph = False  # every step eager, as the profile's rows time the ops
+    keys = [(plan.sim.host_key(row.phase), row.kind) for row in simulated_rows(plan.simulation)]
+    predicted = [row.time_s for row in simulated_rows(plan.simulation)]
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(OVERHEAD_RUNS):
+        differences = defaultdict(list)
+        for key, row, simulated in zip(keys, executor.execute(plan, device, dtype, "dummy", 0).rows(), predicted):
+            differences[key].append(row.time_s - simulated)
+        for key, values in differences.items():
+            best[key] = min(best.get(key, float("inf")), statistics.median(values))
+    return best
 
 
-def add_executor_overhead(profile: dict, device: torch.device) -> dict:
-    """The profile with `gpu.step_overhead_s` and `gpu.layer_overhead_s` measured on `device`."""
+def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.dtype,
+                              warn: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """`gpu.host_overheads` rows: per host key and step kind, the seconds per step, per sequence and per layer the
+    executor spends beyond what the profile's named-op rows predict, from its probes at `OVERHEAD_SHAPES` (never
+    below 0). A policy whose probe fails is left out, said through `warn` (its steps then pay dense's row)."""
+    bare = {**profile, "gpu": {**profile["gpu"], "host_overheads": []}}  # the named ops alone
+    hardware = HardwareProfile.model_validate(bare)
+    rows = []
+    (layers, batch), (more_layers, _), (_, more_batch) = OVERHEAD_SHAPES
+    for name, policy in OVERHEAD_PROBES.items():
+        try:
+            base, deep, wide = (_residuals(hardware, policy, *shape, device, dtype) for shape in OVERHEAD_SHAPES)
+        except Exception as error:  # a policy broken on this device must not cost the whole profile
+            warn(f"the {name} policy's host overhead is not measured: {type(error).__name__}: {error}")
+            continue
+        for (key, kind), residual in sorted(base.items()):
+            per_layer = max(0.0, (deep[key, kind] - residual) / (more_layers - layers))
+            per_sequence = max(0.0, (wide[key, kind] - residual) / (more_batch - batch))
+            rows.append({"policy": key, "kind": kind,
+                         "step_s": max(0.0, residual - layers * per_layer - batch * per_sequence),
+                         "sequence_s": per_sequence, "layer_s": per_layer})
+    return rows
+
+
+def add_executor_overhead(profile: dict, device: torch.device, warn: Callable[[str], None] = lambda _: None) -> dict:
+    """The profile with `gpu.host_overheads` measured on `device`."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    step_s, layer_s = measure_executor_overhead(profile, device, dtype)
-    profile["gpu"].update(step_overhead_s=step_s, layer_overhead_s=layer_s)
+    profile["gpu"]["host_overheads"] = measure_executor_overhead(profile, device, dtype, warn)
     return profile

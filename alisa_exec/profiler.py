@@ -469,12 +469,11 @@ def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:
         add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host, 0, picked))
 
 
-# The executor's own host time beyond its named ops is measured on a model whose ops cost next to nothing: one and
-# four layers of it, dense, so the step driver's and the layer loop's shares separate.
+# The executor's own host time beyond its named ops is measured on a model whose ops cost next to nothing, under
+# each policy at a few depths and batches (alisa_exec.overhead); two KV heads, so FlexGen can keep one on the CPU.
 OVERHEAD_SPEC = ModelSpec(name="overhead-probe", family="llama", hidden_size=64, num_layers=1, num_heads=2,
-                          num_kv_heads=1, ffn_dim=128, vocab_size=64, max_position_embeddings=64,
+                          num_kv_heads=2, ffn_dim=128, vocab_size=64, max_position_embeddings=64,
                           tie_word_embeddings=False, norm_eps=1e-5)
-OVERHEAD_LAYERS = (1, 4)
 
 
 def measure_profile(name: str, device: torch.device, quick: bool,

@@ -144,6 +144,19 @@ class OpRow(_Strict):
         return self
 
 
+class HostOverheadRow(_Strict):
+    """The executor's own host time beyond its named ops for one policy (`policy`: the simulator policy's
+    `host_key`, e.g. "dense", "flexgen-cpu-attention", "alisa-phase-2") and step kind: `step_s` per step (the step
+    driver), `sequence_s` per sequence a step (per-sequence bookkeeping: vLLM's block tables) and `layer_s` per layer
+    and row group (the layer loop and the policy's hooks)."""
+
+    policy: str
+    kind: Literal["prefill", "decode"]
+    step_s: Annotated[float, Field(ge=0, le=MAX_OP_S)]
+    sequence_s: Annotated[float, Field(ge=0, le=MAX_OP_S)] = 0.0
+    layer_s: Annotated[float, Field(ge=0, le=MAX_OP_S)]
+
+
 class GpuSection(_Strict):
     source: Source
     name: str
@@ -151,15 +164,19 @@ class GpuSection(_Strict):
     hbm_GBps: Rate = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
     peak_fp16_tflops: Rate
     launch_overhead_s: Seconds = Field(description="host time to issue one kernel (eager PyTorch)")
-    step_overhead_s: Annotated[float, Field(ge=0, le=MAX_OP_S)] = Field(0.0, description=(
-        "host time of the executor's step driver per step beyond its named ops (measured by alisa-exec profile; "
-        "0 where not measured)"))
-    layer_overhead_s: Annotated[float, Field(ge=0, le=MAX_OP_S)] = Field(0.0, description=(
-        "host time of the executor's layer loop per layer (and row group) beyond its named ops"))
+    host_overheads: list[HostOverheadRow] = Field(default_factory=list, description=(
+        "the executor's host time beyond its named ops, per policy and step kind (measured by alisa-exec profile; "
+        "none where not measured)"))
     gemm_fp16: list[GemmRow] = Field(min_length=2)
     decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
     prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)
     ops: list[OpRow] = Field(default_factory=list, description="the executor's named ops, row by row (NAMED_OPS)")
+
+    def host_overhead(self, policy: str, kind: str) -> HostOverheadRow | None:
+        """The measured host overhead of `policy`'s `kind` steps, else dense's (the base every policy's layer loop
+        shares), else None."""
+        rows = {(row.policy, row.kind): row for row in self.host_overheads}
+        return rows.get((policy, kind)) or rows.get(("dense", kind))
 
 
 class LinkSection(_Strict):

@@ -36,7 +36,7 @@ class AcceleratePolicy(Policy):
     def prefill_template(self) -> LayerTemplate:
         rows = self.batch * self.prompt_len
         template = LayerTemplate()
-        self.add_compute_chain(template, rows, self.prefill_attention_op())
+        self.add_compute_chain(template, rows, self.prefill_attention_op(), "prefill")
         template.add(self.copy_op("kv_store", "d2h", self._layer_kv_bytes(rows), self.wl.policy.pinned),
                      after=("qkv_proj",))
         return template
@@ -46,7 +46,8 @@ class AcceleratePolicy(Policy):
         pinned = self.wl.policy.pinned
         template = LayerTemplate()
         template.add(self.copy_op("kv_load", "h2d", self._layer_kv_bytes(self.batch * (context - 1)), pinned))
-        self.add_compute_chain(template, self.batch, self.decode_attention_op(context), attention_after=("kv_load",))
+        self.add_compute_chain(template, self.batch, self.decode_attention_op(context), "decode",
+                               attention_after=("kv_load",))
         template.link("attention", "kv_load", lag=2)  # a staging buffer is reused once attention two layers back read it
         template.add(self.copy_op("kv_store", "d2h", self._layer_kv_bytes(self.batch), pinned), after=("qkv_proj",))
         return template

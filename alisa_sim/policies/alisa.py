@@ -154,6 +154,9 @@ class AlisaPolicy(Policy):
     def phase(self, step: int) -> int:
         return self.residency(step).phase
 
+    def host_key(self, phase: int) -> str:
+        return f"alisa-phase-{phase}"  # each phase's hooks (prefetch, offload, recompute) run their own Python
+
     def cpu_end(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Positions [0, cpu_end) of every sequence are off the GPU (live on the CPU or deleted) at a step; it never
         decreases from one step to the next."""
@@ -376,7 +379,8 @@ class AlisaPolicy(Policy):
         elif fetch > 0:  # the static head split: every selected token's CPU heads come up
             t.add(self.copy_op("kv_fetch", "h2d", self.batch * fetch * self.kv_token_layer))
             buffered += ("kv_fetch",)
-        t.add(self.pre_attention_op(self.batch))
+        phase = self.residency(step, schedule).phase
+        t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
         before_attention = ("qkv_proj",) + tuple(name for name in buffered if name != "host_gather")
         if recompute > 0:
             t.add(self._recompute_op(self.batch * recompute),
@@ -404,7 +408,7 @@ class AlisaPolicy(Policy):
             offloaded = self.batch * self.static_cpu_share * per_token
             if offloaded > 0:
                 t.add(self.copy_op("kv_offload", "d2h", offloaded), after=("qkv_proj",))
-        return self.head_and_tail(t, self.batch)
+        return self.head_and_tail(t, self.batch, "decode", phase)
 
     def prefill_template(self, schedule: AlisaSchedule | None = None) -> LayerTemplate:
         """The prompt pass; its K/V written into the window ring (the tokens the GPU keeps), the tokens bound for the
@@ -412,8 +416,9 @@ class AlisaPolicy(Policy):
         m, s = self.model, self.prompt_len
         rows = self.batch * s
         t = LayerTemplate()
-        self.add_compute_chain(t, rows, self.prefill_attention_op())
         schedule = schedule or self._schedule
+        self.add_compute_chain(t, rows, self.prefill_attention_op(), "prefill",
+                               phase=self.residency(0, schedule).phase if schedule is not None else 1)
         if not self.cfg.dynamic_scheduling:
             offloaded = self.batch * s * self.static_cpu_share * self.kv_token_layer
             if offloaded > 0:

@@ -151,21 +151,32 @@ class Policy(ABC):
         return "project_packed" if packed else "project", {"m": gemm.m, "k": gemm.k, "n": gemm.n,
                                                            "e": self.model.dtype_bytes}
 
-    def pre_attention_op(self, rows: int, name: str = "qkv_proj") -> Op:
+    def host_key(self, phase: int) -> str:
+        """Which measured host overhead (`gpu.host_overheads`) prices this policy's steps in `phase`: the executor
+        policy's own (its hooks run their own Python around the named ops)."""
+        return self.name
+
+    def host_overhead_s(self, kind: str, phase: int = 1) -> tuple[float, float]:
+        """The executor's own host seconds per step (for this policy's batch) and per layer (and row group) of a
+        `kind` step in `phase`, beyond its named ops, as the profile measured them; none where it did not."""
+        row = self.wl.hardware.gpu.host_overhead(self.host_key(phase), kind)
+        return (row.step_s + self.batch * row.sequence_s, row.layer_s) if row else (0.0, 0.0)
+
+    def pre_attention_op(self, rows: int, kind: str, name: str = "qkv_proj", phase: int = 1) -> Op:
         """Input norm, the fused QKV projection and the head split with rotary embeddings over `rows` token rows
-        (the executor's `qkv_proj` span)."""
-        key = ("pre_attention", rows, name, self.batch)  # the batch too, for views of another batch (vLLM's)
+        (the executor's `qkv_proj` span) in a `kind` step, with the layer loop's own host time."""
+        key = ("pre_attention", rows, name, self.batch, kind, phase)  # the batch too, for views of another batch
         if (op := self._priced_ops.get(key)) is None:
-            op = self._priced_ops[key] = self._pre_attention_op(rows, name)
+            op = self._priced_ops[key] = self._pre_attention_op(rows, name, self.host_overhead_s(kind, phase)[1])
         return op
 
-    def _pre_attention_op(self, rows: int, name: str) -> Op:
+    def _pre_attention_op(self, rows: int, name: str, layer_host_s: float) -> Op:
         m = self.model
         qkv = m.layer_gemms(rows)[0]
         return self._gpu_op(name, {"gemm": (self._project(qkv),),
                                    "elementwise": (("norm", self._rows(rows)),
                                                    ("split_heads", self._rows(rows, m.q_dim + 2 * m.kv_dim)))},
-                            extra_host_s=self.wl.hardware.gpu.layer_overhead_s)  # the layer loop's own host time
+                            extra_host_s=layer_host_s)
 
     def post_attention_op(self, rows: int, name: str = "out_proj_mlp") -> Op:
         """Output projection, residuals, post-attention norm, the MLP's projections and activation over `rows` token
@@ -245,29 +256,31 @@ class Policy(ABC):
         CPU device."""
         return StepSimulator(overlap=self.overlap, host_is_device=self.wl.hardware.device_kind == "cpu")
 
-    def head_and_tail(self, template: LayerTemplate, rows: int) -> LayerTemplate:
-        """Embedding lookup before the layers; final norm, LM head (last position only) and sampling after."""
-        key = ("head_and_tail", rows, self.batch)
+    def head_and_tail(self, template: LayerTemplate, rows: int, kind: str, phase: int = 1) -> LayerTemplate:
+        """Embedding lookup before the layers, with the step driver's own host time; final norm, LM head (last
+        position only) and sampling after."""
+        key = ("head_and_tail", rows, self.batch, kind, phase)
         if (ops := self._priced_ops.get(key)) is None:
             lm = self.model.lm_head_gemm(self.batch)
             ops = self._priced_ops[key] = (
                 self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)},
-                             extra_host_s=self.wl.hardware.gpu.step_overhead_s),  # the step driver's own host time
+                             extra_host_s=self.host_overhead_s(kind, phase)[0]),
                 self._gpu_op("lm_head", {"gemm": (self._project(lm),), "elementwise": (
                     ("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
         template.head.append(ops[0])
         template.tail.append(ops[1])
         return template
 
-    def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, qkv_after: tuple[str, ...] = (),
-                          attention_after: tuple[str, ...] = ()) -> LayerTemplate:
-        """Add a layer's GPU compute (QKV projection, attention, output + MLP) after the caller's transfers, which
-        the QKV projection and the attention wait on as named."""
-        template.add(self.pre_attention_op(rows), after=qkv_after)
+    def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, kind: str,
+                          qkv_after: tuple[str, ...] = (), attention_after: tuple[str, ...] = (),
+                          phase: int = 1) -> LayerTemplate:
+        """Add a layer's GPU compute (QKV projection, attention, output + MLP) of a `kind` step after the caller's
+        transfers, which the QKV projection and the attention wait on as named."""
+        template.add(self.pre_attention_op(rows, kind, phase=phase), after=qkv_after)
         template.add(attention, after=("qkv_proj",) + attention_after)
         template.add(self.post_attention_op(rows), after=("attention",))
         template.link("out_proj_mlp", "qkv_proj", lag=1)
-        return self.head_and_tail(template, rows)
+        return self.head_and_tail(template, rows, kind, phase)
 
     # ---- memory shared by policies --------------------------------------------------------------------
     def activation_buffers(self, batch: int | None = None) -> dict[str, float]:

@@ -20,7 +20,8 @@ class DensePolicy(Policy):
         return self.wl.hardware.device_kind == "cpu" and self.model.dtype_bytes == 4
 
     def prefill_template(self) -> LayerTemplate:
-        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.static_prefill_attention_op())
+        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.static_prefill_attention_op(),
+                                      "prefill")
 
     def decode_template(self, step: int) -> LayerTemplate:
-        return self.add_compute_chain(LayerTemplate(), self.batch, self.static_decode_attention_op())
+        return self.add_compute_chain(LayerTemplate(), self.batch, self.static_decode_attention_op(), "decode")

@@ -35,11 +35,13 @@ class _EvictionPolicy(Policy):
         return MemoryUse(gpu={"kv": self.kv_bytes(self.kept(context))})
 
     def prefill_template(self) -> LayerTemplate:
-        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.prefill_attention_op())
+        return self.add_compute_chain(LayerTemplate(), self.batch * self.prompt_len, self.prefill_attention_op(),
+                                      "prefill")
 
     def decode_template(self, step: int) -> LayerTemplate:
         kept = self.kept(self.context(step))
-        t = self.add_compute_chain(LayerTemplate(), self.batch, self.decode_attention_op(kept, path="packed_attention"))
+        t = self.add_compute_chain(LayerTemplate(), self.batch, self.decode_attention_op(kept, path="packed_attention"),
+                                   "decode")
         self.add_eviction_cost(t, kept)
         return t
 

@@ -96,6 +96,9 @@ class FlexGenPolicy(Policy):
     def phase(self, step: int) -> int:
         return 2 if self.cpu_kv_heads else 1
 
+    def host_key(self, phase: int) -> str:
+        return "flexgen-cpu-attention" if self.cpu_attention else "flexgen"
+
     # ---- sizes -------------------------------------------------------------------------------------------------
     def token_rows(self, step: int) -> dict[str, float]:
         """Rows of the CPU heads' KV: the prompt's and each new token's go down; without CPU attention, every cached
@@ -134,6 +137,7 @@ class FlexGenPolicy(Policy):
         """One layer over every GPU batch of the block; `rows_per_seq` is prompt_len in the prefill, 1 in decode."""
         m, gbs = self.model, self.gbs
         prefill = rows_per_seq > 1
+        kind = "prefill" if prefill else "decode"
         rows = gbs * rows_per_seq
         slots = []
         for k in range(self.ngb):
@@ -145,7 +149,7 @@ class FlexGenPolicy(Policy):
             cpu_kv_bytes = self._kv_per_token_layer(self.cpu_kv_heads)
             if not prefill and not self.cpu_attention:
                 ops.append(self._copy(f"kv_load_b{k}", "h2d", gbs * (context - 1) * cpu_kv_bytes))
-            ops.append(self.pre_attention_op(rows, f"qkv_proj_b{k}"))
+            ops.append(self.pre_attention_op(rows, kind, f"qkv_proj_b{k}"))
             ops += self._attention_ops(k, prefill, context)
             ops.append(self.post_attention_op(rows, f"out_proj_mlp_b{k}"))
             if prefill or not self.cpu_attention:
@@ -160,7 +164,7 @@ class FlexGenPolicy(Policy):
         key = tuple(tuple((op.name, op.resource) for op in ops) for ops in slots)
         if (wired := self._wired.get(key)) is None:
             wired = self._wired[key] = self._wire(slots)
-        return self.head_and_tail(wired.with_ops([op for ops in slots for op in ops]), self.batch * rows_per_seq)
+        return self.head_and_tail(wired.with_ops([op for ops in slots for op in ops]), self.batch * rows_per_seq, kind)
 
     @classmethod
     def _wire(cls, slots: list[list]) -> LayerTemplate:

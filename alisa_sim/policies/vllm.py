@@ -298,17 +298,17 @@ class VllmPolicy(Policy):
         if len(groups) == 1:
             (length, count), = groups
             view = self._as_batch(count, length)
-            return view.add_compute_chain(LayerTemplate(), count * length, view.prefill_attention_op())
+            return view.add_compute_chain(LayerTemplate(), count * length, view.prefill_attention_op(), "prefill")
         template, previous = LayerTemplate(), ()
         for g, (length, count) in enumerate(groups):
             view, rows = self._as_batch(count, length), count * length
             names = (f"qkv_proj_g{g}", f"attention_g{g}", f"out_proj_mlp_g{g}")
-            template.add(view.pre_attention_op(rows, names[0]), after=previous)
+            template.add(view.pre_attention_op(rows, "prefill", names[0]), after=previous)
             template.add(view.prefill_attention_op(name=names[1]), after=names[:1])
             template.add(view.post_attention_op(rows, names[2]), after=names[1:2])
             template.link(names[2], names[0], lag=1)
             previous = names[2:]
-            view.head_and_tail(template, rows)
+            view.head_and_tail(template, rows, "prefill")
         return template
 
     def _decode_template(self, contexts: list[int], swap_in_blocks: int = 0, swap_out_blocks: int = 0) -> LayerTemplate:
@@ -324,7 +324,7 @@ class VllmPolicy(Policy):
             previous = (op.name,)
         # The executor pads every sequence's gathered blocks to the longest context.
         attention = view.decode_attention_op(max(contexts), path="packed_attention")
-        view.add_compute_chain(template, len(contexts), attention, qkv_after=previous)
+        view.add_compute_chain(template, len(contexts), attention, "decode", qkv_after=previous)
         if swaps:
             template.link("out_proj_mlp", swaps[0].name, lag=1)
         return template

@@ -22,15 +22,15 @@ class ZeroPolicy(Policy):
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(gpu={"kv": self.kv_bytes(context)})
 
-    def _template(self, rows: int, attention) -> LayerTemplate:
+    def _template(self, rows: int, attention, kind: str) -> LayerTemplate:
         template = LayerTemplate()
         template.add(self.copy_op("weight_load", "h2d", self.model.layer_weight_bytes, self.wl.policy.pinned))
-        self.add_compute_chain(template, rows, attention, qkv_after=("weight_load",))
+        self.add_compute_chain(template, rows, attention, kind, qkv_after=("weight_load",))
         template.link("out_proj_mlp", "weight_load", lag=2)  # a weight buffer is free once layer l-2 is done
         return template
 
     def prefill_template(self) -> LayerTemplate:
-        return self._template(self.batch * self.prompt_len, self.static_prefill_attention_op())
+        return self._template(self.batch * self.prompt_len, self.static_prefill_attention_op(), "prefill")
 
     def decode_template(self, step: int) -> LayerTemplate:
-        return self._template(self.batch, self.static_decode_attention_op())
+        return self._template(self.batch, self.static_decode_attention_op(), "decode")
