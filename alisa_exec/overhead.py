@@ -18,7 +18,7 @@ from alisa_sim.workload import ResolvedWorkload, Workload
 
 OVERHEAD_PROMPT, OVERHEAD_GEN = 8, 39
 # (layers, batch) of the probes: the per-layer share from the first two, the per-sequence share from the first and third
-OVERHEAD_SHAPES = ((1, 1), (4, 1), (1, 4))
+OVERHEAD_SHAPES = ((1, 1), (4, 1), (1, 8))
 OVERHEAD_MEMORY = {"gpu_gb": 0.25}  # the probe needs next to nothing; vLLM allocates its pool from this
 # What each executor policy runs on the probe model, by the simulator's `Policy.host_key` of its steps: one probe
 # per set of hooks. ALISA's run is pinned through all three phases (I until step 13, II until 26, III after), so one
@@ -37,7 +37,7 @@ OVERHEAD_PROBES: dict[str, dict] = {
     "streamingllm": {"name": "streamingllm", "kv_sparsity": 0.5},
 }
 # Each probe runs this many times; the least residual is kept (other work on the machine only ever adds time).
-OVERHEAD_RUNS = 2
+OVERHEAD_RUNS = 3
 
 
 def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,

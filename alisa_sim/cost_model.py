@@ -32,6 +32,12 @@ _DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def per_instance_cache(method):
+    """`method` (bound) memoized for its instance alone: a class-level lru_cache would keep every instance it saw
+    alive (a calibration builds thousands of cost models)."""
+    return lru_cache(maxsize=1 << 16)(method)
+
+
 class _LogLogCurve:
     """Time over a work size (elements, bytes or FLOPs): log-log interpolation between measured points, the first
     point's time below them, the last point's rate above them. Repeated sizes are merged by geometric mean."""
@@ -194,9 +200,12 @@ class _GemmCurves:
         self._log_kn = np.log(np.array(self._families, dtype=float))
         self._curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._families]
         self._floor_s = min(row["s"] for row in rows)
+        self._time = per_instance_cache(self._time)
 
-    @lru_cache(maxsize=1 << 16)
     def __call__(self, m: int, k: int, n: int) -> float:
+        return self._time(m, k, n)
+
+    def _time(self, m: int, k: int, n: int) -> float:
         if min(m, k, n) <= 0:
             return 0.0
         nearest = int(np.argmin(np.hypot(*(self._log_kn - np.log([k, n])).T)))
@@ -209,6 +218,8 @@ class CostModel:
 
     def __init__(self, profile: HardwareProfile):
         self.profile = profile
+        for name in ("decode_attention_s", "gathered_decode_attention_s", "prefill_attention_s"):
+            setattr(self, name, per_instance_cache(getattr(self, name)))
         gpu, link, cpu = profile.gpu, profile.link, profile.cpu
         self.launch_overhead_s: float = gpu.launch_overhead_s
 
@@ -299,7 +310,6 @@ class CostModel:
         """(m x k) @ (k x n) in the device dtype, weights streamed (the executor's `project`)."""
         return self._gemms["project"](m, k, n)
 
-    @lru_cache(maxsize=1 << 16)
     def decode_attention_s(self, batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
                            kv_dtype_bytes: float = 2) -> float:
         """One query token per sequence over `context` cached tokens. Memory-bound (a few FLOPs per byte, far below any
@@ -312,7 +322,6 @@ class CostModel:
         log_times = [math.log(curve(nbytes)) for curve in self._decode_curves]
         return math.exp(float(np.interp(math.log(batch), self._decode_log_batches, log_times)))
 
-    @lru_cache(maxsize=1 << 16)
     def gathered_decode_attention_s(self, batch: int, selected: int, num_heads: int, num_kv_heads: int, head_dim: int,
                                     kv_dtype_bytes: float = 2) -> float:
         """Explicit-gather sparse attention: gather `selected` tokens' K/V per sequence into a packed tensor, then
@@ -327,7 +336,6 @@ class CostModel:
         log_times = [math.log(curve(nbytes)) for curve in self._gather_curves]
         return math.exp(float(np.interp(math.log(batch), self._gather_log_batches, log_times)))
 
-    @lru_cache(maxsize=1 << 16)
     def prefill_attention_s(self, batch: int, prompt_len: int, num_heads: int, head_dim: int) -> float:
         """Causal attention over the prompt, by FLOPs along the measured achieved-rate curve."""
         return self._prefill_curve(causal_attention_flops(batch, prompt_len, num_heads, head_dim))

@@ -184,3 +184,18 @@ def test_no_work_takes_no_time(cost):
 
 def test_launch_overhead_comes_from_the_profile(cost, h200):
     assert cost.launch_overhead_s == h200.gpu.launch_overhead_s
+
+
+def test_a_dropped_cost_model_is_freed(h200):
+    """Its memoized op times die with it (a calibration builds thousands of cost models: a cache shared by the class
+    would keep each one alive, 15 GB in a 28-point fit)."""
+    import gc
+    import weakref
+
+    model = CostModel(h200)
+    model.gemm_s(4, 4096, 4096), model.decode_attention_s(4, 512, 32, 8, 128), model.prefill_attention_s(1, 64, 8, 64)
+    gemms = weakref.ref(model._gemms["project"])
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None and gemms() is None
