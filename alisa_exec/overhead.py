@@ -17,8 +17,11 @@ from alisa_sim.results import simulated_rows
 from alisa_sim.workload import ResolvedWorkload, Workload
 
 OVERHEAD_PROMPT, OVERHEAD_GEN = 8, 39
-# (layers, batch) of the probes: the per-layer share from the first two, the per-sequence share from the first and third
-OVERHEAD_SHAPES = ((1, 1), (4, 1), (1, 8))
+# (layers, batch) of the probes: the per-layer share from the first two, the per-sequence share from the first and
+# third. Dense runs no Python per sequence, so its slope over the batch is what the named-op rows miss at the probe's
+# shapes, which every policy shares: a policy's per-sequence share is its slope beyond dense's (vLLM's scheduler
+# and block tables are the Python per sequence).
+OVERHEAD_SHAPES = ((1, 1), (8, 1), (1, 8))
 OVERHEAD_MEMORY = {"gpu_gb": 0.25}  # the probe needs next to nothing; vLLM allocates its pool from this
 # What each executor policy runs on the probe model, by the simulator's `Policy.host_key` of its steps: one probe
 # per set of hooks. ALISA's run is pinned through all three phases (I until step 13, II until 26, III after), so one
@@ -72,7 +75,7 @@ def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.
     below 0). A policy whose probe fails is left out, said through `warn` (its steps then pay dense's row)."""
     bare = {**profile, "gpu": {**profile["gpu"], "host_overheads": []}}  # the named ops alone
     hardware = HardwareProfile.model_validate(bare)
-    rows = []
+    rows, dense_slope = [], {}
     (layers, batch), (more_layers, _), (_, more_batch) = OVERHEAD_SHAPES
     for name, policy in OVERHEAD_PROBES.items():
         try:
@@ -82,9 +85,12 @@ def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.
             continue
         for (key, kind), residual in sorted(base.items()):
             per_layer = max(0.0, (deep[key, kind] - residual) / (more_layers - layers))
-            per_sequence = max(0.0, (wide[key, kind] - residual) / (more_batch - batch))
+            slope = (wide[key, kind] - residual) / (more_batch - batch)
+            if key == "dense":
+                dense_slope[kind] = slope
+            per_sequence = max(0.0, slope - dense_slope.get(kind, slope))
             rows.append({"policy": key, "kind": kind,
-                         "step_s": max(0.0, residual - layers * per_layer - batch * per_sequence),
+                         "step_s": max(0.0, residual - layers * per_layer - batch * slope),
                          "sequence_s": per_sequence, "layer_s": per_layer})
     return rows
 
