@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -77,8 +78,8 @@ VARIANTS = (
             (WIDE[1], WIDE[0])),
     Variant("flexgen-cpu-attention", {"name": "flexgen", "percent": [100, 0, 50, 50, 100, 0], "cpu_attention": True},
             None, (WIDE[3], WIDE[2])),
-    Variant("vllm-recompute", {"name": "vllm", "preemption_mode": "recompute", "block_size": 16}, "tight",
-            (WIDE[2], WIDE[1])),
+    Variant("vllm-recompute", {"name": "vllm", "preemption_mode": "recompute", "block_size": 16, "swap_space": 0.05},
+            "tight", (WIDE[2], WIDE[1])),
     Variant("vllm-swap", {"name": "vllm", "preemption_mode": "swap", "block_size": 16, "swap_space": 0.05}, "tight",
             (WIDE[1], WIDE[2])),
     Variant("alisa-0.5-phase-1", {**ALISA, "kv_sparsity": 0.5, "int8": False}, None, (SMALL[0], SMALL[1])),
@@ -133,6 +134,19 @@ def points(per_variant: int | None = None, variants=VARIANTS) -> list[Point]:
               for shape in variant.shapes[:per_variant]]
     return [Point(variant, model, batch, prompt_len, "fit" if i % 2 == 0 else "holdout")
             for i, (variant, (model, batch, prompt_len)) in enumerate(chosen)]
+
+
+def _profile_apart(argv: list[str]) -> None:
+    """`alisa-exec profile` in a process of its own, on this process's torch threads: its streamed-weight pools
+    would otherwise stay in this process's heap, taken from the host memory the runs' plans may use."""
+    import subprocess
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run([sys.executable, "-m", "alisa_exec.cli", *argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"alisa-exec {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
 
 
 def _call(main, argv: list[str]) -> str:
@@ -220,7 +234,7 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
             specs.append(str(spec))
         command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(profile)]
         log(f"profiling (alisa-exec {' '.join(command)})")
-        _call(exec_main, command)
+        _profile_apart(command)
     else:
         shutil.copyfile(given, profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
