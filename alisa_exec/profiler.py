@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from alisa_exec import ops
-from alisa_exec.kernels.selection import LocalAttentionSum
+from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
 from alisa_exec.kv_cache import Tiers, TokenRows
 from alisa_exec.model import Transformer, mkl_packable, pack_weight
 from alisa_sim.calibrate import write_profile_yaml
@@ -39,6 +39,13 @@ GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention v
 # Weights a streamed projection rotates over: more bytes than any last-level cache, as a decode step reads each
 # layer's weights once (CPU L3 and GPU L2 are well under this).
 STREAMED_WEIGHT_BYTES = 256 * MiB
+# The largest fp32 attention-row tensor the profile materializes for `window_rows` (a GPU grid's 8k prompt at
+# R = L would take 8.6 GB); larger shapes are priced from the measured ones by their FLOPs.
+WINDOW_ROWS_BYTES = 1 << 30
+# At most this many distinct weights per projection shape: a tiny layer's weights (a 64 x 64 probe's 16 KiB) would
+# otherwise make tens of thousands of copies, each packed for MKL again (measured: 10-23 GB of heap); so few bytes
+# stay in the last-level cache anyway, as the tiny model's own do in a run.
+MAX_STREAMED_WEIGHTS = 1024
 
 
 @dataclass(frozen=True)
@@ -369,7 +376,7 @@ def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families:
     pool = _rand(STREAMED_WEIGHT_BYTES // e, device=device, dtype=dtype)  # distinct weights, views into one pool
     packable = mkl_packable(device, dtype)
     for k, n in families:
-        count = max(2, pool.numel() // (k * n))
+        count = max(2, min(MAX_STREAMED_WEIGHTS, pool.numel() // (k * n)))
         buffers = [pool[i * k * n:(i + 1) * k * n].view(n, k) if (i + 1) * k * n <= pool.numel()
                    else _rand(n, k, device=device, dtype=dtype) for i in range(count)]
         linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -420,6 +427,12 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         q = _rand(b, L, spec.num_heads, d, device=device, dtype=dtype)
         k_, v_ = (_rand(b, L, kv, d, device=device, dtype=dtype) for _ in range(2))
         add("causal_attention", {"b": b, "L": L, "h": spec.num_heads, "d": d}, lambda: ops.causal_attention(q, k_, v_))
+        q_heads, k_heads = q.transpose(1, 2), k_.transpose(1, 2)
+        for rows in sorted({L, max(1, L // 8)}):  # all of them (H2O), or a window's worth (ALISA's seed)
+            if b * kv * rows * L * 4 > WINDOW_ROWS_BYTES:
+                continue
+            add("window_rows", {"b": b, "R": rows, "L": L, "h": spec.num_heads, "kv": kv, "d": d},
+                lambda: prefill_window_rows(q_heads, k_heads, rows))
         cache = [_rand(b, kv, aligned_seq_len(L + 1), d, device=device, dtype=dtype) for _ in range(2)]
         for tokens, where in ((L, slice(0, L)), (1, torch.tensor([L], device=device))):
             new_k, new_v = k_[:, :tokens], v_[:, :tokens]

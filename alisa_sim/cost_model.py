@@ -20,7 +20,7 @@ COPY_DIRECTIONS = ("h2d", "d2h")
 # Eager PyTorch calls per named op as the executor issues it (for rows derived without a host measurement: the host
 # cost is this many launches at the profile's launch_overhead_s).
 EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2, "argmax": 1,
-               "causal_attention": 3, "masked_attention": 4, "rows_attention": 3, "packed_attention": 8,
+               "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3, "packed_attention": 8,
                "sparse_attention": 10, "cpu_attention": 3, "kv_store": 2, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
                "host_gather": 1}
@@ -85,7 +85,8 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
 
 def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     """Named-op rows for every op the profile does not time itself, derived from its other tables and marked
-    "derived": projections are the GEMM table, attention paths the decode and prefill attention tables, CPU attention the CPU section, copies the link table (host gathers at the
+    "derived": projections are the GEMM table, attention paths (and the prefill's window rows) the decode and prefill
+    attention tables, CPU attention the CPU section, copies the link table (host gathers at the
     CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never below one
     launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost EAGER_CALLS x
     launch_overhead_s."""
@@ -95,6 +96,9 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
         "project": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
         "project_packed": [({"m": r.m, "k": r.k, "n": r.n, "e": 2}, r.s) for r in gpu.gemm_fp16],
         "causal_attention": [({"b": r.b, "L": r.L, "h": r.H, "d": r.D}, r.s) for r in gpu.prefill_attention_fp16],
+        # As causal attention of the same FLOPs (all R = L rows): a lower bound, as the rows are explicit and fp32.
+        "window_rows": [({"b": r.b, "R": r.L, "L": r.L, "h": r.H, "kv": r.H, "d": r.D}, r.s)
+                        for r in gpu.prefill_attention_fp16],
         "cpu_attention": [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": _DTYPE_BYTES[r.dtype]}, r.s)
                           for r in profile.cpu.decode_attention],
     }
@@ -118,7 +122,7 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
 
 # The shape key a named op's rows grow along (its length); with the batch `b` of cache ops, the other keys name the
 # op's family (head layout, width, dtype), which its rows are grouped by.
-_LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "topk": "L", "local_sum": "T", "kv_store": "T", "masked_attention": "T",
+_LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "window_rows": "L", "topk": "L", "local_sum": "T", "kv_store": "T", "masked_attention": "T",
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T", "cpu_attention": "T",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
                 "copy_d2h_pageable": "bytes", "host_gather": "bytes"}

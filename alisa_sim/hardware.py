@@ -98,6 +98,9 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "embed": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
     "argmax": (("rows", "width"), lambda rows, width: 4 * rows * width),
     "causal_attention": (("b", "L", "h", "d"), lambda b, L, h, d: 2 * b * h * d * L**2),
+    # The prompt's last R causal attention rows over its L tokens, explicit and in fp32, summed over each KV head's
+    # query group (what H2O's and ALISA's prefill seed their selection with): Q K^T FLOPs.
+    "window_rows": (("b", "R", "L", "h", "kv", "d"), lambda b, R, L, h, kv, d: 2 * b * h * R * L * d),
     "masked_attention": (("b", "T", "kv", "d", "e"), _kv),
     "rows_attention": (("b", "T", "kv", "d", "e"), _kv),
     "packed_attention": (("b", "T", "kv", "d", "e"), _kv),

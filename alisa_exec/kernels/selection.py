@@ -47,6 +47,7 @@ def prefill_window_rows(q: Tensor, k: Tensor, num_rows: int, sm_scale: float | N
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     num_rows = min(num_rows, seq)
+    issued("window_rows", b=batch, R=num_rows, L=seq, h=heads, kv=kv_heads, d=head_dim)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     query_pos = torch.arange(seq - num_rows, seq, device=q.device)
     future = torch.arange(seq, device=q.device)[None, :] > query_pos[:, None]

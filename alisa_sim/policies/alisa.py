@@ -303,8 +303,11 @@ class AlisaPolicy(Policy):
         per_layer = self.model.num_heads if self.cfg.selection == "per_head" else 1
         rows = self.batch * per_layer
         if step == 0:
+            m = self.model
             capacity = swa_window(self.wl.max_context() - 1, self.cfg.kv_sparsity) + 1
-            pushes = (("local_sum", {"b": rows, "T": context}),) * min(capacity, context)
+            seed = ("window_rows", {"b": self.batch, "R": min(capacity, context), "L": context, "h": m.num_heads,
+                                    "kv": m.num_kv_heads, "d": m.dim_per_head})
+            pushes = (seed,) + (("local_sum", {"b": rows, "T": context}),) * min(capacity, context)
         else:
             pushes = (("local_sum", {"b": rows, "T": self.selected(context)[1]}),)
         picks = (("topk", {"b": rows, "L": context + 1}),) if step < self.wl.decode_steps else ()

@@ -60,6 +60,17 @@ class H2OPolicy(_EvictionPolicy):
                      after=("attention",))
 
 
+    def prefill_template(self) -> LayerTemplate:
+        """The prompt pass, then the attention every prompt token received from the prompt's queries (explicit
+        rows, as the executor scores the heavy hitters it keeps)."""
+        t, m = super().prefill_template(), self.model
+        s = self.prompt_len
+        t.add(self._gpu_op("eviction", {"selection": (("window_rows", {
+            "b": self.batch, "R": s, "L": s, "h": m.num_heads, "kv": m.num_kv_heads, "d": m.dim_per_head}),)}),
+            after=("attention",))
+        return t
+
+
 class StreamingLLMPolicy(_EvictionPolicy):
     name = "streamingllm"
 

@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from alisa_exec import ops
-from alisa_exec.kernels.selection import LocalAttentionSum
+from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
 from alisa_exec.kv_cache import Tiers, TokenRows
 from alisa_exec.profiler import CPU_QUICK, Bench, measure_named_ops
 from alisa_sim.cost_model import CostModel
@@ -20,7 +20,7 @@ EXECUTOR_CALLS = {
     "rows_attention": ops.rows_attention, "packed_attention": ops.packed_attention,
     "sparse_attention": ops.sparse_attention, "cpu_attention": ops.cpu_attention, "kv_store": ops.kv_store,
     "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
-    "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
+    "window_rows": prefill_window_rows, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
     "host_gather": TokenRows.flat_rows,
 }
