@@ -103,9 +103,9 @@ KEPT = ("profile.yaml", "profile-fitted.yaml", "uncalibrated/validation.json", "
 # What the calibration fits: the host time per GEMM / attention call, the GEMM and attention table scales (the quick
 # profile times cache-hot matrices; the model streams its weights) and the copy scale (the points move KV and weights).
 FIT_PARAMETERS = ("host", "gemm", "attention", "copy")
-# Each workload is run this many times and the run with the least decode time kept: other work on the machine only
-# ever slows a run down, so the fastest is the least disturbed measurement.
-EXEC_TRIES = 2
+# Each workload is run this many times (a pass over every point per try) and the run with the least decode time kept:
+# other work on the machine only ever slows a run down, so the fastest is the least disturbed measurement.
+EXEC_TRIES = 3
 # One torch thread, for the profile and the runs alike: on a 2-core machine shared with other work, two threads that
 # wait on each other at every op's barrier turn any competing process into millisecond stalls (measured: quick-profile
 # GEMMs of 10 us timed at 7 ms); one thread per core keeps both sides' timings repeatable.
@@ -239,20 +239,25 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         shutil.copyfile(given, profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
+    workloads = {}
+    for point in selected:
+        gpu_gb = tight_gpu_gb(point, profile, device) if point.variant.budget == "tight" else None
+        workloads[point.name] = folder / "workloads" / f"{point.name}.yaml"
+        workloads[point.name].parent.mkdir(parents=True, exist_ok=True)
+        workloads[point.name].write_text(yaml.safe_dump(workload_data(point, profile, device, gpu_gb),
+                                                        sort_keys=False))
+    # Each try runs every point once: a slow spell of the machine then costs a point one try, not all of them.
+    for attempt in range(EXEC_TRIES):
+        for point in selected:
+            log(f"{point.name}: alisa-exec run --device {device} (try {attempt + 1} of {EXEC_TRIES})")
+            _call(exec_main, ["run", str(workloads[point.name]), "--device", device, "--dtype", DTYPES[device][0],
+                              "--out", str(folder / "tries" / point.name / str(attempt))])
     for point in selected:
         name = point.name
-        gpu_gb = tight_gpu_gb(point, profile, device) if point.variant.budget == "tight" else None
-        workload = folder / "workloads" / f"{name}.yaml"
-        workload.parent.mkdir(parents=True, exist_ok=True)
-        workload.write_text(yaml.safe_dump(workload_data(point, profile, device, gpu_gb), sort_keys=False))
-        log(f"{name}: alisa-exec run --device {device} (best of {EXEC_TRIES}), alisa-sim run")
         tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
-        for attempt in tries:
-            _call(exec_main, ["run", str(workload), "--device", device, "--dtype", DTYPES[device][0],
-                              "--out", str(attempt)])
         best = min(tries, key=lambda t: json.loads((t / "result.json").read_text())["metrics"]["decode_s"])
         shutil.copytree(best, folder / "measured" / name)
-        _call(sim_main, ["run", str(workload), "--out", str(folder / "predicted" / name)])
+        _call(sim_main, ["run", str(workloads[name]), "--out", str(folder / "predicted" / name)])
         traffic[name] = traffic_differences(json.loads((folder / "predicted" / name / "result.json").read_text()),
                                             json.loads((folder / "measured" / name / "result.json").read_text()))
         split[point.split].append(name)
