@@ -185,8 +185,10 @@ class StepSimulator:
         self.carry_s = timing.carry_s
         return timing
 
-    def time_step(self, template: LayerTemplate, num_layers: int, carry: dict[str, float]) -> StepTiming:
-        """Time a step that starts with the copy streams busy for `carry` seconds; no state changes."""
+    def time_step(self, template: LayerTemplate, num_layers: int, carry: dict[str, float],
+                  totals: tuple | None = None) -> StepTiming:
+        """Time a step that starts with the copy streams busy for `carry` seconds; no state changes. `totals` are
+        the template's `totals(template, num_layers)` where the caller has them already."""
         program = self.program(template)
         sections = (template.head, template.ops, template.tail)
         if self.host_is_device:  # one resource: each op's host time and device time in a row
@@ -204,8 +206,8 @@ class StepSimulator:
             if period is not None:
                 break
             unrolled = min(num_layers, 2 * unrolled)
-        return self._finish(sections, program, device, host, num_layers, unrolled, period, sweep.free,
-                            sweep.head_spans, sweep.starts, sweep.ends)
+        return self._finish(sections, program, device, host, num_layers, unrolled, period, sweep,
+                            totals or _totals(sections, program.labels, num_layers))
 
     def totals(self, template: LayerTemplate, num_layers: int) -> tuple[dict[str, float], dict[str, float], int, int]:
         """What a step of `template` keeps busy whatever its schedule: device seconds per reported resource and the
@@ -233,8 +235,8 @@ class StepSimulator:
         return period
 
     def _finish(self, sections: tuple[list[Op], list[Op], list[Op]], program: _Program, device: list, host: list,
-                num_layers: int, unrolled: int, period: float, free: list[float], head_spans: list, starts: list,
-                ends: list) -> StepTiming:
+                num_layers: int, unrolled: int, period: float, sweep: _Sweep, totals: tuple) -> StepTiming:
+        free, head_spans, starts, ends = sweep.free, sweep.head_spans, sweep.starts, sweep.ends
         shift = (num_layers - unrolled) * period
         lane_end = list(free)
         if shift:
@@ -245,7 +247,7 @@ class StepSimulator:
         duration = lane_end[program.compute_lane]
         carry = {name: end - duration for name, end in zip(program.lane_names, lane_end) if end > duration}
 
-        busy, parts, h2d, d2h = _totals(sections, program.labels, num_layers)
+        busy, parts, h2d, d2h = totals
         collapsed_period = period if unrolled < num_layers else 0.0
 
         def spans() -> Iterator[TimedOp]:

@@ -259,7 +259,7 @@ class _DecodeRuns:
         self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
         self._phases: dict[int, int] = {}
         self._templates: dict[int, LayerTemplate] = {}  # steps the search looked at, timed or not
-        self._shapes: dict[int, tuple[tuple, list[float], list[int], float]] = {}  # _shape of those steps
+        self._shapes: dict[int, tuple] = {}  # _shape of those steps
         self._idle_step = 0  # the last step `timed` timed with idle copy streams
         self.span = _MIN_SPAN
 
@@ -293,7 +293,8 @@ class _DecodeRuns:
     def _idle(self, step: int) -> tuple[LayerTemplate, StepTiming]:
         if step not in self.sampled:
             template = self._template(step)
-            self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {})
+            totals = self._shapes[step][4] if step in self._shapes else None
+            self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {}, totals)
         return self.sampled[step]
 
     def forget_before(self, step: int) -> None:
@@ -306,21 +307,21 @@ class _DecodeRuns:
         """Simulate an interpolated step again, for its op schedule (copy streams idle at its start, as proven)."""
         return lambda: self.stepper.time_step(self.policy.decode_template(step), self.num_layers, {})
 
-    def _shape(self, step: int) -> tuple[tuple, list[float], list[int], float]:
+    def _shape(self, step: int) -> tuple:
         """What must lie on the run's chords but the step time, known from the template alone: the step's structure,
         its breakdown by kind and by resource (StepSimulator.totals, as its timing reports them), every op's device
         and host time, and (exactly) bytes; and an upper bound on the step time (every op's host and device time
         in a row, with a margin: each op of the chain that ends the step waits only on ops issued before it or on
-        the host, so the chain's ops and issue time add up to at most that)."""
+        the host, so the chain's ops and issue time add up to at most that); and the totals, for timing the step."""
         if step not in self._shapes:
             template = self._template(step)
-            busy, parts, _, _ = self.stepper.totals(template, self.num_layers)
+            totals = busy, parts, _, _ = self.stepper.totals(template, self.num_layers)
             ops = template.head + template.ops + template.tail
             serial_s = (sum(op.duration_s + op.host_s for op in template.head + template.tail)
                         + self.num_layers * sum(op.duration_s + op.host_s for op in template.ops))
             self._shapes[step] = (template.structure(),
                                   [*parts.values(), *busy.values()] + [op.duration_s for op in ops]
-                                  + [op.host_s for op in ops], [op.nbytes for op in ops], 1.001 * serial_s)
+                                  + [op.host_s for op in ops], [op.nbytes for op in ops], 1.001 * serial_s, totals)
         return self._shapes[step]
 
     def affine_run(self, anchor: int, last: int) -> list[int]:
@@ -356,7 +357,7 @@ class _DecodeRuns:
         shapes = [self._shape(step) for step in (lo, x, hi)]
         if any(shape[0] != structure for shape in shapes):
             return False
-        (_, f0, i0, _), (_, f, i, _), (_, f1, i1, _) = shapes
+        (_, f0, i0, *_), (_, f, i, *_), (_, f1, i1, *_) = shapes
         if any((b + (x - lo) * (c - b) // (hi - lo) != v) or ((x - lo) * (c - b)) % (hi - lo)
                for v, b, c in zip(i, i0, i1)):
             return False
