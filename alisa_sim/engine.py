@@ -55,10 +55,10 @@ class _Program:
         self.names = [[op.name for op in ops] for ops in (template.head, layer_ops, template.tail)]
         self.labels = [[label_of(op) for op in ops] for ops in (template.head, layer_ops, template.tail)]
         self.lanes = [[self._lane(lane_of(op)) for op in ops] for ops in (template.head, layer_ops, template.tail)]
-        self.deps = [tuple((index[src], lag) for src, lag in template.dependencies(op.name)) for op in layer_ops]
-        # The sweep's form of the deps: those on this layer's ops apart from those on earlier layers' (by lag).
-        self.same_layer_deps = [tuple(j for j, lag in deps if lag == 0) for deps in self.deps]
-        self.earlier_deps = [tuple((j, lag) for j, lag in deps if lag > 0) for deps in self.deps]
+        deps = [[(index[src], lag) for src, lag in template.dependencies(op.name)] for op in layer_ops]
+        # Per op, the indices of the ops of its own layer it waits on, and (index, lag) of those of earlier layers.
+        self.same_layer_deps = [tuple(j for j, lag in op_deps if lag == 0) for op_deps in deps]
+        self.earlier_deps = [tuple((j, lag) for j, lag in op_deps if lag > 0) for op_deps in deps]
         self.reach = max(1, template.max_lag)
         self.compute_lane = self._lane(compute_lane)  # the stream that samples the step's token
 
