@@ -55,7 +55,10 @@ class _Program:
         self.names = [[op.name for op in ops] for ops in (template.head, layer_ops, template.tail)]
         self.labels = [[label_of(op) for op in ops] for ops in (template.head, layer_ops, template.tail)]
         self.lanes = [[self._lane(lane_of(op)) for op in ops] for ops in (template.head, layer_ops, template.tail)]
-        self.deps = [tuple((index[src], lag) for src, lag in template.dependencies(op.name)) for op in layer_ops]
+        deps = [[(index[src], lag) for src, lag in template.dependencies(op.name)] for op in layer_ops]
+        # Per op, the indices of the ops of its own layer it waits on, and (index, lag) of those of earlier layers.
+        self.same_layer_deps = [tuple(j for j, lag in op_deps if lag == 0) for op_deps in deps]
+        self.earlier_deps = [tuple((j, lag) for j, lag in op_deps if lag > 0) for op_deps in deps]
         self.reach = max(1, template.max_lag)
         self.compute_lane = self._lane(compute_lane)  # the stream that samples the step's token
 
@@ -97,6 +100,61 @@ def _issue_in_order(lanes: list[int], device: list[float], host: list[float], cl
     return clock, spans
 
 
+def _totals(sections: tuple[list[Op], list[Op], list[Op]], labels: list[list[str]],
+            num_layers: int) -> tuple[dict[str, float], dict[str, float], int, int]:
+    """Busy seconds per label (and the host's under "host"), seconds by kind, and H2D and D2H bytes of a step."""
+    busy: dict[str, float] = {HOST: 0.0}
+    host_busy = 0.0
+    parts = dict.fromkeys(KINDS, 0.0)
+    h2d = d2h = 0
+    for ops, section_labels, count in zip(sections, labels, (1, num_layers, 1)):
+        for op, label in zip(ops, section_labels):
+            busy[label] = busy.get(label, 0.0) + count * op.duration_s
+            host_busy += count * op.host_s
+            for kind, seconds in op.parts:
+                parts[kind] += count * seconds
+            if op.nbytes:
+                if op.resource == "h2d":
+                    h2d += count * op.nbytes
+                elif op.resource == "d2h":
+                    d2h += count * op.nbytes
+    busy[HOST] = host_busy
+    return busy, parts, h2d, d2h
+
+
+class _Sweep:
+    """The list schedule of a step's head and first layers, grown layer by layer (`run_to`): exact for those layers,
+    because an op only ever waits on ops issued before it; growing it continues where it stopped."""
+
+    def __init__(self, program: _Program, device: list, host: list, carry: dict[str, float]):
+        self.free = [carry.get(name, 0.0) for name in program.lane_names]
+        self.clock, self.head_spans = _issue_in_order(program.lanes[0], device[0], host[0], 0.0, self.free)
+        self.layer_ops = list(zip(range(len(device[1])), program.lanes[1], program.same_layer_deps,
+                                  program.earlier_deps, device[1], host[1]))
+        self.starts: list[list[float]] = []
+        self.ends: list[list[float]] = []
+
+    def run_to(self, layers: int) -> None:
+        clock, free, starts, ends, count = self.clock, self.free, self.starts, self.ends, len(self.layer_ops)
+        for layer in range(len(ends), layers):
+            row_start = [0.0] * count
+            row_end = [0.0] * count
+            for i, lane, same_layer, earlier, duration, host_s in self.layer_ops:
+                clock += host_s
+                t = free[lane] if free[lane] > clock else clock
+                for j in same_layer:
+                    if row_end[j] > t:
+                        t = row_end[j]
+                for j, lag in earlier:
+                    if layer >= lag and ends[layer - lag][j] > t:
+                        t = ends[layer - lag][j]
+                row_start[i] = t
+                free[lane] = row_end[i] = t + duration
+            starts.append(row_start)
+            ends.append(row_end)
+        self.clock = clock
+
+
 class StepSimulator:
     """Times steps one after another, carrying copy-stream backlogs from each step into the next."""
 
@@ -127,8 +185,10 @@ class StepSimulator:
         self.carry_s = timing.carry_s
         return timing
 
-    def time_step(self, template: LayerTemplate, num_layers: int, carry: dict[str, float]) -> StepTiming:
-        """Time a step that starts with the copy streams busy for `carry` seconds; no state changes."""
+    def time_step(self, template: LayerTemplate, num_layers: int, carry: dict[str, float],
+                  totals: tuple | None = None) -> StepTiming:
+        """Time a step that starts with the copy streams busy for `carry` seconds; no state changes. `totals` are
+        the template's `totals(template, num_layers)` where the caller has them already."""
         program = self.program(template)
         sections = (template.head, template.ops, template.tail)
         if self.host_is_device:  # one resource: each op's host time and device time in a row
@@ -139,45 +199,21 @@ class StepSimulator:
             host = [[op.host_s for op in ops] for ops in sections]
         layer_host_s = sum(host[1])
         unrolled = min(num_layers, max(_FIRST_UNROLL, 2 * program.reach + 2))
+        sweep = _Sweep(program, device, host, carry)
         while True:
-            free, head_spans, starts, ends = self._sweep(program, device, host, unrolled, carry)
-            period = self._period(program, ends, layer_host_s) if unrolled < num_layers else 0.0
+            sweep.run_to(unrolled)
+            period = self._period(program, sweep.ends, layer_host_s) if unrolled < num_layers else 0.0
             if period is not None:
                 break
             unrolled = min(num_layers, 2 * unrolled)
-        return self._finish(sections, program, device, host, num_layers, unrolled, period, free, head_spans,
-                            starts, ends)
+        return self._finish(sections, program, device, host, num_layers, unrolled, period, sweep,
+                            totals or _totals(sections, program.labels, num_layers))
 
-    @staticmethod
-    def _sweep(program: _Program, device: list, host: list, layers: int, carry: dict[str, float]):
-        """List-schedule the head and the first `layers` layers: exact for those layers, because an op only ever
-        waits on ops issued before it."""
-        free = [carry.get(name, 0.0) for name in program.lane_names]
-        clock, head_spans = _issue_in_order(program.lanes[0], device[0], host[0], 0.0, free)
-        layer_ops = list(enumerate(zip(program.lanes[1], program.deps, device[1], host[1])))
-        count = len(layer_ops)
-        starts: list[list[float]] = []
-        ends: list[list[float]] = []
-        for layer in range(layers):
-            row_start = [0.0] * count
-            row_end = [0.0] * count
-            for i, (lane, deps, duration, host_s) in layer_ops:
-                clock += host_s
-                t = free[lane] if free[lane] > clock else clock
-                for j, lag in deps:
-                    if lag == 0:
-                        ready = row_end[j]
-                    elif layer >= lag:
-                        ready = ends[layer - lag][j]
-                    else:
-                        continue
-                    if ready > t:
-                        t = ready
-                row_start[i] = t
-                free[lane] = row_end[i] = t + duration
-            starts.append(row_start)
-            ends.append(row_end)
-        return free, head_spans, starts, ends
+    def totals(self, template: LayerTemplate, num_layers: int) -> tuple[dict[str, float], dict[str, float], int, int]:
+        """What a step of `template` keeps busy whatever its schedule: device seconds per reported resource and the
+        host's issue seconds ("host"), device seconds by kind, and H2D and D2H bytes (StepTiming's busy_s, parts_s,
+        h2d_bytes and d2h_bytes, computed alike)."""
+        return _totals((template.head, template.ops, template.tail), self.program(template).labels, num_layers)
 
     @staticmethod
     def _period(program: _Program, ends: list[list[float]], layer_host_s: float) -> float | None:
@@ -199,8 +235,8 @@ class StepSimulator:
         return period
 
     def _finish(self, sections: tuple[list[Op], list[Op], list[Op]], program: _Program, device: list, host: list,
-                num_layers: int, unrolled: int, period: float, free: list[float], head_spans: list, starts: list,
-                ends: list) -> StepTiming:
+                num_layers: int, unrolled: int, period: float, sweep: _Sweep, totals: tuple) -> StepTiming:
+        free, head_spans, starts, ends = sweep.free, sweep.head_spans, sweep.starts, sweep.ends
         shift = (num_layers - unrolled) * period
         lane_end = list(free)
         if shift:
@@ -211,22 +247,7 @@ class StepSimulator:
         duration = lane_end[program.compute_lane]
         carry = {name: end - duration for name, end in zip(program.lane_names, lane_end) if end > duration}
 
-        busy: dict[str, float] = {HOST: 0.0}
-        host_busy = 0.0
-        parts = dict.fromkeys(KINDS, 0.0)
-        h2d = d2h = 0
-        for ops, labels, count in zip(sections, program.labels, (1, num_layers, 1)):
-            for op, label in zip(ops, labels):
-                busy[label] = busy.get(label, 0.0) + count * op.duration_s
-                host_busy += count * op.host_s
-                for kind, seconds in op.parts:
-                    parts[kind] += count * seconds
-                if op.nbytes:
-                    if op.resource == "h2d":
-                        h2d += count * op.nbytes
-                    elif op.resource == "d2h":
-                        d2h += count * op.nbytes
-        busy[HOST] = host_busy
+        busy, parts, h2d, d2h = totals
         collapsed_period = period if unrolled < num_layers else 0.0
 
         def spans() -> Iterator[TimedOp]:

@@ -95,7 +95,9 @@ class LayerTemplate:
         ops one for one (the same names and resources, in order): a DAG wired once, its ops priced per step."""
         if [(op.name, op.resource) for op in ops] != [(op.name, op.resource) for op in self._ops.values()]:
             raise ValueError("with_ops takes the template's ops, by name and resource, in their order")
-        return LayerTemplate(list(self.head), list(self.tail), {op.name: op for op in ops}, dict(self._lags))
+        # The same names, resources, edges, head and tail: the same structure (kept, as structure() checks).
+        return LayerTemplate(list(self.head), list(self.tail), {op.name: op for op in ops}, dict(self._lags),
+                             self._structure)
 
     @property
     def graph(self):

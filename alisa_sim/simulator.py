@@ -18,8 +18,10 @@ Memory is held, and the KV of every step taken from the policy, step by step in 
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -27,7 +29,6 @@ import simpy
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from alisa_sim.cost_model import CostModel
 from alisa_sim.engine import MemoryPool, OutOfMemory, StepSimulator, StepTiming, TimedOp
 from alisa_sim.ops import LayerTemplate
 from alisa_sim.planner import make_policy
@@ -169,7 +170,7 @@ class SimulationProgress:
 
 def simulate(workload: ResolvedWorkload, on_step: Callable[[StepRecord], None] | None = None) -> Simulation:
     """Simulate the whole run; `on_step(record)` is called after each step (for progress bars)."""
-    return simulate_with_policy(workload, make_policy(workload, CostModel(workload.hardware)), on_step)
+    return simulate_with_policy(workload, make_policy(workload), on_step)
 
 
 def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
@@ -226,11 +227,26 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
             runs.forget_before(step)
 
     try:
-        env.run(env.process(run()))
+        with _no_cycle_collection():
+            env.run(env.process(run()))
     except OutOfMemory as exc:
         sim.oom_error = str(exc)
     sim.peak_gpu_bytes, sim.peak_cpu_bytes = gpu.peak_bytes, cpu.peak_bytes
     return sim
+
+
+@contextmanager
+def _no_cycle_collection():
+    """Python's cycle collector paused: a run allocates objects by the hundred thousand and keeps nearly all of them
+    (its step records, plans, timings) or frees them by reference count, so the collector's passes over the growing
+    heap find nothing and would cost a quarter of a short run; what cycles a run leaves are collected after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _DecodeRuns:
@@ -242,7 +258,9 @@ class _DecodeRuns:
         # Steps timed with the copy streams idle at their start: the samples of a run, and the anchor.
         self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
         self._phases: dict[int, int] = {}
-        self._points: dict[int, tuple[tuple, list[float], list[int]]] = {}  # sampled steps' structure and _point
+        self._templates: dict[int, LayerTemplate] = {}  # steps the search looked at, timed or not
+        self._shapes: dict[int, tuple] = {}  # _shape of those steps
+        self._idle_step = 0  # the last step `timed` timed with idle copy streams
         self.span = _MIN_SPAN
 
     def plan(self, step: int, template: LayerTemplate | None) -> StepPlan:
@@ -264,38 +282,55 @@ class _DecodeRuns:
             return template, self.stepper.run_step(template, self.num_layers)
         template, timing = self._idle(step)
         self.stepper.carry_s = timing.carry_s
+        self._idle_step = step
         return template, timing
+
+    def _template(self, step: int) -> LayerTemplate:
+        if step not in self._templates:
+            self._templates[step] = self.policy.decode_template(step)
+        return self._templates[step]
 
     def _idle(self, step: int) -> tuple[LayerTemplate, StepTiming]:
         if step not in self.sampled:
-            template = self.policy.decode_template(step)
-            self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {})
+            template = self._template(step)
+            totals = self._shapes[step][4] if step in self._shapes else None
+            self.sampled[step] = template, self.stepper.time_step(template, self.num_layers, {}, totals)
         return self.sampled[step]
 
     def forget_before(self, step: int) -> None:
-        """Drop the samples of steps already recorded (or interpolated past)."""
-        for done in [x for x in self.sampled if x < step]:
-            del self.sampled[done]
-            self._points.pop(done, None)
+        """Drop what is kept of steps already recorded (or interpolated past)."""
+        for kept in (self.sampled, self._templates, self._shapes):
+            for done in [x for x in kept if x < step]:
+                del kept[done]
 
     def simulation_of(self, step: int) -> Callable[[], StepTiming]:
         """Simulate an interpolated step again, for its op schedule (copy streams idle at its start, as proven)."""
         return lambda: self.stepper.time_step(self.policy.decode_template(step), self.num_layers, {})
 
-    @staticmethod
-    def _point(template: LayerTemplate, timing: StepTiming) -> tuple[list[float], list[int]]:
-        """What must lie on the run's chords: the step time, its breakdown by kind and by resource, every op's device
-        and host time, and (exactly) bytes."""
-        ops = template.head + template.ops + template.tail
-        return ([timing.duration_s, *timing.parts_s.values(), *timing.busy_s.values()]
-                + [op.duration_s for op in ops] + [op.host_s for op in ops], [op.nbytes for op in ops])
+    def _shape(self, step: int) -> tuple:
+        """What must lie on the run's chords but the step time, known from the template alone: the step's structure,
+        its breakdown by kind and by resource (StepSimulator.totals, as its timing reports them), every op's device
+        and host time, and (exactly) bytes; and an upper bound on the step time (every op's host and device time
+        in a row, with a margin: each op of the chain that ends the step waits only on ops issued before it or on
+        the host, so the chain's ops and issue time add up to at most that); and the totals, for timing the step."""
+        if step not in self._shapes:
+            template = self._template(step)
+            totals = busy, parts, _, _ = self.stepper.totals(template, self.num_layers)
+            ops = template.head + template.ops + template.tail
+            serial_s = (sum(op.duration_s + op.host_s for op in template.head + template.tail)
+                        + self.num_layers * sum(op.duration_s + op.host_s for op in template.ops))
+            self._shapes[step] = (template.structure(),
+                                  [*parts.values(), *busy.values()] + [op.duration_s for op in ops]
+                                  + [op.host_s for op in ops], [op.nbytes for op in ops], 1.001 * serial_s, totals)
+        return self._shapes[step]
 
     def affine_run(self, anchor: int, last: int) -> list[int]:
         """Steps anchor < ... < end, each simulated with idle copy streams and kept in `sampled`, between which every
-        step lies on the chord of its two neighbours in the list (empty if the run does not reach past anchor + 1).
+        step lies on the chord of its two neighbours in the list (empty if the run does not reach past anchor + 1,
+        or if the anchor did not start with idle copy streams or leaves a backlog).
         The run grows from the anchor by extensions of `span` steps, each checked at its first and last two steps
         and its middle; a failed extension is retried at half the span, down to 4 steps."""
-        if last < anchor + 2 or anchor not in self.sampled or self.sampled[anchor][1].carry_s:
+        if last < anchor + 2 or self._idle_step != anchor or self.sampled[anchor][1].carry_s:
             return []
         structure, phase = self.sampled[anchor][0].structure(), self.phase(anchor)
         same_phase_until = anchor
@@ -316,19 +351,28 @@ class _DecodeRuns:
         return samples if end > anchor + 1 else []
 
     def _on_chord(self, x: int, structure: tuple, lo: int, hi: int) -> bool:
-        """Whether step x (timed with idle copy streams) has the structure and lies on the chord from lo to hi."""
-        points = []
-        for step in (lo, x, hi):
-            template, timing = self._idle(step)
-            if step not in self._points:
-                self._points[step] = template.structure(), *self._point(template, timing)
-            if timing.carry_s or self._points[step][0] != structure:
-                return False
-            points.append(self._points[step][1:])
-        (f0, i0), (f, i), (f1, i1) = points
-        w = (x - lo) / (hi - lo)
+        """Whether step x (timed with idle copy streams) has the structure and lies on the chord from lo to hi, as
+        do lo and hi. What the templates show is checked first: a step is timed only if they pass, with the
+        tolerance the bounds on the step times allow (the true tolerance is no wider)."""
+        shapes = [self._shape(step) for step in (lo, x, hi)]
+        if any(shape[0] != structure for shape in shapes):
+            return False
+        (_, f0, i0, *_), (_, f, i, *_), (_, f1, i1, *_) = shapes
         if any((b + (x - lo) * (c - b) // (hi - lo) != v) or ((x - lo) * (c - b)) % (hi - lo)
                for v, b, c in zip(i, i0, i1)):
             return False
-        scale = _LINE_TOL * max(f[0], f0[0], f1[0])  # relative to the step time
-        return all(abs(b + w * (c - b) - v) <= scale for v, b, c in zip(f, f0, f1))
+        w = (x - lo) / (hi - lo)
+
+        def on_line(scale: float) -> bool:
+            return all(abs(b + w * (c - b) - v) <= scale for v, b, c in zip(f, f0, f1))
+
+        bounds = [self.sampled[step][1].duration_s if step in self.sampled else self._shapes[step][3]
+                  for step in (lo, x, hi)]
+        if not on_line(_LINE_TOL * max(bounds)):
+            return False
+        timings = [self._idle(step)[1] for step in (lo, x, hi)]
+        if any(timing.carry_s for timing in timings):
+            return False
+        d0, d, d1 = (timing.duration_s for timing in timings)
+        scale = _LINE_TOL * max(d, d0, d1)  # relative to the step time
+        return abs(d0 + w * (d1 - d0) - d) <= scale and on_line(scale)

@@ -100,3 +100,72 @@ def test_a_simulation_and_a_plan_do_not_import_networkx():
             "assert 'networkx' not in sys.modules, 'networkx was imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_libyaml_loader_reads_every_committed_file_as_the_pure_python_one_does():
+    """parse_yaml parses with libyaml: every profile, workload and sweep file reads exactly as with PyYAML's own
+    parser (exponent floats without a dot included), and deep nesting still stops at Python's recursion limit."""
+    import re
+
+    import yaml
+
+    from alisa_sim.errors import parse_yaml
+
+    class PurePython(yaml.SafeLoader):
+        pass
+
+    PurePython.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
+    files = sorted((ROOT / "hw_profiles").glob("*.yaml")) + sorted((ROOT / "workloads").rglob("*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text()
+        assert parse_yaml(text) == yaml.load(text, Loader=PurePython), path  # noqa: S506 - a SafeLoader
+    assert parse_yaml("a: 1e-5\nb: &x [1, {c: d}]\nc: *x\n") == {"a": 1e-5, "b": [1, {"c": "d"}], "c": [1, {"c": "d"}]}
+    with pytest.raises(RecursionError):
+        parse_yaml("[" * 200_000 + "]" * 200_000)  # libyaml's own composer would overflow the C stack here
+
+
+def test_one_cost_model_per_profile_and_a_shared_one_changes_no_result():
+    from alisa_sim.planner import cost_model_of
+    from alisa_sim.results import build_result
+    from alisa_sim.simulator import simulate, simulate_with_policy
+
+    wl = _workload({"name": "flexgen"})
+    assert cost_model_of(wl.hardware) is cost_model_of(wl.hardware)
+    shared = build_result(simulate(wl))
+    fresh = build_result(simulate_with_policy(wl, make_policy(wl, CostModel(wl.hardware))))
+    assert {k: v for k, v in shared.items() if k != "run"} == {k: v for k, v in fresh.items() if k != "run"}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_simulation_leaves_the_cycle_collector_as_it_found_it(enabled):
+    import gc
+
+    from alisa_sim.simulator import simulate
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        sim = simulate(_workload({"name": "zero"}, gen_len=8))
+        assert gc.isenabled() is enabled and len(sim.steps) == 8
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("policy", [{"name": "flexgen"}, {"name": "accelerate"}, {"name": "alisa", "kv_sparsity": 0.8},
+                                    {"name": "zero"}])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_step_time_bound_of_the_chord_check_holds(policy, overlap):
+    """The collapsed runs' chord check rejects a step by an upper bound on its time before timing it: every op's
+    host and device time in a row bounds what the engine finds, with overlap and without, GPU and CPU devices."""
+    from alisa_sim.simulator import _DecodeRuns
+
+    for hardware in ("paper-v100-32g", str(ROOT / "reports/validation/cpu/loop-0/profile.yaml")):  # GPU, CPU device
+        wl = _workload(policy, hardware=hardware, overlap=overlap)
+        built = make_policy(wl)
+        runs = _DecodeRuns(built, built.stepper(), wl.model.num_layers)
+        for step in range(1, wl.decode_steps + 1, 9):
+            _, timing = runs._idle(step)
+            bound = runs._shape(step)[3]
+            assert timing.duration_s <= bound < 3 * timing.duration_s

@@ -226,6 +226,7 @@ class VllmPolicy(Policy):
         budget = cfg.gpu_memory_utilization * self.wl.gpu_capacity_bytes - self.static_memory().gpu_bytes
         self.gpu_blocks = max(0, int(budget // self.block_bytes))
         self.cpu_blocks = int(cfg.swap_space * GiB // self.block_bytes)
+        self._wired_decode: dict[tuple, LayerTemplate] = {}  # decode DAGs by sequences and swaps (_decode_template)
 
     # ---- memory -------------------------------------------------------------------------------------------
     def _profile_activations(self) -> dict[str, float]:
@@ -314,20 +315,25 @@ class VllmPolicy(Policy):
     def _decode_template(self, contexts: list[int], swap_in_blocks: int = 0, swap_out_blocks: int = 0) -> LayerTemplate:
         """One token per sequence; attention over each sequence's own context, timed by the total KV bytes read
         (the batch at the mean context). Swaps come before each layer's compute, serialized with it."""
-        view = self._as_batch(len(contexts), self.prompt_len)
-        template = LayerTemplate()
+        sequences = len(contexts)
+        view = self._as_batch(sequences, self.prompt_len)
         swaps = [self._swap_op(name, direction, blocks) for name, direction, blocks in
                  (("kv_swap_in", "h2d", swap_in_blocks), ("kv_swap_out", "d2h", swap_out_blocks)) if blocks]
-        previous: tuple[str, ...] = ()
-        for op in swaps:
-            template.add(op, after=previous)
-            previous = (op.name,)
         # The executor pads every sequence's gathered blocks to the longest context.
         attention = view.decode_attention_op(max(contexts), path="packed_attention")
-        view.add_compute_chain(template, len(contexts), attention, "decode", qkv_after=previous)
-        if swaps:
-            template.link("out_proj_mlp", swaps[0].name, lag=1)
-        return template
+        # The DAG depends only on the number of sequences and the swaps: wired once, each iteration's template puts
+        # its own ops into it.
+        key = sequences, tuple(op.name for op in swaps)
+        if (wired := self._wired_decode.get(key)) is None:
+            wired = self._wired_decode[key] = LayerTemplate()
+            previous: tuple[str, ...] = ()
+            for op in swaps:
+                wired.add(op, after=previous)
+                previous = (op.name,)
+            view.add_compute_chain(wired, sequences, attention, "decode", qkv_after=previous)
+            if swaps:
+                wired.link("out_proj_mlp", swaps[0].name, lag=1)
+        return wired.with_ops([*swaps, view.pre_attention_op(sequences, "decode"), attention, view.post_attention_op(sequences)])
 
     def _swap_op(self, name: str, direction: str, blocks: int) -> Op:
         """One layer's share of vLLM's swap_blocks as the executor runs it: a copy per block (a token's K and V are
