@@ -160,7 +160,8 @@ STAGES = (
     Stage("exec_policies", 0.24, ("{python}", "benchmarks/exec_policies.py", "--batches", "64",
                                   "--policies", "alisa,flexgen,accelerate", "--budget-s", "{budget}",
                                   "--max-run-s", "60", "--out", "{work}/exec_policies"),
-          dry=("{python}", "benchmarks/exec_policies.py", "--smoke", "--batches", "2",
+          # The dry run predicts on the profile stage's quick profile (--smoke would measure one more).
+          dry=("{python}", "benchmarks/exec_policies.py", "--smoke", "--batches", "2", "--hardware", PROFILE,
                "--policies", "alisa,flexgen,accelerate", "--gen-len", "8", "--budget-s", "{budget}",
                "--out", "{work}/exec_policies"),
           figures=("exec_policies/*.json",), tables=("exec_policies/*.md",)),

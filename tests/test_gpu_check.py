@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -97,18 +96,9 @@ def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gpu-check")
-    out = folder / "out"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out), "--work",
-                           str(folder / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
-    print(done.stdout[-4000:], done.stderr[-4000:])
-    return done, out
-
-
-def test_the_dry_run_returns_at_most_8_files_with_the_card_date_and_versions(dry_run):
-    done, out = dry_run
+# The dry run itself is the session's `gpu_check_dry_run` (tests/conftest.py): the executor tests take its profile.
+def test_the_dry_run_returns_at_most_8_files_with_the_card_date_and_versions(gpu_check_dry_run):
+    done, out = gpu_check_dry_run
     assert done.returncode in (0, 1), done.stderr
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= gpu_check.MAX_OUT_FILES
@@ -124,7 +114,7 @@ def test_the_dry_run_returns_at_most_8_files_with_the_card_date_and_versions(dry
 
 
 @pytest.mark.parametrize("stage", [s.name for s in gpu_check.STAGES])
-def test_every_stage_passes_in_the_dry_run(dry_run, stage):
-    done, out = dry_run
+def test_every_stage_passes_in_the_dry_run(gpu_check_dry_run, stage):
+    done, out = gpu_check_dry_run
     outcome = next(s for s in json.loads((out / "figures.json").read_text())["stages"] if s["name"] == stage)
     assert outcome["status"] == "ok", (outcome, (out / "check.log").read_text()[-6000:])

@@ -1,5 +1,5 @@
-"""Fixtures for the executor tests: tiny random Hugging Face models saved as safetensors folders, and one quick CPU
-profile measured for the whole session."""
+"""Fixtures for the executor tests: tiny random Hugging Face models saved as safetensors folders, and the session's
+quick CPU profile."""
 
 import pytest
 
@@ -25,17 +25,12 @@ def tiny_hf_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quick_cpu_profile(tmp_path_factory):
-    """`alisa-exec profile --device cpu --quick`, measured once for every test that needs a measured CPU profile. On
-    one torch thread, as benchmarks/cpu_validation.py measures and runs (its THREADS says why: on a shared machine two
-    threads time competing work as stalls), so that the validation loop's timing bound holds under load."""
-    from alisa_exec.cli import main
-
-    path = tmp_path_factory.mktemp("profiles") / "cpu-quick.yaml"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["profile", "--device", "cpu", "--quick", "--out", str(path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+def quick_cpu_profile(gpu_check_dry_run):
+    """`alisa-exec profile --device cpu --quick` on one torch thread, for every test that needs a measured CPU profile:
+    the one the GPU check's dry run measures in its profile stage (tests/conftest.py), so that the session measures
+    it once. One thread, as benchmarks/cpu_validation.py measures and runs, so that the validation loop's timing bound
+    holds under load."""
+    done, out = gpu_check_dry_run
+    path = out / "cpu-quick.yaml"
+    assert path.is_file(), f"the GPU check's dry run returned no quick CPU profile:\n{done.stdout[-3000:]}"
     return path

@@ -69,6 +69,15 @@ def test_smollm2_greedy_continuations_match_transformers_gguf_loader():
     assert torch.equal(got, want)
 
 
+def test_smollm2_gguf_under_a_12_layer_spec_is_refused():
+    """The fuzzer's case: the 30-layer SmolLM2 run under a workload whose model says 12 layers. (Beside the other
+    SmolLM2 tests: the parsed file is cached while no other GGUF file has pushed it out.)"""
+    path = smollm2_gguf()
+    spec = gguf_model_spec(path).model_copy(update={"num_layers": 12})
+    with pytest.raises(SpecError, match=r"num_layers 12 \(checkpoint: 30\)"):
+        load_model(spec, str(path), torch.float32, torch.device("cpu"))
+
+
 # A tiny LLaMA written with gguf's own writer, in F32 (so values survive as written).
 TINY = {"name": "tiny-gguf", "family": "llama", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
         "ffn_dim": 24, "vocab_size": 40, "max_position_embeddings": 64, "tie_word_embeddings": True, "norm_eps": 1e-5}
@@ -154,11 +163,3 @@ def test_gguf_spec_must_match_the_file(tmp_path):
                                                                                          128)):
         with pytest.raises(SpecError, match=f"spec does not match this checkpoint: {field} {value} "):
             load_model(spec.model_copy(update={field: value}), str(path), torch.float32, torch.device("cpu"))
-
-
-def test_smollm2_gguf_under_a_12_layer_spec_is_refused():
-    """The fuzzer's case: the 30-layer SmolLM2 run under a workload whose model says 12 layers."""
-    path = smollm2_gguf()
-    spec = gguf_model_spec(path).model_copy(update={"num_layers": 12})
-    with pytest.raises(SpecError, match=r"num_layers 12 \(checkpoint: 30\)"):
-        load_model(spec, str(path), torch.float32, torch.device("cpu"))

@@ -32,9 +32,9 @@ SEED = 0
 MODELS = ["opt", "llama-gqa"]
 
 
-def workload(folder, policy: dict, gpu_gb: float | None = None, batch: int = BATCH):
+def workload(folder, policy: dict, gpu_gb: float | None = None, batch: int = BATCH, gen_len: int = GEN_LEN):
     data = {"model": {**load_model_spec(str(folder)).model_dump(), "dtype_bytes": 4}, "hardware": "h100",
-            "batch_size": batch, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "policy": policy}
+            "batch_size": batch, "prompt_len": PROMPT_LEN, "gen_len": gen_len, "policy": policy}
     if gpu_gb is not None:
         data["memory"] = {"gpu_gb": gpu_gb}
     return resolve_workload(data)
@@ -46,21 +46,22 @@ def prompt_of(wl):
                          generator=torch.Generator().manual_seed(SEED))
 
 
-def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False, device=CPU, triton=None):
-    plan = executor.plan_run(workload(folder, policy, gpu_gb), device, torch.float32)
+def run(folder, policy: dict, gpu_gb: float | None = None, keep_logits: bool = False, device=CPU, triton=None,
+        **shape):
+    plan = executor.plan_run(workload(folder, policy, gpu_gb, **shape), device, torch.float32)
     if keep_logits:
         plan.policy.logits_log = []
     measured = executor.execute(plan, device, torch.float32, str(folder), SEED, triton=triton)
     return plan, measured
 
 
-def tight_cap(folder, policy: dict, device=CPU) -> float:
+def tight_cap(folder, policy: dict, device=CPU, **shape) -> float:
     """About the smallest memory.gpu_gb the plan fits in (the GPU then holds a few tokens per sequence at most)."""
     low, high = 1e-5, 1e-2
     for _ in range(16):
         middle = (low * high) ** 0.5
         try:
-            executor.plan_run(workload(folder, policy, middle), device, torch.float32)
+            executor.plan_run(workload(folder, policy, middle, **shape), device, torch.float32)
             high = middle
         except SpecError:
             low = middle
@@ -181,21 +182,23 @@ SWA_CASES = {
 }
 
 
-def check_against_reference(folder, case: str, attention_kernel: str, device=CPU, triton=None):
+def check_against_reference(folder, case: str, attention_kernel: str, device=CPU, triton=None, batch: int = BATCH,
+                            gen_len: int = GEN_LEN):
     extra, cap = SWA_CASES[case]
     policy = {"name": "alisa", "int8": False, "attention_kernel": attention_kernel, **extra}
-    gpu_gb = tight_cap(folder, policy, device) if cap else None
-    plan, measured = run(folder, policy, gpu_gb, keep_logits=True, device=device, triton=triton)
+    shape = {"batch": batch, "gen_len": gen_len}
+    gpu_gb = tight_cap(folder, policy, device, **shape) if cap else None
+    plan, measured = run(folder, policy, gpu_gb, keep_logits=True, device=device, triton=triton, **shape)
     wl = plan.workload
     model = load_model(wl.model, str(folder), torch.float32, CPU, SEED)
-    deleted = [plan.sim.residency(step).deleted for step in range(GEN_LEN)]
-    want_tokens, want_logits = swa_generate(model, prompt_of(wl), GEN_LEN, policy["kv_sparsity"], policy["int8"],
+    deleted = [plan.sim.residency(step).deleted for step in range(gen_len)]
+    want_tokens, want_logits = swa_generate(model, prompt_of(wl), gen_len, policy["kv_sparsity"], policy["int8"],
                                             deleted)
     assert torch.equal(measured.tokens, want_tokens)
-    assert len(plan.policy.logits_log) == GEN_LEN
+    assert len(plan.policy.logits_log) == gen_len
     for step, (got, want) in enumerate(zip(plan.policy.logits_log, want_logits)):
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"step {step}"
-    assert plan.sim.selected(PROMPT_LEN + GEN_LEN - 1)[1] < PROMPT_LEN + GEN_LEN - 1  # tokens were left out
+    assert plan.sim.selected(PROMPT_LEN + gen_len - 1)[1] < PROMPT_LEN + gen_len - 1  # tokens were left out
     if cap:
         assert {r.info.phase for r in measured.records[1:]} >= ({2, 3} if "p2" in extra else {2})
     if "p2" in extra:
@@ -215,5 +218,7 @@ def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, device, nam
 @pytest.mark.parametrize("case", ["phase-3", "int8-phase-3"])
 def test_alisa_on_the_triton_kernels_equals_the_reference_on_the_cpu(tiny_hf_models, case):
     """The Triton kernels themselves, under the interpreter: LocalAttentionSum's update, the INT8 store kernel and the
-    fused kernel reading the window ring and the staging buffer, GQA; the same reference as their PyTorch forms."""
-    check_against_reference(tiny_hf_models["llama-gqa"][1], case, "fused", CPU, triton=True)
+    fused kernel reading the window ring and the staging buffer, GQA; the same reference as their PyTorch forms. Two
+    sequences and 8 steps (Phase III from step 2): the interpreter runs each program instance in Python, so its time
+    grows with batch x steps, and a second sequence already checks the batch strides."""
+    check_against_reference(tiny_hf_models["llama-gqa"][1], case, "fused", CPU, triton=True, batch=2, gen_len=8)
