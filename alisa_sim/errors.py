@@ -132,8 +132,10 @@ def load_yaml_file(path: str | Path, what: str) -> dict:
     try:
         data = parse_yaml(text)
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml 0.2.6 on (PyYAML 6.0.4's wheels) stops at 1000 levels
+            raise SpecError(f"{path}: nested more than {MAX_NESTING} levels deep") from None
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    except RecursionError:
+    except RecursionError:  # an older libyaml: Python's composer reaches the recursion limit first
         raise SpecError(f"{path}: nested more than {MAX_NESTING} levels deep") from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
