@@ -56,13 +56,14 @@ def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, 
                                         "memory": OVERHEAD_MEMORY})
     plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
     plan.policy.cuda_graph = False  # every step eager, as the profile's rows time the ops
-    keys = [(plan.sim.host_key(row.phase), row.kind) for row in simulated_rows(plan.simulation)]
-    predicted = [row.time_s for row in simulated_rows(plan.simulation)]
+    simulated = simulated_rows(plan.simulation)
+    keys = [(plan.sim.host_key(row.phase), row.kind) for row in simulated]
+    predicted = [row.time_s for row in simulated]
     best: dict[tuple[str, str], float] = {}
     for _ in range(OVERHEAD_RUNS):
         differences = defaultdict(list)
-        for key, row, simulated in zip(keys, executor.execute(plan, device, dtype, "dummy", 0).rows(), predicted):
-            differences[key].append(row.time_s - simulated)
+        for key, row, time_s in zip(keys, executor.execute(plan, device, dtype, "dummy", 0).rows(), predicted):
+            differences[key].append(row.time_s - time_s)
         for key, values in differences.items():
             best[key] = min(best.get(key, float("inf")), statistics.median(values))
     return best

@@ -59,7 +59,6 @@ class H2OPolicy(_EvictionPolicy):
                              host_s=self.host_of("local_sum", "topk")),
                      after=("attention",))
 
-
     def prefill_template(self) -> LayerTemplate:
         """The prompt pass, then the attention every prompt token received from the prompt's queries (explicit
         rows, as the executor scores the heavy hitters it keeps)."""
