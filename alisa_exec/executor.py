@@ -171,11 +171,18 @@ class Measured:
 
 def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weights: str, seed: int,
             log: Callable[[str], None] = lambda _: None, on_step: Callable[[StepRecord], None] | None = None,
-            warmup_steps: int = WARMUP_STEPS, triton: bool | None = None) -> Measured:
+            warmup_steps: int = WARMUP_STEPS, triton: bool | None = None, compile_decode: bool = False) -> Measured:
     """Load the model, allocate the tiers, warm up on the plan's first steps, then generate the whole workload,
-    timing every step. `triton`: run the Triton kernels (default: on CUDA; on the CPU, under the interpreter)."""
+    timing every step. `triton`: run the Triton kernels (default: on CUDA; on the CPU, under the interpreter).
+    `compile_decode`: dense's CPU decode steps compiled by TorchInductor (compiled in the warm-up)."""
     wl, policy = plan.workload, plan.policy
-    limit = policy.detail_limit if device.type == "cuda" and policy.detail_limit else DETAILED_STEPS
+    if compile_decode:
+        check_compilable(policy.name, device)
+        policy.compile_decode = True
+        policy.notes = (*policy.notes, "decode steps compiled by TorchInductor (weights frozen), but for the ones "
+                        "timed op by op; a hardware profile times the eager ops, so a prediction models the eager step")
+    fast = device.type == "cuda" or compile_decode  # the decode steps not timed op by op replay or run compiled
+    limit = policy.detail_limit if fast and policy.detail_limit else DETAILED_STEPS
     timeline = Timeline(device, detailed_steps(len(plan.simulation.steps), limit))
     t0 = time.perf_counter()
     log(f"loading {wl.model.name} ({weights}) on {device}")
@@ -218,6 +225,12 @@ def execute(plan: ExecutorPlan, device: torch.device, dtype: torch.dtype, weight
     moved = {direction: tiers.moved[direction] - moved_before[direction] for direction in tiers.moved}
     return Measured(steps.records, marks, spans, tokens.cpu(), int(peak_gpu), tiers.bytes(CPU), moved,
                     {"load_s": load_s, "warmup_s": warmup_s})
+
+
+def check_compilable(policy: str, device: torch.device) -> None:
+    if policy != "dense" or device.type != "cpu":
+        raise SpecError(f"--compile compiles dense's decode step on the CPU, not {policy}'s on {device.type} (on CUDA "
+                        "dense replays a CUDA graph; the other policies run eagerly)")
 
 
 # ---- the Result JSON and the trace ---------------------------------------------------------------------------------

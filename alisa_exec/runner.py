@@ -25,6 +25,7 @@ class ExecOptions:
     dtype: torch.dtype
     weights: str = DUMMY
     seed: int = 0
+    compile_decode: bool = False  # dense on the CPU: its decode step compiled by TorchInductor (`run --compile`)
 
 
 def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None, on_step=None) -> tuple[dict, dict]:
@@ -32,7 +33,10 @@ def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None,
     executor.executable(wl.policy.name)
     check_family(wl.model)
     weights_format(options.weights)
+    if options.compile_decode:
+        executor.check_compilable(wl.policy.name, options.device)
     plan = executor.plan_run(wl, options.device, options.dtype)
-    measured = executor.execute(plan, options.device, options.dtype, options.weights, options.seed, log, on_step)
+    measured = executor.execute(plan, options.device, options.dtype, options.weights, options.seed, log, on_step,
+                                compile_decode=options.compile_decode)
     result = executor.build_result(plan, measured, device_name(options.device), options.dtype, options.weights)
     return result, executor.build_trace(result, measured)

@@ -10,8 +10,6 @@ object (a subclass per policy), made fresh for every run.
 
 from __future__ import annotations
 
-import functools
-import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -289,15 +287,13 @@ class ExecPolicy(ABC):
             return ops.argmax(logits)
 
 
-@functools.cache
-def _getter(name: str) -> Callable[[Block], nn.Linear]:
-    return operator.attrgetter(name)
-
-
 def projection(layer: Block, name: str) -> nn.Linear:
-    """The layer's projection by dotted name ("attention.wqkv"); a cached getter, as the layer loop asks four times a
-    layer per step (`nn.Module.get_submodule` parses the name each time)."""
-    return _getter(name)(layer)
+    """The layer's projection by dotted name ("attention.wqkv"): attribute by attribute, as the layer loop asks four
+    times a layer per step (`nn.Module.get_submodule` checks each step's type; a compiled step traces this as is)."""
+    module = layer
+    for attribute in name.split("."):
+        module = getattr(module, attribute)
+    return module
 
 
 def split_kv(rows: Tensor, kv_heads: int) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,10 @@
 `dense` (the simulator's DensePolicy): weights on the GPU. On CUDA its decode step (the layer loop every policy runs,
 over static token and position buffers) is captured once as a CUDA graph (`alisa_exec.generate.capture_graph`, the
 generator's) and replayed, so the host's per-kernel launch cost does not bound small batches; the steps timed op by
-op (`detail_limit` of them) run eagerly.
+op (`detail_limit` of them) run eagerly. On the CPU, `alisa-exec run --compile` compiles the same decode step with
+TorchInductor, weights frozen (packed for MKL's GEMM by Inductor, as `Transformer.pack_weights` packs them eagerly),
+so that its small ops (norms, rotary, attention, KV stores, residuals) run fused rather than one dispatch each; the
+same `detail_limit` steps run eagerly, op by op.
 
 `zero` (the simulator's ZeroPolicy, DeepSpeed ZeRO-Inference): every layer's weights live in CPU memory (pinned
 unless the workload says `pinned: false`), one contiguous block per layer, and stream to the GPU layer by layer for
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import Tensor, nn
 
 from alisa_exec import ops
@@ -35,6 +39,8 @@ class DenseExec(ExecPolicy):
     def __init__(self, wl, sim, dtype):
         super().__init__(wl, sim, dtype)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.compile_decode = False  # the executor sets it: `alisa-exec run --compile` on the CPU
+        self.compiled_forward = None
         self.decode_mask: Tensor | None = None  # [1, positions] additive mask of the step in the layers
 
     def allocate(self, tiers: Tiers) -> None:
@@ -49,7 +55,7 @@ class DenseExec(ExecPolicy):
         super().weight_placement(model, tiers)
         if self.sim.packs_weights and mkl_packable(tiers.device, self.dtype):
             tiers.count(GPU, "packed_weights", model.packable_bytes())
-            if not tiers.dry:
+            if not tiers.dry and not self.compile_decode:  # compiled, Inductor packs a copy of the same size
                 model.pack_weights(self.batch)
 
     def kv_bytes(self, step: int) -> tuple[int, int]:
@@ -77,11 +83,19 @@ class DenseExec(ExecPolicy):
     def uses_graph(self) -> bool:
         return self.cuda_graph and self.tiers.cuda and self.logits_log is None
 
+    def replays_decode(self) -> bool:
+        """Whether decode steps that are not timed op by op replay a CUDA graph or run compiled."""
+        return self.uses_graph() or (self.compile_decode and self.logits_log is None)
+
     def new_run(self, model: Transformer, prompt: Tensor) -> Run:
         run = super().new_run(model, prompt)
         if self.uses_graph() and self.graph is None:
             self.run = run
             self.capture()
+        if self.compile_decode and self.compiled_forward is None:
+            self.quiet_timeline = Timeline(self.tiers.device, set())
+            # Compiled at its first call (the warm-up's first decode step), for this batch and these shapes.
+            self.compiled_forward = torch.compile(self.forward, dynamic=False)
         return run
 
     def capture(self) -> None:
@@ -99,14 +113,28 @@ class DenseExec(ExecPolicy):
             self.timeline = timeline
 
     def step(self, step: int, prompt: Tensor) -> None:
-        if step == 0 or self.graph is None or self.timeline.recording:
+        if step == 0 or not self.replays_decode() or self.timeline.recording:
             super().step(step, prompt)
             return
         out = self.run.out
+        if self.graph is None:
+            self.compiled_step(step, out)
+            return
         self.graph_token.copy_(out[:, step - 1:step])
         self.graph_position.fill_(self.prompt_len + step - 1)
         self.graph.replay()
         out[:, step:step + 1] = self.graph_token
+
+    def compiled_step(self, step: int, out: Tensor) -> None:
+        """A decode step through the compiled forward, with one quiet timeline (nothing to record inside, and the
+        same object every step, so that the compiled code's guards hold from step to step)."""
+        positions = torch.full((1,), self.prompt_len + step - 1, dtype=torch.long, device=out.device)
+        timeline, self.timeline = self.timeline, self.quiet_timeline
+        try:
+            with inductor_config.patch(freezing=True):  # weights are constants: Inductor packs them once
+                out[:, step:step + 1] = self.compiled_forward(out[:, step - 1:step], positions)
+        finally:
+            self.timeline = timeline
 
 
 @dataclass
