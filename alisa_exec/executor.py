@@ -16,6 +16,8 @@ SpecError (exit 2) before anything is allocated.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -231,6 +233,10 @@ def check_compilable(policy: str, device: torch.device) -> None:
     if policy != "dense" or device.type != "cpu":
         raise SpecError(f"--compile compiles dense's decode step on the CPU, not {policy}'s on {device.type} (on CUDA "
                         "dense replays a CUDA graph; the other policies run eagerly)")
+    compiler = os.environ.get("CXX", "g++")  # TorchInductor's C++ compiler on the CPU
+    if shutil.which(compiler) is None:
+        raise SpecError(f"--compile needs a C++ compiler for TorchInductor and {compiler!r} is not on the PATH "
+                        "(install g++ or set CXX), or run without --compile")
 
 
 # ---- the Result JSON and the trace ---------------------------------------------------------------------------------

@@ -53,3 +53,16 @@ def test_compile_is_refused_for_what_it_does_not_compile(tmp_path, capsys, polic
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"--compile compiles dense's decode step on the CPU, not {policy}'s" in err
     assert not out.exists()
+
+
+def test_compile_without_a_cxx_compiler_is_refused(tmp_path, capsys, monkeypatch):
+    from tiny_models import TINY_SPEC
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump({"model": TINY_SPEC, "hardware": "h200", "batch_size": 2, "prompt_len": 8,
+                                    "gen_len": 4, "policy": {"name": "dense"}}))
+    assert main(["run", str(path), "--device", "cpu", "--compile", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "'no-such-compiler-here' is not on the PATH" in err
+    assert not (tmp_path / "out").exists()
