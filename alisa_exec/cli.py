@@ -12,7 +12,7 @@ from rich.table import Table
 
 from alisa_exec.accuracy.command import add_eval_parser
 from alisa_exec.gguf_workload import gguf_model_override, named_gguf, resolve_weights
-from alisa_sim.cli import timing_rows
+from alisa_sim.cli import output_console, timing_rows
 from alisa_sim.errors import EXIT_BAD_INPUT, Interrupted, SpecError, interrupted_exit_code, terminations_raised
 from alisa_sim.overrides import add_set_argument
 from alisa_sim.provenance import default_label, record_command, run_metadata
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     record_command("alisa-exec", sys.argv[1:] if argv is None else argv)
-    console = Console()
+    console = output_console()
     try:
         with terminations_raised():
             return args.handler(args, console)

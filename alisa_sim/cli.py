@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -340,10 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PIPED_WIDTH = 160  # columns of tables written to a file or a pipe (a log), rather than rich's default 80
+
+
+def output_console() -> Console:
+    """The console for tables and summaries: the terminal's width (or $COLUMNS), else PIPED_WIDTH, so that a log
+    keeps a table's headers whole."""
+    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPED_WIDTH)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     record_command("alisa-sim", sys.argv[1:] if argv is None else argv)
-    console = Console()
+    console = output_console()
     try:
         with terminations_raised():
             return args.handler(args, console)

@@ -124,7 +124,8 @@ TINY_MODEL = json.dumps(dict(name="opt-tiny", family="opt", hidden_size=64, num_
                              ffn_dim=128, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True,
                              norm_eps=1e-5))
 PROFILE = "{work}/{card}-quick.yaml"
-PYTEST = ("{python}", "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider")
+# Serial, without the project's addopts (xdist's -n 2): the GPU tests time kernels, and the GPU machine may lack xdist.
+PYTEST = ("{python}", "-m", "pytest", "-o", "addopts=", "-q", "-rfE", "-p", "no:cacheprovider")
 INSTALL = Stage("install", 0.04, ("{python}", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                                   "--no-cache-dir", "--upgrade", "--target", "{work}/site", "{wheels}/*.whl"))
 STAGES = (

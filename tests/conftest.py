@@ -1,10 +1,17 @@
 """Test-wide setup: Triton kernels run under the interpreter when there is no CUDA device (the variable must be set
 before triton is first imported, whichever test imports the kernels first), and the GPU check's CPU dry run, run once
-per session for its own tests and for the quick CPU profile it measures."""
+per session (started in the background as the session starts, shared by xdist's workers) for its own tests and for
+the quick CPU profile it measures."""
 
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,18 +25,80 @@ if torch is not None and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+DRY_RUN_ENV = "ALISA_TEST_DRY_RUN_DIR"  # the folder of the session's dry run, for the xdist workers
+DRY_RUN_TIMEOUT_S = 900
+DRY_RUN_FIXTURES = ("gpu_check_dry_run", "quick_cpu_profile")
+_dry_run_key = pytest.StashKey[tuple]()
+
+
+def _start_dry_run(folder: Path) -> subprocess.Popen:
+    """`benchmarks/gpu_check.py --dry-run` in the background, its output in `folder` (stdout, stderr, and its exit
+    code in `rc` once it is done). On one torch thread (OMP_NUM_THREADS=1), so that its profile stage measures the
+    quick CPU profile as benchmarks/cpu_validation.py measures and runs (its THREADS says why: on a shared machine two
+    threads time competing work as stalls)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(arg) for arg in [
+        sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(folder / "out"), "--work",
+        str(folder / "work")])
+    return subprocess.Popen(["bash", "-c", f"{command} >{shlex.quote(str(folder / 'stdout'))} "
+                                    f"2>{shlex.quote(str(folder / 'stderr'))}; echo $? >{shlex.quote(str(folder / 'rc'))}"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def _uses_the_dry_run(config) -> bool:
+    """Whether the paths this session was asked to test hold a test module that takes the dry run's fixtures."""
+    targets = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [REPO / "tests"]
+    for module in (REPO / "tests").rglob("test_*.py"):
+        if any(module == target or target in module.parents for target in targets):
+            if any(name in module.read_text() for name in DRY_RUN_FIXTURES):
+                return True
+    return False
+
+
+def pytest_configure(config):
+    """Start the GPU check's dry run (about 110 s, one core) as a parallel session starts, so that it runs beside the
+    other tests rather than before the first one that needs it; xdist's workers inherit its folder."""
+    parallel = getattr(config.option, "numprocesses", None)  # xdist's -n (this project's addopts: -n 2)
+    if not parallel or hasattr(config, "workerinput") or DRY_RUN_ENV in os.environ or not _uses_the_dry_run(config):
+        return  # a serial session runs it when a test first needs it
+    folder = Path(tempfile.mkdtemp(prefix="alisa-gpu-check-"))
+    os.environ[DRY_RUN_ENV] = str(folder)
+    config.stash[_dry_run_key] = (folder, _start_dry_run(folder))
+
+
+def pytest_unconfigure(config):
+    """Stop the dry run if no test waited for it to end (a deselected run), and remove its folder."""
+    started = config.stash.get(_dry_run_key, None)
+    if started is None:
+        return
+    folder, process = started
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    os.environ.pop(DRY_RUN_ENV, None)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class DryRun:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="session")
 def gpu_check_dry_run(tmp_path_factory):
-    """`benchmarks/gpu_check.py --dry-run`: (the finished process, its output folder). On one torch thread
-    (OMP_NUM_THREADS=1), so that its profile stage measures the quick CPU profile as benchmarks/cpu_validation.py
-    measures and runs (its THREADS says why: on a shared machine two threads time competing work as stalls); the
-    executor tests take that profile (`quick_cpu_profile`) rather than measure the same one again."""
-    folder = tmp_path_factory.mktemp("gpu-check")
-    out = folder / "out"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out), "--work",
-                           str(folder / "work")], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """(the finished dry run, its output folder): the one the session started (`pytest_configure`), else one run
+    now. The executor tests take its profile (`quick_cpu_profile`) rather than measure the same one again."""
+    if DRY_RUN_ENV in os.environ:
+        folder = Path(os.environ[DRY_RUN_ENV])
+    else:
+        folder = tmp_path_factory.mktemp("gpu-check")
+        _start_dry_run(folder)
+    deadline = time.monotonic() + DRY_RUN_TIMEOUT_S
+    while not (folder / "rc").is_file() or not (folder / "rc").read_text().strip():
+        assert time.monotonic() < deadline, f"the GPU check's dry run did not finish in {DRY_RUN_TIMEOUT_S} s"
+        time.sleep(0.5)
+    done = DryRun(int((folder / "rc").read_text()), (folder / "stdout").read_text(), (folder / "stderr").read_text())
     print(done.stdout[-4000:], done.stderr[-4000:])
-    return done, out
+    return done, folder / "out"

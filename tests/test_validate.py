@@ -84,7 +84,8 @@ def test_pairs_by_workload_and_policy_and_reports_errors(tmp_path, capsys):
     assert "plotly" in html and 'id="figure-scatter"' in html and 'id="figure-steps"' in html
 
 
-def test_table_output_names_metrics(tmp_path, capsys):
+def test_table_output_names_metrics(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # xdist's workers say 80, which wraps the table's headers
     a = _simulated(_workload())
     _write(tmp_path, "p", a)
     _write(tmp_path, "m", _as_measured(a, scale=1.1))
