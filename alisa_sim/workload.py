@@ -124,7 +124,7 @@ class AlisaPolicyConfig(_Strict):
         default=SWA_CURRENT_DEFAULT, description="extra: SWA attends the current token on top of k recent and k older "
         "tokens (2k + 1); inside: the current token is one of the k recent ones (2k, the paper's literal budget)")
     swa_self_weight: bool = Field(default=False, description="whether a step's attention row credits its own token "
-                                                             "in the local sums (no selection changes with extra)")
+                                                             "in the local sums (with extra it changes no selection)")
 
     @model_validator(mode="after")
     def _check_phases(self) -> "AlisaPolicyConfig":
