@@ -17,6 +17,9 @@ def swa_window(num_tokens: int, kv_sparsity: float) -> int:
 # methods' `current`): "inside" counts it among the k recent tokens of the 2k budget (the paper's literal
 # |I| = 2k with I_l = [n - k, n - 1]); "extra" attends it on top of k recent and k older tokens (2k + 1).
 SWA_CURRENT_OPTIONS = ("inside", "extra")
+# ALISA's SWA and the accuracy methods attend "extra" unless told otherwise (docs/accuracy.md says why); H2O and
+# StreamingLLM keep the literal 2k.
+SWA_CURRENT_DEFAULT = "extra"
 
 
 def kv_budget(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
@@ -29,7 +32,8 @@ def kv_budget(num_tokens: int, kv_sparsity: float, current: str = "inside") -> i
 
 
 def swa_recent(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:
-    """How many of the newest tokens SWA attends as its local window (the current one included)."""
+    """How many of the newest tokens SWA attends as its local window (the current one included): k, or k + 1 with
+    `current="extra"`; the other `kv_budget - swa_recent` tokens are older ones picked by attention."""
     return min(num_tokens, swa_window(num_tokens, kv_sparsity) + (current == "extra"))
 
 

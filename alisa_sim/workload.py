@@ -12,6 +12,7 @@ from alisa_sim.hardware import HardwareProfile, load_hardware_profile
 from alisa_sim.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
 from alisa_sim.overrides import apply_overrides, describe_overrides
+from alisa_sim.swa import SWA_CURRENT_DEFAULT, SWA_CURRENT_OPTIONS
 
 GB = 1e9
 
@@ -119,6 +120,11 @@ class AlisaPolicyConfig(_Strict):
     beta: float | None = Field(default=None, ge=0, le=1, description="share of the CPU KV deleted (oldest first) "
                                                                      "and recomputed in Phase III")
     selection_stats: str | None = Field(default=None, description="selection_stats JSON (default: the shipped one)")
+    swa_current: Literal[SWA_CURRENT_OPTIONS] = Field(
+        default=SWA_CURRENT_DEFAULT, description="extra: SWA attends the current token on top of k recent and k older "
+        "tokens (2k + 1); inside: the current token is one of the k recent ones (2k, the paper's literal budget)")
+    swa_self_weight: bool = Field(default=False, description="whether a step's attention row credits its own token "
+                                                             "in the local sums (with extra it changes no selection)")
 
     @model_validator(mode="after")
     def _check_phases(self) -> "AlisaPolicyConfig":

@@ -15,7 +15,7 @@ from alisa_sim.policies.alisa import AlisaPolicy, AlisaSchedule
 from alisa_sim.results import build_result
 from alisa_sim.selection_stats import UNIFORM_STATS
 from alisa_sim.simulator import simulate
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import SWA_CURRENT_OPTIONS, kv_budget, swa_recent, swa_window
 from alisa_sim.workload import load_workload, resolve_workload
 
 FIG12 = "workloads/paper/fig12-opt30b.yaml"
@@ -43,6 +43,28 @@ def _alisa(**options) -> dict:
                                           (640, 0.9, 32), (7, 0.0, 4), (1000, 0.5, 250)])
 def test_swa_window(n, sparsity, k):
     assert swa_window(n, sparsity) == k
+
+
+def test_swa_current_sets_the_budget_the_buffers_and_the_recent_window():
+    """`swa_current: extra` (the default) attends 2k + 1 tokens, the k + 1 newest among them; `inside` 2k, the k
+    newest. The staging buffers hold one more token per sequence and the selection ring one more column."""
+    def policy(**options):
+        wl = _workload(_alisa(kv_sparsity=0.8, int8=False, **options))  # prompt 128, up to 639 cached positions
+        return AlisaPolicy(wl, CostModel(wl.hardware))
+
+    assert policy().cfg.swa_current == "extra" and not policy().cfg.swa_self_weight
+    options = {current: policy(swa_current=current) for current in SWA_CURRENT_OPTIONS}
+    for current, sim in options.items():
+        for n in (1, 2, 3, 10, 11, 128, 639):
+            assert sim.selected(n) == (swa_window(n, 0.8), kv_budget(n, 0.8, current)), (current, n)
+            assert sim.recent(n) == swa_recent(n, 0.8, current)
+    assert options["extra"].selected(639) == (64, 129) and options["inside"].selected(639) == (64, 128)
+    extra, inside = (options[c].static_memory().gpu for c in ("extra", "inside"))
+    model, batch = options["extra"].model, 64
+    per_token = options["extra"].kv_token_layer + options["extra"].input_token_layer + 3 * 8  # KV, layer input, index
+    assert extra["kv_staging"] - inside["kv_staging"] == 2 * batch * per_token
+    # the ring's k + 1 = 65 rows are as wide as the longest selection (129 or 128 > the 128-token prompt)
+    assert extra["selection_state"] - inside["selection_state"] == batch * model.num_layers * 8 * 65
 
 
 def test_phase_one_while_the_kv_fits():
@@ -158,7 +180,10 @@ def test_plan_simulates_only_the_front_runners_and_says_why_not_the_others(tmp_p
 # every named op (elementwise ops, per-op host cost), the executor's exact traffic and the re-measured default
 # selection_stats; and again when ALISA's steps were priced call for call as the executor issues them (ring stores,
 # selection pushes, host gathers; five Phase III starts moved by a step), and when the simulator counted the
-# executor's one extra window slot and index lists of its staging buffers (p1 one step earlier almost everywhere).
+# executor's one extra window slot and index lists of its staging buffers (p1 one step earlier almost everywhere);
+# and when SWA's default budget became 2k + 1 (`swa_current: extra`: one more token in the staging buffers and the
+# selection ring, so p1 one step earlier in 8 of these 91 cases and one p2 too; with `swa_current: inside` every
+# earlier choice comes back).
 # A change of prices or of the measured statistics may move them; a change of the search must not (test_search_chooses_as_timing_every_candidate_would checks it directly).
 PINNED_FILE_SCHEDULES = [  # (workload file, policy override)
     ("workloads/opt-13b-zero-16g.yaml", "alisa", (0, 128, 0.0, 0.0)),
@@ -175,10 +200,10 @@ FIG9_P1 = {  # (model, batch): p1 of the Fig. 9 grid's ALISA points; none starts
     ("opt-6.7b", 4): 18715, ("opt-6.7b", 8): 9272, ("opt-6.7b", 16): 4550, ("opt-6.7b", 32): 2189,
     ("opt-6.7b", 64): 1008, ("opt-13b", 4): 4807, ("opt-13b", 8): 2322, ("opt-13b", 16): 1079, ("opt-13b", 32): 458,
     ("opt-13b", 64): 147, ("llama-7b", 4): 18567, ("llama-7b", 8): 9195, ("llama-7b", 16): 4509,
-    ("llama-7b", 32): 2166, ("llama-7b", 64): 995, ("llama-13b", 4): 4617, ("llama-13b", 8): 2225,
+    ("llama-7b", 32): 2166, ("llama-7b", 64): 994, ("llama-13b", 4): 4617, ("llama-13b", 8): 2225,
     ("llama-13b", 16): 1029, ("llama-13b", 32): 431, ("llama-13b", 64): 132, ("opt-30b", 4): 8415,
     ("opt-30b", 8): 4129, ("opt-30b", 16): 1986, ("opt-30b", 32): 915, ("opt-30b", 64): 379, ("llama-33b", 4): 5725,
-    ("llama-33b", 8): 2785, ("llama-33b", 16): 1315, ("llama-33b", 32): 580, ("llama-33b", 64): 213,
+    ("llama-33b", 8): 2785, ("llama-33b", 16): 1315, ("llama-33b", 32): 580, ("llama-33b", 64): 212,
 }
 FIG12_SCHEDULES = {  # Fig. 12's workload with (kv_sparsity, int8, recompute, selection_stats) changed
     (0.5, False, True, "measured"): (113, 185, 0.0, 1.0), (0.5, False, False, "measured"): (120, 512, 0.0, 0.0),
@@ -195,10 +220,10 @@ FIG12_SCHEDULES = {  # Fig. 12's workload with (kv_sparsity, int8, recompute, se
     (0.9, True, True, "uniform"): (385, 512, 0.0, 0.0), (0.9, True, False, "uniform"): (387, 512, 0.0, 0.0),
 }
 FIG9_GRID_PHASE3 = {  # (model, batch, int8, attention_kernel, selection_stats) at 80% sparsity: where Phase III can start
-    ("opt-13b", 64, False, "fused", "measured"): (14, 511, 0.0, 0.1),
+    ("opt-13b", 64, False, "fused", "measured"): (13, 511, 0.0, 0.1),
     ("opt-13b", 64, True, "fused", "uniform"): (147, 511, 0.0, 0.1),
     ("opt-13b", 64, False, "gather", "uniform"): (10, 374, 0.0, 0.2),
-    ("opt-13b", 64, False, "fused", "uniform"): (14, 285, 0.0, 0.3),
+    ("opt-13b", 64, False, "fused", "uniform"): (13, 285, 0.0, 0.3),
     ("llama-13b", 64, False, "fused", "measured"): (5, 511, 0.0, 0.2),
     ("llama-13b", 64, True, "fused", "uniform"): (132, 511, 0.0, 0.1),
     ("llama-13b", 64, False, "gather", "uniform"): (2, 372, 0.0, 0.2),
@@ -209,11 +234,11 @@ FIG9_GRID_PHASE3 = {  # (model, batch, int8, attention_kernel, selection_stats) 
     ("opt-30b", 64, False, "fused", "uniform"): (137, 239, 0.0, 1.0),
     ("llama-33b", 32, False, "gather", "uniform"): (243, 438, 0.0, 0.5),
     ("llama-33b", 32, False, "fused", "uniform"): (245, 390, 0.0, 0.7),
-    ("llama-33b", 64, False, "gather", "measured"): (48, 469, 0.0, 0.6),
+    ("llama-33b", 64, False, "gather", "measured"): (47, 469, 0.0, 0.6),
     ("llama-33b", 64, False, "fused", "measured"): (50, 385, 0.0, 0.9),
-    ("llama-33b", 64, True, "gather", "uniform"): (209, 401, 0.0, 0.5),
-    ("llama-33b", 64, True, "fused", "uniform"): (213, 376, 0.0, 0.7),
-    ("llama-33b", 64, False, "gather", "uniform"): (48, 174, 0.0, 1.0),
+    ("llama-33b", 64, True, "gather", "uniform"): (208, 401, 0.0, 0.5),
+    ("llama-33b", 64, True, "fused", "uniform"): (212, 375, 0.0, 0.7),
+    ("llama-33b", 64, False, "gather", "uniform"): (47, 174, 0.0, 1.0),
     ("llama-33b", 64, False, "fused", "uniform"): (50, 134, 0.0, 1.0),
 }
 OPT30B_PHASE3 = {  # OPT-30B b=64, INT8 off, uniform selection_stats: (kv_sparsity, overlap, selection)

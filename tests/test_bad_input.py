@@ -112,6 +112,10 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
     ({"batch_size": 4.0}, "field 'batch_size': Input should be a valid integer"),
     ({"policy": {"name": "alisa", "alpha": False}}, "field 'policy.alisa.alpha': Input should be a valid number"),
     ({"policy": {"name": "alisa", "int8": 1}}, "field 'policy.alisa.int8': Input should be a valid boolean"),
+    ({"policy": {"name": "alisa", "swa_current": "outside"}},
+     "field 'policy.alisa.swa_current': Input should be 'inside' or 'extra'"),
+    ({"policy": {"name": "alisa", "swa_self_weight": "no"}},
+     "field 'policy.alisa.swa_self_weight': Input should be a valid boolean"),
     ({"policy": {"name": "alisa", "kv_sparsity": float("nan")}}, "Input should be a finite number"),
 ])
 def test_workload_knobs(tmp_path, capsys, overrides, expected):

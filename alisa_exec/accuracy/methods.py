@@ -48,12 +48,12 @@ from torch import Tensor
 
 from alisa_exec.kernels.selection import to_fixed_point
 from alisa_sim.errors import SpecError
-from alisa_sim.swa import kv_budget, swa_recent, swa_window
+from alisa_sim.swa import SWA_CURRENT_DEFAULT, kv_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
 PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
 INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
-DEFAULT_CURRENT = "extra"  # the budget every method but the "inside" SWA variants attends (docs/accuracy.md: why)
+DEFAULT_CURRENT = SWA_CURRENT_DEFAULT  # every method but the "inside" SWA variants (docs/accuracy.md: why)
 # Selection keys are fixed-point sums x window length: with at most 64 heads summed over at most 4096 rows, below
 # 2^6 x 2^12 x 2^32 x 2^12 = 2^62, inside int64.
 MAX_WINDOW = 4096

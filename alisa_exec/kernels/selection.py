@@ -1,17 +1,23 @@
-"""SWA token selection: the local attention sum over the last k decode steps, then k recent + top-k older tokens.
+"""SWA token selection: the local attention sum over the last k decode steps, then the recent + top older tokens.
 
 Definition (the house plan). At a decode step with n cached tokens (the current one included) and keep ratio
-r = 1 - kv_sparsity, `k = max(1, round(n * r / 2))`; the step attends to the k most recent tokens and to the k
-older tokens with the largest attention weight, summed over heads, over the last k decode steps (or as many steps
-as exist); when n < 2k every older token is selected. `round` is half-up, so r = 1 keeps every token at odd n too.
+r = 1 - kv_sparsity, `k = max(1, round(n * r / 2))`; the step attends to the most recent tokens and to k older
+tokens with the largest attention weight, summed over heads, over the last k decode steps (or as many steps as
+exist): `alisa_sim.swa.kv_budget(n, s, current)` positions, of which `swa_recent(n, s, current)` are the newest.
+With `current="extra"` (the default) the current token comes on top of k recent and k older ones (min(n, 2k + 1));
+with "inside" it is one of the k recent ones (min(n, 2k), the paper's literal |I| = 2k). When n is below the
+budget every token is selected. `round` is half-up, so r = 1 keeps every token at odd n too. With
+`self_weight=False` (the default) a step's row does not credit its own token: its probability is zeroed when the
+row is pushed (the row's last position), and a prefill seed row's diagonal likewise; with "extra" that changes no
+selection (each row's own token is among the k + 1 newest of every later step whose window holds the row).
 
 `LocalAttentionSum` keeps that sum for one layer, incrementally: `push` stores a step's row (the positions the step
 attended and their head-summed probabilities, as `sparse_decode_attention` returns them), and `select` adds the
 rows pushed since the last selection and subtracts the rows that left the window in one Triton launch (atomic adds,
 parallel over rows and blocks of a row), then picks. A row is kept in a ring of `max_window + 1` rows until it
-leaves, because subtracting it needs it: (max_window + 1) rows of max(2 * max_window, prompt_len) entries (a
-prefill row is dense over the prompt) at 8 bytes each per sequence and layer, 2.7 MB for 4096 tokens at 80%
-sparsity and a shorter prompt. The first decode step after a dense prefill is seeded with the prefill's last
+leaves, because subtracting it needs it: (max_window + 1) rows of max(budget, prompt_len) entries (the longest
+selection, or a prefill row, dense over the prompt) at 8 bytes each per sequence and layer, 2.7 MB for 4096 tokens
+at 80% sparsity and a shorter prompt. The first decode step after a dense prefill is seeded with the prefill's last
 attention rows (`seed`, `prefill_window_rows`).
 
 The sum is fixed point (units of 2^-32) in int64, so adding and later subtracting a row cancel exactly and the
@@ -32,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from alisa_exec.ledger import issued
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import SWA_CURRENT_DEFAULT, kv_budget, swa_recent, swa_window
 
 FIXED_POINT_ONE = 2.0 ** 32  # a probability of 1 in the int64 window sum
 
@@ -76,14 +82,20 @@ def window_sum_reference(rows: list[tuple[Tensor, Tensor]], batch: int, max_seq_
     return scores
 
 
-def select_reference(scores: Tensor, num_tokens: int, k: int) -> Tensor:
-    """The k recent positions and the top-k older ones by `scores` (ties: older first), sorted, [batch, T]."""
+def recent_and_take(num_tokens: int, kv_sparsity: float, current: str) -> tuple[int, int]:
+    """(newest positions always selected, older positions picked by the sum) at a step with `num_tokens` cached."""
+    recent = swa_recent(num_tokens, kv_sparsity, current)
+    return recent, kv_budget(num_tokens, kv_sparsity, current) - recent
+
+
+def select_reference(scores: Tensor, num_tokens: int, kv_sparsity: float, current: str = SWA_CURRENT_DEFAULT) -> Tensor:
+    """The recent positions and the top older ones by `scores` (ties: older first), sorted, [batch, kv_budget]."""
     batch = scores.shape[0]
-    older_count = num_tokens - k
-    take = min(k, older_count)
+    recent, take = recent_and_take(num_tokens, kv_sparsity, current)
+    older_count = num_tokens - recent
     ranked = torch.sort(scores[:, :older_count], dim=1, descending=True, stable=True).indices[:, :take]
-    recent = torch.arange(older_count, num_tokens, device=scores.device).expand(batch, k)
-    return torch.cat([ranked.sort(dim=1).values, recent], dim=1).to(torch.int32)
+    newest = torch.arange(older_count, num_tokens, device=scores.device).expand(batch, recent)
+    return torch.cat([ranked.sort(dim=1).values, newest], dim=1).to(torch.int32)
 
 
 # --- Triton: add the new rows and subtract the leaving ones ------------------------------------------------------
@@ -112,15 +124,17 @@ class LocalAttentionSum:
     BLOCK = 256
 
     def __init__(self, batch: int, max_seq_len: int, kv_sparsity: float, device: torch.device | str,
-                 prompt_len: int = 0, triton: bool | None = None):
-        self.kv_sparsity = kv_sparsity
+                 prompt_len: int = 0, triton: bool | None = None, current: str = SWA_CURRENT_DEFAULT,
+                 self_weight: bool = False):
+        self.kv_sparsity, self.current, self.self_weight = kv_sparsity, current, self_weight
         # The Triton update on CUDA; off it the same fixed-point sums in PyTorch (integer adds: the same bits).
         self.triton = torch.device(device).type == "cuda" if triton is None else triton
         self.max_seq_len = max_seq_len
         self.max_window = swa_window(max_seq_len, kv_sparsity)
         # Between two selections the ring holds the window (at most max_window rows) plus the newest row.
         self.capacity = self.max_window + 1
-        self.width = max(2 * self.max_window, prompt_len)  # a prefill row is dense over the prompt
+        # the longest selection, or a prefill row (dense over the prompt)
+        self.width = max(kv_budget(max_seq_len, kv_sparsity, current), prompt_len)
         self.scores = torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device)
         self.ring_positions = torch.full((batch, self.capacity, self.width), -1, dtype=torch.int32, device=device)
         self.ring_probs = torch.zeros(batch, self.capacity, self.width, dtype=torch.float32, device=device)
@@ -140,8 +154,21 @@ class LocalAttentionSum:
         self.summed_first = 0
         self.summed_end = 0
 
-    def push(self, positions: Tensor, probs: Tensor, lengths: Tensor | None = None) -> None:
-        """Store one decode step's row: positions [batch, T] and their head-summed probabilities [batch, T]."""
+    def push(self, positions: Tensor, probs: Tensor) -> None:
+        """Store one decode step's row: positions [batch, T] and their head-summed probabilities [batch, T], the
+        step's own token last (as `select` returns them)."""
+        self._push(positions, probs, own=positions.shape[1] - 1)
+
+    def seed(self, prefill_rows: Tensor) -> None:
+        """Store the prefill's last attention rows, [batch, m, s] (`prefill_window_rows`), oldest first: row i is
+        the query at position s - m + i."""
+        batch, num_rows, seq = prefill_rows.shape
+        positions = torch.arange(seq, dtype=torch.int32, device=prefill_rows.device).expand(batch, seq)
+        for row in range(max(0, num_rows - self.capacity), num_rows):
+            self._push(positions, prefill_rows[:, row], own=seq - num_rows + row)
+
+    def _push(self, positions: Tensor, probs: Tensor, own: int) -> None:
+        """Store a row whose own token is in column `own` (not credited unless `self_weight`)."""
         if self.rows_pushed - self.summed_first >= self.capacity:
             raise RuntimeError("the ring is full: call select() between pushes")
         width = positions.shape[1]
@@ -150,22 +177,16 @@ class LocalAttentionSum:
                              f"prompt_len at construction)")
         slot = self.rows_pushed % self.capacity
         issued("local_sum", b=positions.shape[0], T=width)
-        if lengths is not None:
-            positions = torch.where(torch.arange(width, device=positions.device) < lengths[:, None], positions, -1)
         self.ring_positions[:, slot, :width] = positions
         self.ring_positions[:, slot, width:] = -1
         self.ring_probs[:, slot, :width] = probs
+        if not self.self_weight:
+            self.ring_probs[:, slot, own] = 0
         self.rows_pushed += 1
 
-    def seed(self, prefill_rows: Tensor) -> None:
-        """Store the prefill's last attention rows, [batch, m, s] (`prefill_window_rows`), oldest first."""
-        batch, num_rows, seq = prefill_rows.shape
-        positions = torch.arange(seq, dtype=torch.int32, device=prefill_rows.device).expand(batch, seq)
-        for row in range(max(0, num_rows - self.capacity), num_rows):
-            self.push(positions, prefill_rows[:, row])
-
     def select(self, num_tokens: int) -> Tensor:
-        """Positions to attend at a step with `num_tokens` cached tokens, sorted, int32 [batch, min(n, 2k)]."""
+        """Positions to attend at a step with `num_tokens` cached tokens, sorted, int32 [batch, kv_budget(n, s,
+        current)]."""
         if not 1 <= num_tokens <= self.max_seq_len:
             raise ValueError(f"{num_tokens} tokens: the cache holds 1 to {self.max_seq_len}")
         issued("topk", b=self.scores.shape[0], L=num_tokens)
@@ -184,7 +205,9 @@ class LocalAttentionSum:
                 self.ring_positions.stride(1), BLOCK=self.BLOCK)
         self.summed_first, self.summed_end = max(self.summed_first, window_first), self.rows_pushed
         # On the GPU a pick without host syncs; off it the stable sort, fewer and cheaper ops there, the same picks.
-        return self._pick(num_tokens, k) if self.triton else select_reference(self.scores, num_tokens, k)
+        if self.triton:
+            return self._pick(num_tokens, *recent_and_take(num_tokens, self.kv_sparsity, self.current))
+        return select_reference(self.scores, num_tokens, self.kv_sparsity, self.current)
 
     def _update_torch(self, subtract: range, add: range) -> None:
         """The update kernel's work in PyTorch: subtract and add ring rows in one scatter (fixed point, so the order
@@ -196,15 +219,15 @@ class LocalAttentionSum:
         fixed = to_fixed_point(self.ring_probs[:, slots]) * sign[None, :, None]
         self.scores.scatter_add_(1, positions.clamp(min=0).flatten(1), torch.where(positions >= 0, fixed, 0).flatten(1))
 
-    def _pick(self, num_tokens: int, k: int) -> Tensor:
-        """k recent positions and the top-k older ones by the window sum, ties to the older; no host sync."""
+    def _pick(self, num_tokens: int, recent: int, take: int) -> Tensor:
+        """The `recent` newest positions and the top `take` older ones by the window sum, ties to the older; no host
+        sync."""
         batch = self.scores.shape[0]
-        older_count = num_tokens - k
-        take = min(k, older_count)
+        older_count = num_tokens - recent
         device = self.scores.device
-        recent = torch.arange(older_count, num_tokens, dtype=torch.int32, device=device).expand(batch, k)
+        newest = torch.arange(older_count, num_tokens, dtype=torch.int32, device=device).expand(batch, recent)
         if take == 0:
-            return recent.contiguous()
+            return newest.contiguous()
         candidates = self.scores[:, :older_count]
         kth = candidates.topk(take, dim=1).values[:, -1:]
         above = candidates > kth
@@ -214,4 +237,4 @@ class LocalAttentionSum:
         slot = torch.where(chosen, chosen.cumsum(dim=1) - 1, take)  # unchosen land in a spare last column
         older = torch.empty(batch, take + 1, dtype=torch.int32, device=device)
         older.scatter_(1, slot, torch.arange(older_count, dtype=torch.int32, device=device).expand(batch, -1))
-        return torch.cat([older[:, :take], recent], dim=1)
+        return torch.cat([older[:, :take], newest], dim=1)

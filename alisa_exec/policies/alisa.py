@@ -12,7 +12,8 @@ The cache, per layer:
   it off the GPU, so a step's fetches never wait on that step's own offloads;
 - with Phase III in the plan, the layer inputs of the tokens that will be deleted, written to the CPU when computed
   (the simulator's `recompute_source: layer_input`);
-- with kv_sparsity > 0, the kernels' `LocalAttentionSum` (the windowed attention sum and the recent + top-k pick).
+- with kv_sparsity > 0, the kernels' `LocalAttentionSum` (the windowed attention sum and the recent + top-k pick),
+  with the plan's `swa_current` (the current token on top of 2k, or inside) and `swa_self_weight`.
 K/V rows and layer inputs are INT8 in both tiers when the plan says `int8`, quantized by the INT8 store kernel.
 
 A decode step, per layer: the positions selected at the end of the previous step are split by residency. The live
@@ -101,7 +102,8 @@ class AlisaExec(ExecPolicy):
         if self.sparsity > 0:
             for _ in layers:
                 state = LocalAttentionSum(batch, self.positions, self.sparsity, tiers.gpu_device, self.prompt_len,
-                                          triton=tiers.triton)
+                                          triton=tiers.triton, current=self.sim.cfg.swa_current,
+                                          self_weight=self.sim.cfg.swa_self_weight)
                 tiers.count(GPU, "selection_state", state.nbytes)
                 self.selection.append(state)
         rows = batch * self.attended  # the most rows one layer can fetch or recompute in a step

@@ -2,7 +2,8 @@
 recompute, and INT8 KV. Every choice the paper leaves open is an option; docs/alisa-model.md explains each.
 
 Per decode step with n cached tokens, SWA attends to k = max(1, round(n*r/2)) recent tokens and k globally
-selected older ones (r = 1 - kv_sparsity). Weights and activations stay on the GPU. The KV cache moves through
+selected older ones (r = 1 - kv_sparsity), and the current token on top of them (`swa_current: extra`, the default:
+2k + 1) or as one of the k recent ones (`inside`: 2k), `alisa_sim.swa.kv_budget`. Weights and activations stay on the GPU. The KV cache moves through
 three phases: I (all on the GPU), II from step p1 (the most recent tokens on the GPU, the rest on the CPU; only
 the selected CPU-resident tokens come back each step, prefetched a layer ahead; tokens leaving the GPU window go
 down), III from step p2 (a share beta of the oldest CPU KV is deleted and, when selected, recomputed on the GPU
@@ -19,7 +20,7 @@ from alisa_sim.model_spec import Gemm
 from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.selection_stats import load_selection_stats
-from alisa_sim.swa import kv_budget, swa_window
+from alisa_sim.swa import kv_budget, swa_recent, swa_window
 
 # INT8 KV: one byte per value plus a scale and a zero point (in the model's dtype) per group of up to 64 channels of
 # a token, as the executor's kernels store it.
@@ -92,26 +93,33 @@ class AlisaPolicy(Policy):
 
     # ---- sizes and budgets -----------------------------------------------------------------------------------------
     def selected(self, context: int) -> tuple[int, int]:
-        """(k, tokens attended): k recent plus k global picks, or every token while n < 2k."""
-        return swa_window(context, self.cfg.kv_sparsity), kv_budget(context, self.cfg.kv_sparsity)
+        """(k, tokens attended): the recent window plus k global picks (`kv_budget` with the policy's `swa_current`),
+        or every token while n is below that."""
+        s = self.cfg.kv_sparsity
+        return swa_window(context, s), kv_budget(context, s, self.cfg.swa_current)
+
+    def recent(self, context: int) -> int:
+        """Newest tokens every step attends (the current one included): k, or k + 1 with `swa_current: extra`."""
+        return swa_recent(context, self.cfg.kv_sparsity, self.cfg.swa_current)
 
     def _selection_state_bytes(self) -> float:
         """The executor's selection state per sequence and layer (per head with per-head selection): int64 local
-        sums over every position, and a ring of the last k + 1 attention rows (as wide as 2k or the prompt)."""
+        sums over every position, and a ring of the last k + 1 attention rows (as wide as the longest selection or the
+        prompt)."""
         if self.cfg.kv_sparsity == 0:
             return 0.0  # attending to every token needs no selection
         per_layer = self.model.num_heads if self.cfg.selection == "per_head" else 1
         positions = self.wl.max_context() - 1  # the last generated token's KV is never computed
-        k = swa_window(positions, self.cfg.kv_sparsity)
-        # int64 sums per position; the ring's int32 positions and fp32 probabilities, k + 1 rows of max(2k, s)
-        per_sequence = 8 * positions + 8 * (k + 1) * max(2 * k, self.prompt_len)
+        k, attended = self.selected(positions)
+        # int64 sums per position; the ring's int32 positions and fp32 probabilities, k + 1 rows of max(budget, s)
+        per_sequence = 8 * positions + 8 * (k + 1) * max(attended, self.prompt_len)
         return self.batch * self.model.num_layers * per_layer * per_sequence
 
     def _staging_bytes(self) -> dict[str, float]:
         """Two prefetch buffers of one layer's selected tokens (and their layer inputs when recompute is on), and
         with the gather kernel the packed K/V the attention reads."""
         m = self.model
-        k, attended = self.selected(self.wl.max_context())
+        attended = self.selected(self.wl.max_context())[1]
         per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
         # and beside each, the (sequence, slot, position) int64 index list of its rows
         index_list = 3 * 8 if self.cfg.dynamic_scheduling else 0
@@ -209,7 +217,7 @@ class AlisaPolicy(Policy):
         """Per sequence and layer: (selected tokens to fetch from the CPU, deleted tokens to recompute)."""
         res = self.residency(step, schedule)
         n = self.context(step)
-        k, attended = self.selected(n)
+        attended = self.selected(n)[1]
         if not self.cfg.dynamic_scheduling:
             return attended * self.static_cpu_share, 0.0  # every selected token has its CPU heads on the CPU
         if res.phase == 1:
@@ -218,9 +226,10 @@ class AlisaPolicy(Policy):
         live_on_cpu = max(0, min(self.cpu_end(step, schedule), n - 1) - res.deleted)
         if self.cfg.kv_sparsity == 0:  # every token is attended: the fetched and recomputed rows are exact
             return float(live_on_cpu), float(res.deleted)
-        # the k most recent tokens are always attended: those live on the CPU are fetched
-        local_on_cpu = max(0, min(self.cpu_end(step, schedule), n - 1) - max(n - min(k, attended), res.deleted))
-        global_picks = attended - min(k, attended)
+        # the recent window is always attended: its tokens live on the CPU are fetched
+        recent = self.recent(n)
+        local_on_cpu = max(0, min(self.cpu_end(step, schedule), n - 1) - max(n - recent, res.deleted))
+        global_picks = attended - recent
         older_than_gpu = self.stats.share_older_than(res.on_gpu / n, self.cfg.kv_sparsity)
         deleted = self.stats.share_older_than(1 - res.deleted / n, self.cfg.kv_sparsity) if res.deleted else 0.0
         return local_on_cpu + global_picks * (older_than_gpu - deleted), global_picks * deleted
@@ -371,7 +380,7 @@ class AlisaPolicy(Policy):
 
     def decode_template(self, step: int, schedule: AlisaSchedule | None = None) -> LayerTemplate:
         n = self.context(step)
-        k, attended = self.selected(n)
+        attended = self.selected(n)[1]
         fetch, recompute = self.picks(step, schedule)
         t = LayerTemplate()
         buffered = ()

@@ -1,10 +1,11 @@
 """A plain-PyTorch reference of Sparse Window Attention decoding, step by step, over the whole attention history.
 
 As the house plan defines SWA: at a decode step with n cached tokens (the new one included), k = swa_window(n, s);
-the step attends to the k most recent tokens and to the k older ones with the largest attention weight summed over
-heads over the last k rows of attention history (ties to the older token); while n < 2k it attends to all n. The
-history is every query's row of head-summed attention probabilities: the prompt's causal rows, then one row per
-decode step (zero where the step did not attend). Sums are taken in the kernels' fixed-point units, so a sum is
+the step attends to the most recent tokens (k + 1 with `current="extra"`, the default; k with "inside") and to the
+k older ones with the largest attention weight summed over heads over the last k rows of attention history (ties
+to the older token), where a row does not count its own query's token unless `self_weight`; while n is below that
+budget it attends to all n. The history is every query's row of head-summed attention probabilities: the prompt's
+causal rows, then one row per decode step (zero where the step did not attend). Sums are taken in the kernels' fixed-point units, so a sum is
 exact and ties are real ties. One token set per layer and sequence. With `int8`, every K/V row is stored through the
 kernels' INT8 round trip (per token, groups of `int8_group(head_dim)` channels); the prompt's attention reads its K/V
 as computed, decode steps read them from the cache. With `deleted` (the plan's deleted token count per step, Phase
@@ -26,7 +27,7 @@ from alisa_exec.kernels.int8_kv import quantize_reference
 from alisa_exec.kernels.selection import to_fixed_point
 from alisa_exec.kv_cache import int8_group
 from alisa_exec.model import Transformer
-from alisa_sim.swa import swa_window
+from alisa_sim.swa import kv_budget, swa_recent, swa_window
 
 
 def _round_trip(rows: torch.Tensor, group: int) -> torch.Tensor:
@@ -58,26 +59,32 @@ def _attend(q, keys, values, allowed):
     return out.transpose(1, 2).reshape(batch, rows, -1), probs.sum(dim=1)
 
 
-def select(history: list[torch.Tensor], n: int, sparsity: float) -> torch.Tensor:
-    """Which of the n positions a step attends, [batch, P] bool, from the history rows ([batch, P] each)."""
+def select(history: list[torch.Tensor], n: int, sparsity: float, current: str = "extra",
+           self_weight: bool = False) -> torch.Tensor:
+    """Which of the n positions a step attends, [batch, P] bool, from the history rows ([batch, P] each; row i is
+    the query at position i)."""
     batch, total = history[0].shape
-    k = swa_window(n, sparsity)
+    k, recent = swa_window(n, sparsity), swa_recent(n, sparsity, current)
+    take = kv_budget(n, sparsity, current) - recent
     chosen = torch.zeros(batch, total, dtype=torch.bool)
-    chosen[:, n - k:n] = True
-    older = n - k
-    if older <= k:
-        chosen[:, :older] = True
-        return chosen
-    window = history[-k:]
-    sums = sum(to_fixed_point(row) for row in window)[:, :older]
-    top = torch.sort(sums, dim=1, descending=True, stable=True).indices[:, :k]
+    chosen[:, n - recent:n] = True
+    older = n - recent
+    first = max(0, len(history) - k)
+    sums = torch.zeros(batch, total, dtype=torch.int64)
+    for query, row in enumerate(history[first:], start=first):
+        weights = to_fixed_point(row)
+        if not self_weight:
+            weights[:, query] = 0
+        sums += weights
+    top = torch.sort(sums[:, :older], dim=1, descending=True, stable=True).indices[:, :take]
     chosen.scatter_(1, top, True)
     return chosen
 
 
 @torch.no_grad()
 def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsity: float, int8: bool = False,
-                 deleted: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 deleted: list[int] | None = None, current: str = "extra",
+                 self_weight: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy tokens [batch, gen_len] and each step's logits [batch, vocab] (the prefill's first); `deleted[step]`:
     the oldest tokens whose K/V a decode step recomputes from their layer inputs."""
     batch, s = prompt.shape
@@ -114,7 +121,7 @@ def swa_generate(model: Transformer, prompt: torch.Tensor, gen_len: int, sparsit
                 y, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
                 probs = F.pad(probs, (0, total - s))
             else:
-                allowed = select(history[index], n, sparsity)[:, None]
+                allowed = select(history[index], n, sparsity, current, self_weight)[:, None]
                 y, probs = _attend(q.transpose(1, 2), read_keys, read_values, allowed)
             history[index].extend(probs.unbind(dim=1))
             h = x + layer.attention.wo(y)

@@ -185,7 +185,7 @@ def test_swa_literal_matches_the_kernels_reference_selection():
         keep = selector.keep(n)
         k = swa_window(n, sparsity)
         window = [(torch.arange(len(r))[None], r[None]) for r in rows[max(0, len(rows) - k):]]
-        want = select_reference(window_sum_reference(window, 1, steps), n, k)[0].long()
+        want = select_reference(window_sum_reference(window, 1, steps), n, sparsity, "inside")[0].long()
         assert keep[0, 0].nonzero().flatten().tolist() == sorted(want.tolist()), f"step {n}"
         probs = torch.softmax(torch.randn(1, 1, 3, n, generator=generator).masked_fill(~keep[:, :, None],
                                                                                        float("-inf")), dim=-1)

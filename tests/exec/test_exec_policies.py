@@ -179,6 +179,10 @@ SWA_CASES = {
     "phase-3": ({"kv_sparsity": 0.5, "p2": 2, "beta": 0.6}, "tight"),
     "int8-phase-2": ({"kv_sparsity": 0.5, "int8": True, "p1": 1, "alpha": 0.5}, None),
     "int8-phase-3": ({"kv_sparsity": 0.5, "int8": True, "p2": 2, "beta": 0.6}, "tight"),
+    # the paper's literal budget (the current token inside 2k), own rows credited or not
+    "inside-0.8": ({"kv_sparsity": 0.8, "swa_current": "inside"}, None),
+    "inside-self-phase-3": ({"kv_sparsity": 0.5, "swa_current": "inside", "swa_self_weight": True, "p2": 2,
+                             "beta": 0.6}, "tight"),
 }
 
 
@@ -193,7 +197,7 @@ def check_against_reference(folder, case: str, attention_kernel: str, device=CPU
     model = load_model(wl.model, str(folder), torch.float32, CPU, SEED)
     deleted = [plan.sim.residency(step).deleted for step in range(gen_len)]
     want_tokens, want_logits = swa_generate(model, prompt_of(wl), gen_len, policy["kv_sparsity"], policy["int8"],
-                                            deleted)
+                                            deleted, wl.policy.swa_current, wl.policy.swa_self_weight)
     assert torch.equal(measured.tokens, want_tokens)
     assert len(plan.policy.logits_log) == gen_len
     for step, (got, want) in enumerate(zip(plan.policy.logits_log, want_logits)):
@@ -215,7 +219,7 @@ def test_alisa_equals_the_swa_reference_step_by_step(tiny_hf_models, device, nam
     assert hasattr(plan.policy, "workspace") == (attention_kernel == "gather")  # fused reads the cache in place
 
 
-@pytest.mark.parametrize("case", ["phase-3", "int8-phase-3"])
+@pytest.mark.parametrize("case", ["phase-3", "int8-phase-3", "inside-self-phase-3"])
 def test_alisa_on_the_triton_kernels_equals_the_reference_on_the_cpu(tiny_hf_models, case):
     """The Triton kernels themselves, under the interpreter: LocalAttentionSum's update, the INT8 store kernel and the
     fused kernel reading the window ring and the staging buffer, GQA; the same reference as their PyTorch forms. Two

@@ -47,6 +47,10 @@ CASES = {
     "alisa-phase-3-int8": ({**ALISA, **PHASE_3, "int8": True}, "tight", {2, 3}),
     "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, "tight", {2}),
     "alisa-0.8-int8-phase-2": ({**ALISA, "kv_sparsity": 0.8, "int8": True}, "tight", {2}),
+    # SWA's literal budget (the current token inside 2k; the cases above attend it on top, the default)
+    "alisa-0.5-inside-phase-2": ({**ALISA, "kv_sparsity": 0.5, "swa_current": "inside"}, "tight", {2}),
+    "alisa-0.8-int8-inside-self-phase-2": ({**ALISA, "kv_sparsity": 0.8, "int8": True, "swa_current": "inside",
+                                            "swa_self_weight": True}, "tight", {2}),
     "h2o": ({"name": "h2o", "kv_sparsity": 0.5}, None, {1}),
     "streamingllm": ({"name": "streamingllm", "kv_sparsity": 0.5}, None, {1}),
 }
