@@ -12,7 +12,7 @@ import torch
 
 from alisa_exec.accuracy.forward import decode_pass
 from alisa_exec.accuracy.methods import METHODS
-from alisa_exec.kernels import LocalAttentionSum, prefill_window_rows, sparse_decode_attention
+from alisa_exec.kernels import LocalAttentionSum, gather_decode_attention, prefill_window_rows
 from alisa_exec.weights import load_model
 from alisa_sim.swa import kv_budget
 from test_exec_policies import PROMPT_LEN, SEED, prompt_of, run
@@ -33,7 +33,7 @@ def positions_of(mask: torch.Tensor) -> list[list[int]]:
 @pytest.mark.parametrize("method", list(OPTIONS))
 def test_executor_selection_equals_the_evaluators_on_the_same_rows(method, triton, prefill):
     """Random queries and keys: the executor attends what it selected and pushes the head-summed probabilities
-    (as `sparse_decode_attention` returns them); the evaluator sees the same probabilities. The prefill's rows
+    (as the attention kernels return them: their PyTorch form here, `triton` is the selection's path); the evaluator sees the same probabilities. The prefill's rows
     seed both (the executor only the last k + 1 of them, as it keeps)."""
     batch, heads, kv_heads, head_dim, steps, sparsity = 2, 4, 2, 8, 36, 0.8
     generator = torch.Generator().manual_seed(21)
@@ -51,7 +51,7 @@ def test_executor_selection_equals_the_evaluators_on_the_same_rows(method, trito
         picked = executor.select(num_tokens)
         assert picked.tolist() == positions_of(evaluator.keep(num_tokens)), f"{method}: step {num_tokens}"
         assert picked.shape[1] == kv_budget(num_tokens, sparsity, current)
-        _, probs = sparse_decode_attention(q[:, :, num_tokens - 1], k, v, picked)
+        _, probs = gather_decode_attention(q[:, :, num_tokens - 1], k, v, picked)
         executor.push(picked, probs)
         full = torch.zeros(batch, num_tokens).scatter_(1, picked.long(), probs)
         evaluator.observe(full[:, None, None])
