@@ -243,12 +243,19 @@ def placeholders(work: Path, card: str, wheels: Path | None) -> dict[str, str]:
             "wheels": str(wheels.resolve()) if wheels else ""}
 
 
+def default_sigint() -> None:
+    """In a stage's process before its command starts: SIGINT's default action, which an exec keeps, so that Python
+    raises KeyboardInterrupt at the stage's deadline even where the check runs with SIGINT ignored (a shell's
+    background job ignores it, and its children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_stage(command: list[str], limit_s: float, env: dict, log_path: Path) -> tuple[str, int | None, str]:
     """Run one command in its own process group, interrupted at `limit_s` (killed 10 s later); what it leaves
     running is killed: (status, exit code, output)."""
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=default_sigint)
         try:
             returncode = process.wait(timeout=limit_s)
             status = "ok" if returncode == 0 else "failed"

@@ -24,6 +24,11 @@ except ImportError:  # the simulator's tests run without torch
 if torch is not None and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A session started as a shell's background job ignores SIGINT, and the processes the tests start would inherit
+# that: the interrupt tests' Ctrl-C would then be lost. Tests run as under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REPO = Path(__file__).resolve().parent.parent
 DRY_RUN_ENV = "ALISA_TEST_DRY_RUN_DIR"  # the folder of the session's dry run, for the xdist workers
 DRY_RUN_TIMEOUT_S = 900
