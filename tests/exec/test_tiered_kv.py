@@ -3,6 +3,7 @@ sizes a plan before anything is allocated, plans that cannot fit (exit 2, one me
 against the simulator's, the trace's tracks, Plan JSON input, and Ctrl-C leaving a complete Result or none."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -233,14 +234,19 @@ def test_policies_benchmark_smoke(tmp_path, monkeypatch, capsys, quick_cpu_profi
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import exec_policies
 
+    gen_len = 8
     assert exec_policies.main(["--smoke", "--batches", "2", "--policies", "alisa,flexgen,h2o", "--hardware",
-                               str(quick_cpu_profile), "--out", str(tmp_path)]) == 0
+                               str(quick_cpu_profile), "--gen-len", str(gen_len), "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("exec_policies-cpu-*.json")).read_text())
     rows = {row["policy"]: row for row in report["rows"]}
     assert set(rows) == {"alisa", "flexgen", "h2o"} and all(row["batch"] == 2 for row in rows.values())
     for row in rows.values():
         assert row["status"] == "measured" and row["measured_tok_s"] > 0 and row["predicted_tok_s"] > 0
-    assert rows["alisa"]["phases"] == "2" and "p1=0" in rows["alisa"]["plan"]
+    # The planner's Phase III start depends on the session's quick profile (measured beside the other tests); the
+    # run must follow the plan, whichever it is: Phase III measured exactly when p2 falls inside the run.
+    p2 = int(re.search(r"p2=(\d+)", rows["alisa"]["plan"]).group(1))
+    assert "p1=0" in rows["alisa"]["plan"] and "2" in rows["alisa"]["phases"].split("/")
+    assert ("3" in rows["alisa"]["phases"].split("/")) == (p2 < gen_len)
     assert "alisa / flexgen" in capsys.readouterr().out
     assert (tmp_path / next(tmp_path.glob("*.json")).with_suffix(".md").name).exists()
     del sys.modules["exec_policies"]
