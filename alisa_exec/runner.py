@@ -33,8 +33,6 @@ def run_workload(wl: ResolvedWorkload, options: ExecOptions, log=lambda _: None,
     executor.executable(wl.policy.name)
     check_family(wl.model)
     weights_format(options.weights)
-    if options.compile_decode:
-        executor.check_compilable(wl.policy.name, options.device)
     plan = executor.plan_run(wl, options.device, options.dtype)
     measured = executor.execute(plan, options.device, options.dtype, options.weights, options.seed, log, on_step,
                                 compile_decode=options.compile_decode)

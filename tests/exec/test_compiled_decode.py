@@ -22,11 +22,11 @@ def _generate(folder, compile_decode: bool):
     return plan, measured
 
 
-def test_the_compiled_step_generates_the_eager_tokens_in_one_graph(tiny_hf_models, model="llama-gqa"):
-    # LLaMA with GQA: rotary, RMSNorm, SwiGLU and grouped heads (the OPT path is a subset of its op kinds)
+def test_the_compiled_step_generates_the_eager_tokens_in_one_graph(tiny_hf_models):
     import torch._dynamo.utils as dynamo_utils
 
-    folder = tiny_hf_models[model][1]
+    # LLaMA with GQA: rotary, RMSNorm, SwiGLU and grouped heads (the OPT path is a subset of its op kinds)
+    folder = tiny_hf_models["llama-gqa"][1]
     _, eager = _generate(folder, compile_decode=False)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()

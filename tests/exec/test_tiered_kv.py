@@ -3,8 +3,8 @@ sizes a plan before anything is allocated, plans that cannot fit (exit 2, one me
 against the simulator's, the trace's tracks, Plan JSON input, and Ctrl-C leaving a complete Result or none."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
