@@ -18,7 +18,8 @@ of predicted to measured prefill time and mean decode step time, plus a weak pul
 no prediction of the runs even at the ends of its range (copies in runs without transfers) is not identifiable from
 them: it is left alone and the provenance says so. The fitted profile is the base profile with those rows and
 overheads changed, `source.kind: fitted`, and the fit (runs, values, errors) in its provenance; check it on runs that
-were not used to fit it (`--holdout`).
+were not used to fit it (`--holdout`). An ALISA run at kv_sparsity > 0 is simulated with its own selection replayed
+(`selection_trace`, the measured result itself): which tokens the model attended is not the machine's to fit.
 
 A fit never makes things worse silently: a profile whose error on its own fit runs (the mean absolute error over
 every fitted time) is above the base profile's is refused, and a parameter that ends at the edge of its range is
@@ -41,6 +42,7 @@ from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import GemmRow, HardwareProfile, Source
 from alisa_sim.results import build_result, write_texts_atomic
+from alisa_sim.selection_trace import replaying_selection
 from alisa_sim.simulator import simulate
 from alisa_sim.validate import LoadedResult, describe, percent_error
 from alisa_sim.workload import ResolvedWorkload, resolve_workload
@@ -166,7 +168,9 @@ def prepare_runs(measured: list[LoadedResult], hardware: str) -> list[Run]:
         targets = run_metrics(result.data)
         if targets is None:
             raise SpecError(f"{result.path}: a run that ran out of memory has no times to fit")
-        wl = resolve_workload(result.data["workload"], source=result.path, hardware=hardware)
+        # the run's own selection is replayed: the fit is of the machine's times, not of what the model attended
+        wl = resolve_workload(replaying_selection(result.data["workload"], Path(result.path).resolve()),
+                              source=result.path, hardware=hardware)
         runs.append(Run(result, wl, targets))
     return runs
 

@@ -119,7 +119,7 @@ def _totals(sections: tuple[list[Op], list[Op], list[Op]], labels: list[list[str
                 elif op.resource == "d2h":
                     d2h += count * op.nbytes
     busy[HOST] = host_busy
-    return busy, parts, h2d, d2h
+    return busy, parts, round(h2d), round(d2h)  # whole bytes per step (a layer's may be fractional)
 
 
 class _Sweep:

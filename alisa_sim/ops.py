@@ -18,7 +18,7 @@ class Op:
     name: str
     resource: str
     parts: tuple[tuple[str, float], ...]
-    nbytes: int = 0  # bytes moved over PCIe (h2d / d2h ops)
+    nbytes: float = 0  # bytes moved over PCIe (h2d / d2h ops); fractional where a layer averages a step's rows
     host_s: float = 0.0  # host time to issue the op (its kernel launches, a copy's call), filled by the cost model
     # The executor's named ops (alisa_sim.hardware.NAMED_OPS) the op was priced from: (name, sorted shape items).
     calls: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
@@ -31,7 +31,7 @@ class Op:
 _KINDS = frozenset(KINDS)
 
 
-def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: int = 0,
+def make_op(name: str, resource: str, parts: dict[str, float], host_s: float = 0.0, nbytes: float = 0,
             calls: tuple = ()) -> Op:
     """An op of `parts` device seconds by kind on `resource`, issued by the host in `host_s` (the engine puts the two
     on separate resources: on a GPU the device runs behind the host, on a CPU device they add)."""

@@ -75,8 +75,11 @@ def load_results(paths: list[str | Path]) -> list[LoadedResult]:
 
 
 def pair_key(result: LoadedResult) -> str:
-    """What a prediction and a measurement must share: the workload, policy included, less the hardware."""
+    """What a prediction and a measurement must share: the workload, policy included, less the hardware and the
+    selection trace a prediction replays (the measurement's own, typically)."""
     workload = {key: value for key, value in result.data["workload"].items() if key != "hardware"}
+    if isinstance(workload.get("policy"), dict):
+        workload["policy"] = {key: value for key, value in workload["policy"].items() if key != "selection_trace"}
     return json.dumps(workload, sort_keys=True)
 
 

@@ -120,6 +120,9 @@ class AlisaPolicyConfig(_Strict):
     beta: float | None = Field(default=None, ge=0, le=1, description="share of the CPU KV deleted (oldest first) "
                                                                      "and recomputed in Phase III")
     selection_stats: str | None = Field(default=None, description="selection_stats JSON (default: the shipped one)")
+    selection_trace: str | None = Field(default=None, description="a measured run's result.json (alisa-exec) whose "
+                                        "per-step fetched and recomputed token rows replace the selection_stats "
+                                        "expectation (validation; replayed only under the plan it was measured with)")
     swa_current: Literal[SWA_CURRENT_OPTIONS] = Field(
         default=SWA_CURRENT_DEFAULT, description="extra: SWA attends the current token on top of k recent and k older "
         "tokens (2k + 1); inside: the current token is one of the k recent ones (2k, the paper's literal budget)")
@@ -255,6 +258,10 @@ def resolve_workload(data: dict, source: str = "workload", base: Path | None = N
     if isinstance(workload.model, str):
         workload.model = _resolve_ref(workload.model, base)
     workload.hardware = _resolve_ref(workload.hardware, base)
+    if isinstance(workload.policy, AlisaPolicyConfig):
+        for name in ("selection_stats", "selection_trace"):
+            if (ref := getattr(workload.policy, name)) is not None:
+                setattr(workload.policy, name, _resolve_ref(ref, base))
     model = load_model_spec(workload.model)
     profile = load_hardware_profile(workload.hardware)
     resolved = ResolvedWorkload(workload, model, profile)

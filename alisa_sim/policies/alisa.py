@@ -8,7 +8,7 @@ three phases: I (all on the GPU), II from step p1 (the most recent tokens on the
 the selected CPU-resident tokens come back each step, prefetched a layer ahead; tokens leaving the GPU window go
 down), III from step p2 (a share beta of the oldest CPU KV is deleted and, when selected, recomputed on the GPU
 from its stored layer input). How many global picks are old enough to live on the CPU (or to be deleted) is a
-property of the model's attention, read from `selection_stats`.
+property of the model's attention, read from `selection_stats`, or replayed from a measured run (`selection_trace`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from alisa_sim.model_spec import Gemm
 from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
+from alisa_sim.errors import SpecError
 from alisa_sim.selection_stats import load_selection_stats
+from alisa_sim.selection_trace import load_selection_trace
 from alisa_sim.swa import kv_budget, swa_recent, swa_window
 
 # INT8 KV: one byte per value plus a scale and a zero point (in the model's dtype) per group of up to 64 channels of
@@ -72,6 +74,7 @@ class AlisaPolicy(Policy):
         self.cfg = cfg = workload.policy
         self.r = 1 - cfg.kv_sparsity
         self.stats = load_selection_stats(cfg.selection_stats)
+        self.trace = load_selection_trace(cfg.selection_trace).decode_steps() if cfg.selection_trace else None
         m = self.model
         # groups never straddle heads; a stored layer input is grouped along the hidden size
         self.value_bytes = int8_bytes_per_value(m.dim_per_head, m.dtype_bytes) if cfg.int8 else m.dtype_bytes
@@ -84,6 +87,8 @@ class AlisaPolicy(Policy):
         self.static_cpu_share = max(cfg.alpha or 0.0, 1 - self.gpu_tokens / longest)
         self._schedule = schedule
         self._ring_slots: dict[AlisaSchedule, int] = {}
+        if self.trace is not None and schedule is not None:
+            self._check_trace()
 
     @property
     def schedule(self) -> AlisaSchedule:
@@ -213,8 +218,43 @@ class AlisaPolicy(Policy):
         return plan
 
     # ---- per-step traffic ----------------------------------------------------------------------------------------
+    def _check_trace(self) -> None:
+        """A selection trace replays the plan it was measured under: the same steps, and at each decode step the
+        same phase and KV bytes on each tier (so the same tokens live where the run kept them)."""
+        path, wl = self.cfg.selection_trace, self.wl.workload
+        for row in self.trace.values():
+            if row.step > self.wl.decode_steps:
+                raise SpecError(f"selection_trace {path}: decode step {row.step} is past this run's last step "
+                                f"{self.wl.decode_steps}")
+        for step in range(1, self.wl.decode_steps + 1):
+            row = self.trace.get(step)
+            if row is None:
+                raise SpecError(f"selection_trace {path}: no decode step {step} (it traces {len(self.trace)} decode "
+                                f"steps, this run has {self.wl.decode_steps})")
+            kv = self.kv_memory(self.context(step))
+            held = (self.phase(step), kv.gpu_bytes, kv.cpu_bytes)
+            if (row.phase, row.gpu_kv_bytes, row.cpu_kv_bytes) != held:
+                raise SpecError(
+                    f"selection_trace {path}: at decode step {step} the traced run was in Phase {row.phase} with "
+                    f"{row.gpu_kv_bytes} / {row.cpu_kv_bytes} bytes of KV on the GPU / CPU, this plan in Phase "
+                    f"{held[0]} with {held[1]} / {held[2]} (batch {wl.batch_size}, prompt {wl.prompt_len}): a trace "
+                    "replays only the plan it was measured under (pin its p1, p2, alpha and beta)")
+
+    def _traced_rows(self, step: int, schedule: AlisaSchedule | None) -> tuple[int, int] | None:
+        """The run's (fetched, recomputed) token rows at a decode step, under the plan's own schedule only (the
+        schedule search's candidates are priced from the statistics)."""
+        if self.trace is None or step == 0 or (schedule is not None and schedule != self._schedule):
+            return None
+        row = self.trace[step]
+        return row.fetched_tokens, row.recomputed_tokens
+
     def picks(self, step: int, schedule: AlisaSchedule | None = None) -> tuple[float, float]:
-        """Per sequence and layer: (selected tokens to fetch from the CPU, deleted tokens to recompute)."""
+        """Per sequence and layer: (selected tokens to fetch from the CPU, deleted tokens to recompute); a selection
+        trace's rows spread evenly over the step's layers and sequences."""
+        traced = self._traced_rows(step, schedule)
+        if traced is not None:
+            rows = self.batch * self.model.num_layers
+            return traced[0] / rows, traced[1] / rows
         res = self.residency(step, schedule)
         n = self.context(step)
         attended = self.selected(n)[1]
@@ -248,8 +288,8 @@ class AlisaPolicy(Policy):
         rows = self.batch * self.model.num_layers
         counters = {"offloaded_tokens": rows * self.offloaded(step)}
         if step > 0:
-            fetch, recompute = self.picks(step)
-            counters.update(fetched_tokens=rows * fetch, recomputed_tokens=rows * recompute)
+            fetch, recompute = self._traced_rows(step, None) or (rows * picks for picks in self.picks(step))
+            counters.update(fetched_tokens=fetch, recomputed_tokens=recompute)
         return {name: count for name, count in counters.items() if count}
 
     # ---- templates ---------------------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ class Policy(ABC):
             row = f"copy_{direction}_{'pinned' if pinned else 'pageable'}"
             op = self._priced_ops[key] = make_op(
                 name, direction, {direction: sum(self.cost.copy_s(piece, direction, pinned) for piece in pieces)},
-                host_s=len(pieces) * self.cost.op_host_s(row), nbytes=int(sum(pieces)) if payload else 0,
+                host_s=len(pieces) * self.cost.op_host_s(row), nbytes=sum(pieces) if payload else 0,
                 calls=tuple((row, (("bytes", int(piece)),)) for piece in pieces))
         return op
 

@@ -243,10 +243,10 @@ def test_policies_benchmark_smoke(tmp_path, monkeypatch, capsys, quick_cpu_profi
     for row in rows.values():
         assert row["status"] == "measured" and row["measured_tok_s"] > 0 and row["predicted_tok_s"] > 0
     # The planner's Phase III start depends on the session's quick profile (measured beside the other tests); the
-    # run must follow the plan, whichever it is: Phase III measured exactly when p2 falls inside the run.
+    # run must follow the plan, whichever it is: decode steps 1 .. gen_len - 1 are Phase II before p2, III from it.
     p2 = int(re.search(r"p2=(\d+)", rows["alisa"]["plan"]).group(1))
-    assert "p1=0" in rows["alisa"]["plan"] and "2" in rows["alisa"]["phases"].split("/")
-    assert ("3" in rows["alisa"]["phases"].split("/")) == (p2 < gen_len)
+    assert "p1=0" in rows["alisa"]["plan"]
+    assert rows["alisa"]["phases"] == "/".join(sorted({"2" if step < p2 else "3" for step in range(1, gen_len)}))
     assert "alisa / flexgen" in capsys.readouterr().out
     assert (tmp_path / next(tmp_path.glob("*.json")).with_suffix(".md").name).exists()
     del sys.modules["exec_policies"]

@@ -4,11 +4,15 @@ KV phase, token rows computed, KV bytes held on each tier, H2D and D2H payload b
 swapped blocks. CPU device, float32, a tiny GQA model with dummy weights; budgets tight enough that ALISA spends the
 run in Phase II (and Phase III with p2/beta pinned) and vLLM preempts.
 
-ALISA at kv_sparsity > 0 is exact here in Phase II because the tight budget leaves only the newest token on the GPU,
-so every other selected token is read from the CPU whichever the selection picks; with a wider GPU window, or in
-Phase III (fetched or deleted), the split of the global picks comes from the model's attention at run time, which the
-simulator takes from `selection_stats` (docs/executor.md, "What the simulator and the executor count alike").
+ALISA at kv_sparsity > 0 is exact from the statistics alone in Phase II when the tight budget leaves only the newest
+token on the GPU, so every other selected token is read from the CPU whichever the selection picks; with a wider GPU
+window, or in Phase III (fetched or deleted), the split of the global picks comes from the model's attention at run
+time: the simulator's expectation from `selection_stats` differs, and with the run's selection replayed
+(`selection_trace`, the run's own Result) it is exact again (docs/executor.md, "What the simulator and the executor
+count alike").
 """
+
+import json
 
 import pytest
 import torch
@@ -56,9 +60,9 @@ CASES = {
 }
 
 
-def workload(policy: dict, gpu_gb: float | None = None):
+def workload(policy: dict, gpu_gb: float | None = None, gen_len: int = GEN_LEN):
     data = {"model": {**TINY_SPEC, "num_layers": 2, "dtype_bytes": 4}, "hardware": "h100", "batch_size": BATCH,
-            "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "policy": policy}
+            "prompt_len": PROMPT_LEN, "gen_len": gen_len, "policy": policy}
     if gpu_gb is not None:
         data["memory"] = {"gpu_gb": gpu_gb}
     return resolve_workload(data)
@@ -110,3 +114,50 @@ def test_simulated_steps_equal_the_executed_ones(case):
     if case.startswith("vllm"):  # the pool is small enough that the scheduler preempts
         assert sum(row["preemptions"] for row in executed) > 0
         assert measured.peak_gpu_bytes == plan.simulation.peak_gpu_bytes
+
+
+# Sparse ALISA with a GPU window of a few tokens (5% over the tight budget), in Phase II and III: how many picks are
+# fetched or recomputed is the model's choice.
+REPLAYED = {
+    "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, {2}),
+    "alisa-0.5-phase-3": ({**ALISA, "kv_sparsity": 0.5, **PHASE_3}, {2, 3}),
+    "alisa-0.8-int8-phase-3": ({**ALISA, "kv_sparsity": 0.8, "int8": True, **PHASE_3}, {1, 3}),  # fits at first
+}
+WIDER = 1.05
+
+
+def traced_run(policy: dict, folder):
+    """The budget, the executed step table, the run's Result JSON written into `folder` (the trace) and the plan."""
+    gpu_gb = WIDER * tight_cap(policy)
+    plan = executor.plan_run(workload(policy, gpu_gb), CPU, torch.float32)
+    measured = executor.execute(plan, CPU, torch.float32, "dummy", 0, warmup_steps=0)
+    trace = folder / "result.json"
+    trace.write_text(json.dumps(executor.build_result(plan, measured, "cpu", torch.float32, "dummy")))
+    return gpu_gb, step_table(measured.rows()), trace, plan
+
+
+@pytest.mark.parametrize("case", list(REPLAYED))
+def test_a_replayed_selection_moves_exactly_the_rows_the_run_moved(case, tmp_path):
+    policy, phases = REPLAYED[case]
+    gpu_gb, executed, trace, plan = traced_run(policy, tmp_path)
+    assert {row["phase"] for row in executed[1:]} == phases
+    expected = step_table(simulated_rows(plan.simulation))
+    assert any(ex["fetched_tokens"] != sim["fetched_tokens"] for ex, sim in zip(executed, expected))
+    replay = executor.plan_run(workload({**policy, "selection_trace": str(trace)}, gpu_gb), CPU, torch.float32)
+    replayed = step_table(simulated_rows(replay.simulation))
+    for step, (ex, sim) in enumerate(zip(executed, replayed, strict=True)):
+        assert ex == sim, f"step {step}: " + ", ".join(f"{k} exec {ex[k]} sim {sim[k]}" for k in ex if ex[k] != sim[k])
+
+
+def test_a_selection_trace_replays_only_its_own_plan(tmp_path):
+    policy = REPLAYED["alisa-0.5-phase-3"][0]
+    gpu_gb, _, trace, _ = traced_run(policy, tmp_path)
+    with pytest.raises(SpecError, match=r"at decode step 3 the traced run was in Phase 3 .* this plan in Phase 2"):
+        executor.plan_run(workload({**policy, "p2": 5, "selection_trace": str(trace)}, gpu_gb), CPU, torch.float32)
+    with pytest.raises(SpecError, match=f"no decode step {GEN_LEN}"):
+        executor.plan_run(workload({**policy, "selection_trace": str(trace)}, gpu_gb, GEN_LEN + 1), CPU,
+                          torch.float32)
+    simulated = tmp_path / "sim.json"
+    simulated.write_text(json.dumps({**json.loads(trace.read_text()), "source": "sim"}))
+    with pytest.raises(SpecError, match="not a measured run"):
+        executor.plan_run(workload({**policy, "selection_trace": str(simulated)}, gpu_gb), CPU, torch.float32)
