@@ -239,12 +239,16 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
 def _no_cycle_collection():
     """Python's cycle collector paused: a run allocates objects by the hundred thousand and keeps nearly all of them
     (its step records, plans, timings) or frees them by reference count, so the collector's passes over the growing
-    heap find nothing and would cost a quarter of a short run; what cycles a run leaves are collected after it."""
+    heap find nothing and would cost a quarter of a short run. After it, the run's objects join the oldest generation
+    directly (freeze, then unfreeze): re-enabled as they were, the next young collection would walk them all (a
+    tenth of a short run), and what cycles they hold are collected with the oldest generation."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
+        gc.unfreeze()
         if enabled:
             gc.enable()
 
