@@ -16,13 +16,14 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from alisa_exec import executor
 from alisa_sim.cost_model import CostModel
 from alisa_sim.errors import SpecError
 from alisa_sim.planner import make_policy
 from alisa_sim.results import simulated_rows
-from alisa_sim.workload import resolve_workload
+from alisa_sim.workload import load_workload, resolve_workload
 from tiny_models import TINY_SPEC
 
 CPU = torch.device("cpu")
@@ -157,6 +158,11 @@ def test_a_selection_trace_replays_only_its_own_plan(tmp_path):
     with pytest.raises(SpecError, match=f"no decode step {GEN_LEN}"):
         executor.plan_run(workload({**policy, "selection_trace": str(trace)}, gpu_gb, GEN_LEN + 1), CPU,
                           torch.float32)
+    data = {"model": {**TINY_SPEC, "num_layers": 2, "dtype_bytes": 4}, "hardware": "h100", "batch_size": BATCH,
+            "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "memory": {"gpu_gb": gpu_gb},
+            "policy": {**policy, "selection_trace": "result.json"}}
+    (tmp_path / "replay.yaml").write_text(yaml.safe_dump(data))
+    assert load_workload(tmp_path / "replay.yaml").policy.selection_trace == str(trace)  # beside the workload file
     simulated = tmp_path / "sim.json"
     simulated.write_text(json.dumps({**json.loads(trace.read_text()), "source": "sim"}))
     with pytest.raises(SpecError, match="not a measured run"):
