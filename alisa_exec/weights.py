@@ -1,8 +1,19 @@
-"""Weights for the executor's decoder: a Hugging Face safetensors folder, a GGUF file (dequantized) or "dummy" ones.
+"""Weights for the executor's decoder: a Hugging Face safetensors folder, a GGUF file (dequantized, through a cache of
+converted files) or "dummy" ones.
 
 Each checkpoint format maps the decoder's parameter names to the checkpoint tensors they are made of; fused parameters
 (QKV, SwiGLU gate + up) concatenate their parts along the output dimension. llama.cpp's converter permutes the rows
-of LLaMA's Q and K projections (to the interleaved rotary layout); the GGUF reader undoes that permutation.
+of LLaMA's Q and K projections (to the interleaved rotary layout); the GGUF converter undoes that permutation.
+
+Converting a GGUF file takes seconds (parsing builds every metadata field, a tokenizer's vocabulary too, then every
+tensor is dequantized), so, as Hugging Face's hub cache keeps downloads, the first load keeps the conversion in
+<cache>/gguf/<file stem>-<key>/: spec.json (the file's ModelSpec), tensors.safetensors (every tensor as the converter
+returns it, float32) and tokenizer/ (transformers' fast tokenizer, once one is asked for); later loads read those
+and never parse the file. <cache> is $ALISA_CACHE_DIR, else $XDG_CACHE_HOME/alisa, else ~/.cache/alisa; the key
+hashes the file's resolved path, size and mtime and GGUF_CONVERTER_VERSION, so a changed file gets a new entry. Each
+part is written under a temporary name and renamed into place (two processes converting at once each leave a whole
+part); a part that cannot be read back is converted again; a cache that cannot be written is skipped (one line on
+stderr) and the file converted on every load.
 
 A checkpoint is untrusted input: a corrupt file, a spec whose dimensions differ from the checkpoint's (its config.json
 or GGUF metadata, its number of layers), an integer tensor where a float one belongs and NaN or infinite weights are
@@ -12,9 +23,15 @@ each a SpecError naming the file, never a traceback nor a run of the wrong model
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 import re
+import shutil
 import struct
+import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +47,11 @@ DUMMY_STD = 0.02
 # What a corrupt GGUF file makes its reader raise (it indexes and reshapes memory-mapped arrays as the header says).
 _GGUF_READ_ERRORS = (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
+_ROTARY_KIND = re.compile(r"(?:^|\.)(attn_q|attn_k)\.[^.]+$")  # llama.cpp's permuted Q and K projections
+GGUF_CONVERTER_VERSION = 1  # part of every cache key: bump it when what a GGUF conversion writes changes
+# What reading back a damaged cache part raises (a truncated or edited file; safetensors' errors become SpecErrors).
+_DAMAGED_CACHE_ERRORS = (OSError, ValueError, KeyError, SpecError)
+_reported_unwritable: set[Path] = set()  # cache folders this process has said it cannot write
 # Spec fields that must equal the checkpoint's; floats compared to float32 precision (GGUF stores them so).
 _MATCHED_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "vocab_size",
                    "dim_per_head", "tie_word_embeddings", "rotary_pct", "rope_theta", "norm_eps")
@@ -121,36 +143,72 @@ class _SafetensorsFolder:
             raise SpecError(f"{file}: tensor {name} cannot be read: {exc}") from None
 
 
-class _GGUFFile:
-    """Tensors of a GGUF file, dequantized to fp32, with LLaMA's Q and K rows put back in Hugging Face order."""
+class _Tensors:
+    """Tensors held in memory by name: a GGUF conversion that the cache could not keep."""
 
-    def __init__(self, path: Path, spec: ModelSpec):
-        import gguf
-
-        self._path = path
-        self._dequantize = gguf.quants.dequantize
-        self._integer_types = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64")}
-        self._tensors = {t.name: t for t in _gguf_reader(path).tensors}
-        self._heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = tensors
 
     def names(self) -> set[str]:
         return set(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        entry = self._tensors[name]
-        if entry.tensor_type in self._integer_types:
-            raise SpecError(f"{self._path}: tensor {name} holds integers ({entry.tensor_type.name}), not weights")
+        return self._tensors[name]
+
+
+def cache_dir() -> Path:
+    """Where converted files are kept: $ALISA_CACHE_DIR, else $XDG_CACHE_HOME/alisa, else ~/.cache/alisa."""
+    if os.environ.get("ALISA_CACHE_DIR"):
+        return Path(os.environ["ALISA_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "alisa"
+    return Path.home() / ".cache" / "alisa"
+
+
+def gguf_cache_entry(path: Path) -> Path:
+    """The cache folder of the GGUF file at `path` as it is now."""
+    try:
+        resolved = path.resolve()
+        stat = resolved.stat()
+    except OSError as exc:
+        raise SpecError(f"{path}: not a readable GGUF file: {type(exc).__name__}: {exc}") from None
+    key = f"{GGUF_CONVERTER_VERSION}\n{resolved}\n{stat.st_size}\n{stat.st_mtime_ns}"
+    return cache_dir() / "gguf" / f"{resolved.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _store(target: Path, write: Callable[[Path], object]) -> None:
+    """Put one part of a cache entry in place whole: `write(temporary)` makes it (a file or a folder) beside
+    `target`, then it is renamed to `target`. A file that another process placed meanwhile is replaced (it holds the
+    same conversion); a folder placed first is kept and ours dropped. A cache that cannot be written is not an error:
+    one line on stderr (once per process and folder) says the file will be converted on every load."""
+    from safetensors import SafetensorError
+
+    temporary = target.with_name(f".{target.name}.writing-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
         try:
-            weight = torch.from_numpy(np.array(self._dequantize(entry.data, entry.tensor_type), dtype=np.float32))
-        except _GGUF_READ_ERRORS + (NotImplementedError,) as exc:
-            raise SpecError(f"{self._path}: tensor {name} cannot be read: {exc}") from None
-        kind = name.split(".")[-2]
-        return unpermute_rotary_rows(weight, self._heads[kind]) if kind in self._heads else weight
+            os.replace(temporary, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    except (OSError, SafetensorError) as exc:
+        root = cache_dir()
+        if root not in _reported_unwritable:
+            _reported_unwritable.add(root)
+            print(f"alisa: cannot write the GGUF cache in {root} ({exc}); GGUF files are converted on every load "
+                  "(set ALISA_CACHE_DIR to a writable folder)", file=sys.stderr)
+    finally:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists():
+            temporary.unlink()
 
 
 def _gguf_reader(path: Path):
     """The parsed GGUF file, parsed once while it is unchanged: parsing builds every metadata field (a tokenizer's
-    vocabulary too) and takes seconds, and a load reads the file for its spec and again for its tensors."""
+    vocabulary too) and takes seconds, and a first conversion reads the file for its spec and again for its
+    tensors."""
     try:
         stat = path.stat()
         return _parsed_gguf(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -166,8 +224,22 @@ def _parsed_gguf(path: str, mtime_ns: int, size: int):
 
 
 def gguf_model_spec(path: str | Path) -> ModelSpec:
-    """The ModelSpec of a llama.cpp GGUF file (LLaMA architecture), from its metadata."""
+    """The ModelSpec of a llama.cpp GGUF file (LLaMA architecture), from its metadata (kept in its cache entry)."""
     path = Path(path)
+    file = gguf_cache_entry(path) / "spec.json"
+    try:
+        fields = json.loads(file.read_text())
+        if isinstance(fields, dict):
+            return load_model_spec(fields, str(file))
+    except _DAMAGED_CACHE_ERRORS:
+        pass  # not converted yet, or a damaged part: converted again
+    spec = _spec_from_gguf_metadata(path)
+    _store(file, lambda temporary: temporary.write_text(json.dumps(spec.model_dump(mode="json"), indent=1)))
+    return spec
+
+
+def _spec_from_gguf_metadata(path: Path) -> ModelSpec:
+    """The ModelSpec that a GGUF file's metadata describes (what its cache entry keeps as spec.json)."""
     reader = _gguf_reader(path)
 
     def field(key: str, default=None, kind: type = int):
@@ -210,6 +282,66 @@ def gguf_model_spec(path: str | Path) -> ModelSpec:
     }, str(path))
 
 
+def _convert_gguf_tensors(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Every tensor of the GGUF file of `spec` dequantized to float32 (integer ones kept as they are, for the loader
+    to refuse), with LLaMA's Q and K rows put back in Hugging Face order."""
+    import gguf
+
+    integer_types = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64")}
+    heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}
+    tensors = {}
+    for entry in _gguf_reader(path).tensors:
+        try:
+            if entry.tensor_type in integer_types:
+                array = np.array(entry.data)
+            else:
+                array = np.array(gguf.quants.dequantize(entry.data, entry.tensor_type), dtype=np.float32)
+        except _GGUF_READ_ERRORS + (NotImplementedError,) as exc:
+            raise SpecError(f"{path}: tensor {entry.name} cannot be read: {exc}") from None
+        tensor = torch.from_numpy(array)
+        if rotary := _ROTARY_KIND.search(entry.name):
+            try:
+                tensor = unpermute_rotary_rows(tensor, heads[rotary.group(1)])
+            except (RuntimeError, IndexError):
+                raise SpecError(f"{path}: tensor {entry.name} has shape {list(tensor.shape)}, not rows of "
+                                f"{heads[rotary.group(1)]} rotary heads") from None
+        tensors[entry.name] = tensor
+    return tensors
+
+
+def _gguf_tensors(path: Path, spec: ModelSpec) -> _SafetensorsFolder | _Tensors:
+    """The converted tensors of the GGUF file of `spec`: from its cache entry, else converted (and kept there)."""
+    from safetensors.torch import save_file
+
+    entry = gguf_cache_entry(path)
+    if (entry / "tensors.safetensors").is_file():
+        try:
+            return _SafetensorsFolder(entry)
+        except SpecError:
+            pass  # a damaged part (a truncated file): converted again
+    tensors = _convert_gguf_tensors(path, spec)
+    _store(entry / "tensors.safetensors", lambda temporary: save_file(tensors, str(temporary)))
+    return _Tensors(tensors)
+
+
+def gguf_tokenizer(path: Path):
+    """The fast tokenizer that transformers builds from a GGUF file's metadata (kept in the file's cache entry)."""
+    from transformers import AutoTokenizer
+
+    folder = gguf_cache_entry(path) / "tokenizer"
+    if folder.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except _DAMAGED_CACHE_ERRORS:
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged part: converted again (a folder is not replaced)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except _GGUF_READ_ERRORS as exc:  # a corrupt file, or one without a tokenizer transformers can build
+        raise SpecError(f"{path}: transformers cannot build a tokenizer from this GGUF file: {exc}") from None
+    _store(folder, tokenizer.save_pretrained)
+    return tokenizer
+
+
 def weights_format(weights: str) -> str:
     """"dummy", "gguf" (a .gguf file) or "hf" (a folder of safetensors); anything else is a SpecError."""
     path = Path(weights)
@@ -248,8 +380,9 @@ def _open_checkpoint(spec: ModelSpec, path: Path) -> tuple[dict[str, list[str]],
     if weights_format(str(path)) == "gguf":
         if spec.family != "llama":
             raise SpecError(f"{path}: GGUF weights are supported for the LLaMA family only, not {spec.family}")
-        check_spec_matches(spec, gguf_model_spec(path), str(path))
-        source = _GGUFFile(path, spec)
+        checkpoint = gguf_model_spec(path)
+        check_spec_matches(spec, checkpoint, str(path))
+        source = _gguf_tensors(path, checkpoint)
         layout = gguf_layout(spec)
     else:
         if (path / "config.json").is_file():

@@ -1,7 +1,7 @@
 """Test-wide setup: Triton kernels run under the interpreter when there is no CUDA device (the variable must be set
-before triton is first imported, whichever test imports the kernels first), and the GPU check's CPU dry run, run once
-per session (started in the background as the session starts, shared by xdist's workers) for its own tests and for
-the quick CPU profile it measures."""
+before triton is first imported, whichever test imports the kernels first), a cache of converted GGUF files of the
+session's own (never the user's), and the GPU check's CPU dry run, run once per session (started in the background
+as the session starts, shared by xdist's workers) for its own tests and for the quick CPU profile it measures."""
 
 import os
 import shlex
@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 DRY_RUN_ENV = "ALISA_TEST_DRY_RUN_DIR"  # the folder of the session's dry run, for the xdist workers
 DRY_RUN_TIMEOUT_S = 900
 DRY_RUN_FIXTURES = ("gpu_check_dry_run", "quick_cpu_profile")
+CACHE_ENV = "ALISA_CACHE_DIR"  # alisa_exec.weights' cache of converted GGUF files
 _dry_run_key = pytest.StashKey[tuple]()
+_cache_key = pytest.StashKey[tuple]()
 
 
 def _start_dry_run(folder: Path) -> subprocess.Popen:
@@ -60,8 +62,13 @@ def _uses_the_dry_run(config) -> bool:
 
 
 def pytest_configure(config):
-    """Start the GPU check's dry run (about 110 s, one core) as a parallel session starts, so that it runs beside the
-    other tests rather than before the first one that needs it; xdist's workers inherit its folder."""
+    """Point the GGUF cache at a folder of this session's, shared by xdist's workers (they inherit the variable), so
+    that a session converts the SmolLM2 file for real once and its later loads read the conversion. Start the GPU
+    check's dry run (about 110 s, one core) as a parallel session starts, so that it runs beside the other tests
+    rather than before the first one that needs it; xdist's workers inherit its folder."""
+    if not hasattr(config, "workerinput"):
+        config.stash[_cache_key] = (os.environ.get(CACHE_ENV), tempfile.mkdtemp(prefix="alisa-test-cache-"))
+        os.environ[CACHE_ENV] = config.stash[_cache_key][1]
     parallel = getattr(config.option, "numprocesses", None)  # xdist's -n (this project's addopts: -n 2)
     if parallel and not hasattr(config, "workerinput"):
         # One torch thread per worker (and per process a test starts): the workers already fill the cores, and
@@ -75,7 +82,16 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """Stop the dry run if no test waited for it to end (a deselected run), and remove its folder."""
+    """Remove the session's GGUF cache; stop the dry run if no test waited for it to end (a deselected run), and
+    remove its folder."""
+    cache = config.stash.get(_cache_key, None)
+    if cache is not None:
+        before, folder = cache
+        shutil.rmtree(folder, ignore_errors=True)
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
     started = config.stash.get(_dry_run_key, None)
     if started is None:
         return

