@@ -237,7 +237,10 @@ def run_loop(folder: Path, selected: list[Point] | None = None, device: str = "c
 
 
 def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | None, log, calibrate: bool) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
+    given_profile = given.read_bytes() if given is not None else None  # it may be a previous loop's, in `folder`
+    if folder.exists():
+        shutil.rmtree(folder)  # a previous loop's runs: this loop measures and predicts every point afresh
+    folder.mkdir(parents=True)
     profile = folder / "profile.yaml"
     if given is None:
         # The named ops also at the loop's two models' layers (their head layouts, widths and GEMMs).
@@ -251,7 +254,7 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         log(f"profiling (alisa-exec {' '.join(command)})")
         _profile_apart(command)
     else:
-        shutil.copyfile(given, profile)
+        profile.write_bytes(given_profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
     workloads = {}

@@ -1,9 +1,10 @@
-"""The validation loop (benchmarks/cpu_validation.py) as a CI check on the CPU: six points over several policies
-(dense, flexgen with CPU attention, vLLM swap under a tight pool, ALISA in Phase II at sparsity 0.5, and 0.8 with
-INT8, H2O; Phase III at sparsity > 0 does not count alike yet, see docs/executor.md), each measured by `alisa-exec
-run` and predicted by `alisa-sim run` on the session's quick CPU profile, each workload run once (the script's best
-of two is for its timing table, not for what is asserted here), uncalibrated (the dry run of benchmarks/gpu_check.py
-runs the script's calibration step, tests/test_validate.py the calibration itself).
+"""The validation loop (benchmarks/cpu_validation.py) as a CI check on the CPU: seven points over several policies
+(dense, flexgen with CPU attention, vLLM swap under a tight pool, ALISA in Phase II at sparsity 0.5 and 0.8 with
+INT8 and in Phase III at 0.5, its selection replayed from the run, H2O), each measured by `alisa-exec run` and
+predicted by `alisa-sim run` on the session's quick CPU profile, each workload run once (the script's best of two
+is for its timing table, not for what is asserted here), uncalibrated (the dry run of benchmarks/gpu_check.py runs
+the script's calibration step, tests/test_validate.py the calibration itself); then a second loop into the same
+folder, which starts afresh.
 
 Asserted: every step's counted traffic (kind, phase, token rows, KV bytes per tier, H2D/D2H bytes, fetched /
 offloaded / recomputed / evicted rows, preemptions, swapped blocks) equal between the two Results of each point, and
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 LOOP_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_validation.py"
-VARIANTS = ("dense", "flexgen-cpu-attention", "vllm-swap", "alisa-0.5-phase-2", "alisa-0.8-int8-phase-2", "h2o")
+VARIANTS = ("dense", "flexgen-cpu-attention", "vllm-swap", "alisa-0.5-phase-2", "alisa-0.8-int8-phase-2",
+            "alisa-0.5-phase-3", "h2o")
 LOOSE_FACTOR = 20.0
 
 
@@ -57,3 +59,6 @@ def test_a_short_loop_has_equal_traffic_and_prints_its_mape(tmp_path, capsys, mo
     for pair in loop["uncalibrated"]["pairs"]:
         step = pair["metrics"][cpu_validation.METRIC]
         assert 1 / LOOSE_FACTOR < step["predicted"] / step["measured"] < LOOSE_FACTOR, pair["workload"]
+    assert set(loop["stats_h2d_error_pct"]) == {p.name for p in selected if p.variant.name.startswith("alisa")}
+    again = cpu_validation.run_loop(tmp_path, selected[:1], profile=quick_cpu_profile, calibrate=False)
+    assert sorted(again["traffic"]) == [selected[0].name] and not again["traffic"][selected[0].name]
