@@ -238,7 +238,11 @@ def load_hardware_profile(ref: str | Path) -> HardwareProfile:
         path = PROFILE_DIR / f"{ref}.yaml"
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-            raise SpecError(f"unknown hardware profile {str(ref)!r} (known: {known}; or give a path to a YAML file)")
+            # `cpu` names this machine's own profile, which is measured, never shipped
+            measure = (f"; measure it first: alisa-exec profile --device cpu --quick --out {path}" if ref == "cpu"
+                       else "")
+            raise SpecError(f"unknown hardware profile {str(ref)!r} (known: {known}; or give a path to a YAML "
+                            f"file){measure}")
     stat = path.stat() if path.is_file() else None  # a missing file gets load_yaml_file's message
     return _load_profile_file(str(path), stat and stat.st_mtime_ns, stat and stat.st_size)
 

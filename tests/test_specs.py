@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from alisa_sim.cli import main
+from alisa_sim import hardware
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import PRESETS, load_model_spec
 from alisa_sim.workload import load_workload
@@ -83,6 +84,12 @@ BAD = [
     ({**GOOD, "prompt_len": 2000, "gen_len": 100}, "exceeds opt-13b's 2048 learned positions"),
     ({**GOOD, "model": "llama-33b", "memory": {"gpu_gb": 10, "cpu_gb": 20}}, "do not fit even in GPU + CPU"),
 ]
+
+
+def test_the_cpu_profile_not_measured_yet_says_how_to_measure_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "PROFILE_DIR", tmp_path)  # a checkout where nobody has measured this machine
+    with pytest.raises(SpecError, match=re.escape(f"alisa-exec profile --device cpu --quick --out {tmp_path}/cpu.yaml")):
+        hardware.load_hardware_profile("cpu")
 
 
 @pytest.mark.parametrize("data,message", BAD)
