@@ -451,13 +451,13 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         # As ALISA's executor calls it: one index list per sequence into a window ring of token rows, read in place
         # in the model's dtype or as INT8 levels with their scales and zero points (the PyTorch form off the GPU
         # dequantizes what it gathers, so INT8 is not a quarter of the fp32 time there).
-        indices = torch.randperm(L, device=device)[:selected].sort().values.to(torch.int32).expand(b, -1)
+        indices = torch.randperm(L, device=device)[:selected].sort().values.to(torch.int32).expand(b, -1).contiguous()
         for int8 in (False, True):
             ring = TokenRows(Tiers(device), "gpu", "kv", L, b, 2 * kv * d, dtype, int8, int8_group(d))
             ring.store(slice(None), _rand(L, b, 2 * kv * d, device=device, dtype=dtype))
             views = ring.kv_views(kv)
             add("sparse_attention", {**shape, "T": selected, "e": 1 if int8 else e},
-                lambda: ops.sparse_attention(q[:, 0], *views, indices.contiguous(), None, bench.cuda))
+                lambda: ops.sparse_attention(q[:, 0], *views, indices, None, bench.cuda))
         scores = LocalAttentionSum(b, L, GATHER_SHARE, device)
         positions = torch.arange(scores.width, device=device, dtype=torch.int32).expand(b, -1)
         probs = torch.rand(b, scores.width, device=device)

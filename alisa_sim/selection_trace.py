@@ -11,6 +11,7 @@ each tier). A decode step's rows are spread evenly over its layers (the simulato
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +44,16 @@ class SelectionTrace(BaseModel):
 
 
 def load_selection_trace(path: str | Path) -> SelectionTrace:
-    """A measured run's Result JSON as a selection trace (a simulated or out-of-memory run is refused by name)."""
+    """A measured run's Result JSON as a selection trace (a simulated or out-of-memory run is refused by name), read
+    once while the file is unchanged: every policy built for the run reads it (the planner's, the planned one, and
+    each of a calibration's evaluations)."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None  # a missing file gets load_json_file's message
+    return _load_selection_trace(str(path), stat and stat.st_mtime_ns, stat and stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_selection_trace(path: str, mtime_ns: int | None, size: int | None) -> SelectionTrace:
     data = load_json_file(path, "selection_trace")
     if isinstance(data, dict) and data.get("source") != "exec":
         raise SpecError(f"selection_trace {path}: not a measured run (source {data.get('source')!r}; "

@@ -257,13 +257,13 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         profile.write_bytes(given_profile)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
-    workloads = {}
+    workloads, documents = {}, {}
     for point in selected:
         gpu_gb = tight_gpu_gb(point, profile, device) if point.variant.budget == "tight" else None
+        documents[point.name] = workload_data(point, profile, device, gpu_gb)
         workloads[point.name] = folder / "workloads" / f"{point.name}.yaml"
         workloads[point.name].parent.mkdir(parents=True, exist_ok=True)
-        workloads[point.name].write_text(yaml.safe_dump(workload_data(point, profile, device, gpu_gb),
-                                                        sort_keys=False))
+        workloads[point.name].write_text(yaml.safe_dump(documents[point.name], sort_keys=False))
     # Each try runs every point once: a slow spell of the machine then costs a point one try, not all of them.
     for attempt in range(EXEC_TRIES):
         for point in selected:
@@ -276,11 +276,11 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
         best = min(tries, key=lambda t: json.loads((t / "result.json").read_text())["metrics"]["decode_s"])
         shutil.copytree(best, folder / "measured" / name)
-        measured_result = json.loads((folder / "measured" / name / "result.json").read_text())
-        data = yaml.safe_load(workloads[name].read_text())
-        replayed = replaying_selection(data, (folder / "measured" / name / "result.json").resolve())
+        measured_file = folder / "measured" / name / "result.json"
+        measured_result = json.loads(measured_file.read_text())
+        replayed = replaying_selection(documents[name], measured_file.resolve())
         replays[name] = workloads[name]
-        if replayed is not data:
+        if replayed is not documents[name]:
             replays[name] = folder / "workloads-replayed" / f"{name}.yaml"
             replays[name].parent.mkdir(parents=True, exist_ok=True)
             replays[name].write_text(yaml.safe_dump(replayed, sort_keys=False))
