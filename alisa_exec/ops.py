@@ -21,9 +21,11 @@ def _rows(x: Tensor, width: int | None = None) -> dict[str, int]:
 
 
 def _cache(keys: KVView, q: Tensor) -> dict[str, int]:
-    """The shape of attention over a cache: `e` is the bytes of a cached value (1 for INT8 levels)."""
+    """The shape of attention over a cache (q [b, (s,) heads, d]): `e` is the bytes of a cached value (1 for INT8
+    levels)."""
     data = keys.data if isinstance(keys, QuantizedKV) else keys
-    return {"b": q.shape[0], "T": data.shape[2], "kv": data.shape[1], "d": q.shape[-1], "e": data.element_size()}
+    return {"b": q.shape[0], "T": data.shape[2], "h": q.shape[-2], "kv": data.shape[1], "d": q.shape[-1],
+            "e": data.element_size()}
 
 
 def project(linear: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

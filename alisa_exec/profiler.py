@@ -158,6 +158,27 @@ def _rand(*shape: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return torch.randn(*shape, device=device, dtype=dtype)
 
 
+def distinct_views(pool: torch.Tensor, numel: int) -> list[torch.Tensor]:
+    """Non-overlapping `numel`-element views into a flat `pool` (at most MAX_STREAMED_WEIGHTS; one fresh tensor if
+    none fits): an op that takes them in turn reads memory it has not touched since its last turn, as the executor's
+    ops read weights and caches last touched a layer or a step ago, not the cache-hot buffer of a tight loop."""
+    count = min(MAX_STREAMED_WEIGHTS, pool.numel() // numel)
+    if count == 0:
+        return [torch.empty(numel, dtype=pool.dtype, device=pool.device, pin_memory=pool.is_pinned()).fill_(1)]
+    return [pool[i * numel:(i + 1) * numel] for i in range(count)]
+
+
+def in_turn(views: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A callable giving the next of `views` at each call, round and round."""
+    turn = iter(range(1 << 62))
+    return lambda: views[next(turn) % len(views)]
+
+
+def streamed_pool(device: torch.device, pinned: bool = False) -> torch.Tensor:
+    """STREAMED_WEIGHT_BYTES of bytes on `device` (pinned host memory with `pinned`) for `distinct_views`."""
+    return torch.empty(STREAMED_WEIGHT_BYTES, dtype=torch.uint8, device=device, pin_memory=pinned)
+
+
 def measure_gemms(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
     rows = []
     for k, n in grid.gemm_kn:
@@ -261,13 +282,14 @@ def measure_cuda_link(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
 
 
 def measure_host_copies(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
-    """The CPU device's stand-in for a link: host-to-host copies by size (pinned = pageable), and the per-copy
-    share left with two copies running at once on two threads."""
+    """The CPU device's stand-in for a link: host-to-host copies by size (pinned = pageable), each between buffers
+    taken in turn from pools beyond the caches (`distinct_views`), and the per-copy share left with two copies
+    running at once on two threads."""
     rows = []
+    sources, destinations = streamed_pool(torch.device("cpu")).fill_(1), streamed_pool(torch.device("cpu")).fill_(1)
     for nbytes in grid.copy_bytes:
-        a = torch.ones(nbytes, dtype=torch.uint8)
-        b = torch.empty_like(a)
-        forward, backward = bench.time_s(lambda: b.copy_(a)), bench.time_s(lambda: a.copy_(b))
+        a, b = in_turn(distinct_views(sources, nbytes)), in_turn(distinct_views(destinations, nbytes))
+        forward, backward = bench.time_s(lambda: b().copy_(a())), bench.time_s(lambda: a().copy_(b()))
         rows.append({"bytes": nbytes, "h2d_pinned_s": forward, "d2h_pinned_s": backward,
                      "h2d_pageable_s": forward, "d2h_pageable_s": backward})
     size = grid.bidirectional_bytes
@@ -376,9 +398,7 @@ def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families:
     pool = _rand(STREAMED_WEIGHT_BYTES // e, device=device, dtype=dtype)  # distinct weights, views into one pool
     packable = mkl_packable(device, dtype)
     for k, n in families:
-        count = max(2, min(MAX_STREAMED_WEIGHTS, pool.numel() // (k * n)))
-        buffers = [pool[i * k * n:(i + 1) * k * n].view(n, k) if (i + 1) * k * n <= pool.numel()
-                   else _rand(n, k, device=device, dtype=dtype) for i in range(count)]
+        buffers = [view.view(n, k) for view in distinct_views(pool, k * n)]
         linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         for m in grid.gemm_m:
             x, turn = _rand(1, m, k, device=device, dtype=dtype), iter(range(1 << 62))
@@ -443,7 +463,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         keys, values_ = (_rand(b, kv, L, d, device=device, dtype=dtype) for _ in range(2))
         mask = torch.zeros(1, L, device=device, dtype=dtype)
         lengths = torch.full((b,), L, device=device, dtype=torch.int32)
-        shape = {"b": b, "T": L, "kv": kv, "d": d, "e": e}
+        shape = {"b": b, "T": L, "h": spec.num_heads, "kv": kv, "d": d, "e": e}
         add("masked_attention", shape, lambda: ops.masked_attention(q, keys, values_, mask))
         add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
         add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_, lengths))
@@ -471,22 +491,26 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
     for b, L in grid.host_decode_bL + (grid.decode_bL if device.type == "cpu" else ()):
         q = _rand(b, 1, spec.num_heads, d, device=cpu, dtype=dtype)
         keys, values_ = (_rand(b, kv, L, d, device=cpu, dtype=dtype) for _ in range(2))
-        add("cpu_attention", {"b": b, "T": L, "kv": kv, "d": d, "e": e}, lambda: ops.cpu_attention(q, keys, values_))
+        add("cpu_attention", {"b": b, "T": L, "h": spec.num_heads, "kv": kv, "d": d, "e": e},
+            lambda: ops.cpu_attention(q, keys, values_))
 
 
 def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:
-    """Tier copies by size and direction, pinned and pageable, and host gathers of a fifth of a pool's rows."""
+    """Tier copies by size and direction, pinned and pageable, and host gathers of a fifth of a pool's rows, each
+    over buffers taken in turn from pools beyond the caches (`distinct_views`)."""
     device = bench.device
+    pools = {"pinned": streamed_pool(torch.device("cpu"), pinned=bench.cuda).fill_(1),
+             "pageable": streamed_pool(torch.device("cpu")).fill_(1)}
+    dev_pool = streamed_pool(device).fill_(1)
     for nbytes in grid.copy_bytes:
-        host = {"pinned": torch.empty(nbytes, dtype=torch.uint8, pin_memory=bench.cuda),
-                "pageable": torch.empty(nbytes, dtype=torch.uint8)}
-        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        for memory, buffer in host.items():
-            add(f"copy_h2d_{memory}", {"bytes": nbytes}, lambda: dev.copy_(buffer, non_blocking=bench.cuda))
-            add(f"copy_d2h_{memory}", {"bytes": nbytes}, lambda: buffer.copy_(dev, non_blocking=bench.cuda))
-        rows_host = torch.empty(nbytes // 256, 256, dtype=torch.uint8)
-        picked = torch.randperm(rows_host.shape[0])[:max(1, rows_host.shape[0] // 5)]
-        add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host, 0, picked))
+        dev = in_turn(distinct_views(dev_pool, nbytes))
+        for memory, pool in pools.items():
+            host = in_turn(distinct_views(pool, nbytes))
+            add(f"copy_h2d_{memory}", {"bytes": nbytes}, lambda: dev().copy_(host(), non_blocking=bench.cuda))
+            add(f"copy_d2h_{memory}", {"bytes": nbytes}, lambda: host().copy_(dev(), non_blocking=bench.cuda))
+        rows_host = in_turn([view.view(-1, 256) for view in distinct_views(pools["pageable"], nbytes)])
+        picked = torch.randperm(nbytes // 256)[:max(1, nbytes // 256 // 5)]
+        add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host(), 0, picked))
 
 
 # The executor's own host time beyond its named ops is measured on a model whose ops cost next to nothing, under

@@ -99,10 +99,10 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
         # As causal attention of the same FLOPs (all R = L rows): a lower bound, as the rows are explicit and fp32.
         "window_rows": [({"b": r.b, "R": r.L, "L": r.L, "h": r.H, "kv": r.H, "d": r.D}, r.s)
                         for r in gpu.prefill_attention_fp16],
-        "cpu_attention": [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": _DTYPE_BYTES[r.dtype]}, r.s)
+        "cpu_attention": [({"b": r.b, "T": r.L, "h": r.H, "kv": r.H, "d": r.D, "e": _DTYPE_BYTES[r.dtype]}, r.s)
                           for r in profile.cpu.decode_attention],
     }
-    decode = [({"b": r.b, "T": r.L, "kv": r.H, "d": r.D, "e": 2}, r.s) for r in gpu.decode_attention_fp16]
+    decode = [({"b": r.b, "T": r.L, "h": r.H, "kv": r.H, "d": r.D, "e": 2}, r.s) for r in gpu.decode_attention_fp16]
     # Packed attention reads K/V already packed (H2O's slots, vLLM's gathered blocks) and the fused sparse kernel
     # reads its index list's rows in place: both as dense decode attention over the tokens they attend.
     shapes.update({"masked_attention": decode, "rows_attention": decode, "packed_attention": decode,

@@ -83,8 +83,8 @@ class CopyRow(_Strict):
 # The executor's named ops a profile may time (alisa_exec.ops functions and the cache's, kernels' and tiers' own calls,
 # under the names the executor's trace and the profiler use): the shape keys each row gives, and the work the cost
 # model interpolates a row's time over (bytes moved; FLOPs for the prompt pass's attention). `e` is bytes per element.
-def _kv(b, T, kv, d, e):
-    return 2 * b * T * kv * d * e
+def _kv(b, T, h, kv, d, e):
+    return 2 * b * T * kv * d * e  # the cache's bytes; `h` (query heads) tells GQA's families apart, as compute differs
 
 
 NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
@@ -101,11 +101,11 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     # The prompt's last R causal attention rows over its L tokens, explicit and in fp32, summed over each KV head's
     # query group (what H2O's and ALISA's prefill seed their selection with): Q K^T FLOPs.
     "window_rows": (("b", "R", "L", "h", "kv", "d"), lambda b, R, L, h, kv, d: 2 * b * h * R * L * d),
-    "masked_attention": (("b", "T", "kv", "d", "e"), _kv),
-    "rows_attention": (("b", "T", "kv", "d", "e"), _kv),
-    "packed_attention": (("b", "T", "kv", "d", "e"), _kv),
-    "sparse_attention": (("b", "T", "kv", "d", "e"), _kv),
-    "cpu_attention": (("b", "T", "kv", "d", "e"), _kv),
+    "masked_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
+    "rows_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
+    "packed_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
+    "sparse_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
+    "cpu_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
     # New tokens' K and V (`width` values a token) written into a cache at their positions (T per sequence): read
     # + write.
     "kv_store": (("b", "T", "width", "e"), lambda b, T, width, e: 2 * b * T * width * e),
@@ -143,6 +143,9 @@ class OpRow(_Strict):
 
     @model_validator(mode="after")
     def _known_op(self) -> "OpRow":
+        if NAMED_OPS.get(self.op, ((),))[0][:3] == ("b", "T", "h") and "h" not in self.shape:
+            raise ValueError(f"op {self.op!r} has no query-head count 'h' in its shape: a profile measured before "
+                             "attention rows told GQA's query heads apart; measure it again (alisa-exec profile)")
         op_work(self.op, self.shape)
         return self
 

@@ -202,10 +202,11 @@ class Policy(ABC):
 
     def _cache_shape(self, context: float, kv_heads: int | None = None, batch: int | None = None) -> dict[str, int]:
         """The shape of a decode attention op of `batch` sequences (default: all) over `context` cached tokens of
-        `kv_heads` KV heads (default: all)."""
+        `kv_heads` KV heads (default: all), attended by their query groups."""
         m = self.model
-        return {"b": batch or self.batch, "T": max(1, round(context)), "kv": m.num_kv_heads if kv_heads is None
-                else kv_heads, "d": m.dim_per_head, "e": m.dtype_bytes}
+        kv = m.num_kv_heads if kv_heads is None else kv_heads
+        return {"b": batch or self.batch, "T": max(1, round(context)), "h": kv * (m.num_heads // m.num_kv_heads),
+                "kv": kv, "d": m.dim_per_head, "e": m.dtype_bytes}
 
     def _kv_store(self, tokens: int) -> tuple[str, dict[str, int]]:
         m = self.model
@@ -223,8 +224,8 @@ class Policy(ABC):
         holds every position of the run, later ones masked (dense, zero: one step's ops at every position)."""
         m = self.model
         buffer = aligned_seq_len(self.prompt_len + self.wl.workload.gen_len - 1)
-        return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention", {
-            "b": self.batch, "T": buffer, "kv": m.num_kv_heads, "d": m.dim_per_head, "e": m.dtype_bytes}))})
+        return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention",
+                                                                            self._cache_shape(buffer)))})
 
     def prefill_attention_op(self, batch: int | None = None, name: str = "attention") -> Op:
         m = self.model

@@ -67,6 +67,23 @@ def test_an_unknown_op_name_is_an_error():
         HardwareProfile.model_validate(profile)
 
 
+def test_attention_rows_of_different_query_heads_are_priced_apart():
+    """GQA: the same cache (KV heads, width, bytes) attended by more query heads is more compute; rows measured at
+    two query-head counts are two families, each priced from its own rows (not merged as equal work)."""
+    profile = load_hardware_profile("h200").model_dump()
+    rows = [{"op": "masked_attention", "shape": {"b": b, "T": T, "h": h, "kv": 2, "d": 32, "e": 4},
+             "s": s * (2.5 if h == 8 else 1.0), "host_s": 0.0, "source": "measured"}
+            for h in (2, 8) for b, T, s in ((1, 32, 1e-5), (1, 512, 4e-5), (32, 32, 4e-5), (32, 512, 4e-4))]
+    profile["gpu"]["ops"] = rows
+    cost = CostModel(HardwareProfile.model_validate(profile))
+    for row in rows:
+        assert cost.op_s("masked_attention", **row["shape"]) == pytest.approx(row["s"], rel=1e-6)
+    old = {**rows[0], "shape": {key: value for key, value in rows[0]["shape"].items() if key != "h"}}
+    profile["gpu"]["ops"] = [old]
+    with pytest.raises(ValueError, match="no query-head count 'h'.*measure it again"):
+        HardwareProfile.model_validate(profile)
+
+
 def test_shipped_profiles_derive_every_named_op():
     profile = load_hardware_profile("h200")
     assert {row.op for row in profile.gpu.ops} == set(NAMED_OPS)
