@@ -46,7 +46,7 @@ from alisa_sim.workload import load_workload  # noqa: E402
 
 WORKLOAD = ROOT / "workloads" / "cpu" / "smollm2-135m-dense.yaml"
 # The planner needs a CPU hardware profile (dense plans only its memory); a committed measurement of a CPU like this.
-PROFILE = ROOT / "reports" / "validation" / "cpu" / "loop-0" / "cpu-quick.yaml"
+PROFILE = ROOT / "reports" / "validation" / "cpu" / "loop-0" / "profile.yaml"
 TARGET_FLOOR_RATIO_BATCH1 = 1.25
 TARGET_HF_SPEEDUP_BATCH8 = 1.5
 BANDWIDTH_BYTES = 512 * 2**20  # far beyond any CPU's last-level cache

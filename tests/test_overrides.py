@@ -16,7 +16,7 @@ from alisa_sim.overrides import apply_overrides, parse_assignment
 from alisa_sim.provenance import profile_hash
 
 REPO = Path(__file__).resolve().parent.parent
-CPU_PROFILE = REPO / "reports" / "validation" / "cpu" / "loop-0" / "cpu-quick.yaml"
+CPU_PROFILE = REPO / "reports" / "validation" / "cpu" / "loop-0" / "profile.yaml"
 WORKLOAD = {"model": "opt-6.7b", "hardware": "paper-h100-80g", "batch_size": 4, "prompt_len": 32, "gen_len": 4,
             "policy": {"name": "alisa"}}
 

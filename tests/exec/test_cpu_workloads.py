@@ -17,7 +17,7 @@ from alisa_sim.cli import main as sim_main
 from alisa_sim.errors import SpecError
 
 CPU_WORKLOADS = Path(__file__).resolve().parents[2] / "workloads" / "cpu"
-CPU_PROFILE = Path(__file__).resolve().parents[2] / "reports" / "validation" / "cpu" / "loop-0" / "cpu-quick.yaml"
+CPU_PROFILE = Path(__file__).resolve().parents[2] / "reports" / "validation" / "cpu" / "loop-0" / "profile.yaml"
 
 
 def _smollm2():
