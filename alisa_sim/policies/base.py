@@ -222,7 +222,6 @@ class Policy(ABC):
     def static_decode_attention_op(self) -> Op:
         """The new token's K/V written into static cache buffers, then attention over the whole buffer, which
         holds every position of the run, later ones masked (dense, zero: one step's ops at every position)."""
-        m = self.model
         buffer = aligned_seq_len(self.prompt_len + self.wl.workload.gen_len - 1)
         return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention",
                                                                             self._cache_shape(buffer)))})
