@@ -148,7 +148,9 @@ def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, s
                      triton: bool) -> tuple[Tensor, Tensor]:
     """The fused path: decode attention over an index list into the cache in place (and a staging buffer), with the
     head-summed probabilities, in one pass: the Triton kernel, or its PyTorch form (same results) off the GPU."""
-    issued("sparse_attention", **{**_cache(keys, q), "T": indices.shape[-1]})  # staged rows are in the index list
+    # Staged rows are in the index list (as negative entries); with them the call is a named op of its own.
+    issued("sparse_attention" if staged is None else "staged_sparse_attention",
+           **{**_cache(keys, q), "T": indices.shape[-1]})
     if triton:
         return sparse_decode_attention(q, keys, values, indices, staged=staged)
     return gather_decode_attention(q, keys, values, indices, staged=staged)

@@ -472,12 +472,22 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         # in the model's dtype or as INT8 levels with their scales and zero points (the PyTorch form off the GPU
         # dequantizes what it gathers, so INT8 is not a quarter of the fp32 time there).
         indices = torch.randperm(L, device=device)[:selected].sort().values.to(torch.int32).expand(b, -1).contiguous()
+        # With staged rows (fetched or recomputed this step, in a staging buffer shared by the sequences): every
+        # other entry of the index list names one, as a negative entry.
+        staged_indices = indices.clone()
+        staged_count = staged_indices[:, ::2].numel()
+        staged_indices[:, ::2] = -1 - torch.arange(staged_count, device=device, dtype=torch.int32).view(b, -1)
         for int8 in (False, True):
             ring = TokenRows(Tiers(device), "gpu", "kv", L, b, 2 * kv * d, dtype, int8, int8_group(d))
             ring.store(slice(None), _rand(L, b, 2 * kv * d, device=device, dtype=dtype))
             views = ring.kv_views(kv)
             add("sparse_attention", {**shape, "T": selected, "e": 1 if int8 else e},
                 lambda: ops.sparse_attention(q[:, 0], *views, indices, None, bench.cuda))
+            stage = ring.staging(Tiers(device), "gpu", "kv_stage", staged_count)
+            stage.store(slice(None), _rand(staged_count, 1, 2 * kv * d, device=device, dtype=dtype))
+            staged_views = stage.kv_views(kv)
+            add("staged_sparse_attention", {**shape, "T": selected, "e": 1 if int8 else e},
+                lambda: ops.sparse_attention(q[:, 0], *views, staged_indices, staged_views, bench.cuda))
         scores = LocalAttentionSum(b, L, GATHER_SHARE, device)
         positions = torch.arange(scores.width, device=device, dtype=torch.int32).expand(b, -1)
         probs = torch.rand(b, scores.width, device=device)

@@ -332,9 +332,10 @@ class AlisaPolicy(Policy):
         return self.copy_op(name, direction, rows * sum(parts), pieces=tuple(rows * part for part in parts),
                             payload=payload)
 
-    def _attention_op(self, attended: int):
-        """The new token's K/V into the window ring, then attention over the attended tokens (ring slots and staged
-        rows in one index list with the fused kernel; a packed copy of them with the gather kernel)."""
+    def _attention_op(self, attended: int, staged: bool):
+        """The new token's K/V into the window ring, then attention over the attended tokens (ring slots and, when
+        the step fetched or recomputed any, staged rows in one index list with the fused kernel; a packed copy of
+        them with the gather kernel)."""
         m = self.model
         store = self._store_call(self.batch, 1, 2 * m.kv_dim)
         if self.cfg.attention_kernel == "gather":
@@ -343,7 +344,8 @@ class AlisaPolicy(Policy):
             return make_op("attention", "gpu", {"attention": seconds + self.cost.gathered_decode_attention_s(*args)},
                            host_s=host_s + self.host_of("packed_attention"))
         shape = {**self._cache_shape(attended), "e": 1 if self.cfg.int8 else m.dtype_bytes}
-        return self._gpu_op("attention", {"elementwise": (store,), "attention": (("sparse_attention", shape),)})
+        path = "staged_sparse_attention" if staged else "sparse_attention"
+        return self._gpu_op("attention", {"elementwise": (store,), "attention": ((path, shape),)})
 
     def _selection_op(self, step: int, context: int):
         """The step's attention row pushed into the local sums, then (unless it is the last step) the next step's
@@ -438,7 +440,8 @@ class AlisaPolicy(Policy):
             t.add(self._recompute_op(self.batch * recompute),
                   after=("input_fetch",) if "input_fetch" in buffered else ())
             before_attention += ("recompute",)
-        t.add(self._attention_op(attended), after=before_attention)
+        staged = self.cfg.dynamic_scheduling and fetch + recompute > 0  # as the executor's prefetch stages them
+        t.add(self._attention_op(attended, staged), after=before_attention)
         after_attention = ("attention",)
         if self.cfg.kv_sparsity > 0:
             t.add(self._selection_op(step, n), after=after_attention)  # the picks of the next step
