@@ -175,8 +175,9 @@ def in_turn(views: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 
 def streamed_pool(device: torch.device, pinned: bool = False) -> torch.Tensor:
-    """STREAMED_WEIGHT_BYTES of bytes on `device` (pinned host memory with `pinned`) for `distinct_views`."""
-    return torch.empty(STREAMED_WEIGHT_BYTES, dtype=torch.uint8, device=device, pin_memory=pinned)
+    """STREAMED_WEIGHT_BYTES of bytes on `device` (pinned host memory with `pinned`) for `distinct_views`, written
+    once so that every page is mapped before anything is timed."""
+    return torch.empty(STREAMED_WEIGHT_BYTES, dtype=torch.uint8, device=device, pin_memory=pinned).fill_(1)
 
 
 def measure_gemms(bench: Bench, grid: Grid, dtype: torch.dtype) -> list[dict]:
@@ -286,7 +287,7 @@ def measure_host_copies(bench: Bench, grid: Grid) -> tuple[list[dict], float]:
     taken in turn from pools beyond the caches (`distinct_views`), and the per-copy share left with two copies
     running at once on two threads."""
     rows = []
-    sources, destinations = streamed_pool(torch.device("cpu")).fill_(1), streamed_pool(torch.device("cpu")).fill_(1)
+    sources, destinations = streamed_pool(torch.device("cpu")), streamed_pool(torch.device("cpu"))
     for nbytes in grid.copy_bytes:
         a, b = in_turn(distinct_views(sources, nbytes)), in_turn(distinct_views(destinations, nbytes))
         forward, backward = bench.time_s(lambda: b().copy_(a())), bench.time_s(lambda: a().copy_(b()))
@@ -401,17 +402,16 @@ def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families:
         buffers = [view.view(n, k) for view in distinct_views(pool, k * n)]
         linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         for m in grid.gemm_m:
-            x, turn = _rand(1, m, k, device=device, dtype=dtype), iter(range(1 << 62))
-            add("project", {"m": m, "k": k, "n": n, "e": e},
-                lambda: ops.project(linear, x, buffers[next(turn) % len(buffers)]))
+            x, weight = _rand(1, m, k, device=device, dtype=dtype), in_turn(buffers)
+            add("project", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(linear, x, weight()))
             if packable and m <= max(b for b, _ in grid.decode_bL):  # packed at a decode batch's rows
                 layers = [torch.nn.Module() for _ in buffers]
                 for layer, weight in zip(layers, buffers):
                     layer.weight, layer.bias = weight, None
                     pack_weight(layer, "packed_weight", weight, m)
-                add("project_packed", {"m": m, "k": k, "n": n, "e": e},
-                    lambda: ops.project(layers[next(turn) % len(layers)], x))
-                del layers
+                packed = in_turn(layers)
+                add("project_packed", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(packed(), x))
+                del layers, packed  # the packed copies go before the next m packs its own
 
 
 def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: ModelSpec, add: Callable) -> None:
@@ -509,9 +509,9 @@ def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:
     """Tier copies by size and direction, pinned and pageable, and host gathers of a fifth of a pool's rows, each
     over buffers taken in turn from pools beyond the caches (`distinct_views`)."""
     device = bench.device
-    pools = {"pinned": streamed_pool(torch.device("cpu"), pinned=bench.cuda).fill_(1),
-             "pageable": streamed_pool(torch.device("cpu")).fill_(1)}
-    dev_pool = streamed_pool(device).fill_(1)
+    pools = {"pinned": streamed_pool(torch.device("cpu"), pinned=bench.cuda),
+             "pageable": streamed_pool(torch.device("cpu"))}
+    dev_pool = streamed_pool(device)
     for nbytes in grid.copy_bytes:
         dev = in_turn(distinct_views(dev_pool, nbytes))
         for memory, pool in pools.items():

@@ -146,7 +146,7 @@ class OpRow(_Strict):
 
     @model_validator(mode="after")
     def _known_op(self) -> "OpRow":
-        if NAMED_OPS.get(self.op, ((),))[0][:3] == ("b", "T", "h") and "h" not in self.shape:
+        if self.op in NAMED_OPS and "h" in NAMED_OPS[self.op][0] and "h" not in self.shape:
             raise ValueError(f"op {self.op!r} has no query-head count 'h' in its shape: a profile measured before "
                              "attention rows told GQA's query heads apart; measure it again (alisa-exec profile)")
         op_work(self.op, self.shape)
