@@ -1,7 +1,7 @@
 """Every op the executor issues, by name: GEMM projections, norms, activations, rotary embeddings, the attention paths,
-embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`' store and decode, selection is the kernels'
-`LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer loop calls these and nothing else, so what
-the profiler times at the executor's shapes is what a run executes.
+vLLM's paged-cache stores, embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
+store and decode, selection is the kernels' `LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer
+loop calls these and nothing else, so what the profiler times at the executor's shapes is what a run executes.
 """
 
 from __future__ import annotations
@@ -110,6 +110,12 @@ def kv_store(keys: Tensor, values: Tensor, positions: Tensor | slice, k: Tensor,
         values.index_copy_(2, positions, v.transpose(1, 2))
 
 
+def block_store(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
+    """vLLM's paged cache in a prompt pass: token rows [T, b, width] written at their slots [b, T] of the pool."""
+    issued("block_store", b=slots.shape[0], T=slots.shape[1], width=pool.shape[-1], e=pool.element_size())
+    pool[slots.T] = rows
+
+
 def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Dense attention of q [b, s, heads, d] over a whole cache [b, kv_heads, L, d] under an additive mask [s, L]
     (the dense and zero policies' static buffers) -> [b, s, heads x d]."""
@@ -145,15 +151,16 @@ def packed_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor | 
 
 
 def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, staged: tuple[KVView, KVView] | None,
-                     triton: bool) -> tuple[Tensor, Tensor]:
+                     triton: bool, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The fused path: decode attention over an index list into the cache in place (and a staging buffer), with the
-    head-summed probabilities, in one pass: the Triton kernel, or its PyTorch form (same results) off the GPU."""
+    head-summed probabilities, in one pass: the Triton kernel, or its PyTorch form (same results) off the GPU. ALISA
+    calls it with its selection, vLLM with each sequence's slots in the shared pool (its first `lengths` valid)."""
     # Staged rows are in the index list (as negative entries); with them the call is a named op of its own.
     issued("sparse_attention" if staged is None else "staged_sparse_attention",
            **{**_cache(keys, q), "T": indices.shape[-1]})
     if triton:
-        return sparse_decode_attention(q, keys, values, indices, staged=staged)
-    return gather_decode_attention(q, keys, values, indices, staged=staged)
+        return sparse_decode_attention(q, keys, values, indices, lengths, staged=staged)
+    return gather_decode_attention(q, keys, values, indices, lengths, staged=staged)
 
 
 def argmax(logits: Tensor) -> Tensor:

@@ -42,6 +42,8 @@ STREAMED_WEIGHT_BYTES = 256 * MiB
 # The largest fp32 attention-row tensor the profile materializes for `window_rows` (a GPU grid's 8k prompt at
 # R = L would take 8.6 GB); larger shapes are priced from the measured ones by their FLOPs.
 WINDOW_ROWS_BYTES = 1 << 30
+# The block size of the pools vLLM's block store and gather are timed on (the workload default, as vLLM's).
+PAGED_BLOCK = 16
 # At most this many distinct weights per projection shape: a tiny layer's weights (a 64 x 64 probe's 16 KiB) would
 # otherwise make tens of thousands of copies, each packed for MKL again (measured: 10-23 GB of heap); so few bytes
 # stay in the last-level cache anyway, as the tiny model's own do in a run.
@@ -414,6 +416,17 @@ def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families:
                 del layers, packed  # the packed copies go before the next m packs its own
 
 
+def _paged_pool(b: int, L: int, width: int, device: torch.device, dtype: torch.dtype) -> tuple[TokenRows, torch.Tensor]:
+    """A vLLM pool of token rows with L slots for each of b sequences, in blocks of PAGED_BLOCK slots handed out in
+    shuffled order (as a pool's free list is after preemptions), and each sequence's slots [b, L]."""
+    blocks = -(-L // PAGED_BLOCK)
+    order = torch.randperm(b * blocks, device=device).view(b, blocks, 1)
+    slots = (order * PAGED_BLOCK + torch.arange(PAGED_BLOCK, device=device)).flatten(1)[:, :L]
+    pool = TokenRows(Tiers(device), "gpu", "kv", b * blocks * PAGED_BLOCK, 1, width, dtype)
+    pool.store(slice(None), _rand(b * blocks * PAGED_BLOCK, 1, width, device=device, dtype=dtype))
+    return pool, slots.contiguous()
+
+
 def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: ModelSpec, add: Callable) -> None:
     """Every op of one layer of `spec` but its projections, at the grid's rows, prompts and caches."""
     device, e = bench.device, torch.empty((), dtype=dtype).element_size()
@@ -458,6 +471,10 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
             new_k, new_v = k_[:, :tokens], v_[:, :tokens]
             add("kv_store", {"b": b, "T": tokens, "width": 2 * kv * d, "e": e},
                 lambda: ops.kv_store(*cache, where, new_k, new_v))
+        pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
+        rows = _rand(L, b, 2 * kv * d, device=device, dtype=dtype)
+        add("block_store", {"b": b, "T": L, "width": 2 * kv * d, "e": e},
+            lambda: ops.block_store(pool.data[:, 0], slots, rows))
     for b, L in grid.decode_bL:
         q = _rand(b, 1, spec.num_heads, d, device=device, dtype=dtype)
         keys, values_ = (_rand(b, kv, L, d, device=device, dtype=dtype) for _ in range(2))
@@ -467,6 +484,15 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         add("masked_attention", shape, lambda: ops.masked_attention(q, keys, values_, mask))
         add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
         add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_, lengths))
+        # As vLLM's decode calls it: each sequence's new row stored at its slot, then its slots of the shared pool
+        # attended in place.
+        pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
+        paged_views = [view.expand(b, -1, -1, -1) for view in pool.kv_views(kv)]
+        newest, new_rows = slots[:, -1:], _rand(1, b, 2 * kv * d, device=device, dtype=dtype)
+        add("block_store", {"b": b, "T": 1, "width": 2 * kv * d, "e": e},
+            lambda: ops.block_store(pool.data[:, 0], newest, new_rows))
+        add("sparse_attention", shape, lambda: ops.sparse_attention(q[:, 0], *paged_views, slots, None, bench.cuda,
+                                                                    lengths))
         selected = max(1, round(L * GATHER_SHARE))
         # As ALISA's executor calls it: one index list per sequence into a window ring of token rows, read in place
         # in the model's dtype or as INT8 levels with their scales and zero points (the PyTorch form off the GPU

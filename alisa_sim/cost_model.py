@@ -19,14 +19,15 @@ from alisa_sim.hardware import NAMED_OPS, HardwareProfile, op_work
 COPY_DIRECTIONS = ("h2d", "d2h")
 # Eager PyTorch calls per named op as the executor issues it (for rows derived without a host measurement: the host
 # cost is this many launches at the profile's launch_overhead_s).
-EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2, "argmax": 1,
-               "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3, "packed_attention": 8,
-               "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3, "kv_store": 2, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
+EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2,
+               "argmax": 1, "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3,
+               "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3,
+               "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
                "host_gather": 1}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
-_BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "kv_quantize",
-                  "kv_dequantize", "local_sum", "topk")
+_BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "block_store",
+                  "kv_quantize", "kv_dequantize", "local_sum", "topk")
 _DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 # Bytes per element of the dtypes CPU attention rows are measured in.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -77,7 +78,7 @@ def causal_attention_flops(batch, prompt_len, num_heads, head_dim):
 def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
     """A shape of `op` over `rows` rows of width 1024 (fp16) for bandwidth-derived rows."""
     keys = NAMED_OPS[op][0]
-    if op == "kv_store":  # rows tokens of 1024 values
+    if op in ("kv_store", "block_store"):  # rows tokens of 1024 values
         return {"b": 1, "T": rows, "width": 1024, "e": 2}
     values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024}
     return {key: values[key] for key in keys}
@@ -122,7 +123,8 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
 
 # The shape key a named op's rows grow along (its length); with the batch `b` of cache ops, the other keys name the
 # op's family (head layout, width, dtype), which its rows are grouped by.
-_LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "window_rows": "L", "topk": "L", "local_sum": "T", "kv_store": "T", "masked_attention": "T",
+_LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "window_rows": "L", "topk": "L",
+                "local_sum": "T", "kv_store": "T", "block_store": "T", "masked_attention": "T",
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T",
                 "staged_sparse_attention": "T", "cpu_attention": "T",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",

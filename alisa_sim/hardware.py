@@ -112,6 +112,9 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     # New tokens' K and V (`width` values a token) written into a cache at their positions (T per sequence): read
     # + write.
     "kv_store": (("b", "T", "width", "e"), lambda b, T, width, e: 2 * b * T * width * e),
+    # vLLM's paged cache: new tokens' K/V rows (`width` values) written at their slots of the shared pool, T per
+    # sequence (a prompt pass's, or a decode step's one): read + write.
+    "block_store": (("b", "T", "width", "e"), lambda b, T, width, e: 2 * b * T * width * e),
     "kv_quantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
     "kv_dequantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
     "local_sum": (("b", "T"), lambda b, T: 8 * b * T),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from alisa_exec import ops
 from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers
 from alisa_exec.model import Transformer
-from alisa_exec.policies.base import ExecPolicy, Run, StepInfo, ceil_div, kv_rows, split_kv
+from alisa_exec.policies.base import ExecPolicy, Run, StepInfo, ceil_div, kv_rows
 from alisa_sim.policies.vllm import Sequence, VllmScheduler
 
 
@@ -171,7 +171,7 @@ class VllmExec(ExecPolicy):
 
     def prefill_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         y = self.causal_attention(q, k, v)
-        self.pool[index].data[self.run.slots.T, 0] = kv_rows(k, v)  # rows [length, group, width] at [length, group]
+        ops.block_store(self.pool[index].data[:, 0], self.run.slots, kv_rows(k, v))
         return y
 
     def decode(self, batch: list[int], lengths: list[int], device: torch.device) -> None:
@@ -189,10 +189,10 @@ class VllmExec(ExecPolicy):
 
     def decode_attend(self, index: int, group: int, x_in: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         slots, lengths = self.run.slots, self.run.lengths
-        pool = self.pool[index].data[:, 0]
+        pool = self.pool[index]
         with self.span("attention", "attention"):
-            newest = slots.gather(1, (lengths - 1)[:, None])[:, 0]
-            pool[newest] = kv_rows(k, v)[0]
-            keys, values = split_kv(pool[slots], self.spec.num_kv_heads)
-            out, _ = ops.packed_attention(q[:, 0], keys, values, lengths)
+            ops.block_store(pool.data[:, 0], slots.gather(1, (lengths - 1)[:, None]), kv_rows(k, v))
+            # Every sequence reads the one shared pool in place at its own slots, as PagedAttention does.
+            keys, values = (view.expand(len(lengths), -1, -1, -1) for view in pool.kv_views(self.spec.num_kv_heads))
+            out, _ = ops.sparse_attention(q[:, 0], keys, values, slots, None, self.tiers.triton, lengths)
         return out.reshape(len(lengths), 1, -1)

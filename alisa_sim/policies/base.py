@@ -214,10 +214,7 @@ class Policy(ABC):
 
     def static_prefill_attention_op(self) -> Op:
         """The prompt's causal attention, then its K/V written into static cache buffers (dense, zero)."""
-        m = self.model
-        return self._gpu_op("attention", {"attention": (("causal_attention", {
-            "b": self.batch, "L": self.prompt_len, "h": m.num_heads, "d": m.dim_per_head}),),
-            "elementwise": (self._kv_store(self.prompt_len),)})
+        return self.prefill_attention_op(stores=(self._kv_store(self.prompt_len),))
 
     def static_decode_attention_op(self) -> Op:
         """The new token's K/V written into static cache buffers, then attention over the whole buffer, which
@@ -226,10 +223,13 @@ class Policy(ABC):
         return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention",
                                                                             self._cache_shape(buffer)))})
 
-    def prefill_attention_op(self, batch: int | None = None, name: str = "attention") -> Op:
+    def prefill_attention_op(self, batch: int | None = None, name: str = "attention",
+                             stores: tuple[tuple[str, dict[str, int]], ...] = ()) -> Op:
+        """The prompt's causal attention, then `stores`: the named ops writing its K/V where the policy keeps them."""
         m = self.model
         shape = {"b": batch or self.batch, "L": self.prompt_len, "h": m.num_heads, "d": m.dim_per_head}
-        return self._gpu_op(name, {"attention": (("causal_attention", shape),)})
+        parts = {"attention": (("causal_attention", shape),)}
+        return self._gpu_op(name, {**parts, "elementwise": stores} if stores else parts)
 
     def copy_op(self, name: str, direction: str, nbytes: float, pinned: bool = True, pieces: tuple[float, ...] = (),
                 payload: bool = True) -> Op:

@@ -292,6 +292,11 @@ class VllmPolicy(Policy):
         view.batch, view.prompt_len = sequences, length
         return view
 
+    def prefill_attention_op(self, batch: int | None = None, name: str = "attention", stores=()) -> Op:
+        """The prompt's causal attention, then its K/V rows written at their blocks' slots (`ops.block_store`: rows
+        of the kv_store shape)."""
+        return super().prefill_attention_op(batch, name, (("block_store", self._kv_store(self.prompt_len)[1]),))
+
     def _prefill_template(self, lengths: list[int]) -> LayerTemplate:
         """Prompt passes of sequences of different lengths, as the executor runs them: one pass per distinct length
         over the sequences of that length (each pass's ops in a layer after the previous pass's)."""
@@ -319,8 +324,10 @@ class VllmPolicy(Policy):
         view = self._as_batch(sequences, self.prompt_len)
         swaps = [self._swap_op(name, direction, blocks) for name, direction, blocks in
                  (("kv_swap_in", "h2d", swap_in_blocks), ("kv_swap_out", "d2h", swap_out_blocks)) if blocks]
-        # The executor pads every sequence's gathered blocks to the longest context.
-        attention = view.decode_attention_op(max(contexts), path="packed_attention")
+        # Each sequence's new K/V row written at its slot, then attention over its slots of the pool in place (the
+        # fused sparse path), the index lists padded to the longest context.
+        attention = view._gpu_op("attention", {"elementwise": (("block_store", view._kv_store(1)[1]),),
+                                               "attention": (("sparse_attention", view._cache_shape(max(contexts))),)})
         # The DAG depends only on the number of sequences and the swaps: wired once, each iteration's template puts
         # its own ops into it.
         key = sequences, tuple(op.name for op in swaps)

@@ -62,6 +62,26 @@ def test_valid_lengths_per_sequence(device, generator, group):
     assert torch.all(probs[1, 1:] == 0) and torch.all(probs[3, 33:] == 0)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_one_pool_shared_by_every_sequence(device, generator, group):
+    """vLLM's paged cache: one pool of token rows read by every sequence at its own slots (the pool's view expanded
+    over the batch, stride 0), the index lists padded past each length with the last slot: equal to attending each
+    sequence's own rows, gathered into a cache of its own."""
+    _, pool, pool_v, _ = random_case(generator, device, batch=1, kv_heads=2, group=group, max_seq_len=150,
+                                     num_tokens=1)
+    q = torch.randn(3, 2 * group, 32, generator=generator).to(device, torch.float16)
+    slots = torch.randperm(150, generator=generator)[:3 * 40].view(3, 40).to(device)
+    lengths = torch.tensor([40, 1, 23], device=device)
+    slots[1, 1:], slots[2, 23:] = slots[1, 0], slots[2, 22]  # padding, as the executor pads
+    shared_k, shared_v = pool.expand(3, -1, -1, -1), pool_v.expand(3, -1, -1, -1)
+    result = sparse_decode_attention(q, shared_k, shared_v, slots, lengths, num_splits=2)
+    own_k, own_v = (t[0].index_select(1, slots.flatten()).view(2, 3, 40, 32).transpose(0, 1) for t in (pool, pool_v))
+    own = torch.arange(40, device=device).expand(3, 40)
+    assert_matches(result, reference(q, own_k, own_v, own, lengths), heads=2 * group)
+    assert_matches(gather_decode_attention(q.float(), shared_k.float(), shared_v.float(), slots, lengths),
+                   reference(q, own_k, own_v, own, lengths), heads=2 * group)
+
+
 @pytest.mark.parametrize("group", HEADS_PER_KV)
 def test_one_selected_token_is_that_tokens_value(device, generator, group):
     """b = 1, T = 1: softmax over one token is 1, so the output is its V row and every head contributes 1."""
