@@ -4,11 +4,11 @@ Python), measured per policy into a hardware profile: `alisa-exec profile` adds 
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+from scipy.stats import trim_mean
 
 from alisa_exec import executor
 from alisa_exec.profiler import OVERHEAD_SPEC
@@ -46,7 +46,9 @@ OVERHEAD_RUNS = 3
 def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,
                dtype: torch.dtype) -> dict[tuple[str, str], float]:
     """Measured minus predicted seconds of the probe's steps at `layers` layers and `batch` sequences, by (host key,
-    step kind): the median over a run's steps of that key and kind, the least over `OVERHEAD_RUNS` runs."""
+    step kind): the mean over a run's steps of that key and kind (a tenth trimmed at each end), the least over
+    `OVERHEAD_RUNS` runs. A mean, not the median: a phase's steps alternate between ones with and without an offload
+    (whose hook runs its own Python), and the median of two such modes jumps between them from run to run."""
     spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
     if policy["name"] == "flexgen":
         policy = {**policy, "gpu_batch_size": batch}
@@ -65,7 +67,7 @@ def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, 
         for key, row, time_s in zip(keys, executor.execute(plan, device, dtype, "dummy", 0).rows(), predicted):
             differences[key].append(row.time_s - time_s)
         for key, values in differences.items():
-            best[key] = min(best.get(key, float("inf")), statistics.median(values))
+            best[key] = min(best.get(key, float("inf")), float(trim_mean(values, 0.1)))
     return best
 
 

@@ -144,6 +144,31 @@ def points(per_variant: int | None = None, variants=VARIANTS) -> list[Point]:
             for i, (variant, (model, batch, prompt_len)) in enumerate(chosen)]
 
 
+# The machine-speed reference: a fixed mix of the executor's ops, timed while the profile is measured and before each
+# run. Its ratio is how much slower (> 1) or faster the machine ran a point than it ran the profile: this 2-core VM's
+# speed drifts over minutes, and no profile can predict that part of an error.
+REFERENCE_POOL_BYTES = 64 * 2**20  # the decode GEMM's weights rotate over more than a last-level cache
+
+
+def machine_reference_s(device: str) -> float:
+    """Seconds of the reference mix on `device` and this process's threads: a decode GEMM over streamed weights, a
+    prefill GEMM, a decode attention and a norm, each the median of its repetitions."""
+    import torch
+
+    from alisa_exec import ops
+    from alisa_exec.profiler import Bench, distinct_views, in_turn
+
+    dev = torch.device(device)
+    bench, linear = Bench(dev, reps=15), torch.nn.Linear(256, 1024, bias=False, device=dev)
+    pool = torch.randn(REFERENCE_POOL_BYTES // 4, device=dev)
+    weights = in_turn([view.view(1024, 256) for view in distinct_views(pool, 256 * 1024)])
+    x1, x2048 = torch.randn(1, 1, 256, device=dev), torch.randn(1, 2048, 256, device=dev)
+    q, keys = torch.randn(8, 1, 8, 32, device=dev), torch.randn(8, 2, 256, 32, device=dev)
+    norm = torch.nn.LayerNorm(256, device=dev)
+    return sum(bench.time_s(fn) for fn in (lambda: ops.project(linear, x1, weights()), lambda: ops.project(linear, x2048),
+                                           lambda: ops.rows_attention(q, keys, keys), lambda: ops.norm(norm, x1)))
+
+
 def _profile_apart(argv: list[str]) -> None:
     """`alisa-exec profile` in a process of its own, on this process's torch threads: its streamed-weight pools
     would otherwise stay in this process's heap, taken from the host memory the runs' plans may use."""
@@ -252,9 +277,12 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
             specs.append(str(spec))
         command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(profile)]
         log(f"profiling (alisa-exec {' '.join(command)})")
+        before = machine_reference_s(device)
         _profile_apart(command)
-    else:
+        reference_profile = (before + machine_reference_s(device)) / 2
+    else:  # when the given profile was measured is unknown: the speed now stands for it
         profile.write_bytes(given_profile)
+        reference_profile = machine_reference_s(device)
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
     workloads, documents = {}, {}
@@ -265,17 +293,21 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         workloads[point.name].parent.mkdir(parents=True, exist_ok=True)
         workloads[point.name].write_text(yaml.safe_dump(documents[point.name], sort_keys=False))
     # Each try runs every point once: a slow spell of the machine then costs a point one try, not all of them.
+    speed: dict[str, list[float]] = {point.name: [] for point in selected}
     for attempt in range(EXEC_TRIES):
         for point in selected:
             log(f"{point.name}: alisa-exec run --device {device} (try {attempt + 1} of {EXEC_TRIES})")
+            speed[point.name].append(machine_reference_s(device) / reference_profile)
             _call(exec_main, ["run", str(workloads[point.name]), "--device", device, "--dtype", DTYPES[device][0],
                               "--out", str(folder / "tries" / point.name / str(attempt))])
-    replays, stats_h2d = {}, {}
+    replays, stats_h2d, slowdown = {}, {}, {}
     for point in selected:
         name = point.name
         tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
-        best = min(tries, key=lambda t: json.loads((t / "result.json").read_text())["metrics"]["decode_s"])
-        shutil.copytree(best, folder / "measured" / name)
+        best = min(range(EXEC_TRIES),
+                   key=lambda i: json.loads((tries[i] / "result.json").read_text())["metrics"]["decode_s"])
+        slowdown[name] = speed[name][best]
+        shutil.copytree(tries[best], folder / "measured" / name)
         measured_file = folder / "measured" / name / "result.json"
         measured_result = json.loads(measured_file.read_text())
         replayed = replaying_selection(documents[name], measured_file.resolve())
@@ -295,7 +327,8 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
     uncalibrated = json.loads(_call(sim_main, ["validate", str(folder / "predicted"), str(measured), "--json",
                                                "--out", str(folder / "uncalibrated")]))
     loop = {"uncalibrated": uncalibrated, "calibrated": None, "fit": {}, "traffic": traffic,
-            "stats_h2d_error_pct": stats_h2d, "variants": {p.name: p.variant.name for p in selected}}
+            "stats_h2d_error_pct": stats_h2d, "variants": {p.name: p.variant.name for p in selected},
+            "machine_slowdown": slowdown}
     if not calibrate:
         return loop
     fitted = folder / "profile-fitted.yaml"
@@ -327,6 +360,19 @@ def by_variant(loop: dict, side: str) -> dict[str, dict]:
     return {group: summarize_pairs(pairs) for group, pairs in groups.items()}
 
 
+def slowdown_error_correlation(loop: dict) -> float | None:
+    """Pearson's r between the machine's slowdown at each point's kept run and the point's signed uncalibrated
+    decode-step error (near -1: the error is the machine's drift)."""
+    import numpy as np
+
+    pairs = [(loop["machine_slowdown"][p["label"]], p["metrics"][METRIC]["error_pct"])
+             for p in loop["uncalibrated"]["pairs"] if p["metrics"].get(METRIC, {}).get("error_pct") is not None]
+    if len(pairs) < 3:
+        return None
+    slowdown, error = np.array(pairs).T
+    return float(np.corrcoef(slowdown, error)[0, 1]) if slowdown.std() > 0 and error.std() > 0 else None
+
+
 def summarize(loops: list[dict]) -> dict:
     """Per side (uncalibrated over all pairs, calibrated over the held-out ones), group and metric: every loop's
     MAPE and worst error and their spread; the traffic differences; the fitted values."""
@@ -350,6 +396,8 @@ def summarize(loops: list[dict]) -> dict:
         for name, error in loop["stats_h2d_error_pct"].items():
             stats.setdefault(loop["variants"][name], []).append(error)
     out["stats_h2d_error_pct"] = stats
+    out["machine_slowdown"] = [loop["machine_slowdown"] for loop in loops]
+    out["slowdown_error_correlation"] = [slowdown_error_correlation(loop) for loop in loops]
     out["fitted"] = [loop["fit"].get("values") for loop in loops]
     out["refused"] = [loop["fit"]["refused"] for loop in loops if "refused" in loop["fit"]]
     return out
@@ -379,6 +427,15 @@ def markdown(summary: dict, meta: dict) -> str:
                   "Predicted from the selection statistics instead, its total H2D bytes are off by " + "; ".join(
                       f"{variant} {min(errors):+.1f} to {max(errors):+.1f}%"
                       for variant, errors in summary["stats_h2d_error_pct"].items()) + " (per point).", ""]
+    slowdowns = [ratio for loop in summary["machine_slowdown"] for ratio in loop.values()]
+    if slowdowns:
+        correlations = [r for r in summary["slowdown_error_correlation"] if r is not None]
+        lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference_s`), timed while the profile "
+                  "was measured and before each run, took "
+                  f"x{min(slowdowns):.2f}-{max(slowdowns):.2f} (median x{statistics.median(slowdowns):.2f}) of its "
+                  "profile-time seconds before the kept runs: the part of an error no profile can predict. "
+                  + (f"Pearson's r of that slowdown with the signed decode-step error: "
+                     f"{', '.join(f'{r:+.2f}' for r in correlations)} (per loop)." if correlations else ""), ""]
     if summary["refused"]:
         lines += ["Calibration refused: " + "; ".join(summary["refused"]), ""]
     groups = list(summary["uncalibrated"])

@@ -8,7 +8,8 @@ folder, which starts afresh.
 
 Asserted: every step's counted traffic (kind, phase, token rows, KV bytes per tier, H2D/D2H bytes, fetched /
 offloaded / recomputed / evicted rows, preemptions, swapped blocks) equal between the two Results of each point, and
-every point paired by `alisa-sim validate`. The MAPE is printed; timing is bounded only loosely (a predicted decode
+every point paired by `alisa-sim validate`, and the machine's slowdown against the profile's recorded per point.
+The MAPE is printed; timing is bounded only loosely (a predicted decode
 step within 20x of the measured one), because the machine is shared and noisy: the table is
 benchmarks/cpu_validation.py's to report (README "Predicted vs measured").
 """
@@ -60,5 +61,8 @@ def test_a_short_loop_has_equal_traffic_and_prints_its_mape(tmp_path, capsys, mo
         step = pair["metrics"][cpu_validation.METRIC]
         assert 1 / LOOSE_FACTOR < step["predicted"] / step["measured"] < LOOSE_FACTOR, pair["workload"]
     assert set(loop["stats_h2d_error_pct"]) == {p.name for p in selected if p.variant.name.startswith("alisa")}
+    # The machine's speed at each kept run against the profile's, from the reference mix timed before it.
+    assert set(loop["machine_slowdown"]) == {p.name for p in selected}
+    assert all(0 < ratio < LOOSE_FACTOR for ratio in loop["machine_slowdown"].values())
     again = cpu_validation.run_loop(tmp_path, selected[:1], profile=quick_cpu_profile, calibrate=False)
     assert sorted(again["traffic"]) == [selected[0].name] and not again["traffic"][selected[0].name]
