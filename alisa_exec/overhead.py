@@ -43,12 +43,12 @@ OVERHEAD_PROBES: dict[str, dict] = {
 OVERHEAD_RUNS = 3
 
 
-def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,
-               dtype: torch.dtype) -> dict[tuple[str, str], float]:
-    """Measured minus predicted seconds of the probe's steps at `layers` layers and `batch` sequences, by (host key,
-    step kind): the mean over a run's steps of that key and kind (a tenth trimmed at each end), the least over
-    `OVERHEAD_RUNS` runs. A mean, not the median: a phase's steps alternate between ones with and without an offload
-    (whose hook runs its own Python), and the median of two such modes jumps between them from run to run."""
+def _probe(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,
+           dtype: torch.dtype) -> Callable[[], dict[tuple[str, str], float]]:
+    """A run of the probe at `layers` layers and `batch` sequences: each call executes it once and returns its
+    measured minus predicted seconds by (host key, step kind), the mean over the run's steps of that key and kind (a
+    tenth trimmed at each end). A mean, not the median: a phase's steps alternate between ones with and without an
+    offload (whose hook runs its own Python), and the median of two such modes jumps between them from run to run."""
     spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
     if policy["name"] == "flexgen":
         policy = {**policy, "gpu_batch_size": batch}
@@ -61,13 +61,26 @@ def _residuals(profile: HardwareProfile, policy: dict, layers: int, batch: int, 
     simulated = simulated_rows(plan.simulation)
     keys = [(plan.sim.host_key(row.phase), row.kind) for row in simulated]
     predicted = [row.time_s for row in simulated]
-    best: dict[tuple[str, str], float] = {}
-    for _ in range(OVERHEAD_RUNS):
+
+    def run() -> dict[tuple[str, str], float]:
         differences = defaultdict(list)
         for key, row, time_s in zip(keys, executor.execute(plan, device, dtype, "dummy", 0).rows(), predicted):
             differences[key].append(row.time_s - time_s)
-        for key, values in differences.items():
-            best[key] = min(best.get(key, float("inf")), float(trim_mean(values, 0.1)))
+        return {key: float(trim_mean(values, 0.1)) for key, values in differences.items()}
+    return run
+
+
+def _residuals(profile: HardwareProfile, policy: dict, device: torch.device,
+               dtype: torch.dtype) -> list[dict[tuple[str, str], float]]:
+    """The probe's residuals at each of `OVERHEAD_SHAPES`, the least of `OVERHEAD_RUNS` runs each. The shapes run in
+    turn within each round, so that a slow spell of the machine falls on all of them alike rather than on one shape,
+    whose difference from the others is what the per-layer and per-sequence shares are."""
+    probes = [_probe(profile, policy, layers, batch, device, dtype) for layers, batch in OVERHEAD_SHAPES]
+    best: list[dict[tuple[str, str], float]] = [{} for _ in probes]
+    for _ in range(OVERHEAD_RUNS):
+        for least, probe in zip(best, probes):
+            for key, residual in probe().items():
+                least[key] = min(least.get(key, float("inf")), residual)
     return best
 
 
@@ -82,7 +95,7 @@ def measure_executor_overhead(profile: dict, device: torch.device, dtype: torch.
     (layers, batch), (more_layers, _), (_, more_batch) = OVERHEAD_SHAPES
     for name, policy in OVERHEAD_PROBES.items():
         try:
-            base, deep, wide = (_residuals(hardware, policy, *shape, device, dtype) for shape in OVERHEAD_SHAPES)
+            base, deep, wide = _residuals(hardware, policy, device, dtype)
         except Exception as error:  # a policy broken on this device must not cost the whole profile
             warn(f"the {name} policy's host overhead is not measured: {type(error).__name__}: {error}")
             continue

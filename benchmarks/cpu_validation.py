@@ -145,8 +145,8 @@ def points(per_variant: int | None = None, variants=VARIANTS) -> list[Point]:
 
 
 # The machine-speed reference: a fixed mix of the executor's ops, timed while the profile is measured and before each
-# run. Its ratio is how much slower (> 1) or faster the machine ran a point than it ran the profile: this 2-core VM's
-# speed drifts over minutes, and no profile can predict that part of an error.
+# run. Its ratio says how much slower (> 1) or faster the machine was at a point than while it was profiled; with
+# its correlation to the points' errors it tells a machine that drifts from a profile that misprices.
 REFERENCE_POOL_BYTES = 64 * 2**20  # the decode GEMM's weights rotate over more than a last-level cache
 
 
@@ -433,7 +433,7 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference_s`), timed while the profile "
                   "was measured and before each run, took "
                   f"x{min(slowdowns):.2f}-{max(slowdowns):.2f} (median x{statistics.median(slowdowns):.2f}) of its "
-                  "profile-time seconds before the kept runs: the part of an error no profile can predict. "
+                  "profile-time seconds before the kept runs. "
                   + (f"Pearson's r of that slowdown with the signed decode-step error: "
                      f"{', '.join(f'{r:+.2f}' for r in correlations)} (per loop)." if correlations else ""), ""]
     if summary["refused"]:
