@@ -54,6 +54,26 @@ def _numbers(text: str, kind: type, flag: str) -> list:
     return values
 
 
+def slow_bfloat16(device) -> str | None:
+    """A warning when bfloat16 matrix products run slower than float32 on this CPU (no native bf16 units: then
+    `--dtype bfloat16` makes the evaluation slower, not faster), from one small GEMM timed in each."""
+    import torch
+
+    from alisa_exec.profiler import Bench
+
+    if device.type != "cpu":
+        return None
+    m, k, n = 64, 576, 576  # SmolLM2's hidden size
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        rates[dtype] = 2 * m * k * n / Bench(device, reps=3, min_time_s=0.0).time_s(lambda: a @ b) / 1e9
+    if rates[torch.bfloat16] >= rates[torch.float32]:
+        return None
+    return (f"warning: bfloat16 matrix products run at {rates[torch.bfloat16]:.0f} GFLOP/s on this CPU, float32 at "
+            f"{rates[torch.float32]:.0f} (no native bf16 units): --dtype float32 evaluates faster here")
+
+
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="perplexity of a real model with each KV-sparsity method applied as in decoding")
     ev.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder (with its tokenizer), or "
@@ -160,6 +180,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     device = resolve_device(args.device)
     model_path = resolve_model(args.model)
     status = Console(stderr=True)
+    if args.dtype == "bfloat16" and (warning := slow_bfloat16(device)):
+        status.print(warning)
     started = time.perf_counter()
     tokens = tokenize(model_path, Path(args.text))
     model = load_eval_model(model_path, device, getattr(torch, args.dtype))

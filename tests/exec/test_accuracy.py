@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from alisa_exec.accuracy import forward
-from alisa_exec.accuracy.command import ProgressLines
+from alisa_exec.accuracy.command import ProgressLines, slow_bfloat16
 from alisa_exec.accuracy.evaluate import (AttentionStats, EvalSettings, evaluate, parse_prefill, prefill_tokens,
                                           selection_stats_file, smollm2_gguf)
 from alisa_exec.accuracy.forward import decode_pass, masked_logits, masked_pass, token_nll
@@ -22,6 +22,7 @@ from alisa_exec.accuracy.methods import MAX_WINDOW, METHODS, STREAMING_SINKS, bu
 from alisa_exec.accuracy.report import perplexity_table, write_report
 from alisa_exec.cli import main
 from alisa_exec.kernels.selection import select_reference, window_sum_reference
+from alisa_exec.profiler import Bench
 from alisa_exec.weights import load_model
 from alisa_sim.errors import SpecError
 from alisa_sim.model_spec import load_model_spec
@@ -451,3 +452,21 @@ def test_cli_eval_on_smollm2(tmp_path):
     assert report["dtype"] == "bfloat16"
     assert load_selection_stats(tmp_path / "sel" / "selection_stats_swa.json").context == 48
     assert main(["eval", "--model", "smollm2-135m", "--text", str(TEXT), "--methods", "bogus"]) == 2
+
+
+def test_eval_warns_when_bfloat16_is_slower_than_float32_here(monkeypatch):
+    """On a CPU without native bf16 units (an AVX2-only AMD EPYC ran bf16 GEMMs at 1-2 GFLOP/s against 55-127 in
+    fp32) `--dtype bfloat16` would slow the evaluation down many times: eval says so, naming both rates."""
+    def timed(seconds_by_dtype):
+        def time_s(self, fn):
+            return seconds_by_dtype[fn().dtype]
+        return time_s
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(Bench, "time_s", timed({torch.float32: 1e-3, torch.bfloat16: 4e-2}))
+    warning = slow_bfloat16(cpu)
+    assert warning is not None and "--dtype float32" in warning
+    assert "at 1 GFLOP/s" in warning and "float32 at 42" in warning  # 2 x 64 x 576 x 576 FLOP in 40 ms and 1 ms
+    monkeypatch.setattr(Bench, "time_s", timed({torch.float32: 4e-3, torch.bfloat16: 1e-3}))
+    assert slow_bfloat16(cpu) is None
+    assert slow_bfloat16(torch.device("cuda")) is None
