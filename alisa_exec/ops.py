@@ -111,7 +111,8 @@ def kv_store(keys: Tensor, values: Tensor, positions: Tensor | slice, k: Tensor,
 
 
 def block_store(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
-    """vLLM's paged cache in a prompt pass: token rows [T, b, width] written at their slots [b, T] of the pool."""
+    """vLLM's paged cache: token rows [T, b, width] written at their slots [b, T] of the pool (a prompt pass's rows,
+    or a decode step's one new row per sequence)."""
     issued("block_store", b=slots.shape[0], T=slots.shape[1], width=pool.shape[-1], e=pool.element_size())
     pool[slots.T] = rows
 

@@ -42,7 +42,8 @@ STREAMED_WEIGHT_BYTES = 256 * MiB
 # The largest fp32 attention-row tensor the profile materializes for `window_rows` (a GPU grid's 8k prompt at
 # R = L would take 8.6 GB); larger shapes are priced from the measured ones by their FLOPs.
 WINDOW_ROWS_BYTES = 1 << 30
-# The block size of the pools vLLM's block store and gather are timed on (the workload default, as vLLM's).
+# The block size of the pools vLLM's block store and in-place attention are timed on (the workload default, as
+# vLLM's).
 PAGED_BLOCK = 16
 # At most this many distinct weights per projection shape: a tiny layer's weights (a 64 x 64 probe's 16 KiB) would
 # otherwise make tens of thousands of copies, each packed for MKL again (measured: 10-23 GB of heap); so few bytes
