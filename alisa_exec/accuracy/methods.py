@@ -204,7 +204,10 @@ class Strided(StaticSelector):
 class AttentionSum(Selector):
     """The recent window plus the top older tokens by attention summed over the last k steps (`history="window"`,
     SWA) or over every step so far (`history="all"`), over the heads of a group: all heads, or one KV head's query
-    group with `per_head`. With `self_weight=False` a step's row does not credit its own (current) token.
+    group with `per_head`. With `self_weight=False` a step's row does not credit its own (current) token. With
+    `sinks`, the first `sinks` tokens (StreamingLLM's attention sinks) take the first of the older slots whatever
+    their sums, and the rest go by the sums (a token left out once is never summed again, so SWA can lose a sink for
+    good; pinned, the sinks stay, and under ALISA's placement they could stay on the GPU: 4 rows per layer).
 
     `total` is the sum of every observed row (int64 fixed point); a window's sum is `total` less the prefix sum
     where the window starts, kept in `ring` for the last `span` row counts (the longest window plus one)."""
@@ -213,10 +216,10 @@ class AttentionSum(Selector):
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
                  current: str = DEFAULT_CURRENT, per_head: bool = False, self_weight: bool = False,
-                 history: str = "window"):
+                 history: str = "window", sinks: int = 0):
         super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
         self.groups = kv_heads if per_head else 1
-        self.self_weight, self.history = self_weight, history
+        self.self_weight, self.history, self.sinks = self_weight, history, sinks
         self._tables()
         self.total = torch.zeros(self.batch, self.groups, max_tokens, dtype=torch.int64, device=device)
         if history == "window":
@@ -242,9 +245,13 @@ class AttentionSum(Selector):
         if self.history == "window":
             starts = self.ring.view(-1, self.groups, self.max_tokens)[..., :num_tokens]
             sums = sums - starts.index_select(0, self.window_start[num_tokens])
-        keys = torch.where(recent, -1, sums * self.max_tokens + self.tie_break[:num_tokens])
         take = self.takes[num_tokens].expand(-1, self.groups, -1)
-        return top_distinct(keys, take, self.most_takes[num_tokens]) | recent
+        pinned = torch.zeros_like(recent)
+        if self.sinks:  # the oldest older slots, at most `take` of them
+            pinned = (self.token_positions[:num_tokens] < take.clamp(max=self.sinks)) & ~recent
+            take = take - pinned.sum(dim=-1, keepdim=True)
+        keys = torch.where(recent | pinned, -1, sums * self.max_tokens + self.tie_break[:num_tokens])
+        return top_distinct(keys, take, self.most_takes[num_tokens]) | recent | pinned
 
     def _weights(self, probs: Tensor) -> Tensor:
         """Fixed-point weights [batch, groups, ...] of probabilities [batch, kv_heads, group_size, ...]."""
@@ -445,6 +452,7 @@ METHODS = {
     "swa-self": Method("swa-self", _sums(self_weight=True)),
     "swa-head": Method("swa-head", _sums(per_head=True)),
     "swa-int8": Method("swa-int8", _sums(), int8_kv=True),
+    "swa-sinks": Method("swa-sinks", _sums(sinks=STREAMING_SINKS)),
     "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
     "quest-head": Method("quest-head", PageBound),
     "k4-head": Method("k4-head", ApproximateAttention),

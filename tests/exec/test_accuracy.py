@@ -195,9 +195,10 @@ def test_swa_literal_matches_the_kernels_reference_selection():
 
 
 def reference_choice(rows: list[torch.Tensor], n: int, sparsity: float, current: str, self_weight: bool,
-                     history: str) -> list[int]:
+                     history: str, sinks: int = 0) -> list[int]:
     """From scratch: sum the rows of the window (the last k, or all), each row's own token dropped unless
-    `self_weight`, then the recent window and the older tokens of largest sum (a stable sort: ties to the older)."""
+    `self_weight`, then the recent window, the first `sinks` older tokens (as many as the older budget allows) and
+    the other older tokens of largest sum (a stable sort: ties to the older)."""
     k, recent = swa_window(n, sparsity), swa_recent(n, sparsity, current)
     window = rows if history == "all" else rows[max(0, len(rows) - k):]
     sums = torch.zeros(n, dtype=torch.int64)
@@ -209,14 +210,16 @@ def reference_choice(rows: list[torch.Tensor], n: int, sparsity: float, current:
         sums[:len(row)] += weights
     older = n - recent
     take = kv_budget(n, sparsity, current) - recent
-    ranked = torch.sort(sums[:older], descending=True, stable=True).indices[:take]
-    return sorted(ranked.tolist()) + list(range(older, n))
+    pinned = min(sinks, take, older)
+    ranked = pinned + torch.sort(sums[pinned:older], descending=True, stable=True).indices[:take - pinned]
+    return list(range(pinned)) + sorted(ranked.tolist()) + list(range(older, n))
 
 
-@pytest.mark.parametrize("name, current, self_weight, history", [
-    ("swa", "extra", False, "window"), ("swa-inside", "inside", False, "window"),
-    ("swa-self", "extra", True, "window"), ("hh-head", "extra", False, "all")])
-def test_attention_sum_variants_match_a_from_scratch_reference(name, current, self_weight, history):
+@pytest.mark.parametrize("name, current, self_weight, history, sinks", [
+    ("swa", "extra", False, "window", 0), ("swa-inside", "inside", False, "window", 0),
+    ("swa-self", "extra", True, "window", 0), ("hh-head", "extra", False, "all", 0),
+    ("swa-sinks", "extra", False, "window", STREAMING_SINKS)])
+def test_attention_sum_variants_match_a_from_scratch_reference(name, current, self_weight, history, sinks):
     sparsity, steps, kv_heads = 0.8, 90, 2
     selector = METHODS[name].make_selector([sparsity, 0.5], kv_heads, steps, CPU)
     generator = torch.Generator().manual_seed(13)
@@ -224,7 +227,7 @@ def test_attention_sum_variants_match_a_from_scratch_reference(name, current, se
     for n in range(1, steps + 1):
         keep = selector.keep(n)
         for (b, g), past in rows.items():
-            want = reference_choice(past, n, [sparsity, 0.5][b], current, self_weight, history)
+            want = reference_choice(past, n, [sparsity, 0.5][b], current, self_weight, history, sinks)
             assert keep[b, g].nonzero().flatten().tolist() == want, f"{name}: step {n}, sequence {b}, group {g}"
         logits = torch.randn(2, kv_heads, 3, n, generator=generator, dtype=torch.float64)
         probs = torch.softmax(logits.masked_fill(~keep[:, :, None], float("-inf")), dim=-1)
