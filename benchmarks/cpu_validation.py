@@ -35,6 +35,7 @@ import os
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,9 +152,10 @@ def points(per_variant: int | None = None, variants=VARIANTS) -> list[Point]:
 REFERENCE_POOL_BYTES = 64 * 2**20  # the decode GEMM's weights rotate over more than a last-level cache
 
 
-def machine_reference_s(device: str) -> float:
-    """Seconds of the reference mix on `device` and this process's threads: a decode GEMM over streamed weights, a
-    prefill GEMM, a decode attention and a norm, each the median of its repetitions."""
+def machine_reference(device: str) -> Callable[[], float]:
+    """The reference mix on `device` and this process's threads, its inputs built once: each call times it, in
+    seconds (a decode GEMM over streamed weights, a prefill GEMM, a decode attention and a norm, each the median of
+    its repetitions)."""
     import torch
 
     from alisa_exec import ops
@@ -166,8 +168,9 @@ def machine_reference_s(device: str) -> float:
     x1, x2048 = torch.randn(1, 1, 256, device=dev), torch.randn(1, 2048, 256, device=dev)
     q, keys = torch.randn(8, 1, 8, 32, device=dev), torch.randn(8, 2, 256, 32, device=dev)
     norm = torch.nn.LayerNorm(256, device=dev)
-    return sum(bench.time_s(fn) for fn in (lambda: ops.project(linear, x1, weights()), lambda: ops.project(linear, x2048),
-                                           lambda: ops.rows_attention(q, keys, keys), lambda: ops.norm(norm, x1)))
+    mix = (lambda: ops.project(linear, x1, weights()), lambda: ops.project(linear, x2048),
+           lambda: ops.rows_attention(q, keys, keys), lambda: ops.norm(norm, x1))
+    return lambda: sum(bench.time_s(fn) for fn in mix)
 
 
 def _profile_apart(argv: list[str]) -> None:
@@ -278,12 +281,14 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
             specs.append(str(spec))
         command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(profile)]
         log(f"profiling (alisa-exec {' '.join(command)})")
-        before = machine_reference_s(device)
+        reference_s = machine_reference(device)
+        before = reference_s()
         _profile_apart(command)
-        reference_profile = (before + machine_reference_s(device)) / 2
+        reference_profile = (before + reference_s()) / 2
     else:  # when the given profile was measured is unknown: the speed now stands for it
         profile.write_bytes(given_profile)
-        reference_profile = machine_reference_s(device)
+        reference_s = machine_reference(device)
+        reference_profile = reference_s()
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
     workloads, documents = {}, {}
@@ -298,7 +303,7 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
     for attempt in range(EXEC_TRIES):
         for point in selected:
             log(f"{point.name}: alisa-exec run --device {device} (try {attempt + 1} of {EXEC_TRIES})")
-            speed[point.name].append(machine_reference_s(device) / reference_profile)
+            speed[point.name].append(reference_s() / reference_profile)
             _call(exec_main, ["run", str(workloads[point.name]), "--device", device, "--dtype", DTYPES[device][0],
                               "--out", str(folder / "tries" / point.name / str(attempt))])
     replays, stats_h2d, slowdown = {}, {}, {}
@@ -431,7 +436,7 @@ def markdown(summary: dict, meta: dict) -> str:
     slowdowns = [ratio for loop in summary["machine_slowdown"] for ratio in loop.values()]
     if slowdowns:
         correlations = [r for r in summary["slowdown_error_correlation"] if r is not None]
-        lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference_s`), timed while the profile "
+        lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference`), timed while the profile "
                   "was measured and before each run, took "
                   f"x{min(slowdowns):.2f}-{max(slowdowns):.2f} (median x{statistics.median(slowdowns):.2f}) of its "
                   "profile-time seconds before the kept runs. "
