@@ -1,11 +1,13 @@
 """Every op the executor issues, by name: GEMM projections, norms, activations, rotary embeddings, the attention paths,
-vLLM's paged-cache stores, embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
+vLLM's paged-cache stores, ALISA's host-side split of its selection into the rows to fetch and to recompute,
+embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
 store and decode, selection is the kernels' `LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer
 loop calls these and nothing else, so what the profiler times at the executor's shapes is what a run executes.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -115,6 +117,20 @@ def block_store(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
     or a decode step's one new row per sequence)."""
     issued("block_store", b=slots.shape[0], T=slots.shape[1], width=pool.shape[-1], e=pool.element_size())
     pool[slots.T] = rows
+
+
+def stage_indices(selected: Tensor, deleted_end: int, fetch_end: int, out: Tensor) -> tuple[tuple[Tensor, ...], ...]:
+    """ALISA's prefetch on the host: of the positions each sequence attends [b, T], those live in the CPU pool
+    [deleted_end, fetch_end) and those deleted [0, deleted_end) (to recompute), each as (sequence, slot, position);
+    the staged rows' index list, the fetched ones first, written into `out` [>= 3 x staged] as 3 rows."""
+    issued("stage_indices", b=selected.shape[0], T=selected.shape[1])
+    entries = []
+    for mask in ((selected >= deleted_end) & (selected < fetch_end), selected < deleted_end):
+        seq, slot = mask.nonzero(as_tuple=True)
+        entries.append((seq, slot, selected[seq, slot].long()))
+    staged = sum(len(seq) for seq, _, _ in entries)
+    torch.stack([torch.cat(parts) for parts in zip(*entries)], out=out[:3 * staged].view(3, staged))
+    return entries[0], entries[1]
 
 
 def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:

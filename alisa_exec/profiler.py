@@ -392,6 +392,7 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype, models: tupl
     for spec in (profile_spec(grid), *models):
         _measure_layer_ops(bench, grid, dtype, spec, add)
     _measure_copies(bench, grid, add)
+    _measure_stage_indices(grid, add)
     return rows_out
 
 
@@ -548,6 +549,17 @@ def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:
         rows_host = in_turn([view.view(-1, 256) for view in distinct_views(pools["pageable"], nbytes)])
         picked = torch.randperm(nbytes // 256)[:max(1, nbytes // 256 // 5)]
         add("host_gather", {"bytes": picked.numel() * 256}, lambda: torch.index_select(rows_host(), 0, picked))
+
+
+def _measure_stage_indices(grid: Grid, add: Callable) -> None:
+    """ALISA's host-side split of a step's selection at the grid's decode batches: every cached token attended, or
+    a gathered share of them, a quarter of the positions deleted and a quarter live on the CPU (on host tensors,
+    as the executor's prefetch holds its selection there)."""
+    for b, L in grid.decode_bL:
+        for T in sorted({L, max(1, round(L * GATHER_SHARE))}):
+            selected = torch.randperm(L)[:T].sort().values.to(torch.int32).expand(b, -1).contiguous()
+            out = torch.empty(3 * b * T, dtype=torch.int64)
+            add("stage_indices", {"b": b, "T": T}, lambda: ops.stage_indices(selected, L // 4, L // 2, out))
 
 
 # The executor's own host time beyond its named ops is measured on a model whose ops cost next to nothing, under

@@ -24,7 +24,7 @@ EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "spl
                "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3,
                "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
-               "host_gather": 1}
+               "host_gather": 1, "stage_indices": 14}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
 _BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "block_store",
                   "kv_quantize", "kv_dequantize", "local_sum", "topk")
@@ -87,10 +87,10 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
 def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     """Named-op rows for every op the profile does not time itself, derived from its other tables and marked
     "derived": projections are the GEMM table, attention paths (and the prefill's window rows) the decode and prefill
-    attention tables, CPU attention the CPU section, copies the link table (host gathers at the
-    CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never below one
-    launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost EAGER_CALLS x
-    launch_overhead_s."""
+    attention tables, CPU attention the CPU section, copies the link table (host gathers, and ALISA's split of its
+    selection, at the CPU copy bandwidth), elementwise and selection ops bytes over the measured HBM bandwidth (never
+    below one launch_overhead_s: back-to-back small kernels run at the rate the host issues them); host cost
+    EAGER_CALLS x launch_overhead_s."""
     gpu, measured = profile.gpu, {row.op for row in profile.gpu.ops if row.source == "measured"}
     floor_s, hbm_Bps = gpu.launch_overhead_s, gpu.hbm_GBps * 1e9
     shapes: dict[str, list[tuple[dict, float]]] = {
@@ -114,6 +114,8 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
                                                     for r in profile.link.copies]
     shapes["host_gather"] = [({"bytes": r.bytes}, max(floor_s, 2 * r.bytes / (profile.cpu.copy_GBps * 1e9)))
                              for r in profile.link.copies]
+    shapes["stage_indices"] = [(shape, max(floor_s, op_work("stage_indices", shape) / (profile.cpu.copy_GBps * 1e9)))
+                               for shape in ({"b": 1, "T": rows} for rows in _DERIVED_ROWS)]
     for op in _BANDWIDTH_OPS:
         shapes[op] = [(shape, max(floor_s, op_work(op, shape) / hbm_Bps))
                       for shape in (_bandwidth_shape(op, rows) for rows in _DERIVED_ROWS)]
@@ -128,7 +130,7 @@ _LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", 
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T",
                 "staged_sparse_attention": "T", "cpu_attention": "T",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
-                "copy_d2h_pageable": "bytes", "host_gather": "bytes"}
+                "copy_d2h_pageable": "bytes", "host_gather": "bytes", "stage_indices": "T"}
 
 
 def _family(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:

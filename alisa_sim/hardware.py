@@ -124,6 +124,9 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "copy_d2h_pinned": (("bytes",), lambda bytes: bytes),
     "copy_d2h_pageable": (("bytes",), lambda bytes: bytes),
     "host_gather": (("bytes",), lambda bytes: bytes),
+    # ALISA's host-side split of a step's selection (T positions per sequence) into the rows to fetch and to
+    # recompute, with their index list: the positions read (int32) and up to three int64 entries per row written.
+    "stage_indices": (("b", "T"), lambda b, T: 28 * b * T),
 }
 
 

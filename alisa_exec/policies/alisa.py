@@ -230,20 +230,13 @@ class AlisaExec(ExecPolicy):
         with self.span("host_gather", "cpu", track="cpu"):
             tiers.host_wait(run.offload_event[index], run.fetched[buffer])
             selected = self.selected_positions(index, run.num_tokens, host=True)
-            live = (selected >= deleted_end) & (selected < fetch_end)
-            deleted = selected < deleted_end
-            entries = []
-            for mask, rows, host in ((live, self.cpu, self.kv_host), (deleted, self.inputs, self.input_host)):
-                seq, slot = mask.nonzero(as_tuple=True)
-                position = selected[seq, slot].long()
+            live, deleted = ops.stage_indices(selected, deleted_end, fetch_end, self.index_host[buffer])
+            for (seq, _, position), rows, host in ((live, self.cpu, self.kv_host), (deleted, self.inputs,
+                                                                                   self.input_host)):
                 if len(seq):
                     rows[index].flat_rows(position * self.batch + seq, host[buffer].first(len(seq)))
-                entries.append((seq, slot, position))
-            fetched, recomputed = len(entries[0][0]), len(entries[1][0])
+            fetched, recomputed = len(live[0]), len(deleted[0])
             total = fetched + recomputed
-            if total:
-                indices = torch.stack([torch.cat(parts) for parts in zip(*entries)])
-                self.index_host[buffer][:3 * total].view(3, total).copy_(indices)
         after = (run.consumed[buffer],)
         if fetched:
             run.fetched[buffer] = tiers.copy_rows(self.kv_stage[buffer].first(fetched),

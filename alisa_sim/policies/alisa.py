@@ -402,22 +402,27 @@ class AlisaPolicy(Policy):
             ops.append(self._rows_copy("input_offload", "d2h", self.batch * stored, self._input_parts()))
         return ops
 
-    def _prefetch_ops(self, fetch: float, recompute: float) -> list:
-        """The host's gathers of the selected CPU rows (and of the deleted ones' layer inputs) from the pinned pools
-        into staging, and their copies to the GPU with the index list of (sequence, slot, position) per row."""
-        fetched, recomputed = self.batch * fetch, self.batch * recompute
-        gathers = tuple(("host_gather", {"bytes": int(rows * part)}) for rows, parts in
-                        ((fetched, self._kv_parts()), (recomputed, self._input_parts())) if rows for part in parts)
-        if not gathers:
+    def _prefetch_ops(self, step: int, schedule: AlisaSchedule | None, attended: int, fetch: float,
+                      recompute: float) -> list:
+        """A step that keeps tokens off the GPU: the host splits each layer's selection (`attended` positions per
+        sequence) into the CPU rows to fetch and the deleted ones to recompute, gathers those rows (the deleted ones'
+        layer inputs) from the pinned pools into staging, and copies them to the GPU with the index list of
+        (sequence, slot, position) per row."""
+        if not self.cpu_end(step, schedule):
             return []
-        seconds, host_s = self._priced(*gathers)
+        fetched, recomputed = self.batch * fetch, self.batch * recompute
+        calls = (("stage_indices", {"b": self.batch, "T": attended}),) + tuple(
+            ("host_gather", {"bytes": int(rows * part)}) for rows, parts in
+            ((fetched, self._kv_parts()), (recomputed, self._input_parts())) if rows for part in parts)
+        seconds, host_s = self._priced(*calls)
         ops = [make_op("host_gather", "cpu", {"cpu": seconds}, host_s=host_s,
-                       calls=tuple((op, tuple(sorted(shape.items()))) for op, shape in gathers))]
+                       calls=tuple((op, tuple(sorted(shape.items()))) for op, shape in calls))]
         if fetched:
             ops.append(self._rows_copy("kv_fetch", "h2d", fetched, self._kv_parts()))
         if recomputed:
             ops.append(self._rows_copy("input_fetch", "h2d", recomputed, self._input_parts()))
-        ops.append(self.copy_op("indices", "h2d", 3 * (fetched + recomputed) * 8, payload=False))
+        if fetched + recomputed:
+            ops.append(self.copy_op("indices", "h2d", 3 * (fetched + recomputed) * 8, payload=False))
         return ops
 
     def decode_template(self, step: int, schedule: AlisaSchedule | None = None) -> LayerTemplate:
@@ -427,7 +432,7 @@ class AlisaPolicy(Policy):
         t = LayerTemplate()
         buffered = ()
         if self.cfg.dynamic_scheduling:
-            for op in self._prefetch_ops(fetch, recompute):
+            for op in self._prefetch_ops(step, schedule, attended, fetch, recompute):
                 t.add(op, after=buffered[-1:])
                 buffered += (op.name,)
         elif fetch > 0:  # the static head split: every selected token's CPU heads come up

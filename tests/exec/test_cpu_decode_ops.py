@@ -1,10 +1,12 @@
-"""The CPU decode step's lean forms against their plain references: rotary by one roll, packed GEMM on N-d inputs."""
+"""The CPU decode step's lean forms against their plain references: rotary by one roll, packed GEMM on N-d inputs,
+ALISA's split of its selection into the rows to fetch and to recompute."""
 
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from alisa_exec import ops
 from alisa_exec.model import apply_rope, gemm, mkl_packable, pack_weight, rope_tables
 from alisa_sim.model_spec import load_model_spec
 from tiny_models import TINY_SPEC
@@ -67,3 +69,27 @@ def test_packed_gemm_on_any_leading_dims_equals_linear(rows, bias):
         other = torch.randn(rows + 1, 1, 37, generator=generator)  # not the packed row count: F.linear as is
         assert torch.equal(gemm(other, linear.weight, linear.bias, linear, "packed_weight"),
                            F.linear(other, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("batch,T,deleted_end,fetch_end", [(1, 1, 0, 1), (3, 7, 2, 5), (2, 9, 0, 0), (4, 5, 40, 40),
+                                                           (2, 16, 3, 3)])
+def test_stage_indices_splits_the_selection_as_a_row_by_row_scan(batch, T, deleted_end, fetch_end):
+    """Every (sequence, slot, position) live on the CPU in [deleted_end, fetch_end), then every deleted one below
+    deleted_end, each group in row-major order; nothing else of `out` is written (empty groups included)."""
+    torch.manual_seed(T)
+    selected = torch.stack([torch.randperm(40)[:T].sort().values for _ in range(batch)]).to(torch.int32)
+    out = torch.full((3 * batch * T + 1,), -7, dtype=torch.int64)
+    live, deleted = ops.stage_indices(selected, deleted_end, fetch_end, out)
+    expected = {"live": [], "deleted": []}
+    for seq in range(batch):
+        for slot in range(T):
+            position = int(selected[seq, slot])
+            if deleted_end <= position < fetch_end:
+                expected["live"].append((seq, slot, position))
+            elif position < deleted_end:
+                expected["deleted"].append((seq, slot, position))
+    for name, entries in (("live", live), ("deleted", deleted)):
+        assert list(zip(*(part.tolist() for part in entries))) == expected[name]
+    rows = expected["live"] + expected["deleted"]
+    assert out[:3 * len(rows)].view(3, -1).T.tolist() == [list(row) for row in rows]
+    assert (out[3 * len(rows):] == -7).all()

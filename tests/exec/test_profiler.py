@@ -23,7 +23,7 @@ EXECUTOR_CALLS = {
     "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
     "window_rows": prefill_window_rows, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
-    "host_gather": TokenRows.flat_rows,
+    "host_gather": TokenRows.flat_rows, "stage_indices": ops.stage_indices,
 }
 
 
