@@ -148,6 +148,8 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, selector: Selector, mask:
             keep = selector.choose_by_query(first, q[..., block, :], k)
             probs = _softmax_kept(scores, keep)
         else:
+            if selector.reads_queries:
+                selector.see_queries(first, q[..., block, :], k)
             keep, probs = _row_by_row(scores, selector, first)
         y[..., block, :] = probs @ v[:, :, None, :last]
         if probe:
@@ -337,6 +339,8 @@ def decode_pass(model: Transformer, tokens: Tensor, method: Method, kv_sparsity:
             elif selector.query_choice:
                 keep = selector.choose_by_query(step, q, keys[index])[:, :, 0]
             else:
+                if selector.reads_queries:
+                    selector.see_queries(step, q, keys[index])
                 keep = selector.keep(step + 1)
             keep = keep.expand(batch, kv_heads, -1)
             # Index lists of the kept positions, padded to the longest (sequences at other sparsities keep more).

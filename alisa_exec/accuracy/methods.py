@@ -19,6 +19,11 @@ when it is attended on top ("extra", the default, see docs/accuracy.md):
 - `quest-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the older tokens
   of the pages (16 positions) whose upper bound on the step's attention score, from the page's per-channel key
   minimum and maximum (kept on the GPU, as Quest does), is largest; as many tokens as SWA.
+- `k4-head`: beyond the paper, realisable: per KV head, the current and k recent tokens plus the older tokens of
+  largest attention of the step itself over a 4-bit copy of every key (kept on the GPU); as many tokens as SWA.
+- `k4-capped`: beyond the paper, realisable: `k4-head` with its picks held to SWA's ages (SWA run alongside on the
+  4-bit copy: at no position p more picks at or before p than SWA's set has), so no more of them are on the CPU
+  than SWA's under a newest-on-the-GPU placement.
 - `oracle`: a diagnostic, not realisable: per step the budget's tokens of largest dense attention of that very step,
   summed over the layer's heads (the current token always among them).
 - `h2o`: per KV head, the k most recent tokens and the heavy hitters by attention summed over every step since the
@@ -104,6 +109,7 @@ class Selector(ABC):
     static = False  # static: the choice depends on n only, not on attention, so a whole mask can be built at once
     dense_choice = False  # chooses from the step's own dense attention (the oracle): `choose` instead of `keep`
     query_choice = False  # chooses from the step's query and the cached keys: `choose_by_query` instead of `keep`
+    reads_queries = False  # `keep` also needs the step's query: `see_queries` hands a block of rows' queries first
     seeded = False  # a prefill's attention rows seed it (`prefill_rows`); others ignore them
 
     def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
@@ -416,20 +422,93 @@ def int4_keys(k: Tensor) -> Tensor:
     return ((k - low) / scale).round().clamp(0, INT4_LEVELS - 1) * scale + low
 
 
-class ApproximateAttention(QuerySelector):
-    """Older tokens scored by the step's own attention computed from a 4-bit copy of every key (kept on the GPU,
-    1/8 of the fp16 K and V), summed over the KV head's query group (int64 fixed point)."""
+class Int4KeyCopy:
+    """A layer's keys as a 4-bit copy (kept on the GPU, 1/8 of the fp16 K and V), and a step's attention over it:
+    a layer's blocks of rows share one copy."""
 
-    keys: Tensor | None = None  # the keys last handed in and their 4-bit copy: a layer's blocks share them
+    keys: Tensor | None = None  # the keys last handed in, and their copy
     int4: Tensor | None = None
 
-    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+    def probabilities(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """Attention probabilities [batch, kv_heads, group_size, rows, width] of rows first, first + 1, ...
+        (queries [batch, kv_heads, group_size, rows, d]) over the copy of keys k [batch, kv_heads, >= width, d]
+        (width = first + rows)."""
         width = first + q.shape[3]
         if self.keys is not k:
             self.keys, self.int4 = k, int4_keys(k)
         scores = (q @ self.int4[:, :, None, :width].transpose(-1, -2)) * q.shape[-1] ** -0.5
-        future = torch.arange(width, device=self.device) > torch.arange(first, width, device=self.device)[:, None]
-        return to_fixed_point(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).sum(dim=2))
+        future = torch.arange(width, device=q.device) > torch.arange(first, width, device=q.device)[:, None]
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+    def attention(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        """`probabilities` summed over each KV head's query group, in fixed point [batch, kv_heads, rows, width]."""
+        return to_fixed_point(self.probabilities(first, q, k).sum(dim=2))
+
+
+class ApproximateAttention(QuerySelector):
+    """Older tokens scored by the step's own attention computed from a 4-bit copy of every key."""
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.key_copy = Int4KeyCopy()
+
+    def older_scores(self, first: int, q: Tensor, k: Tensor) -> Tensor:
+        return self.key_copy.attention(first, q, k)
+
+
+class AgeCappedApproximateAttention(Selector):
+    """`k4-head`'s choice held to SWA's ages: per KV head, the recent window and as many older tokens as SWA, those
+    of largest attention over the 4-bit key copy such that, for every position p, no more of them lie at or before
+    p than SWA's own set has there. SWA runs alongside on the same copy: its windowed sums (one set per layer) add,
+    each step, the copy's attention of the step's queries over SWA's own set, as SWA sums its own set's attention
+    (summing what this method attends instead would credit the older tokens it found and loosen the caps). So a
+    head's i-th oldest pick is never older than SWA's i-th oldest, and under any placement that keeps the newest
+    tokens on the GPU and the oldest on the CPU (or deleted) it fetches and recomputes no more rows per KV head than
+    that SWA. Nested caps are a matroid, so the greedy is optimal: SWA's picks taken newest first, each admitting
+    the best remaining older token no older than itself (one always remains: fewer picks are made than SWA has at
+    or after it)."""
+
+    seeded = True
+    reads_queries = True
+
+    def __init__(self, kv_sparsity: Sequence[float], kv_heads: int, max_tokens: int, device: torch.device,
+                 current: str = DEFAULT_CURRENT):
+        super().__init__(kv_sparsity, kv_heads, max_tokens, device, current)
+        self.groups = kv_heads
+        self._tables()
+        self.swa = AttentionSum(kv_sparsity, kv_heads, max_tokens, device, current)
+        self.key_copy = Int4KeyCopy()
+        self.tie_break = max_tokens - 1 - self.token_positions
+
+    def see_queries(self, first: int, q: Tensor, k: Tensor) -> None:
+        """The queries [batch, kv_heads, group_size, rows, d] of the rows first, first + 1, ... about to be chosen,
+        and the keys [batch, kv_heads, >= first + rows, d]."""
+        self.first, self.probs = first, self.key_copy.probabilities(first, q, k)
+        self.scores = to_fixed_point(self.probs.sum(dim=2))
+
+    def keep(self, num_tokens: int) -> Tensor:
+        _, recent = self._recent(num_tokens)
+        positions = self.token_positions[:num_tokens]
+        self.swa_set = self.swa.keep(num_tokens)  # [batch, 1, n]
+        caps = self.swa_set[:, 0] & ~recent[:, 0]  # SWA's older picks
+        bounds = torch.where(caps, positions, -1).topk(int(caps.sum(dim=-1).max()), dim=-1).values  # newest first
+        scores = self.scores[:, :, num_tokens - 1 - self.first, :num_tokens]
+        keys = torch.where(recent, -1, scores * self.max_tokens + self.tie_break[:num_tokens])
+        chosen = torch.zeros_like(keys, dtype=torch.bool)
+        for bound in bounds.T:  # [batch] each: -1 once a sequence's SWA picks run out
+            allowed = (positions >= bound[:, None, None]) & ~chosen
+            best = torch.where(allowed, keys, -1).argmax(dim=-1, keepdim=True)
+            chosen.scatter_(-1, best, chosen.gather(-1, best) | (bound >= 0)[:, None, None])
+        return chosen | recent
+
+    def observe(self, probs: Tensor) -> None:
+        """SWA's sums take the copy's attention over SWA's own set (the attended `probs` are not needed)."""
+        num_tokens = probs.shape[-1]
+        own = self.probs[..., num_tokens - 1 - self.first, :num_tokens] * self.swa_set[:, :, None]
+        self.swa.observe(own / own.sum(dim=-1, keepdim=True))
+
+    def prefill_rows(self, first: int, probs: Tensor) -> None:
+        self.swa.prefill_rows(first, probs)
 
 
 @dataclass(frozen=True)
@@ -456,6 +535,7 @@ METHODS = {
     "hh-head": Method("hh-head", _sums(per_head=True, history="all")),
     "quest-head": Method("quest-head", PageBound),
     "k4-head": Method("k4-head", ApproximateAttention),
+    "k4-capped": Method("k4-capped", AgeCappedApproximateAttention),
     "oracle": Method("oracle", Oracle),
     "h2o": Method("h2o", HeavyHitters),
     "streamingllm": Method("streamingllm", StreamingLLM),

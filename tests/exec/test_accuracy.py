@@ -111,9 +111,13 @@ def run_selector(name: str, sparsities: list[float], steps: int = 120, kv_heads:
         logits = torch.randn(len(sparsities), kv_heads, group, n, generator=generator, dtype=torch.float64) * 3
         if selector.dense_choice:
             keep = selector.choose(n - 1, torch.softmax(logits, dim=-1)[..., None, :])[:, :, 0]
-        elif selector.query_choice:
+        elif selector.query_choice or selector.reads_queries:
             query = torch.randn(len(sparsities), kv_heads, group, 1, 8, generator=torch.Generator().manual_seed(n))
-            keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
+            if selector.query_choice:
+                keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
+            else:
+                selector.see_queries(n - 1, query, keys[:, :, :n])
+                keep = selector.keep(n).clone()
         else:
             keep = selector.keep(n).clone()
         masks.append(keep)
@@ -269,16 +273,71 @@ def test_quest_head_matches_a_plain_reference():
     check_query_selector("quest-head", page_bounds, seed=21, steps=70)
 
 
+def int4_probabilities_reference(query, keys):
+    """Every key rounded to 16 levels between its own channel min and max, and each query head's softmax over all
+    cached tokens with those keys [group, n]."""
+    low, high = keys.min(dim=1, keepdim=True).values, keys.max(dim=1, keepdim=True).values
+    step = (high - low) / 15
+    rounded = torch.round((keys - low) / step) * step + low
+    return torch.softmax(query @ rounded.T / math.sqrt(keys.shape[1]), dim=-1)
+
+
+def int4_attention_reference(query, keys, older):
+    """The older tokens' scores: those probabilities summed over the query group, in the kernels' fixed point."""
+    return (int4_probabilities_reference(query, keys).sum(dim=0).float() * 2.0 ** 32).to(torch.int64)[:older]
+
+
 def test_k4_head_matches_a_plain_reference():
-    """Every key rounded to 16 levels between its own channel min and max, the step's softmax over all cached tokens
-    with those keys, summed over the query group, in the kernels' fixed point."""
-    def approximate_attention(query, keys, older):
-        low, high = keys.min(dim=1, keepdim=True).values, keys.max(dim=1, keepdim=True).values
-        step = (high - low) / 15
-        rounded = torch.round((keys - low) / step) * step + low
-        probs = torch.softmax(query @ rounded.T / math.sqrt(keys.shape[1]), dim=-1).sum(dim=0)
-        return (probs.float() * 2.0 ** 32).to(torch.int64)[:older]
-    check_query_selector("k4-head", approximate_attention, seed=22)
+    check_query_selector("k4-head", int4_attention_reference, seed=22)
+
+
+def test_k4_capped_is_the_best_set_under_swa_age_caps():
+    """Against a plain reference: SWA's choice from scratch (`reference_choice`) on rows that are, after a seeding
+    prefill, the 4-bit copy's attention over SWA's own set (each query head's probabilities renormalised over the
+    set, summed over every head), and the forward greedy (best 4-bit-key score first, taken if no position p then
+    has more picks at or before it than SWA's older picks there), optimal for nested caps as the selector's backward
+    greedy is; distinct keys make the optimum unique. The caps must bind at many steps."""
+    sparsities, kv_heads, group, head_dim, steps, prefill = [0.5, 0.8, 0.9], 2, 3, 8, 70, 9
+    selector = METHODS["k4-capped"].make_selector(sparsities, kv_heads, steps, CPU)
+    generator = torch.Generator().manual_seed(23)
+    keys = torch.randn(3, kv_heads, steps, head_dim, generator=generator, dtype=torch.float64)
+    dense = torch.softmax(torch.randn(3, kv_heads, group, prefill, prefill, generator=generator, dtype=torch.float64)
+                          .masked_fill(torch.ones(prefill, prefill, dtype=torch.bool).triu(1), float("-inf")), -1)
+    selector.prefill_rows(0, dense)
+    rows = {b: list(dense[b].sum(dim=(0, 1))) for b in range(3)}
+    bound = 0
+    for n in range(prefill + 1, steps + 1):
+        query = torch.randn(3, kv_heads, group, 1, head_dim, generator=generator, dtype=torch.float64)
+        selector.see_queries(n - 1, query, keys[:, :, :n])
+        keep = selector.keep(n)
+        swa_rows = {}
+        for b, sparsity in enumerate(sparsities):
+            recent = swa_recent(n, sparsity, "extra")
+            take, older = kv_budget(n, sparsity, "extra") - recent, n - recent
+            swa_set = reference_choice(rows[b], n, sparsity, "extra", False, "window")
+            swa = torch.zeros(older, dtype=torch.int64)
+            swa[[p for p in swa_set if p < older]] = 1
+            caps = swa.cumsum(0).tolist()
+            swa_rows[b] = torch.zeros(n, dtype=torch.float64)
+            for head in range(kv_heads):
+                own = int4_probabilities_reference(query[b, head, :, 0], keys[b, head, :n])[:, swa_set]
+                swa_rows[b][swa_set] += (own / own.sum(dim=-1, keepdim=True)).sum(dim=0)
+                scores = int4_attention_reference(query[b, head, :, 0], keys[b, head, :n], older).tolist()
+                ranked = sorted(range(older), key=lambda p: (-scores[p], p))
+                at_or_before = [0] * older
+                picked = []
+                for p in ranked:
+                    if len(picked) < take and all(at_or_before[x] < caps[x] for x in range(p, older)):
+                        picked.append(p)
+                        at_or_before[p:] = [count + 1 for count in at_or_before[p:]]
+                want = sorted(picked) + list(range(older, n))
+                assert keep[b, head].nonzero().flatten().tolist() == want, f"step {n}, sequence {b}, head {head}"
+                bound += sorted(ranked[:take]) != sorted(picked)
+        logits = torch.randn(3, kv_heads, group, n, generator=generator, dtype=torch.float64)
+        selector.observe(torch.softmax(logits.masked_fill(~keep[:, :, None], float("-inf")), dim=-1))
+        for b in range(3):
+            rows[b].append(swa_rows[b])
+    assert bound > 50, "the caps change the choice at many steps"
 
 
 def test_oracle_is_never_worse_than_a_one_set_method_on_the_same_rows():
