@@ -478,7 +478,6 @@ class AgeCappedApproximateAttention(Selector):
         self._tables()
         self.swa = AttentionSum(kv_sparsity, kv_heads, max_tokens, device, current)
         self.key_copy = Int4KeyCopy()
-        self.tie_break = max_tokens - 1 - self.token_positions
 
     def see_queries(self, first: int, q: Tensor, k: Tensor) -> None:
         """The queries [batch, kv_heads, group_size, rows, d] of the rows first, first + 1, ... about to be chosen,
@@ -493,7 +492,7 @@ class AgeCappedApproximateAttention(Selector):
         caps = self.swa_set[:, 0] & ~recent[:, 0]  # SWA's older picks
         bounds = torch.where(caps, positions, -1).topk(int(caps.sum(dim=-1).max()), dim=-1).values  # newest first
         scores = self.scores[:, :, num_tokens - 1 - self.first, :num_tokens]
-        keys = torch.where(recent, -1, scores * self.max_tokens + self.tie_break[:num_tokens])
+        keys = torch.where(recent, -1, scores * self.max_tokens + self.swa.tie_break[:num_tokens])
         chosen = torch.zeros_like(keys, dtype=torch.bool)
         for bound in bounds.T:  # [batch] each: -1 once a sequence's SWA picks run out
             allowed = (positions >= bound[:, None, None]) & ~chosen

@@ -109,16 +109,14 @@ def run_selector(name: str, sparsities: list[float], steps: int = 120, kv_heads:
     masks = []
     for n in range(1, steps + 1):
         logits = torch.randn(len(sparsities), kv_heads, group, n, generator=generator, dtype=torch.float64) * 3
+        query = torch.randn(len(sparsities), kv_heads, group, 1, 8, generator=torch.Generator().manual_seed(n))
         if selector.dense_choice:
             keep = selector.choose(n - 1, torch.softmax(logits, dim=-1)[..., None, :])[:, :, 0]
-        elif selector.query_choice or selector.reads_queries:
-            query = torch.randn(len(sparsities), kv_heads, group, 1, 8, generator=torch.Generator().manual_seed(n))
-            if selector.query_choice:
-                keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
-            else:
-                selector.see_queries(n - 1, query, keys[:, :, :n])
-                keep = selector.keep(n).clone()
+        elif selector.query_choice:
+            keep = selector.choose_by_query(n - 1, query, keys[:, :, :n])[:, :, 0]
         else:
+            if selector.reads_queries:
+                selector.see_queries(n - 1, query, keys[:, :, :n])
             keep = selector.keep(n).clone()
         masks.append(keep)
         selector.observe(torch.softmax(logits.masked_fill(~keep[:, :, None], float("-inf")), dim=-1))
