@@ -276,14 +276,34 @@ class OutOfMemory(Exception):
 class MemoryPool:
     """A device's memory, held by purpose (weights, kv, ...), with peak tracking. Nothing ever waits for memory (a
     placement that does not fit is an OutOfMemory result), so a level suffices where a SimPy container would only
-    add events."""
+    add events. `reserve` sets what the run holds throughout (a policy's static buffers), `hold` what a step holds
+    beside it; a purpose in both counts both (the executor's window ring: the step's live rows and the ring's slack),
+    and a held purpose `within` a reserved one is inside it (counted once, as the reservation)."""
 
-    def __init__(self, device: str, capacity_bytes: int):
+    def __init__(self, device: str, capacity_bytes: int, within: dict[str, str] | None = None):
         self.device = device
         self.capacity_bytes = capacity_bytes
+        self.within = within or {}
+        self.reserved: dict[str, float] = {}
         self.held: dict[str, float] = {}
         self.level_bytes = 0.0
         self.peak_bytes = 0
+        self.peak_usage: dict[str, float] = {}  # bytes by purpose when the peak was reached
+
+    def usage(self) -> dict[str, float]:
+        """Bytes by purpose, reserved and held together."""
+        usage = dict(self.reserved)
+        for purpose, nbytes in self.held.items():
+            if purpose in self.within:
+                outer = self.within[purpose]
+                usage[outer] = max(usage.get(outer, 0.0), nbytes)
+            else:
+                usage[purpose] = usage.get(purpose, 0.0) + nbytes
+        return usage
+
+    def reserve(self, usage: dict[str, float], when: str) -> None:
+        """Hold `usage` for the whole run (it replaces an earlier reservation); OutOfMemory if it would overflow."""
+        self._set(usage, self.held, when)
 
     def hold(self, usage: dict[str, float], when: str) -> None:
         """Set the bytes held for each purpose in `usage` (others unchanged); OutOfMemory if it would overflow."""
@@ -293,12 +313,18 @@ class MemoryPool:
                 break
         else:
             return  # nothing changes (most steps hold the CPU's or the GPU's KV as it was)
-        held = {**current, **usage}
-        total = sum(held.values())
+        self._set(self.reserved, {**current, **usage}, when)
+
+    def _set(self, reserved: dict[str, float], held: dict[str, float], when: str) -> None:
+        previous = self.reserved, self.held
+        self.reserved, self.held = reserved, held
+        total = sum(self.usage().values()) if self.within else sum(reserved.values()) + sum(held.values())
         if total > self.capacity_bytes:
-            detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in held.items() if nbytes)
+            detail = ", ".join(f"{purpose} {_gb(nbytes)}" for purpose, nbytes in self.usage().items() if nbytes)
+            self.reserved, self.held = previous
             raise OutOfMemory(f"out of {self.device} memory {when}: needs {_gb(total)} GB ({detail}) "
                               f"but the {self.device} has {_gb(self.capacity_bytes)} GB")
-        self.held, self.level_bytes = held, total
-        if total > self.peak_bytes:
+        self.level_bytes = total
+        if total > self.peak_bytes or not self.peak_usage:
             self.peak_bytes = int(total)
+            self.peak_usage = self.usage()

@@ -124,6 +124,12 @@ class ModelSpec(BaseModel):
     def weight_bytes(self) -> int:
         return self.num_params * self.dtype_bytes
 
+    @property
+    def projection_weight_bytes(self) -> int:
+        """The weight matrices of every layer's projections and of the LM head (what the executor packs for MKL)."""
+        matrices = self.num_layers * sum(g.k * g.n for g in self.layer_gemms(1)) + self.hidden_size * self.vocab_size
+        return matrices * self.dtype_bytes
+
     def kv_bytes_per_token_per_layer(self, kv_dtype_bytes: float | None = None) -> float:
         """K and V of one token in one layer."""
         return 2 * self.kv_dim * (kv_dtype_bytes or self.dtype_bytes)

@@ -217,7 +217,11 @@ def build_result(sim: Simulation) -> dict:
         busy += sum(record.timing.busy_s.get(lane, 0.0) for lane in lanes)
     total_s = sum(row.time_s for row in rows)
     breakdown["idle"] = max(0.0, total_s - busy)
-    return assemble_result("sim", wl, sim.policy.plan(), rows, sim.peak_gpu_bytes, sim.peak_cpu_bytes, breakdown)
+    # The peak's bytes by purpose, under the executor's key (its allocation by purpose).
+    memory = {"memory_plan": {f"{tier}_bytes": {purpose: int(nbytes) for purpose, nbytes in usage.items() if nbytes}
+                              for tier, usage in (("gpu", sim.peak_gpu_usage), ("cpu", sim.peak_cpu_usage))}}
+    return assemble_result("sim", wl, sim.policy.plan(), rows, sim.peak_gpu_bytes, sim.peak_cpu_bytes, breakdown,
+                           memory)
 
 
 # ---- the schema both runners' Results follow ------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class Simulation:
     steps: list[StepRecord] = field(default_factory=list)
     peak_gpu_bytes: int = 0
     peak_cpu_bytes: int = 0
+    peak_gpu_usage: dict[str, float] = field(default_factory=dict)  # bytes by purpose at each device's peak
+    peak_cpu_usage: dict[str, float] = field(default_factory=dict)
     oom_error: str | None = None
     interpolated_steps: int = 0  # decode steps of collapsed runs (not simulated one by one)
 
@@ -178,8 +180,8 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
     """Simulate the run under an already built policy (a planner's candidate)."""
     sim = Simulation(workload, policy)
     env = simpy.Environment()
-    gpu = MemoryPool("GPU", workload.gpu_capacity_bytes)
-    cpu = MemoryPool("CPU", workload.cpu_capacity_bytes)
+    gpu = MemoryPool("GPU", workload.gpu_capacity_bytes, policy.held_within)
+    cpu = MemoryPool("CPU", workload.cpu_capacity_bytes, policy.held_within)
     stepper = policy.stepper()
     num_layers = workload.model.num_layers
 
@@ -193,8 +195,8 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
 
     def run():
         static = policy.static_memory()
-        gpu.hold(static.gpu, "before the prefill")
-        cpu.hold(static.cpu, "before the prefill")
+        gpu.reserve(static.gpu, "before the prefill")
+        cpu.reserve(static.cpu, "before the prefill")
         if type(policy).steps is not BasePolicy.steps:  # a policy with its own step driver (vLLM's scheduler)
             for plan in policy.steps():
                 record(plan, stepper.run_step(plan.template, num_layers), env.now)
@@ -232,6 +234,7 @@ def simulate_with_policy(workload: ResolvedWorkload, policy: Policy,
     except OutOfMemory as exc:
         sim.oom_error = str(exc)
     sim.peak_gpu_bytes, sim.peak_cpu_bytes = gpu.peak_bytes, cpu.peak_bytes
+    sim.peak_gpu_usage, sim.peak_cpu_usage = gpu.peak_usage, cpu.peak_usage
     return sim
 
 

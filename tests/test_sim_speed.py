@@ -93,6 +93,18 @@ def test_an_unchanged_hold_keeps_the_peak_and_a_changed_one_is_checked():
     assert "new" in pool.held
 
 
+def test_a_reservation_adds_to_a_steps_purposes_and_holds_what_lies_within_it():
+    pool = MemoryPool("CPU", 100, within={"swapped": "swap_space"})
+    pool.reserve({"swap_space": 40.0, "kv": 5.0}, "before the prefill")  # kv: a pool's rows no step fills
+    pool.hold({"kv": 20.0, "swapped": 30.0}, "in decode 1")
+    assert (pool.level_bytes, pool.peak_usage) == (65.0, {"swap_space": 40.0, "kv": 25.0})
+    pool.hold({"kv": 10.0, "swapped": 0.0}, "in decode 2")
+    assert (pool.level_bytes, pool.peak_bytes) == (55.0, 65)
+    with pytest.raises(OutOfMemory, match=r"in decode 3: needs .* \(swap_space 4e-08, kv 6.1e-08\)"):
+        pool.hold({"kv": 56.0}, "in decode 3")
+    assert pool.held == {"kv": 10.0, "swapped": 0.0}  # a hold that does not fit is not kept
+
+
 def test_a_simulation_and_a_plan_do_not_import_networkx():
     """networkx (half a second to import) is only for drawing a template's DAG (LayerTemplate.graph)."""
     code = ("import sys; from alisa_sim.cli import main; "

@@ -26,11 +26,10 @@ from alisa_exec.policies.base import ExecPolicy
 
 
 class _EvictionExec(ExecPolicy):
-    scored = False
-
     def __init__(self, wl, sim, dtype):
         super().__init__(wl, sim, dtype)
         self.capacity = sim.kept(self.positions)
+        self.scored = sim.scored
 
     def allocate(self, tiers: Tiers) -> None:
         shape = (self.batch, self.spec.num_kv_heads, self.capacity, self.spec.dim_per_head)
@@ -122,7 +121,6 @@ class StreamingLLMExec(_EvictionExec):
 
 class H2OExec(_EvictionExec):
     name = "h2o"
-    scored = True
 
     def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
         s = self.prompt_len

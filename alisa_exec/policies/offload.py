@@ -23,6 +23,8 @@ buffers on the H2D stream one layer ahead, appends the new token there, attends,
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -144,7 +146,7 @@ class FlexGenExec(ExecPolicy):
         self.gpu_heads, self.cpu_heads = sim.gpu_kv_heads, sim.cpu_kv_heads
         self.cpu_attention = sim.cpu_attention
         self.weight_share = sim.weights_cpu_share
-        self.hidden_on_cpu = sim.activations_cpu_share >= 0.5
+        self.hidden_on_cpu = sim.hidden_on_cpu
         self.head_dim = self.spec.dim_per_head
 
     # ---- memory --------------------------------------------------------------------------------------------------
@@ -182,9 +184,11 @@ class FlexGenExec(ExecPolicy):
         if self.cpu_heads and not self.cpu_attention:
             self.stage = [TokenRows(tiers, GPU, "kv_staging", P, self.gbs, 2 * self.cpu_heads * self.head_dim,
                                     self.dtype) for _ in range(2)]
+        home = (self.batch, self.prompt_len, self.spec.hidden_size)
         if self.hidden_on_cpu:
-            self.hidden_home = tiers.empty(CPU, "activations_home", (self.batch, self.prompt_len,
-                                                                     self.spec.hidden_size), self.dtype)
+            self.hidden_home = tiers.empty(CPU, "activations_home", home, self.dtype)
+        else:  # the layer loop's hidden states of every GPU batch, held on the GPU between layers
+            tiers.count(GPU, "activations_home", math.prod(home) * self.dtype.itemsize)
 
     def kv_bytes(self, step: int) -> tuple[int, int]:
         per = (self.prompt_len + step) * self.batch * self.spec.num_layers * 2 * self.head_dim * self.dtype.itemsize

@@ -27,7 +27,7 @@ class AcceleratePolicy(Policy):
         return tokens * self.model.kv_bytes_per_token_per_layer()
 
     def static_memory(self) -> MemoryUse:
-        staging = 2 * self._layer_kv_bytes(self.batch * self.wl.max_context())
+        staging = 2 * self._layer_kv_bytes(self.batch * self.positions)  # two layers' KV, as it is read
         return MemoryUse(gpu={"weights": self.model.weight_bytes, "kv_staging": staging, **self.activation_buffers()})
 
     def kv_memory(self, context: int) -> MemoryUse:

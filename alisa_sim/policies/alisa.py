@@ -81,6 +81,7 @@ class AlisaPolicy(Policy):
         self.kv_token_layer = m.kv_bytes_per_token_per_layer(self.value_bytes)
         input_value = int8_bytes_per_value(m.hidden_size, m.dtype_bytes) if cfg.int8 else m.dtype_bytes
         self.input_token_layer = m.hidden_size * input_value  # stored layer input, same format
+        self._schedule = None  # the GPU budget is what a schedule starts from
         self.gpu_tokens = self._gpu_token_budget()
         # The static split of the ablation: every token's KV split along heads, sized for the longest context.
         longest = workload.max_context()
@@ -120,25 +121,41 @@ class AlisaPolicy(Policy):
         per_sequence = 8 * positions + 8 * (k + 1) * max(attended, self.prompt_len)
         return self.batch * self.model.num_layers * per_layer * per_sequence
 
-    def _staging_bytes(self) -> dict[str, float]:
-        """Two prefetch buffers of one layer's selected tokens (and their layer inputs when recompute is on), and
-        with the gather kernel the packed K/V the attention reads."""
+    def _staging_bytes(self, offloads: bool, recomputes: bool) -> dict[str, float]:
+        """Two prefetch buffers of one layer's selected tokens (and of their layer inputs when the plan deletes
+        tokens), each with the (sequence, slot, position) int64 index list of its rows, when the plan keeps tokens
+        off the GPU; with the gather kernel, the packed K/V the attention reads."""
         m = self.model
-        attended = self.selected(self.wl.max_context())[1]
-        per_token = self.kv_token_layer + (self.input_token_layer if self.cfg.recompute else 0)
-        # and beside each, the (sequence, slot, position) int64 index list of its rows
-        index_list = 3 * 8 if self.cfg.dynamic_scheduling else 0
+        attended = self.selected(self.positions)[1]
+        per_token = (self.kv_token_layer if offloads else 0) + (self.input_token_layer if recomputes else 0)
+        index_list = 3 * 8 if offloads and self.cfg.dynamic_scheduling else 0
         staging = {"kv_staging": 2 * self.batch * attended * (per_token + index_list)}
         if self.cfg.attention_kernel == "gather":
             staging["attention_workspace"] = self.batch * attended * 2 * m.kv_dim * m.dtype_bytes
         return staging
 
     def static_memory(self) -> MemoryUse:
-        # The executor's window ring holds one slot beyond the tokens a step keeps on the GPU (`ring_slots`), so
-        # writing the newest token never overwrites a row still being copied out.
-        ring_slot = self.batch * self.model.num_layers * self.kv_token_layer if self.cfg.dynamic_scheduling else 0.0
-        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._staging_bytes(), "kv_ring_slot": ring_slot,
-                              "selection_state": self._selection_state_bytes(), **self.activation_buffers()})
+        """Weights, working buffers and selection state, and the executor's preallocated KV: with a schedule, its
+        window ring, CPU pool and stored layer inputs (reserved beyond each step's live KV, `kv_slack`), the staging
+        buffers on both sides and the host's copy of the selection, as it allocates them; without one (the GPU budget
+        the schedule search starts from), the most a schedule can need on the GPU: staging for fetches and
+        recomputes, and one spare ring slot."""
+        m = self.model
+        gpu = {"weights": m.weight_bytes, "selection_state": self._selection_state_bytes(), **self.activation_buffers()}
+        if self._schedule is None or not self.cfg.dynamic_scheduling:
+            ring_slot = m.num_layers * self.batch * self.kv_token_layer if self.cfg.dynamic_scheduling else 0.0
+            return MemoryUse(gpu={**gpu, **self._staging_bytes(True, self.cfg.recompute), "kv": ring_slot})
+        per_position = m.num_layers * self.batch
+        offloaded = max(self.cpu_end(step) for step in range(self.wl.decode_steps + 1))
+        inputs = self.input_end()
+        staging = self._staging_bytes(offloaded > 0, inputs > 0)
+        pools = self.kv_slack(MemoryUse(gpu={"kv": self.ring_slots() * per_position * self.kv_token_layer},
+                                        cpu={"kv": offloaded * per_position * self.kv_token_layer,
+                                             "layer_inputs": inputs * per_position * self.input_token_layer}))
+        host = {"kv_staging": staging["kv_staging"]}
+        if offloaded:  # each layer's selection, int32 positions
+            host["selection_indices"] = m.num_layers * self.batch * self.selected(self.positions)[1] * 4
+        return MemoryUse(gpu={**gpu, **staging, **pools.gpu}, cpu={**host, **pools.cpu})
 
     def _gpu_token_budget(self) -> int:
         """Tokens per sequence whose KV fits on the GPU next to everything else."""

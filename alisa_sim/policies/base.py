@@ -53,6 +53,8 @@ class Policy(ABC):
     """Base of every KV/weight placement policy. Subclasses set `name` and implement the hooks below."""
 
     name: str
+    # A step's purpose held inside a reserved one (vLLM's swapped-out blocks in its swap space): counted once.
+    held_within: dict[str, str] = {}
 
     def __init__(self, workload: ResolvedWorkload, cost: CostModel):
         self.wl = workload
@@ -113,6 +115,22 @@ class Policy(ABC):
     # ---- op builders shared by policies -----------------------------------------------------------
     def context(self, step: int) -> int:
         return self.prompt_len + step
+
+    @property
+    def positions(self) -> int:
+        """Positions whose K/V the run computes (the last generated token's never is): what the executor's
+        preallocated KV buffers are sized for."""
+        return self.prompt_len + self.wl.workload.gen_len - 1
+
+    def kv_slack(self, allocated: MemoryUse) -> MemoryUse:
+        """What preallocated KV pools (`allocated`, by device and purpose) hold beyond the live KV of each device's
+        fullest step (`kv_memory`): reserved for the whole run beside each step's live KV, so that the simulated
+        peak is the executor's allocation, purpose by purpose."""
+        steps = [self.kv_memory(self.context(step)) for step in range(self.wl.decode_steps + 1)]
+        gpu = max(steps, key=lambda use: use.gpu_bytes).gpu
+        cpu = max(steps, key=lambda use: use.cpu_bytes).cpu
+        return MemoryUse(gpu={purpose: nbytes - gpu.get(purpose, 0.0) for purpose, nbytes in allocated.gpu.items()},
+                         cpu={purpose: nbytes - cpu.get(purpose, 0.0) for purpose, nbytes in allocated.cpu.items()})
 
     def _priced(self, *calls: tuple[str, dict[str, int]]) -> tuple[float, float]:
         """Device and host seconds of a sequence of the executor's named ops, each from its profile row."""
@@ -212,6 +230,10 @@ class Policy(ABC):
         m = self.model
         return "kv_store", {"b": self.batch, "T": tokens, "width": 2 * m.kv_dim, "e": m.dtype_bytes}
 
+    def static_kv_slack(self) -> MemoryUse:
+        """The static KV buffers' positions past the run's last (dense, zero: sized `aligned_seq_len`)."""
+        return self.kv_slack(MemoryUse(gpu={"kv": self.kv_bytes(aligned_seq_len(self.positions))}))
+
     def static_prefill_attention_op(self) -> Op:
         """The prompt's causal attention, then its K/V written into static cache buffers (dense, zero)."""
         return self.prefill_attention_op(stores=(self._kv_store(self.prompt_len),))
@@ -219,7 +241,7 @@ class Policy(ABC):
     def static_decode_attention_op(self) -> Op:
         """The new token's K/V written into static cache buffers, then attention over the whole buffer, which
         holds every position of the run, later ones masked (dense, zero: one step's ops at every position)."""
-        buffer = aligned_seq_len(self.prompt_len + self.wl.workload.gen_len - 1)
+        buffer = aligned_seq_len(self.positions)
         return self._gpu_op("attention", {"attention": (self._kv_store(1), ("masked_attention",
                                                                             self._cache_shape(buffer)))})
 

@@ -10,7 +10,9 @@ class DensePolicy(Policy):
     name = "dense"
 
     def static_memory(self) -> MemoryUse:
-        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self.activation_buffers()})
+        packed = {"packed_weights": self.model.projection_weight_bytes} if self.packs_weights else {}
+        return MemoryUse(gpu={"weights": self.model.weight_bytes, **packed, **self.activation_buffers(),
+                              **self.static_kv_slack().gpu})
 
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(gpu={"kv": self.kv_bytes(context)})

@@ -16,6 +16,8 @@ from alisa_sim.swa import eviction_kept
 
 
 class _EvictionPolicy(Policy):
+    scored = False  # H2O also keeps each kept token's accumulated attention, per KV head
+
     def kept(self, context: int) -> int:
         return eviction_kept(context, self.wl.policy.kv_sparsity, self.prompt_len)
 
@@ -29,7 +31,13 @@ class _EvictionPolicy(Policy):
         return {"evicted_tokens": evicted * self.batch * self.model.num_layers} if evicted else {}
 
     def static_memory(self) -> MemoryUse:
-        return MemoryUse(gpu={"weights": self.model.weight_bytes, **self.activation_buffers()})
+        """Weights and working buffers, and beside the KV slots the position each slot holds (int64) and, for H2O,
+        its score (fp32), per sequence, KV head and layer."""
+        m = self.model
+        slots = self.batch * m.num_kv_heads * self.kept(self.positions) * m.num_layers
+        scores = {"eviction_scores": 4 * slots} if self.scored else {}
+        return MemoryUse(gpu={"weights": m.weight_bytes, **self.activation_buffers(), "kv_positions": 8 * slots,
+                              **scores})
 
     def kv_memory(self, context: int) -> MemoryUse:
         return MemoryUse(gpu={"kv": self.kv_bytes(self.kept(context))})
@@ -51,6 +59,7 @@ class _EvictionPolicy(Policy):
 
 class H2OPolicy(_EvictionPolicy):
     name = "h2o"
+    scored = True
 
     def add_eviction_cost(self, template: LayerTemplate, kept: int) -> None:
         # fp32 accumulated score per head and kept token: read the new probabilities, update, find the lowest.

@@ -49,7 +49,7 @@ def flexgen_static_memory(policy: Policy, weights_cpu: float, kv_cpu: float, act
            "activation_staging": 2 * activations_cpu * gbs * prompt * hidden,
            **policy.activation_buffers(gbs)}
     if not cpu_attention:
-        gpu["kv_staging"] = 2 * kv_cpu * gbs * policy.wl.max_context() * m.kv_bytes_per_token_per_layer()
+        gpu["kv_staging"] = 2 * kv_cpu * gbs * policy.positions * m.kv_bytes_per_token_per_layer()
     cpu = {"weights": weights_cpu * m.weight_bytes, "activations_home": activations_cpu * all_prompt_hidden}
     return MemoryUse(gpu=gpu, cpu=cpu)
 
@@ -63,7 +63,10 @@ class FlexGenPolicy(Policy):
         self.setting = setting
         self.cfg = workload.policy
         wg, wc, cg, cc, hg, hc = (p / 100 for p in setting.percent)
-        self.weights_cpu_share, self.activations_cpu_share = wc, hc
+        # FlexGen keeps the hidden states wholly on one device (its activation home); a split share goes where most
+        # of it is, as the executor runs it. The LP search prices the share itself (affine in it).
+        self.hidden_on_cpu = hc >= 0.5
+        self.weights_cpu_share, self.activations_cpu_share = wc, float(self.hidden_on_cpu)
         m = self.model
         # The KV split is along heads: whole KV heads on the GPU, the rest on the CPU.
         self.gpu_kv_heads = math.floor(m.num_kv_heads * cg + 1e-9)  # FlexGen: int(heads * share)

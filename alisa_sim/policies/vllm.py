@@ -207,6 +207,7 @@ class VllmScheduler:
 
 class VllmPolicy(Policy):
     name = "vllm"
+    held_within = {"kv_swapped": "kv_swap_space"}  # swapped-out blocks live in the preallocated swap space
 
     def __init__(self, workload, cost):
         super().__init__(workload, cost)
@@ -236,8 +237,12 @@ class VllmPolicy(Policy):
                 "logits": self.model.logits_bytes(self.wl.policy.max_num_seqs)}
 
     def static_memory(self) -> MemoryUse:
+        """Weights and the profiling run's peak on the GPU; the swap space's whole blocks on the CPU, preallocated
+        (the swapped-out blocks a step reports are held inside it: `held_within`)."""
+        # (cpu_blocks is set after the GPU budget, which asks for this before it exists)
+        swap = getattr(self, "cpu_blocks", 0) * self.block_bytes
         return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._profile_activations()},
-                         cpu={"kv_swap_space": self.wl.policy.swap_space * GiB})
+                         cpu={"kv_swap_space": swap})
 
     def kv_memory(self, context: int) -> MemoryUse:
         """The whole preallocated pool, whatever the context."""

@@ -15,8 +15,10 @@ class ZeroPolicy(Policy):
         return {"weights_gpu": embedding_share, "kv_gpu": 1.0}
 
     def static_memory(self) -> MemoryUse:
-        return MemoryUse(gpu={"embedding_weights": self.model.embedding_weight_bytes,
-                              "weight_staging": 2 * self.model.layer_weight_bytes, **self.activation_buffers()},
+        # On the GPU, "weights" are the embeddings, final norm and LM head; the layers' stream through two buffers.
+        return MemoryUse(gpu={"weights": self.model.embedding_weight_bytes,
+                              "weight_staging": 2 * self.model.layer_weight_bytes, **self.activation_buffers(),
+                              **self.static_kv_slack().gpu},
                          cpu={"layer_weights": self.model.num_layers * self.model.layer_weight_bytes})
 
     def kv_memory(self, context: int) -> MemoryUse:

@@ -1,8 +1,9 @@
 """For one plan, the simulator's step rows equal the executor's exactly, for every executor policy: per step the kind,
 KV phase, token rows computed, KV bytes held on each tier, H2D and D2H payload bytes, and the token-row counters
 (fetched / offloaded / recomputed / evicted, one token of one layer of one sequence), plus vLLM's preemptions and
-swapped blocks. CPU device, float32, a tiny GQA model with dummy weights; budgets tight enough that ALISA spends the
-run in Phase II (and Phase III with p2/beta pinned) and vLLM preempts.
+swapped blocks; and the peak GPU and CPU bytes, purpose by purpose. CPU device, float32, a tiny GQA model with
+dummy weights; budgets tight enough that ALISA spends the run in Phase II (and Phase III with p2/beta pinned) and
+vLLM preempts.
 
 ALISA at kv_sparsity > 0 is exact from the statistics alone in Phase II when the tight budget leaves only the newest
 token on the GPU, so every other selected token is read from the CPU whichever the selection picks; with a wider GPU
@@ -95,6 +96,10 @@ def budget(policy: dict, cap) -> float | None:
     return blocks_cap(policy, cap) if isinstance(cap, int) else None
 
 
+def held(usage: dict) -> dict[str, int]:
+    return {purpose: int(nbytes) for purpose, nbytes in usage.items() if nbytes}
+
+
 def step_table(rows) -> list[dict]:
     return [{**{name: getattr(row, name) for name in FIELDS},
              **{name: row.counters.get(name, 0) for name in COUNTERS}} for row in rows]
@@ -114,22 +119,25 @@ def test_simulated_steps_equal_the_executed_ones(case):
     assert (moved > 0) == (case not in ("dense", "zero", "alisa-phase-1") and not case.startswith("vllm"))
     if case.startswith("vllm"):  # the pool is small enough that the scheduler preempts
         assert sum(row["preemptions"] for row in executed) > 0
-        assert measured.peak_gpu_bytes == plan.simulation.peak_gpu_bytes
+    # Peak memory, device by device and purpose by purpose: what the executor allocates is what the simulator holds.
+    assert held(plan.gpu_bytes) == held(plan.simulation.peak_gpu_usage)
+    assert held(plan.cpu_bytes) == held(plan.simulation.peak_cpu_usage)
+    assert (measured.peak_gpu_bytes, measured.peak_cpu_bytes) == (plan.simulation.peak_gpu_bytes,
+                                                                  plan.simulation.peak_cpu_bytes)
 
 
-# Sparse ALISA with a GPU window of a few tokens (5% over the tight budget), in Phase II and III: how many picks are
-# fetched or recomputed is the model's choice.
+# Sparse ALISA with a GPU window of a few tokens (a budget 5-10% over the tight one), in Phase II and III: how many
+# picks are fetched or recomputed is the model's choice.
 REPLAYED = {
-    "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, {2}),
-    "alisa-0.5-phase-3": ({**ALISA, "kv_sparsity": 0.5, **PHASE_3}, {2, 3}),
-    "alisa-0.8-int8-phase-3": ({**ALISA, "kv_sparsity": 0.8, "int8": True, **PHASE_3}, {1, 3}),  # fits at first
+    "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, {2}, 1.1),
+    "alisa-0.5-phase-3": ({**ALISA, "kv_sparsity": 0.5, **PHASE_3}, {2, 3}, 1.05),
+    "alisa-0.8-int8-phase-3": ({**ALISA, "kv_sparsity": 0.8, "int8": True, **PHASE_3}, {1, 3}, 1.05),  # fits at first
 }
-WIDER = 1.05
 
 
-def traced_run(policy: dict, folder):
+def traced_run(policy: dict, wider: float, folder):
     """The budget, the executed step table, the run's Result JSON written into `folder` (the trace) and the plan."""
-    gpu_gb = WIDER * tight_cap(policy)
+    gpu_gb = wider * tight_cap(policy)
     plan = executor.plan_run(workload(policy, gpu_gb), CPU, torch.float32)
     measured = executor.execute(plan, CPU, torch.float32, "dummy", 0, warmup_steps=0)
     trace = folder / "result.json"
@@ -139,8 +147,8 @@ def traced_run(policy: dict, folder):
 
 @pytest.mark.parametrize("case", list(REPLAYED))
 def test_a_replayed_selection_moves_exactly_the_rows_the_run_moved(case, tmp_path):
-    policy, phases = REPLAYED[case]
-    gpu_gb, executed, trace, plan = traced_run(policy, tmp_path)
+    policy, phases, wider = REPLAYED[case]
+    gpu_gb, executed, trace, plan = traced_run(policy, wider, tmp_path)
     assert {row["phase"] for row in executed[1:]} == phases
     expected = step_table(simulated_rows(plan.simulation))
     assert any(ex["fetched_tokens"] != sim["fetched_tokens"] for ex, sim in zip(executed, expected))
@@ -151,8 +159,8 @@ def test_a_replayed_selection_moves_exactly_the_rows_the_run_moved(case, tmp_pat
 
 
 def test_a_selection_trace_replays_only_its_own_plan(tmp_path):
-    policy = REPLAYED["alisa-0.5-phase-3"][0]
-    gpu_gb, _, trace, _ = traced_run(policy, tmp_path)
+    policy, _, wider = REPLAYED["alisa-0.5-phase-3"]
+    gpu_gb, _, trace, _ = traced_run(policy, wider, tmp_path)
     with pytest.raises(SpecError, match=r"at decode step 3 the traced run was in Phase 3 .* this plan in Phase 2"):
         executor.plan_run(workload({**policy, "p2": 5, "selection_trace": str(trace)}, gpu_gb), CPU, torch.float32)
     with pytest.raises(SpecError, match=f"no decode step {GEN_LEN}"):
