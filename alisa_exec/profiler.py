@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from alisa_exec import ops
+from alisa_exec.device import cpu_name, default_dtype
 from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
 from alisa_exec.kv_cache import Tiers, TokenRows, int8_group
 from alisa_exec.model import Transformer, mkl_packable, pack_weight
@@ -330,16 +331,6 @@ def measure_host(grid: Grid) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -575,7 +566,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     also at the head layouts, widths and GEMMs of `models`."""
     cuda = device.type == "cuda"
     grid = (GPU_QUICK if quick else GPU_FULL) if cuda else (CPU_QUICK if quick else CPU_FULL)
-    dtype = torch.float16 if cuda else torch.float32
+    dtype = default_dtype(device)
     bench = Bench(device, grid.reps)
     mode = "quick" if quick else "full"
     torch.manual_seed(0)
@@ -634,6 +625,7 @@ def measure_profile(name: str, device: torch.device, quick: bool,
             "memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else host_memory_bytes(),
             "hbm_GBps": copy_GBps(bench, grid.device_copy_bytes),
             "peak_fp16_tflops": peak_tflops(bench, grid.peak_gemm_size, dtype),
+            "dtype": str(dtype).removeprefix("torch."),
             "launch_overhead_s": launch_overhead_s(device),
             "gemm_fp16": gemms,
             "decode_attention_fp16": decode,

@@ -178,6 +178,9 @@ class GpuSection(_Strict):
     memory_bytes: MemoryBytes
     hbm_GBps: Rate = Field(description="device-to-device copy bandwidth, bytes read + written per second / 1e9")
     peak_fp16_tflops: Rate
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(default=None, description=(
+        "the dtype its GEMM and attention tables were measured in (the *_fp16 names are historical); absent in "
+        "older profiles: float32 on a CPU device, else float16"))
     launch_overhead_s: Seconds = Field(description="host time to issue one kernel (eager PyTorch)")
     host_overheads: list[HostOverheadRow] = Field(default_factory=list, description=(
         "the executor's host time beyond its named ops, per policy and step kind (measured by alisa-exec profile; "
@@ -241,6 +244,13 @@ class HardwareProfile(_Strict):
     gpu: GpuSection
     link: LinkSection
     cpu: CpuSection
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes per value of the dtype the device's tables were measured in: what a model spec that does not say
+        its own `dtype_bytes` is planned with on this profile."""
+        dtype = self.gpu.dtype or ("float32" if self.device_kind == "cpu" else "float16")
+        return 4 if dtype == "float32" else 2
 
 
 def load_hardware_profile(ref: str | Path) -> HardwareProfile:

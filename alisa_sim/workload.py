@@ -242,12 +242,25 @@ def _resolve_ref(ref: str, base: Path | None) -> str:
     return str(path if path.is_absolute() else (base / path))
 
 
+def _file_refs_resolved(data: dict, base: Path | None) -> dict:
+    """The mapping with the paths it names (model, hardware, ALISA's selection files) made relative to `base`, the
+    workload file's folder; anything not a string is left to validation."""
+    data = dict(data)
+    for key in ("model", "hardware"):
+        if isinstance(data.get(key), str):
+            data[key] = _resolve_ref(data[key], base)
+    if isinstance(data.get("policy"), dict):
+        data["policy"] = {key: _resolve_ref(value, base) if key in ("selection_stats", "selection_trace")
+                          and isinstance(value, str) else value for key, value in data["policy"].items()}
+    return data
+
+
 def resolve_workload(data: dict, source: str = "workload", base: Path | None = None,
                      hardware: str | None = None, policy: str | None = None,
                      overrides: list[str] | tuple[str, ...] = ()) -> ResolvedWorkload:
     """Validate a workload mapping, apply command-line overrides (--hardware, --policy, then each --set KEY=VALUE)
     and load what it names."""
-    data = dict(data)
+    data = _file_refs_resolved(data, base)  # before the overrides: a path given on the command line is the cwd's
     if hardware is not None:
         data["hardware"] = hardware
     if policy is not None:
@@ -255,15 +268,10 @@ def resolve_workload(data: dict, source: str = "workload", base: Path | None = N
     data = apply_overrides(data, overrides)
     source += describe_overrides(overrides)
     workload = validate(Workload, data, source)
-    if isinstance(workload.model, str):
-        workload.model = _resolve_ref(workload.model, base)
-    workload.hardware = _resolve_ref(workload.hardware, base)
-    if isinstance(workload.policy, AlisaPolicyConfig):
-        for name in ("selection_stats", "selection_trace"):
-            if (ref := getattr(workload.policy, name)) is not None:
-                setattr(workload.policy, name, _resolve_ref(ref, base))
     model = load_model_spec(workload.model)
     profile = load_hardware_profile(workload.hardware)
+    if "dtype_bytes" not in model.model_fields_set:  # the values the profile's device was measured in
+        model = model.model_copy(update={"dtype_bytes": profile.value_bytes})
     resolved = ResolvedWorkload(workload, model, profile)
     if model.family == "opt" and resolved.max_context() > model.max_position_embeddings:
         raise SpecError(f"{source}: prompt_len + gen_len = {resolved.max_context()} exceeds {model.name}'s "

@@ -247,3 +247,41 @@ def test_progress_stays_quiet_on_short_runs_and_prints_lines_off_a_terminal():
                                       clock=lambda: float(next(ticks))) as bar:
         simulate(wl, on_step=bar)
     assert "simulating" in bar_out.getvalue() and "tokens" in bar_out.getvalue()
+
+
+def _cpu_profile(tmp_path: Path, dtype: str | None) -> Path:
+    """The H100 profile's numbers as a CPU-device profile measured in `dtype` (None: a profile without the field)."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "hw_profiles" / "h100.yaml").read_text())
+    data["device_kind"] = "cpu"
+    if dtype:
+        data["gpu"]["dtype"] = dtype
+    path = tmp_path / f"cpu-{dtype}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", 4), (None, 4), ("bfloat16", 2)])
+def test_a_model_spec_without_its_dtype_takes_the_profiles(tmp_path, dtype, expected):
+    profile = _cpu_profile(tmp_path, dtype)
+    assert _workload(model="llama-7b", hardware=str(profile)).model.dtype_bytes == expected
+    spec = {"name": "tiny", "family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+            "ffn_dim": 128, "vocab_size": 100, "max_position_embeddings": 256, "tie_word_embeddings": True,
+            "norm_eps": 1e-5}
+    assert _workload(model=spec, hardware=str(profile)).model.dtype_bytes == expected
+    assert _workload(model={**spec, "dtype_bytes": 2}, hardware=str(profile)).model.dtype_bytes == 2  # said: kept
+    assert _workload(model=spec, hardware="h100").model.dtype_bytes == 2
+
+
+def test_paths_in_a_workload_are_its_folders_and_on_the_command_line_the_cwds(tmp_path, monkeypatch):
+    profile = _cpu_profile(tmp_path, "float32")
+    (tmp_path / "sub").mkdir()
+    workload = tmp_path / "sub" / "w.yaml"
+    workload.write_text(f"model: opt-6.7b\nhardware: ../{profile.name}\nbatch_size: 1\nprompt_len: 8\ngen_len: 2\n"
+                        "policy: {name: dense}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "sub/w.yaml", "--out", "a"]) == 0  # the file's own ref, from its folder
+    assert main(["run", "sub/w.yaml", "--hardware", profile.name, "--out", "b"]) == 0  # the cwd's
+    for out in ("a", "b"):
+        assert json.loads((tmp_path / out / "result.json").read_text())["model"] == "opt-6.7b"
