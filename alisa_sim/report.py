@@ -122,11 +122,12 @@ def needs_log_axis(values: list[float]) -> bool:
     return bool(positive) and max(positive) >= LOG_AXIS_RATIO * min(positive)
 
 
-def log_ticks(values: list[float]) -> list[float]:
-    """Tick values 1, 2, 5 x 10^k covering `values` (plotly labels a log axis's minor ticks with bare digits)."""
+def log_ticks(values: list[float], mantissas: tuple[float, ...] = (1, 2, 5)) -> list[float]:
+    """Tick values m x 10^k (m in `mantissas`) covering `values` (plotly labels a log axis's minor ticks with bare
+    digits)."""
     positive = [v for v in values if v and v > 0]
     low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
-    ticks = [m * 10.0**k for k in range(low, high + 1) for m in (1, 2, 5)]
+    ticks = [m * 10.0**k for k in range(low, high + 1) for m in mantissas]
     inside = [t for t in ticks if min(positive) / 2 <= t <= max(positive) * 2]
     return inside or ticks
 

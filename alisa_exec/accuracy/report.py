@@ -31,7 +31,6 @@ def perplexity_figure(report: dict) -> go.Figure:
     rows = report["results"]
     settings = _settings(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"}) or [0.0]
     figure = make_subplots(rows=1, cols=len(settings), subplot_titles=[_setting_name(*s) for s in settings])
     palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
@@ -44,7 +43,7 @@ def perplexity_figure(report: dict) -> go.Figure:
                 continue
             if method == "dense":
                 dense = points[0][1]
-                figure.add_trace(go.Scatter(x=[sparsities[0], sparsities[-1]], y=[dense, dense], mode="lines",
+                figure.add_trace(go.Scatter(x=[0.0, 1.0], y=[dense, dense], mode="lines",
                                             name=f"dense (no KV cut; {dense:.2f} at {_setting_name(*settings[0])})"
                                             if col == 1 else f"dense, {_setting_name(*setting)}",
                                             legendgroup="dense", showlegend=col == 1,
@@ -57,12 +56,18 @@ def perplexity_figure(report: dict) -> go.Figure:
                                         line_color=palette[index % len(palette)]),
                              row=1, col=col)
             shown.add(method)
-        figure.update_xaxes(title_text="KV sparsity (share of cached tokens not attended)", row=1, col=col)
+        # The whole range of KV sparsity, so a run at one sparsity still shows where it sits and the dense line
+        figure.update_xaxes(title_text="KV sparsity (share of cached tokens not attended)", range=[0, 1], row=1,
+                            col=col)
         values = [r["perplexity"] for r in rows if _settings([r])[0] == setting]
-        figure.update_yaxes(type="log", title_text="perplexity (log)" if col == 1 else None, tickvals=log_ticks(values),
-                            row=1, col=col)
+        # Perplexities within a factor of a few of each other: ticks closer than 1-2-5
+        figure.update_yaxes(type="log", title_text="perplexity (log)" if col == 1 else None,
+                            tickvals=log_ticks(values, (1, 1.5, 2, 2.5, 3, 4, 5, 7)), row=1, col=col)
+    # A merged report (eval-report) gives each run's token count
+    tokens = report.get("tokens_evaluated") or " / ".join(
+        dict.fromkeys(str(run["tokens_evaluated"]) for run in report.get("runs", []) if "tokens_evaluated" in run))
     title = (f"Perplexity vs KV sparsity<br><sup>{report['model']} on {Path(report['text']).name}, "
-             f"{report.get('tokens_evaluated', '?')} tokens</sup>")
+             f"{tokens or '?'} tokens</sup>")
     figure.update_layout(title={"text": title, "x": 0.02, "xanchor": "left"}, template="plotly_white",
                          width=max(900, 480 * len(settings) + 260), height=520, margin={"t": 110})
     return figure

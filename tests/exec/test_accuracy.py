@@ -469,6 +469,19 @@ def test_eval_report_merges_runs(tmp_path):
     assert main(["eval-report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")]) == 2
 
 
+def test_the_plot_of_one_sparsity_spans_the_sparsity_axis_with_the_dense_line():
+    from alisa_exec.accuracy.report import perplexity_figure
+
+    rows = [{"method": "dense", "context": 8, "sparsity": 0.0, "tokens": 7, "perplexity": 13.4},
+            {"method": "swa", "context": 8, "sparsity": 0.8, "tokens": 7, "perplexity": 25.2},
+            {"method": "oracle", "context": 8, "sparsity": 0.8, "tokens": 7, "perplexity": 13.7}]
+    figure = perplexity_figure({"model": "m", "text": "t.txt", "results": rows, "runs": [{"tokens_evaluated": 2048}]})
+    dense = next(trace for trace in figure.data if trace.legendgroup == "dense")
+    assert tuple(dense.x) == (0.0, 1.0) and tuple(figure.layout.xaxis.range) == (0, 1)
+    assert [t for t in figure.layout.yaxis.tickvals if 13.4 <= t <= 25.2] == [15, 20, 25]
+    assert "2048 tokens" in figure.layout.title.text
+
+
 def test_selecting_methods_refuse_windows_beyond_the_keys_range():
     with pytest.raises(SpecError, match="at most 4096"):
         METHODS["swa"].make_selector([0.8], 1, MAX_WINDOW + 1, CPU)
