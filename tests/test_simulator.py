@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alisa_sim import engine, simulator
 from alisa_sim.cli import main
@@ -251,8 +252,6 @@ def test_progress_stays_quiet_on_short_runs_and_prints_lines_off_a_terminal():
 
 def _cpu_profile(tmp_path: Path, dtype: str | None) -> Path:
     """The H100 profile's numbers as a CPU-device profile measured in `dtype` (None: a profile without the field)."""
-    import yaml
-
     data = yaml.safe_load((Path(__file__).resolve().parent.parent / "hw_profiles" / "h100.yaml").read_text())
     data["device_kind"] = "cpu"
     if dtype:

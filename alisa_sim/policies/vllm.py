@@ -224,9 +224,9 @@ class VllmPolicy(Policy):
             raise SpecError(f"policy.max_num_batched_tokens = {self.max_num_batched_tokens} is smaller than "
                             f"max_model_len = {self.max_model_len} (vLLM requires it without chunked prefill)")
         self.block_bytes = self.block_size * self.model.kv_bytes_per_token()
+        self.cpu_blocks = int(cfg.swap_space * GiB // self.block_bytes)
         budget = cfg.gpu_memory_utilization * self.wl.gpu_capacity_bytes - self.static_memory().gpu_bytes
         self.gpu_blocks = max(0, int(budget // self.block_bytes))
-        self.cpu_blocks = int(cfg.swap_space * GiB // self.block_bytes)
         self._wired_decode: dict[tuple, LayerTemplate] = {}  # decode DAGs by sequences and swaps (_decode_template)
 
     # ---- memory -------------------------------------------------------------------------------------------
@@ -239,10 +239,8 @@ class VllmPolicy(Policy):
     def static_memory(self) -> MemoryUse:
         """Weights and the profiling run's peak on the GPU; the swap space's whole blocks on the CPU, preallocated
         (the swapped-out blocks a step reports are held inside it: `held_within`)."""
-        # (cpu_blocks is set after the GPU budget, which asks for this before it exists)
-        swap = getattr(self, "cpu_blocks", 0) * self.block_bytes
         return MemoryUse(gpu={"weights": self.model.weight_bytes, **self._profile_activations()},
-                         cpu={"kv_swap_space": swap})
+                         cpu={"kv_swap_space": self.cpu_blocks * self.block_bytes})
 
     def kv_memory(self, context: int) -> MemoryUse:
         """The whole preallocated pool, whatever the context."""
