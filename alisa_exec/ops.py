@@ -1,5 +1,5 @@
 """Every op the executor issues, by name: GEMM projections, norms, activations, rotary embeddings, the attention paths,
-vLLM's paged-cache stores, ALISA's host-side split of its selection into the rows to fetch and to recompute,
+vLLM's paged-cache stores, H2O's and StreamingLLM's slot choice and stores, ALISA's host-side split of its selection into the rows to fetch and to recompute,
 embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
 store and decode, selection is the kernels' `LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer
 loop calls these and nothing else, so what the profiler times at the executor's shapes is what a run executes.
@@ -159,12 +159,80 @@ def cpu_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     return y.transpose(1, 2).flatten(2).to(q.dtype)
 
 
-def packed_attention(q: Tensor, keys: Tensor, values: Tensor, lengths: Tensor | None = None,
-                     per_head: bool = False) -> tuple[Tensor, Tensor]:
+def packed_attention(q: Tensor, keys: Tensor, values: Tensor, per_head: bool = False) -> tuple[Tensor, Tensor]:
     """Decode attention of q [b, heads, d] over packed K/V [b, kv_heads, T, d], with the head-summed probabilities
-    (the explicit-gather path, vLLM's block tables, H2O's slots)."""
+    (ALISA's explicit-gather path; H2O's and StreamingLLM's slots, per KV head's query group with `per_head`)."""
     issued("packed_attention", **_cache(keys, q))
-    return dense_decode_attention(q, keys, values, lengths, per_head=per_head)
+    return dense_decode_attention(q, keys, values, per_head=per_head)
+
+
+def keep_prompt(keys: Tensor, values: Tensor, slots: tuple[Tensor, Tensor, Tensor], scores: Tensor | None,
+                attention_rows: Tensor | None, kept: int, sinks: int) -> None:
+    """H2O's and StreamingLLM's prefill: of the prompt's K/V [b, kv_heads, s, d], the `kept` tokens each (sequence,
+    KV head) keeps written into slots 0..kept-1 of its slot buffers (keys, values, positions), in position order.
+    H2O (`attention_rows`: the prompt's causal attention rows summed over each KV head's query group, [b, kv_heads,
+    s, s]) keeps its kept // 2 most recent tokens and, of the older ones, those that received the most attention
+    from the prompt's queries (ties to the older), whose sums seed `scores`;
+    StreamingLLM keeps the `sinks` first tokens and the most recent rest."""
+    batch, kv_heads, s, head_dim = keys.shape
+    issued("keep_prompt", b=batch, kv=kv_heads, L=s, d=head_dim, e=keys.element_size(), scored=int(scores is not None))
+    if attention_rows is None:
+        chosen = torch.cat((torch.arange(sinks), torch.arange(s - (kept - sinks), s))).to(keys.device)
+        chosen = chosen.expand(batch, kv_heads, kept)
+    else:
+        received = attention_rows.sum(dim=2)  # [b, kv_heads, s]
+        recent = kept // 2
+        older = received[..., :s - recent]
+        # Ties to the older token: a stable sort of the negated sums keeps position order among equals.
+        heavy = torch.sort(-older, dim=-1, stable=True).indices[..., :kept - recent]
+        recent_positions = torch.arange(s - recent, s, device=keys.device).expand(batch, kv_heads, recent)
+        chosen = torch.cat((heavy.sort(dim=-1).values, recent_positions), dim=-1)
+        scores[:, :, :kept] = received.gather(2, chosen)
+    expand = chosen[..., None].expand(-1, -1, -1, head_dim)
+    slot_keys, slot_values, slot_positions = slots
+    slot_keys[:, :, :kept] = keys.gather(2, expand)
+    slot_values[:, :, :kept] = values.gather(2, expand)
+    slot_positions[:, :, :kept] = chosen
+
+
+def evict_victim(positions: Tensor, scores: Tensor | None, recent_from: int, sinks: int) -> Tensor:
+    """The slot each (sequence, KV head) evicts, of the `count` in use (positions [b, kv_heads, count]), [b, kv_heads,
+    1]: H2O's (with `scores`) the least-scored token before position `recent_from` (ties to the older), StreamingLLM's
+    the oldest token after the `sinks` first ones."""
+    batch, kv_heads, count = positions.shape
+    issued("evict_victim", b=batch, kv=kv_heads, T=count, scored=int(scores is not None))
+    last = torch.iinfo(torch.int64).max
+    if scores is None:
+        return torch.where(positions >= sinks, positions, last).argmin(dim=-1, keepdim=True)
+    outside = positions < recent_from
+    masked = torch.where(outside, scores, float("inf"))
+    tied = outside & (masked == masked.min(dim=-1, keepdim=True).values)
+    return torch.where(tied, positions, last).argmin(dim=-1, keepdim=True)
+
+
+def slot_store(slots: tuple[Tensor, Tensor, Tensor], scores: Tensor | None, slot: Tensor | int, k: Tensor,
+               v: Tensor, position: int) -> None:
+    """A decode step's new token, k and v [b, 1, kv_heads, d], written at `slot` of its (sequence, KV head)'s slot
+    buffers (a victim's [b, kv_heads, 1], or one free slot of them all) with its position (and, for H2O, a zero
+    score)."""
+    batch, _, kv_heads, head_dim = k.shape
+    issued("slot_store", b=batch, kv=kv_heads, d=head_dim, e=k.element_size(), scored=int(scores is not None))
+    if isinstance(slot, int):
+        slot = torch.full((batch, kv_heads, 1), slot, device=k.device)
+    slot_keys, slot_values, slot_positions = slots
+    expand = slot[..., None].expand(-1, -1, -1, head_dim)
+    slot_keys.scatter_(2, expand, k.transpose(1, 2))
+    slot_values.scatter_(2, expand, v.transpose(1, 2))
+    slot_positions.scatter_(2, slot, torch.full_like(slot, position))
+    if scores is not None:
+        scores.scatter_(2, slot, torch.zeros(slot.shape, device=slot.device))
+
+
+def score_update(scores: Tensor, probs: Tensor) -> None:
+    """H2O's accumulated attention: each kept token's probabilities this step [b, kv_heads, count], summed over its
+    KV head's query group, added to its score."""
+    issued("score_update", b=probs.shape[0], kv=probs.shape[1], T=probs.shape[2])
+    scores[:, :, :probs.shape[2]] += probs
 
 
 def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, staged: tuple[KVView, KVView] | None,

@@ -464,6 +464,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
             new_k, new_v = k_[:, :tokens], v_[:, :tokens]
             add("kv_store", {"b": b, "T": tokens, "width": 2 * kv * d, "e": e},
                 lambda: ops.kv_store(*cache, where, new_k, new_v))
+        _measure_keep_prompt(bench, k_.transpose(1, 2), v_.transpose(1, 2), q_heads, add)
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
         rows = _rand(L, b, 2 * kv * d, device=device, dtype=dtype)
         add("block_store", {"b": b, "T": L, "width": 2 * kv * d, "e": e},
@@ -476,7 +477,8 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         shape = {"b": b, "T": L, "h": spec.num_heads, "kv": kv, "d": d, "e": e}
         add("masked_attention", shape, lambda: ops.masked_attention(q, keys, values_, mask))
         add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
-        add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_, lengths))
+        add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_))
+        _measure_slot_ops(bench, b, L, keys, values_, add)
         # As vLLM's decode calls it: each sequence's new row stored at its slot, then its slots of the shared pool
         # attended in place.
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
@@ -522,6 +524,42 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         keys, values_ = (_rand(b, kv, L, d, device=cpu, dtype=dtype) for _ in range(2))
         add("cpu_attention", {"b": b, "T": L, "h": spec.num_heads, "kv": kv, "d": d, "e": e},
             lambda: ops.cpu_attention(q, keys, values_))
+
+
+def _measure_keep_prompt(bench: Bench, keys: torch.Tensor, values: torch.Tensor, q_heads: torch.Tensor,
+                         add: Callable) -> None:
+    """H2O's and StreamingLLM's prefill choice (`keep_prompt`) over a prompt's K/V [b, kv_heads, L, d], keeping half
+    of it (H2O from the prompt's attention rows, where they fit in WINDOW_ROWS_BYTES, as `window_rows`)."""
+    b, kv, L, d = keys.shape
+    e = keys.element_size()
+    slots = tuple(torch.empty_like(keys) for _ in range(2)) + (
+        torch.empty(b, kv, L, dtype=torch.int64, device=keys.device),)
+    shape = {"b": b, "kv": kv, "L": L, "d": d, "e": e}
+    add("keep_prompt", {**shape, "scored": 0}, lambda: ops.keep_prompt(keys, values, slots, None, None, L // 2, 4))
+    if b * kv * L * L * 4 <= WINDOW_ROWS_BYTES:
+        rows = prefill_window_rows(q_heads, keys, L, per_head=True)
+        scores = torch.empty(b, kv, L, dtype=torch.float32, device=keys.device)
+        add("keep_prompt", {**shape, "scored": 1},
+            lambda: ops.keep_prompt(keys, values, slots, scores, rows, L // 2, 0))
+
+
+def _measure_slot_ops(bench: Bench, b: int, T: int, keys: torch.Tensor, values: torch.Tensor, add: Callable) -> None:
+    """H2O's and StreamingLLM's decode-step ops over T slots in use of K/V slot buffers [b, kv_heads, T, d]: the
+    victim's search, the new token's store at it, H2O's score update."""
+    device, (_, kv, _, d) = keys.device, keys.shape
+    positions = torch.randperm(T, device=device).expand(b, kv, T).contiguous()
+    scores = torch.rand(b, kv, T, device=device)
+    probs = torch.rand(b, kv, T, device=device)
+    new_k, new_v = (_rand(b, 1, kv, d, device=device, dtype=keys.dtype) for _ in range(2))
+    slot_buffers = (keys, values, positions)
+    for scored in (0, 1):
+        held = scores if scored else None
+        add("evict_victim", {"b": b, "kv": kv, "T": T, "scored": scored},
+            lambda: ops.evict_victim(positions, held, T - T // 2, 4))
+        victims = ops.evict_victim(positions, held, T - T // 2, 4)
+        add("slot_store", {"b": b, "kv": kv, "d": d, "e": keys.element_size(), "scored": scored},
+            lambda: ops.slot_store(slot_buffers, held, victims, new_k, new_v, T))
+    add("score_update", {"b": b, "kv": kv, "T": T}, lambda: ops.score_update(scores, probs))
 
 
 def _measure_copies(bench: Bench, grid: Grid, add: Callable) -> None:

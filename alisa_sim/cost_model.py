@@ -22,12 +22,14 @@ COPY_DIRECTIONS = ("h2d", "d2h")
 EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2,
                "argmax": 1, "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3,
                "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3,
-               "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "local_sum": 6,
+               "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "keep_prompt": 9,
+               "evict_victim": 6, "slot_store": 5, "score_update": 1, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
                "host_gather": 1, "stage_indices": 14}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
 _BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "block_store",
-                  "kv_quantize", "kv_dequantize", "local_sum", "topk")
+                  "kv_quantize", "kv_dequantize", "keep_prompt", "evict_victim", "slot_store", "score_update",
+                  "local_sum", "topk")
 _DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 # Bytes per element of the dtypes CPU attention rows are measured in.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -80,7 +82,10 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
     keys = NAMED_OPS[op][0]
     if op in ("kv_store", "block_store"):  # rows tokens of 1024 values
         return {"b": 1, "T": rows, "width": 1024, "e": 2}
-    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024}
+    if op == "slot_store":  # one row a sequence and KV head: rows sequences of 8 KV heads of 128 values
+        return {"b": rows, "kv": 8, "d": 128, "e": 2, "scored": 1}
+    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024, "kv": 1,
+              "d": 128, "scored": 1}
     return {key: values[key] for key in keys}
 
 
@@ -128,7 +133,8 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
 _LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "window_rows": "L", "topk": "L",
                 "local_sum": "T", "kv_store": "T", "block_store": "T", "masked_attention": "T",
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T",
-                "staged_sparse_attention": "T", "cpu_attention": "T",
+                "staged_sparse_attention": "T", "cpu_attention": "T", "keep_prompt": "L", "evict_victim": "T",
+                "score_update": "T",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
                 "copy_d2h_pageable": "bytes", "host_gather": "bytes", "stage_indices": "T"}
 
@@ -167,10 +173,20 @@ class _BatchCurves:
         return math.exp(float(np.interp(log_batch, self._log_batches[pair], log_times)))
 
 
+# Shape keys that switch an op's variant (a gated MLP, H2O's scored rule): a family of the other variant is never
+# nearer than one of the same, whatever its sizes.
+_VARIANT_KEYS = ("gated", "scored")
+
+
+def _family_point(family: tuple[tuple[str, int], ...]) -> list[float]:
+    """Where a family lies for the nearest-family search: log sizes, and its variant flags far apart."""
+    return [1e3 * value if key in _VARIANT_KEYS else math.log(max(1, value)) for key, value in family]
+
+
 class _OpCurve:
-    """A named op's time over its work, from the rows of its family nearest the asked shape (in log space over the
-    family keys: a profile measured at the model's own head layout and widths prices it from those rows exactly;
-    another family's rows price it by its work)."""
+    """A named op's time over its work, from the rows of its family of the asked shape, else the nearest one (in
+    log space over the family keys, of the same variant: a profile measured at the model's own head layout and
+    widths prices it from those rows exactly; another family's rows price it by its work)."""
 
     def __init__(self, op: str, rows: list[dict]):
         self.op = op
@@ -178,8 +194,8 @@ class _OpCurve:
         for row in rows:
             families[_family(op, row["shape"])].append(row)
         self._families = list(families)
-        self._family_log = np.log(np.array([[max(1, value) for _, value in family] for family in self._families],
-                                           dtype=float))
+        self._index = {family: i for i, family in enumerate(self._families)}
+        self._family_points = np.array([_family_point(family) for family in self._families], dtype=float)
         self._curves = [_BatchCurves(op, families[family]) for family in self._families]
 
     def __call__(self, shape: dict[str, int]) -> float:
@@ -187,9 +203,11 @@ class _OpCurve:
         if work <= 0:
             return 0.0
         nearest = 0
-        if len(self._families) > 1:
-            asked = np.log([max(1, value) for _, value in _family(self.op, shape)])
-            nearest = int(np.argmin(np.abs(self._family_log - asked).sum(axis=1)))
+        if (family := _family(self.op, shape)) in self._index:  # measured at this family: its own rows
+            nearest = self._index[family]
+        elif len(self._families) > 1:
+            asked = np.array(_family_point(family))
+            nearest = int(np.argmin(np.abs(self._family_points - asked).sum(axis=1)))
         return self._curves[nearest](work, shape.get("b", 1))
 
 

@@ -117,6 +117,17 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "block_store": (("b", "T", "width", "e"), lambda b, T, width, e: 2 * b * T * width * e),
     "kv_quantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
     "kv_dequantize": (("rows", "width", "e"), lambda rows, width, e: rows * width * (e + 1)),
+    # H2O's and StreamingLLM's slots (`scored`: H2O's rule and its fp32 scores). The prompt's K/V and positions of
+    # the tokens kept written into the slots (H2O: its attention rows summed, sorted, their sums kept).
+    "keep_prompt": (("b", "kv", "L", "d", "e", "scored"),
+                    lambda b, kv, L, d, e, scored: b * kv * L * (2 * d * e + 8 + 8 * scored)),
+    # The slot to evict: positions (and scores) of the T slots in use read, one minimum found.
+    "evict_victim": (("b", "kv", "T", "scored"), lambda b, kv, T, scored: b * kv * T * (8 + 4 * scored)),
+    # A decode step's new K/V row and position (and zero score) written at one slot each: read + write.
+    "slot_store": (("b", "kv", "d", "e", "scored"),
+                   lambda b, kv, d, e, scored: 2 * b * kv * (2 * d * e + 8 + 4 * scored)),
+    # H2O's scores of the T kept tokens plus this step's probabilities: read both, write one.
+    "score_update": (("b", "kv", "T"), lambda b, kv, T: 12 * b * kv * T),
     "local_sum": (("b", "T"), lambda b, T: 8 * b * T),
     "topk": (("b", "L"), lambda b, L: 8 * b * L),
     "copy_h2d_pinned": (("bytes",), lambda bytes: bytes),

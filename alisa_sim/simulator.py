@@ -3,16 +3,16 @@
 Decode steps are collapsed like layers where that is exact or within 1e-7 of the step time. The decode steps of a
 policy on the base step driver (Policy.steps) are grown into runs: from an anchor step, extensions of a few to
 thousands of steps are simulated at their first two, middle and last two steps, with the copy streams idle at the
-start, and accepted when every sample has the same op structure and phase as the anchor (phases are checked at every
-step), bytes on the chord of the extension exactly, and its time, breakdown and op times on the chord within 1e-7 of
+start, and accepted when every sample has the same op structure as the anchor and every step the same variant
+(`Policy.decode_variant`: its phase, and whatever else changes which ops a step runs), bytes on the chord of the extension exactly, and its time, breakdown and op times on the chord within 1e-7 of
 the step time; the steps between samples are interpolated on those chords. Why that is sound:
 - with op times affine in the step (the cost model above its measured sizes), a step's time, a max-plus expression
   of its op times, is convex in the step, and a convex function that meets a chord at an interior point equals it on
   the whole interval: exact, and the idle copy streams follow for every step of the run;
 - inside the cost model's measured cells op times are power laws of the context, bending one way, whose distance
   from a chord is at most twice what the middle sample shows, so the interpolation stays within ~2e-7;
-- what does not line up (a context-length staircase such as SWA's window or an eviction budget, a critical path that
-  changes, a phase switch) fails the checks and is simulated step by step.
+- what does not line up (a context-length staircase such as SWA's window, a critical path that changes, a phase
+  switch, an eviction budget's steps with and without an eviction) fails the checks and is simulated step by step.
 Memory is held, and the KV of every step taken from the policy, step by step in either case.
 """
 
@@ -264,7 +264,7 @@ class _DecodeRuns:
         self.policy, self.stepper, self.num_layers = policy, stepper, num_layers
         # Steps timed with the copy streams idle at their start: the samples of a run, and the anchor.
         self.sampled: dict[int, tuple[LayerTemplate, StepTiming]] = {}
-        self._phases: dict[int, int] = {}
+        self._variants: dict[int, object] = {}
         self._templates: dict[int, LayerTemplate] = {}  # steps the search looked at, timed or not
         self._shapes: dict[int, tuple] = {}  # _shape of those steps
         self._idle_step = 0  # the last step `timed` timed with idle copy streams
@@ -273,13 +273,13 @@ class _DecodeRuns:
     def plan(self, step: int, template: LayerTemplate | None) -> StepPlan:
         """Decode step `step` as Policy.steps() yields it (tests/test_simulator.py checks the two agree)."""
         policy = self.policy
-        return StepPlan(template, self.phase(step), policy.kv_memory(policy.context(step)), "decode",
+        return StepPlan(template, policy.phase(step), policy.kv_memory(policy.context(step)), "decode",
                         f"decode {step}", policy.batch, policy.batch, policy.token_rows(step))
 
-    def phase(self, step: int) -> int:
-        if step not in self._phases:
-            self._phases[step] = self.policy.phase(step)
-        return self._phases[step]
+    def variant(self, step: int):
+        if step not in self._variants:
+            self._variants[step] = self.policy.decode_variant(step)
+        return self._variants[step]
 
     def timed(self, step: int) -> tuple[LayerTemplate, StepTiming]:
         """The step's template and timing after the previous step (whose copy backlog it inherits); kept in
@@ -339,12 +339,12 @@ class _DecodeRuns:
         and its middle; a failed extension is retried at half the span, down to 4 steps."""
         if last < anchor + 2 or self._idle_step != anchor or self.sampled[anchor][1].carry_s:
             return []
-        structure, phase = self.sampled[anchor][0].structure(), self.phase(anchor)
+        structure, variant = self.sampled[anchor][0].structure(), self.variant(anchor)
         same_phase_until = anchor
         samples, end, span = [anchor], anchor, self.span
         while end < last:
             new_end = min(end + span, last)
-            while same_phase_until < new_end and self.phase(same_phase_until + 1) == phase:
+            while same_phase_until < new_end and self.variant(same_phase_until + 1) == variant:
                 same_phase_until += 1
             points = sorted({end + 1, (end + new_end) // 2, new_end - 1, new_end} - {end})
             if same_phase_until >= new_end and all(self._on_chord(x, structure, end, new_end) for x in points):

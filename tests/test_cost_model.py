@@ -199,3 +199,19 @@ def test_a_dropped_cost_model_is_freed(h200):
     del model
     gc.collect()
     assert dropped() is None and gemms() is None
+
+
+def test_an_op_variant_is_priced_from_its_own_variants_rows(h200):
+    """H2O's scored victim search and StreamingLLM's are one op with a `scored` flag: a shape of one variant takes
+    its own variant's rows, even where the other variant was measured at the asked head layout and this one not."""
+    profile = h200.model_dump()
+    profile["gpu"]["ops"] = [
+        {"op": "evict_victim", "shape": {"b": 1, "kv": 8, "T": T, "scored": 0}, "s": 1e-6 * T, "host_s": 0.0,
+         "source": "measured"} for T in (64, 256)] + [
+        {"op": "evict_victim", "shape": {"b": 1, "kv": 2, "T": T, "scored": 1}, "s": 1e-3 * T, "host_s": 0.0,
+         "source": "measured"} for T in (64, 256)]
+    cost = CostModel(type(h200).model_validate(profile))
+    assert cost.op_s("evict_victim", b=1, kv=8, T=64, scored=0) == pytest.approx(64e-6, rel=EXACT)
+    assert cost.op_s("evict_victim", b=1, kv=2, T=64, scored=1) == pytest.approx(64e-3, rel=EXACT)
+    # Scored at 8 KV heads: only the scored rows (at 2 KV heads) price it, by its work (12 bytes a slot).
+    assert cost.op_s("evict_victim", b=1, kv=8, T=64, scored=1) == pytest.approx(4 * 64e-3, rel=EXACT)

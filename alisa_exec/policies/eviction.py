@@ -11,7 +11,8 @@ one:
   step since it arrived (over its head's query group; ties go to the older), as the simulator's H2O: heavy hitters
   and recent tokens, half each. The prompt's causal attention seeds the sums.
 The kept tokens fill slots 0..count-1 of every (sequence, KV head), in no particular order, and are attended
-densely; at kv_sparsity 0 nothing is ever evicted.
+densely; at kv_sparsity 0 nothing is ever evicted. The choice and the stores are named ops (`ops.keep_prompt`,
+`ops.evict_victim`, `ops.slot_store`, `ops.score_update`), which the profile times and the simulator prices.
 """
 
 from __future__ import annotations
@@ -59,11 +60,8 @@ class _EvictionExec(ExecPolicy):
         count = self.kept(0)
         with self.span("eviction", "selection"):
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [batch, kv_heads, s, d]
-            chosen = self.prefill_keep(index, q.transpose(1, 2), keys, count)  # [batch, kv_heads, count]
-            expand = chosen[..., None].expand(-1, -1, -1, keys.shape[-1])
-            self.keys[index][:, :, :count] = keys.gather(2, expand)
-            self.values[index][:, :, :count] = values.gather(2, expand)
-            self.slot_positions[index][:, :, :count] = chosen
+            ops.keep_prompt(keys, values, self.slots(index), self.scores[index] if self.scored else None,
+                            self.attention_rows(q, keys), count, self.sinks(count))
         self.tiers.tally("evicted_tokens", (self.prompt_len - count) * self.batch)
         return y
 
@@ -71,34 +69,32 @@ class _EvictionExec(ExecPolicy):
         step, n = self.run.step, self.run.num_tokens
         count = self.kept(step)
         evict = count == self.kept(step - 1)
+        scores = self.scores[index] if self.scored else None
         with self.span("eviction", "selection"):
-            if evict:
-                slot = self.victim(index, n, count)[..., None]  # [batch, kv_heads, 1]
-            else:
-                slot = torch.full((self.batch, self.spec.num_kv_heads, 1), count - 1, device=q.device)
-            expand = slot[..., None].expand(-1, -1, -1, k.shape[-1])
-            self.keys[index].scatter_(2, expand, k.transpose(1, 2))
-            self.values[index].scatter_(2, expand, v.transpose(1, 2))
-            self.slot_positions[index].scatter_(2, slot, torch.full_like(slot, n - 1))
-            if self.scored:
-                self.scores[index].scatter_(2, slot, torch.zeros(slot.shape, device=q.device))
+            slot = ops.evict_victim(self.slot_positions[index][:, :, :count],
+                                    None if scores is None else scores[:, :, :count], n - count // 2,
+                                    self.sinks(count)) if evict else count - 1
+            ops.slot_store(self.slots(index), scores, slot, k, v, n - 1)
         if evict:
             self.tiers.tally("evicted_tokens", self.batch)
         with self.span("attention", "attention"):
             out, probs = ops.packed_attention(q[:, 0], self.keys[index][:, :, :count],
                                               self.values[index][:, :, :count], per_head=True)
         if self.scored:
-            with self.span("eviction", "selection"):
-                self.scores[index][:, :, :count] += probs
+            with self.span("score_update", "selection"):
+                ops.score_update(scores, probs)
         return out.reshape(self.batch, 1, -1)
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
-        """Positions of the `kept` prompt tokens kept after the prefill, [batch, kv_heads, kept]."""
-        raise NotImplementedError
+    def slots(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.keys[index], self.values[index], self.slot_positions[index]
 
-    def victim(self, index: int, n: int, count: int) -> Tensor:
-        """The slot to evict at a step with n tokens and `count` slots in use, [batch, kv_heads]."""
-        raise NotImplementedError
+    def sinks(self, kept: int) -> int:
+        """The first tokens never evicted (StreamingLLM's attention sinks) at a budget of `kept`."""
+        return 0
+
+    def attention_rows(self, q: Tensor, keys: Tensor) -> Tensor | None:
+        """What the prefill's choice of tokens is made from, if anything: H2O's prompt attention rows."""
+        return None
 
 
 class StreamingLLMExec(_EvictionExec):
@@ -107,40 +103,10 @@ class StreamingLLMExec(_EvictionExec):
     def sinks(self, kept: int) -> int:
         return min(self.wl.policy.sinks, kept - 1)
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
-        s = self.prompt_len
-        sinks = self.sinks(kept)
-        chosen = torch.cat((torch.arange(sinks), torch.arange(s - (kept - sinks), s))).to(keys.device)
-        return chosen.expand(self.batch, self.spec.num_kv_heads, kept)
-
-    def victim(self, index: int, n: int, count: int) -> Tensor:
-        positions = self.slot_positions[index][:, :, :count]
-        candidates = torch.where(positions >= self.sinks(count), positions, torch.iinfo(torch.int64).max)
-        return candidates.argmin(dim=-1)
-
 
 class H2OExec(_EvictionExec):
     name = "h2o"
 
-    def prefill_keep(self, index: int, q: Tensor, keys: Tensor, kept: int) -> Tensor:
-        s = self.prompt_len
-        # Attention each prompt token received from the prompt's queries, summed over its KV head's query group.
-        received = prefill_window_rows(q, keys, s, per_head=True).sum(dim=2)  # [batch, kv_heads, s]
-        recent = kept // 2
-        older = received[..., :s - recent]
-        heavy = kept - recent
-        # Ties to the older token: stable sort of the negated sums keeps position order among equals.
-        order = torch.sort(-older, dim=-1, stable=True).indices[..., :heavy]
-        recent_positions = torch.arange(s - recent, s, device=keys.device).expand(*older.shape[:2], recent)
-        chosen = torch.cat((order.sort(dim=-1).values, recent_positions), dim=-1)
-        self.scores[index][:, :, :kept] = received.gather(2, chosen)
-        return chosen
-
-    def victim(self, index: int, n: int, count: int) -> Tensor:
-        positions = self.slot_positions[index][:, :, :count]
-        scores = self.scores[index][:, :, :count]
-        outside = positions < n - count // 2  # not among the recent half (which includes the new token)
-        masked = torch.where(outside, scores, float("inf"))
-        lowest = masked.min(dim=-1, keepdim=True).values
-        tied = outside & (masked == lowest)
-        return torch.where(tied, positions, torch.iinfo(torch.int64).max).argmin(dim=-1)
+    def attention_rows(self, q: Tensor, keys: Tensor) -> Tensor:
+        """The prompt's causal attention rows, summed over each KV head's query group, [batch, kv_heads, s, s]."""
+        return prefill_window_rows(q.transpose(1, 2), keys, self.prompt_len, per_head=True)

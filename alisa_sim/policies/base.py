@@ -96,6 +96,11 @@ class Policy(ABC):
             yield StepPlan(self.decode_template(step), self.phase(step), self.kv_memory(self.context(step)),
                            "decode", f"decode {step}", self.batch, self.batch, self.token_rows(step))
 
+    def decode_variant(self, step: int) -> object:
+        """What sets which ops decode step `step` runs beyond its context length: its phase, and whatever else a
+        policy switches from step to step (the simulator collapses only runs of steps of one variant)."""
+        return self.phase(step)
+
     def token_rows(self, step: int) -> dict[str, float]:
         """Token rows (one token of one layer of one sequence) the step moves, recomputes or evicts, by counter
         (`fetched_tokens`, `offloaded_tokens`, `recomputed_tokens`, `evicted_tokens`), as the executor counts them
@@ -295,12 +300,22 @@ class Policy(ABC):
 
     def add_compute_chain(self, template: LayerTemplate, rows: int, attention: Op, kind: str,
                           qkv_after: tuple[str, ...] = (), attention_after: tuple[str, ...] = (),
-                          phase: int = 1) -> LayerTemplate:
+                          phase: int = 1, before_attention: tuple[Op, ...] = (),
+                          after_attention: tuple[Op, ...] = ()) -> LayerTemplate:
         """Add a layer's GPU compute (QKV projection, attention, output + MLP) of a `kind` step after the caller's
-        transfers, which the QKV projection and the attention wait on as named."""
+        transfers, which the QKV projection and the attention wait on as named; the policy's own GPU ops run in
+        turn between the projection and the attention (`before_attention`) and after the attention."""
         template.add(self.pre_attention_op(rows, kind, phase=phase), after=qkv_after)
-        template.add(attention, after=("qkv_proj",) + attention_after)
-        template.add(self.post_attention_op(rows), after=("attention",))
+        previous = "qkv_proj"
+        for op in before_attention:
+            template.add(op, after=(previous,))
+            previous = op.name
+        template.add(attention, after=(previous,) + attention_after)
+        previous = "attention"
+        for op in after_attention:
+            template.add(op, after=(previous,))
+            previous = op.name
+        template.add(self.post_attention_op(rows), after=(previous,))
         template.link("out_proj_mlp", "qkv_proj", lag=1)
         return self.head_and_tail(template, rows, kind, phase)
 

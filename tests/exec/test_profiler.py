@@ -21,7 +21,8 @@ EXECUTOR_CALLS = {
     "sparse_attention": ops.sparse_attention, "staged_sparse_attention": ops.sparse_attention,
     "cpu_attention": ops.cpu_attention, "kv_store": ops.kv_store, "block_store": ops.block_store,
     "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
-    "window_rows": prefill_window_rows, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
+    "window_rows": prefill_window_rows, "keep_prompt": ops.keep_prompt, "evict_victim": ops.evict_victim,
+    "slot_store": ops.slot_store, "score_update": ops.score_update, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
     "host_gather": TokenRows.flat_rows, "stage_indices": ops.stage_indices,
 }
