@@ -118,7 +118,7 @@ def print_results(report: dict, console: Console) -> None:
 def merge_reports(reports: list[dict], names: list[str]) -> dict:
     """Several eval reports of one model and text as one: their rows in order (a setting measured again must give
     the same perplexity and is kept once), the statistics of the first report that has them; `runs` keeps each
-    run's provenance."""
+    run's provenance (a merged report's own runs')."""
     for name, report in zip(names, reports):
         if not isinstance(report, dict) or not isinstance(report.get("results"), list):
             raise SpecError(f"eval-report: {name} is not an `alisa-exec eval --out` results file")
@@ -138,8 +138,9 @@ def merge_reports(reports: list[dict], names: list[str]) -> dict:
             seen[key] = (name, row)
             rows.append(row)
     merged = {key: reports[0][key] for key in ("model", "text", "dtype", "device") if key in reports[0]}
-    merged["runs"] = [{"file": name, **{key: report[key] for key in ("date", "elapsed_s", "tokens_evaluated")
-                                        if key in report}} for name, report in zip(names, reports)]
+    # A report merged before brings its runs' provenance, not its own file's.
+    merged["runs"] = [run for name, report in zip(names, reports) for run in report.get("runs") or [
+        {"file": name, **{key: report[key] for key in ("date", "elapsed_s", "tokens_evaluated") if key in report}}]]
     merged["results"] = rows
     stats = [report["stats"] for report in reports if "stats" in report]
     if stats:

@@ -68,8 +68,10 @@ def perplexity_figure(report: dict) -> go.Figure:
         dict.fromkeys(str(run["tokens_evaluated"]) for run in report.get("runs", []) if "tokens_evaluated" in run))
     title = (f"Perplexity vs KV sparsity<br><sup>{report['model']} on {Path(report['text']).name}, "
              f"{tokens or '?'} tokens</sup>")
+    # Tall enough for the legend's one line per method (past a dozen methods it was cut off)
     figure.update_layout(title={"text": title, "x": 0.02, "xanchor": "left"}, template="plotly_white",
-                         width=max(900, 480 * len(settings) + 260), height=520, margin={"t": 110})
+                         width=max(900, 480 * len(settings) + 260), height=max(520, 240 + 26 * len(methods)),
+                         margin={"t": 110})
     return figure
 
 

@@ -458,6 +458,9 @@ def test_eval_report_merges_runs(tmp_path):
     merged = json.loads(out.read_text())
     assert [(r["method"], r["prefill"]) for r in merged["results"]] == [("swa", 0), ("swa", 4), ("dense", 0)]
     assert len(merged["runs"]) == 3 and (tmp_path / "rep" / "table.md").is_file()
+    again = tmp_path / "again.json"  # a merged report merged again keeps its runs' provenance
+    assert main(["eval-report", str(out), str(paths[0]), "--out", str(again)]) == 0
+    assert [run["file"] for run in json.loads(again.read_text())["runs"]] == [*map(str, paths), str(paths[0])]
     assert main(["eval-report", str(paths[0]), str(paths[0]), "--out", str(out)]) == 0, "the same result twice"
     assert len(json.loads(out.read_text())["results"]) == 1
     other = run("swa", 0)
