@@ -464,7 +464,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
             new_k, new_v = k_[:, :tokens], v_[:, :tokens]
             add("kv_store", {"b": b, "T": tokens, "width": 2 * kv * d, "e": e},
                 lambda: ops.kv_store(*cache, where, new_k, new_v))
-        _measure_keep_prompt(bench, k_.transpose(1, 2), v_.transpose(1, 2), q_heads, add)
+        _measure_keep_prompt(k_.transpose(1, 2), v_.transpose(1, 2), q_heads, add)
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
         rows = _rand(L, b, 2 * kv * d, device=device, dtype=dtype)
         add("block_store", {"b": b, "T": L, "width": 2 * kv * d, "e": e},
@@ -478,7 +478,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         add("masked_attention", shape, lambda: ops.masked_attention(q, keys, values_, mask))
         add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
         add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_))
-        _measure_slot_ops(bench, b, L, keys, values_, add)
+        _measure_slot_ops(b, L, keys, values_, add, store=L == min(T for b_, T in grid.decode_bL if b_ == b))
         # As vLLM's decode calls it: each sequence's new row stored at its slot, then its slots of the shared pool
         # attended in place.
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
@@ -526,8 +526,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
             lambda: ops.cpu_attention(q, keys, values_))
 
 
-def _measure_keep_prompt(bench: Bench, keys: torch.Tensor, values: torch.Tensor, q_heads: torch.Tensor,
-                         add: Callable) -> None:
+def _measure_keep_prompt(keys: torch.Tensor, values: torch.Tensor, q_heads: torch.Tensor, add: Callable) -> None:
     """H2O's and StreamingLLM's prefill choice (`keep_prompt`) over a prompt's K/V [b, kv_heads, L, d], keeping half
     of it (H2O from the prompt's attention rows, where they fit in WINDOW_ROWS_BYTES, as `window_rows`)."""
     b, kv, L, d = keys.shape
@@ -543,9 +542,10 @@ def _measure_keep_prompt(bench: Bench, keys: torch.Tensor, values: torch.Tensor,
             lambda: ops.keep_prompt(keys, values, slots, scores, rows, L // 2, 0))
 
 
-def _measure_slot_ops(bench: Bench, b: int, T: int, keys: torch.Tensor, values: torch.Tensor, add: Callable) -> None:
+def _measure_slot_ops(b: int, T: int, keys: torch.Tensor, values: torch.Tensor, add: Callable,
+                      store: bool) -> None:
     """H2O's and StreamingLLM's decode-step ops over T slots in use of K/V slot buffers [b, kv_heads, T, d]: the
-    victim's search, the new token's store at it, H2O's score update."""
+    victim's search, H2O's score update and (with `store`: its shape has no T) the new token's store at a slot."""
     device, (_, kv, _, d) = keys.device, keys.shape
     positions = torch.randperm(T, device=device).expand(b, kv, T).contiguous()
     scores = torch.rand(b, kv, T, device=device)
@@ -557,8 +557,9 @@ def _measure_slot_ops(bench: Bench, b: int, T: int, keys: torch.Tensor, values: 
         add("evict_victim", {"b": b, "kv": kv, "T": T, "scored": scored},
             lambda: ops.evict_victim(positions, held, T - T // 2, 4))
         victims = ops.evict_victim(positions, held, T - T // 2, 4)
-        add("slot_store", {"b": b, "kv": kv, "d": d, "e": keys.element_size(), "scored": scored},
-            lambda: ops.slot_store(slot_buffers, held, victims, new_k, new_v, T))
+        if store:
+            add("slot_store", {"b": b, "kv": kv, "d": d, "e": keys.element_size(), "scored": scored},
+                lambda: ops.slot_store(slot_buffers, held, victims, new_k, new_v, T))
     add("score_update", {"b": b, "kv": kv, "T": T}, lambda: ops.score_update(scores, probs))
 
 
