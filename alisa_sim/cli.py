@@ -181,6 +181,15 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
         table.add_row(f"[bold]{label}[/]", *("-" if summary[n][key] is None else f"{summary[n][key]:.1f}"
                                               for n in names))
     console.print(table)
+    if document["breakdown"]:
+        kinds = Table("op kind", "predicted s", "measured s", "predicted / measured", "MAPE %",
+                      title="where the time goes: busy seconds by op kind over the pairs (idle: waiting on copies or "
+                            "the host)")
+        for kind, row in document["breakdown"].items():
+            kinds.add_row(kind, f"{row['predicted_s']:.4g}", f"{row['measured_s']:.4g}",
+                          "-" if row["ratio"] is None else f"{row['ratio']:.2f}",
+                          "-" if row["mape"] is None else f"{row['mape']:.1f}")
+        console.print(kinds)
     if unpaired:
         console.print("[yellow]unpaired (no result of the same workload and policy from the other side):[/] "
                       + ", ".join(r.path for r in unpaired))

@@ -134,11 +134,50 @@ def compare(predicted: LoadedResult, measured: LoadedResult) -> dict:
         error = percent_error(pred, meas) if pred is not None and meas else None
         metrics[name] = {"predicted": pred, "measured": meas, "error_pct": error}
     return {"label": measured.data.get("label") or predicted.data.get("label"),
+            "breakdown_s": compare_breakdown(predicted, measured),
             "workload": describe(measured.data["workload"]), "policy": measured.data["workload"]["policy"]["name"],
             "predicted": predicted.path, "measured": measured.path,
             "hardware": {"predicted": predicted.data.get("hardware"), "measured": measured.data.get("hardware")},
             "device": measured.data.get("device"), "cpu_device": result_on_cpu_device(measured.data),
             "oom": {"predicted": predicted.oom, "measured": measured.oom}, "metrics": metrics}
+
+
+# The executor times spans of one kind each (a projection span holds its norm, rotary and activation), the
+# simulator splits an op's time by the kinds of its parts: those two kinds compare only summed.
+COMPARED_KINDS = {"gemm": "gemm+elementwise", "elementwise": "gemm+elementwise"}
+
+
+def compare_breakdown(predicted: LoadedResult, measured: LoadedResult) -> dict:
+    """Where a pair's run time goes: seconds by op kind (`breakdown_s`: busy time by kind, and idle, the compute
+    track waiting for copies or the host; `COMPARED_KINDS` summed), predicted and measured, for the kinds either
+    side spent time on; none where a side was out of memory or has no breakdown."""
+    sides = []
+    for result in (predicted, measured):
+        merged: dict[str, float] = {}
+        for kind, seconds in (result.data.get("breakdown_s") or {}).items():
+            merged[COMPARED_KINDS.get(kind, kind)] = merged.get(COMPARED_KINDS.get(kind, kind), 0.0) + seconds
+        sides.append(merged)
+    if predicted.oom or measured.oom or not all(sides):
+        return {}
+    kinds = [kind for kind in dict.fromkeys([*sides[1], *sides[0]]) if sides[0].get(kind) or sides[1].get(kind)]
+    return {kind: {"predicted": sides[0].get(kind, 0.0), "measured": sides[1].get(kind, 0.0),
+                   "error_pct": percent_error(sides[0].get(kind, 0.0), sides[1][kind]) if sides[1].get(kind)
+                   else None} for kind in kinds}
+
+
+def summarize_breakdown(pairs: list[dict]) -> dict:
+    """Per op kind over the pairs: predicted and measured seconds summed, their ratio, and the MAPE of the pairs
+    that measured time there (which kind of op the profile misprices, and which way)."""
+    kinds = dict.fromkeys(kind for pair in pairs for kind in pair["breakdown_s"])
+    summary = {}
+    for kind in kinds:
+        rows = [pair["breakdown_s"][kind] for pair in pairs if kind in pair["breakdown_s"]]
+        predicted, measured = sum(r["predicted"] for r in rows), sum(r["measured"] for r in rows)
+        errors = [abs(r["error_pct"]) for r in rows if r["error_pct"] is not None]
+        summary[kind] = {"predicted_s": predicted, "measured_s": measured,
+                         "ratio": predicted / measured if measured else None,
+                         "mape": sum(errors) / len(errors) if errors else None, "pairs": len(rows)}
+    return summary
 
 
 def pair_name(pair: dict) -> str:
@@ -162,8 +201,8 @@ def summarize(pairs: list[dict]) -> dict:
 
 
 def validate(results: list[LoadedResult]) -> tuple[dict, list[tuple[LoadedResult, LoadedResult]], list[LoadedResult]]:
-    """The validation document {"pairs": [...], "summary": {metric: {"mape", "worst", ...}}}, the pairs and the
-    Results left unpaired. No pair at all is an input error."""
+    """The validation document {"pairs": [...], "summary": {metric: {"mape", "worst", ...}}, "breakdown": {kind:
+    {"predicted_s", "measured_s", "ratio", "mape", ...}}}, the pairs and the Results left unpaired. No pair at all is an input error."""
     pairs, unpaired = pair_results(results)
     if not pairs:
         sources = {r.source for r in results}
@@ -171,7 +210,7 @@ def validate(results: list[LoadedResult]) -> tuple[dict, list[tuple[LoadedResult
                 "no prediction has the same workload and policy as a measurement")
         raise SpecError(f"nothing to validate: {hint}")
     compared = [compare(pred, meas) for pred, meas in pairs]
-    document = {"pairs": compared, "summary": summarize(compared),
+    document = {"pairs": compared, "summary": summarize(compared), "breakdown": summarize_breakdown(compared),
                 "unpaired": [r.path for r in unpaired],
                 "oom_mismatches": sum(p["oom"]["predicted"] != p["oom"]["measured"] for p in compared),
                 "errors": "percent: 100 x (predicted - measured) / measured"}

@@ -402,6 +402,7 @@ def summarize(loops: list[dict]) -> dict:
         for name, error in loop["stats_h2d_error_pct"].items():
             stats.setdefault(loop["variants"][name], []).append(error)
     out["stats_h2d_error_pct"] = stats
+    out["breakdown"] = [loop["uncalibrated"].get("breakdown", {}) for loop in loops if loop["uncalibrated"]]
     out["machine_slowdown"] = [loop["machine_slowdown"] for loop in loops]
     out["slowdown_error_correlation"] = [slowdown_error_correlation(loop) for loop in loops]
     out["fitted"] = [loop["fit"].get("values") for loop in loops]
@@ -450,6 +451,18 @@ def markdown(summary: dict, meta: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {group} | {_cell(summary, 'uncalibrated', group, metric)} | "
                   f"{_cell(summary, 'calibrated', group, metric)} |" for group in groups[1:] + groups[:1]]
+        lines.append("")
+    breakdowns = [loop for loop in summary["breakdown"] if loop]
+    if breakdowns:
+        lines += ["## Where the time goes", "", "Busy seconds by op kind over all points, uncalibrated: predicted / "
+                  "measured per loop (idle: the compute track waiting on copies or the host; gemm and elementwise "
+                  "summed, as the executor's projection spans hold their norms and activations).", "",
+                  "| op kind | " + " | ".join(f"loop {i}" for i in range(len(breakdowns))) + " |",
+                  "|---|" + "---|" * len(breakdowns)]
+        for kind in dict.fromkeys(kind for loop in breakdowns for kind in loop):
+            cells = ["-" if loop.get(kind, {}).get("ratio") is None else f"x{loop[kind]['ratio']:.2f}"
+                     for loop in breakdowns]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
         lines.append("")
     fitted = [describe_values(values) for values in summary["fitted"] if values]
     if fitted:

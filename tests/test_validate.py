@@ -84,6 +84,36 @@ def test_pairs_by_workload_and_policy_and_reports_errors(tmp_path, capsys):
     assert "plotly" in html and 'id="figure-scatter"' in html and 'id="figure-steps"' in html
 
 
+def test_where_the_time_goes_by_op_kind(tmp_path, capsys, monkeypatch):
+    """Busy seconds by op kind, predicted against measured, per pair and over the pairs: gemm and elementwise
+    summed (the executor's projection spans hold both), and a kind only one side spent time on still shown."""
+    monkeypatch.setenv("COLUMNS", "200")
+    a, b = _simulated(_workload()), _simulated(_workload(batch_size=8))
+    measured = []
+    for result, scale in ((a, 2.0), (b, 0.5)):
+        m = _as_measured(result)
+        m["breakdown_s"] = {kind: seconds * scale for kind, seconds in result["breakdown_s"].items()}
+        m["breakdown_s"]["elementwise"] += m["breakdown_s"].pop("gemm")
+        m["breakdown_s"]["cpu"] = 0.25
+        measured.append(m)
+    for name, result in (("a", a), ("b", b)):
+        _write(tmp_path / "pred", name, result)
+    for name, result in zip("ab", measured):
+        _write(tmp_path / "meas", name, result)
+    document, _, _ = validate(load_results([tmp_path / "pred", tmp_path / "meas"]))
+    pair = next(p for p in document["pairs"] if " b=4 " in p["workload"])
+    assert "gemm" not in pair["breakdown_s"] and "elementwise" not in pair["breakdown_s"]
+    assert pair["breakdown_s"]["gemm+elementwise"]["error_pct"] == pytest.approx(-50.0)
+    assert pair["breakdown_s"]["cpu"] == {"predicted": 0.0, "measured": 0.25, "error_pct": -100.0}
+    rows = document["breakdown"]["gemm+elementwise"]
+    predicted = sum(r["breakdown_s"][k] for r in (a, b) for k in ("gemm", "elementwise"))
+    assert rows["predicted_s"] == pytest.approx(predicted)
+    assert rows["measured_s"] == pytest.approx(sum(m["breakdown_s"]["elementwise"] for m in measured))
+    assert rows["mape"] == pytest.approx(75.0)  # -50% and +100%
+    assert main(["validate", str(tmp_path / "pred"), str(tmp_path / "meas"), "--out", str(tmp_path / "o")]) == 0
+    assert "where the time goes" in capsys.readouterr().out
+
+
 def test_table_output_names_metrics(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # xdist's workers say 80, which wraps the table's headers
     a = _simulated(_workload())
