@@ -86,7 +86,7 @@ def _decode_grid(batches, lengths, max_tokens):
 
 
 # Copies from 1 KiB: the executor copies single token rows and index lists of a few KiB, which a table starting at
-# 64 KiB priced at its latency floor (2.7x the measured copy time over the CPU validation loop).
+# 64 KiB priced at its latency floor (1.6-2.7x the measured copy time over the CPU validation loop).
 GPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 4, 16, 64, 256, 1024, 4096, 16384), heads=32, head_dim=128,
                 decode_bL=_decode_grid((1, 8, 32, 64), (256, 1024, 4096, 16384), 2**19),
                 prefill_bL=((1, 512), (8, 512), (1, 2048), (8, 2048), (1, 8192)),
