@@ -1,6 +1,6 @@
 """Every op the executor issues, by name: GEMM projections, norms, activations, rotary embeddings, the attention paths,
-vLLM's paged-cache stores, H2O's and StreamingLLM's slot choice and stores, ALISA's host-side split of its selection into the rows to fetch and to recompute,
-embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
+vLLM's paged-cache stores, H2O's and StreamingLLM's slot choice and stores, ALISA's host-side split of its selection
+into the rows to fetch and to recompute, embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
 store and decode, selection is the kernels' `LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer
 loop calls these and nothing else, so what the profiler times at the executor's shapes is what a run executes.
 """

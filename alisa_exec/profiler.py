@@ -108,8 +108,8 @@ CPU_FULL = Grid(gemm_kn=preset_gemm_shapes(), gemm_m=(1, 16, 64, 256), heads=32,
 CPU_QUICK = Grid(gemm_kn=((256, 256), (256, 1024), (1024, 256), (1024, 1024)), gemm_m=(1, 4, 16, 64, 256, 1024, 2048),
                  heads=8, head_dim=64, decode_bL=_decode_grid((1, 4, 16, 32), (32, 128, 512), 2**14),
                  prefill_bL=((1, 64), (2, 256), (1, 512), (8, 64), (32, 64)),
-                 copy_bytes=(KiB, 4 * KiB, 16 * KiB, 64 * KiB, MiB, 16 * MiB), bidirectional_bytes=16 * MiB, device_copy_bytes=64 * MiB,
-                 peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024,
+                 copy_bytes=(KiB, 4 * KiB, 16 * KiB, 64 * KiB, MiB, 16 * MiB), bidirectional_bytes=16 * MiB,
+                 device_copy_bytes=64 * MiB, peak_gemm_size=1024, host_copy_bytes=64 * MiB, host_gemm_size=1024,
                  host_decode_bL=((1, 512), (4, 512)),
                  reps=5)
 

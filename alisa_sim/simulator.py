@@ -4,8 +4,8 @@ Decode steps are collapsed like layers where that is exact or within 1e-7 of the
 policy on the base step driver (Policy.steps) are grown into runs: from an anchor step, extensions of a few to
 thousands of steps are simulated at their first two, middle and last two steps, with the copy streams idle at the
 start, and accepted when every sample has the same op structure as the anchor and every step the same variant
-(`Policy.decode_variant`: its phase, and whatever else changes which ops a step runs), bytes on the chord of the extension exactly, and its time, breakdown and op times on the chord within 1e-7 of
-the step time; the steps between samples are interpolated on those chords. Why that is sound:
+(`Policy.decode_variant`: its phase, and whatever else changes which ops a step runs), bytes on the chord of the
+extension exactly, and its time, breakdown and op times on the chord within 1e-7 of the step time; the steps between samples are interpolated on those chords. Why that is sound:
 - with op times affine in the step (the cost model above its measured sizes), a step's time, a max-plus expression
   of its op times, is convex in the step, and a convex function that meets a chord at an interior point equals it on
   the whole interval: exact, and the idle copy streams follow for every step of the run;
@@ -276,7 +276,7 @@ class _DecodeRuns:
         return StepPlan(template, policy.phase(step), policy.kv_memory(policy.context(step)), "decode",
                         f"decode {step}", policy.batch, policy.batch, policy.token_rows(step))
 
-    def variant(self, step: int):
+    def variant(self, step: int) -> object:
         if step not in self._variants:
             self._variants[step] = self.policy.decode_variant(step)
         return self._variants[step]
@@ -340,14 +340,14 @@ class _DecodeRuns:
         if last < anchor + 2 or self._idle_step != anchor or self.sampled[anchor][1].carry_s:
             return []
         structure, variant = self.sampled[anchor][0].structure(), self.variant(anchor)
-        same_phase_until = anchor
+        same_variant_until = anchor
         samples, end, span = [anchor], anchor, self.span
         while end < last:
             new_end = min(end + span, last)
-            while same_phase_until < new_end and self.variant(same_phase_until + 1) == variant:
-                same_phase_until += 1
+            while same_variant_until < new_end and self.variant(same_variant_until + 1) == variant:
+                same_variant_until += 1
             points = sorted({end + 1, (end + new_end) // 2, new_end - 1, new_end} - {end})
-            if same_phase_until >= new_end and all(self._on_chord(x, structure, end, new_end) for x in points):
+            if same_variant_until >= new_end and all(self._on_chord(x, structure, end, new_end) for x in points):
                 samples += points
                 end, span = new_end, 2 * span
             elif span > _MIN_SPAN and new_end - end > _MIN_SPAN:

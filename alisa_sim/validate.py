@@ -11,6 +11,7 @@ largest absolute one.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -151,18 +152,18 @@ def compare_breakdown(predicted: LoadedResult, measured: LoadedResult) -> dict:
     """Where a pair's run time goes: seconds by op kind (`breakdown_s`: busy time by kind, and idle, the compute
     track waiting for copies or the host; `COMPARED_KINDS` summed), predicted and measured, for the kinds either
     side spent time on; none where a side was out of memory or has no breakdown."""
-    sides = []
-    for result in (predicted, measured):
-        merged: dict[str, float] = {}
+    if predicted.oom or measured.oom:
+        return {}
+    sides = [defaultdict(float), defaultdict(float)]
+    for side, result in zip(sides, (predicted, measured)):
         for kind, seconds in (result.data.get("breakdown_s") or {}).items():
-            merged[COMPARED_KINDS.get(kind, kind)] = merged.get(COMPARED_KINDS.get(kind, kind), 0.0) + seconds
-        sides.append(merged)
-    if predicted.oom or measured.oom or not all(sides):
+            side[COMPARED_KINDS.get(kind, kind)] += seconds
+    if not all(sides):
         return {}
     kinds = [kind for kind in dict.fromkeys([*sides[1], *sides[0]]) if sides[0].get(kind) or sides[1].get(kind)]
-    return {kind: {"predicted": sides[0].get(kind, 0.0), "measured": sides[1].get(kind, 0.0),
-                   "error_pct": percent_error(sides[0].get(kind, 0.0), sides[1][kind]) if sides[1].get(kind)
-                   else None} for kind in kinds}
+    return {kind: {"predicted": sides[0][kind], "measured": sides[1][kind],
+                   "error_pct": percent_error(sides[0][kind], sides[1][kind]) if sides[1][kind] else None}
+            for kind in kinds}
 
 
 def summarize_breakdown(pairs: list[dict]) -> dict:
@@ -202,7 +203,8 @@ def summarize(pairs: list[dict]) -> dict:
 
 def validate(results: list[LoadedResult]) -> tuple[dict, list[tuple[LoadedResult, LoadedResult]], list[LoadedResult]]:
     """The validation document {"pairs": [...], "summary": {metric: {"mape", "worst", ...}}, "breakdown": {kind:
-    {"predicted_s", "measured_s", "ratio", "mape", ...}}}, the pairs and the Results left unpaired. No pair at all is an input error."""
+    {"predicted_s", "measured_s", "ratio", "mape", ...}}}, the pairs and the Results left unpaired. No pair at all
+    is an input error."""
     pairs, unpaired = pair_results(results)
     if not pairs:
         sources = {r.source for r in results}
