@@ -274,13 +274,38 @@ class TokenRows:
             issued("host_gather", bytes=index.numel() * part.shape[-1] * part.element_size())
             torch.index_select(part.view(-1, part.shape[-1]), 0, index, out=dst)
 
+    def head_rows(self, index: Tensor, heads: Tensor, kv_heads: int, out: tuple[Tensor, ...]) -> None:
+        """Gather one KV head's K and V of stored K/V rows at flat indices slot * batch + sequence (KV head
+        `heads[i]` of row i) into `out` ([N, ...] per part: a staging buffer of K/V rows of one head)."""
+        halves = torch.arange(2, device=index.device)
+        # part viewed as [slots x batch x 2 x kv_heads, inner]: (row, half, head) is one contiguous run
+        flat = ((index[:, None] * 2 + halves) * kv_heads + heads[:, None]).flatten()
+        for part, dst in zip(self.parts, out):
+            inner = part.shape[-1] // (2 * kv_heads)
+            issued("host_gather", bytes=flat.numel() * inner * part.element_size())
+            torch.index_select(part.view(-1, inner), 0, flat, out=dst.view(-1, inner))
+
     def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> TokenRows:
         """A buffer for `rows` rows of this format, shared by every sequence (its batch is one)."""
         return TokenRows(tiers, tier, purpose, rows, 1, self.width, self.dtype, self.int8, self.group, pinned)
 
+    def head_staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, kv_heads: int) -> TokenRows:
+        """A buffer for `rows` rows of one KV head's K and V each (`head_rows`), shared by every sequence."""
+        return TokenRows(tiers, tier, purpose, rows, 1, self.width // kv_heads, self.dtype, self.int8, self.group)
+
     def first(self, count: int) -> tuple[Tensor, ...]:
         """The parts of the first `count` rows of a staging buffer, [count, ...] each."""
         return tuple(part[:count, 0] for part in self.parts)
+
+    def head_views(self, kv_heads: int) -> tuple[Tensor | QuantizedKV, Tensor | QuantizedKV]:
+        """A `head_staging` buffer as the attention kernels read staged rows, [1, kv_heads, rows, head_dim] (no
+        copy): every KV head sees every row, and a row is named only in the index list of the head it holds."""
+        def every_head(view: Tensor | QuantizedKV):
+            if isinstance(view, QuantizedKV):
+                return QuantizedKV(*(every_head(t) for t in (view.data, view.scale, view.zero)), view.token_group,
+                                   view.channel_group)
+            return view.expand(-1, kv_heads, -1, -1)
+        return tuple(every_head(view) for view in self.kv_views(1))
 
     def kv_views(self, kv_heads: int) -> tuple[Tensor | QuantizedKV, Tensor | QuantizedKV]:
         """K and V of K/V rows in place, [batch, kv_heads, slots, head_dim] each (no copy), as the attention

@@ -1,6 +1,6 @@
 """Every op the executor issues, by name: GEMM projections, norms, activations, rotary embeddings, the attention paths,
 vLLM's paged-cache stores, H2O's and StreamingLLM's slot choice and stores, ALISA's host-side split of its selection
-into the rows to fetch and to recompute, embeddings and the LM head. (INT8 quantize / dequantize are `TokenRows`'
+into the rows to fetch and to recompute, embeddings and the LM head, `k4-capped`'s 4-bit key copy, its attention and its capped choice. (INT8 quantize / dequantize are `TokenRows`'
 store and decode, selection is the kernels' `LocalAttentionSum`, tier copies are `Tiers.copy`.) The policies' layer
 loop calls these and nothing else, so what the profiler times at the executor's shapes is what a run executes.
 """
@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from alisa_exec.kernels import dense_decode_attention, gather_decode_attention, sparse_decode_attention
 from alisa_exec.kernels.int8_kv import QuantizedKV
+from alisa_exec.key_copy import KeyCopy, capped_choice, copy_probabilities, fixed_point_scores, swa_own_row
 from alisa_exec.ledger import issued
 from alisa_exec.model import Attention, FeedForward, Transformer, gemm, packed_weight_for
 
@@ -246,6 +247,41 @@ def sparse_attention(q: Tensor, keys: KVView, values: KVView, indices: Tensor, s
     if triton:
         return sparse_decode_attention(q, keys, values, indices, lengths, staged=staged)
     return gather_decode_attention(q, keys, values, indices, lengths, staged=staged)
+
+
+def key_copy_store(copy: KeyCopy, first: int, k: Tensor) -> None:
+    """`k4-capped`: keys k [b, n, kv_heads, d] of positions first.. into the layer's 4-bit copy."""
+    batch, n, kv_heads, head_dim = k.shape
+    issued("key_copy_store", rows=batch * n, kv=kv_heads, d=head_dim, e=k.element_size())
+    copy.store(first, k.transpose(1, 2))
+
+
+def key_copy_attention(q: Tensor, copy: KeyCopy, n: int) -> Tensor:
+    """`k4-capped`: the decode query q [b, heads, d] over the 4-bit copy of the n cached keys, probabilities
+    [b, kv_heads, group, n] per query head."""
+    batch, heads, head_dim = q.shape
+    kv_heads = copy.levels.shape[2]
+    issued("key_copy_attention", b=batch, L=n, h=heads, kv=kv_heads, d=head_dim, e=q.element_size())
+    groups = q.view(batch, kv_heads, heads // kv_heads, 1, head_dim)
+    return copy_probabilities(n - 1, groups, copy.keys(n))[..., 0, :]
+
+
+def capped_pick(probs: Tensor, swa_selected: Tensor, recent: int) -> tuple[Tensor, Tensor]:
+    """`k4-capped`'s choice: of the n cached tokens, per KV head, the `recent` newest and as many older ones as SWA's
+    set swa_selected [b, T] (sorted, its `recent` newest last) has, by the copy's attention probs [b, kv_heads,
+    group, n] under SWA's age caps (`alisa_exec.key_copy.capped_choice`): sorted positions [b, kv_heads, T]; and the
+    row SWA's sums take ([b, T] at swa_selected: the copy's attention over SWA's own set, summed over heads)."""
+    batch, kv_heads, _, n = probs.shape
+    picks = swa_selected.shape[1]
+    issued("capped_pick", b=batch, kv=kv_heads, L=n, m=picks - recent)
+    positions = torch.arange(n, device=probs.device)
+    recent_mask = (positions >= n - recent).expand(batch, 1, n)
+    swa_set = torch.zeros(batch, 1, n, dtype=torch.bool, device=probs.device)
+    swa_set[:, 0].scatter_(1, swa_selected.long(), True)
+    chosen = capped_choice(fixed_point_scores(probs), recent_mask, swa_set & ~recent_mask)
+    selected = torch.where(chosen, positions, n).sort(dim=-1).values[..., :picks].to(torch.int32)
+    swa_row = swa_own_row(probs, swa_set).sum(dim=(1, 2)).gather(1, swa_selected.long())
+    return selected, swa_row
 
 
 def argmax(logits: Tensor) -> Tensor:

@@ -22,6 +22,8 @@ from alisa_sim.errors import load_json_file, validate
 DEFAULT_STATS = Path(__file__).resolve().parent / "data" / "selection_stats_default.json"  # measured on SmolLM2-135M
 # The assumption before any measurement: global picks spread evenly over every age outside the local window.
 UNIFORM_STATS = DEFAULT_STATS.with_name("selection_stats_uniform.json")
+# `k4-capped`'s picks (docs/accuracy.md, reports/accuracy/k4-capped/): the default of the alisa policy's selector
+K4_CAPPED_STATS = DEFAULT_STATS.with_name("selection_stats_k4-capped.json")
 FORMAT = "alisa-selection-stats/1"
 
 

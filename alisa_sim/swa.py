@@ -20,6 +20,9 @@ SWA_CURRENT_OPTIONS = ("inside", "extra")
 # ALISA's SWA and the accuracy methods attend "extra" unless told otherwise (docs/accuracy.md says why); H2O and
 # StreamingLLM keep the literal 2k.
 SWA_CURRENT_DEFAULT = "extra"
+# Who picks the older tokens ALISA attends (workload option `selector`): SWA's sums, one set per layer chosen a step
+# ahead, or `k4-capped`, per KV head from the step's own query over a 4-bit key copy, held to SWA's ages.
+SELECTORS = ("swa", "k4-capped")
 
 
 def kv_budget(num_tokens: int, kv_sparsity: float, current: str = "inside") -> int:

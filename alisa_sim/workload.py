@@ -12,7 +12,7 @@ from alisa_sim.hardware import HardwareProfile, load_hardware_profile
 from alisa_sim.limits import MAX_BATCH_SIZE, MAX_SEQ_LEN
 from alisa_sim.model_spec import PRESETS, ModelSpec, load_model_spec
 from alisa_sim.overrides import apply_overrides, describe_overrides
-from alisa_sim.swa import SWA_CURRENT_DEFAULT, SWA_CURRENT_OPTIONS
+from alisa_sim.swa import SELECTORS, SWA_CURRENT_DEFAULT, SWA_CURRENT_OPTIONS
 
 GB = 1e9
 
@@ -128,11 +128,23 @@ class AlisaPolicyConfig(_Strict):
         "tokens (2k + 1); inside: the current token is one of the k recent ones (2k, the paper's literal budget)")
     swa_self_weight: bool = Field(default=False, description="whether a step's attention row credits its own token "
                                                              "in the local sums (with extra it changes no selection)")
+    selector: Literal[SELECTORS] = Field(
+        default="swa", description="swa: SWA's set, one per layer, chosen a step ahead (the paper); k4-capped: per KV "
+        "head from the step's own query over a 4-bit copy of the keys, held to SWA's ages (docs/accuracy.md)")
 
     @model_validator(mode="after")
     def _check_phases(self) -> "AlisaPolicyConfig":
         if self.p1 is not None and self.p2 is not None and self.p2 < self.p1:
             raise ValueError(f"p2 ({self.p2}) must not come before p1 ({self.p1})")
+        if self.selector == "k4-capped":
+            needs = {"kv_sparsity > 0": self.kv_sparsity > 0, "recompute: false": not self.recompute,
+                     "dynamic_scheduling: true": self.dynamic_scheduling, "storage: all": self.storage == "all",
+                     "selection: per_layer": self.selection == "per_layer", "attention_kernel: fused":
+                     self.attention_kernel == "fused"}
+            missing = [what for what, held in needs.items() if not held]
+            if missing:
+                raise ValueError(f"selector k4-capped needs {', '.join(missing)} (its SWA alongside is one set per "
+                                 "layer; per-KV-head recompute and the gather path are not built)")
         return self
 
 

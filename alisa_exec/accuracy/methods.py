@@ -52,12 +52,12 @@ import torch
 from torch import Tensor
 
 from alisa_exec.kernels.selection import to_fixed_point
+from alisa_exec.key_copy import capped_choice, copy_probabilities, fixed_point_scores, int4_keys, swa_own_row
 from alisa_sim.errors import SpecError
 from alisa_sim.swa import SWA_CURRENT_DEFAULT, kv_budget, swa_recent, swa_window
 
 STREAMING_SINKS = 4
 PAGE_TOKENS = 16  # positions per page of the page-bound selector (Quest's default)
-INT4_LEVELS = 16  # the approximate-attention selector's copy of the keys
 DEFAULT_CURRENT = SWA_CURRENT_DEFAULT  # every method but the "inside" SWA variants (docs/accuracy.md: why)
 # Selection keys are fixed-point sums x window length: with at most 64 heads summed over at most 4096 rows, below
 # 2^6 x 2^12 x 2^32 x 2^12 = 2^62, inside int64.
@@ -414,35 +414,22 @@ class PageBound(QuerySelector):
         return torch.where(page_of == (current // PAGE_TOKENS)[:, None], partial[..., None], full[..., page_of])
 
 
-def int4_keys(k: Tensor) -> Tensor:
-    """Keys [..., tokens, d] as a 4-bit copy reads them back: asymmetric min-max over each token's d channels, 16
-    levels."""
-    low, high = k.amin(dim=-1, keepdim=True), k.amax(dim=-1, keepdim=True)
-    scale = ((high - low) / (INT4_LEVELS - 1)).clamp(min=torch.finfo(k.dtype).tiny)
-    return ((k - low) / scale).round().clamp(0, INT4_LEVELS - 1) * scale + low
-
-
 class Int4KeyCopy:
-    """A layer's keys as a 4-bit copy (kept on the GPU, 1/8 of the fp16 K and V), and a step's attention over it:
-    a layer's blocks of rows share one copy."""
+    """A layer's keys as the 4-bit copy reads them back, and a step's attention over it: a layer's blocks of rows
+    share one copy."""
 
     keys: Tensor | None = None  # the keys last handed in, and their copy
     int4: Tensor | None = None
 
     def probabilities(self, first: int, q: Tensor, k: Tensor) -> Tensor:
-        """Attention probabilities [batch, kv_heads, group_size, rows, width] of rows first, first + 1, ...
-        (queries [batch, kv_heads, group_size, rows, d]) over the copy of keys k [batch, kv_heads, >= width, d]
-        (width = first + rows)."""
-        width = first + q.shape[3]
+        """`copy_probabilities` of rows first, first + 1, ... over the copy of keys k [batch, kv_heads, >= width, d]."""
         if self.keys is not k:
             self.keys, self.int4 = k, int4_keys(k)
-        scores = (q @ self.int4[:, :, None, :width].transpose(-1, -2)) * q.shape[-1] ** -0.5
-        future = torch.arange(width, device=q.device) > torch.arange(first, width, device=q.device)[:, None]
-        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        return copy_probabilities(first, q, self.int4)
 
     def attention(self, first: int, q: Tensor, k: Tensor) -> Tensor:
         """`probabilities` summed over each KV head's query group, in fixed point [batch, kv_heads, rows, width]."""
-        return to_fixed_point(self.probabilities(first, q, k).sum(dim=2))
+        return fixed_point_scores(self.probabilities(first, q, k))
 
 
 class ApproximateAttention(QuerySelector):
@@ -483,28 +470,18 @@ class AgeCappedApproximateAttention(Selector):
         """The queries [batch, kv_heads, group_size, rows, d] of the rows first, first + 1, ... about to be chosen,
         and the keys [batch, kv_heads, >= first + rows, d]."""
         self.first, self.probs = first, self.key_copy.probabilities(first, q, k)
-        self.scores = to_fixed_point(self.probs.sum(dim=2))
+        self.scores = fixed_point_scores(self.probs)
 
     def keep(self, num_tokens: int) -> Tensor:
         _, recent = self._recent(num_tokens)
-        positions = self.token_positions[:num_tokens]
         self.swa_set = self.swa.keep(num_tokens)  # [batch, 1, n]
-        caps = self.swa_set[:, 0] & ~recent[:, 0]  # SWA's older picks
-        bounds = torch.where(caps, positions, -1).topk(int(caps.sum(dim=-1).max()), dim=-1).values  # newest first
         scores = self.scores[:, :, num_tokens - 1 - self.first, :num_tokens]
-        keys = torch.where(recent, -1, scores * self.max_tokens + self.swa.tie_break[:num_tokens])
-        chosen = torch.zeros_like(keys, dtype=torch.bool)
-        for bound in bounds.T:  # [batch] each: -1 once a sequence's SWA picks run out
-            allowed = (positions >= bound[:, None, None]) & ~chosen
-            best = torch.where(allowed, keys, -1).argmax(dim=-1, keepdim=True)
-            chosen.scatter_(-1, best, chosen.gather(-1, best) | (bound >= 0)[:, None, None])
-        return chosen | recent
+        return capped_choice(scores, recent, self.swa_set & ~recent)
 
     def observe(self, probs: Tensor) -> None:
         """SWA's sums take the copy's attention over SWA's own set (the attended `probs` are not needed)."""
         num_tokens = probs.shape[-1]
-        own = self.probs[..., num_tokens - 1 - self.first, :num_tokens] * self.swa_set[:, :, None]
-        self.swa.observe(own / own.sum(dim=-1, keepdim=True))
+        self.swa.observe(swa_own_row(self.probs[..., num_tokens - 1 - self.first, :num_tokens], self.swa_set))
 
     def prefill_rows(self, first: int, probs: Tensor) -> None:
         self.swa.prefill_rows(first, probs)

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from alisa_exec import ops
 from alisa_exec.kernels import LocalAttentionSum, prefill_window_rows
+from alisa_exec.key_copy import KeyCopy
 from alisa_exec.kv_cache import CPU, GPU, TokenRows, Tiers, int8_group
 from alisa_exec.model import Transformer
 from alisa_exec.policies.base import ExecPolicy, Run, kv_rows, split_kv, unsupported
@@ -87,6 +88,10 @@ class AlisaExec(ExecPolicy):
         self.offload_end = max(self.cpu_end)
         self.window = sim.ring_slots()
         self.attended = sim.selected(self.positions)[1]
+        self.capped = cfg.selector == "k4-capped"
+        if self.capped:
+            self.notes += ("alisa k4-capped: fetched_tokens counts rows of one KV head (one KV head's K and V of one "
+                           "token of one layer of one sequence)",)
 
     # ---- memory --------------------------------------------------------------------------------------------------
     def allocate(self, tiers: Tiers) -> None:
@@ -107,9 +112,18 @@ class AlisaExec(ExecPolicy):
                 tiers.count(GPU, "selection_state", state.nbytes)
                 self.selection.append(state)
         rows = batch * self.attended  # the most rows one layer can fetch or recompute in a step
-        if self.offload_end:
+        if self.capped:  # the 4-bit copy of every position's keys; rows of one KV head each
+            self.key_copy = [KeyCopy(tiers, GPU, self.positions, batch, spec.num_kv_heads, spec.dim_per_head,
+                                     self.dtype) for _ in layers]
+            rows *= spec.num_kv_heads
+        if self.offload_end and self.capped:
+            kv = spec.num_kv_heads
+            self.kv_stage = [self.ring[0].head_staging(tiers, GPU, "kv_staging", rows, kv) for _ in range(2)]
+            self.kv_host = [self.cpu[0].head_staging(tiers, CPU, "kv_staging", rows, kv) for _ in range(2)]
+        elif self.offload_end:
             self.kv_stage = [self.ring[0].staging(tiers, GPU, "kv_staging", rows) for _ in range(2)]
             self.kv_host = [self.cpu[0].staging(tiers, CPU, "kv_staging", rows) for _ in range(2)]
+        if self.offload_end:
             # (sequence, slot in the attended list, position) of each staged row, one contiguous block per copy
             self.index_stage = [tiers.empty(GPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
             self.index_host = [tiers.empty(CPU, "kv_staging", (3 * rows,), torch.int64) for _ in range(2)]
@@ -148,7 +162,7 @@ class AlisaExec(ExecPolicy):
         run.offloaded = max(run.offloaded, run.offload_to)
 
     def before_layer(self, index: int, group: int) -> None:
-        if not self.run.prefill:
+        if not self.run.prefill and not self.capped:  # k4-capped fetches once the layer's query has chosen
             self.one_layer_ahead(index, self.prefetch)
 
     def needs_host(self, step: int) -> bool:
@@ -175,6 +189,9 @@ class AlisaExec(ExecPolicy):
                 "offloaded_tokens", run.offload_to * self.batch)
         if self.input_end:
             self.store_inputs(index, x_in, 0)
+        if self.capped:
+            with self.span("key_copy", "elementwise"):
+                ops.key_copy_store(self.key_copy[index], 0, k)
         if self.selection:
             with self.span("selection", "selection"):
                 state = self.selection[index]
@@ -195,20 +212,23 @@ class AlisaExec(ExecPolicy):
             tuple(part[first:first + len(rows)] for part in inputs.parts), stored, "d2h", "input_offload")
 
     def select_next(self, index: int, num_tokens: int, step: int) -> None:
-        """Pick the positions layer `index` attends at `step` (with num_tokens cached) and send them to the host when
-        that step reads from the CPU."""
+        """Pick the positions layer `index` attends at `step` (with num_tokens cached; with k4-capped SWA's set, which
+        caps that step's choice) and send them to the host when that step reads from the CPU."""
         if step > self.decode_steps:
             return
-        run = self.run
         selected = self.selection[index].select(num_tokens)
-        run.selected_device[index] = selected
-        if self.needs_host(step):
-            host = self.selected_host[index, :selected.numel()]
-            run.selected_event[index] = self.tiers.copy(host, selected.flatten(), "d2h", "selection_to_host",
-                                                        payload=False)
+        self.run.selected_device[index] = selected
+        if self.needs_host(step) and not self.capped:
+            self.selection_to_host(index, selected)
+
+    def selection_to_host(self, index: int, selected: Tensor) -> None:
+        host = self.selected_host[index, :selected.numel()]
+        self.run.selected_event[index] = self.tiers.copy(host, selected.flatten(), "d2h", "selection_to_host",
+                                                         payload=False)
 
     def selected_positions(self, index: int, num_tokens: int, host: bool) -> Tensor:
-        """The positions a layer attends this step, [batch, T], on the device or on the host."""
+        """The positions a layer attends this step, [batch, T] ([batch x kv_heads, T] on the host with k4-capped), on
+        the device or on the host."""
         if not self.selection:
             device = "cpu" if host else self.tiers.gpu_device
             return torch.arange(num_tokens, dtype=torch.int32, device=device).expand(self.batch, num_tokens)
@@ -216,7 +236,8 @@ class AlisaExec(ExecPolicy):
             return self.run.selected_device[index]
         self.tiers.host_wait(self.run.selected_event[index])
         tokens = self.sim.selected(num_tokens)[1]
-        return self.selected_host[index, :self.batch * tokens].view(self.batch, tokens)
+        lists = self.batch * (self.spec.num_kv_heads if self.capped else 1)
+        return self.selected_host[index, :lists * tokens].view(lists, tokens)
 
     def prefetch(self, index: int) -> None:
         """Gather layer `index`'s selected CPU rows (and the layer inputs of its selected deleted tokens) on the host
@@ -231,8 +252,14 @@ class AlisaExec(ExecPolicy):
             tiers.host_wait(run.offload_event[index], run.fetched[buffer])
             selected = self.selected_positions(index, run.num_tokens, host=True)
             live, deleted = ops.stage_indices(selected, deleted_end, fetch_end, self.index_host[buffer])
+            if self.capped:  # one KV head's row per entry: the "sequence" is sequence x kv_heads + KV head
+                seq, _, position = live
+                kv = self.spec.num_kv_heads
+                if len(seq):
+                    self.cpu[index].head_rows(position * self.batch + seq // kv, seq % kv, kv,
+                                              self.kv_host[buffer].first(len(seq)))
             for (seq, _, position), rows, host in ((live, self.cpu, self.kv_host), (deleted, self.inputs,
-                                                                                   self.input_host)):
+                                                                                   self.input_host))[self.capped:]:
                 if len(seq):
                     rows[index].flat_rows(position * self.batch + seq, host[buffer].first(len(seq)))
             fetched, recomputed = len(live[0]), len(deleted[0])
@@ -259,6 +286,9 @@ class AlisaExec(ExecPolicy):
         if n - 1 < self.input_end:
             self.store_inputs(index, x_in, n - 1)
         selected = self.selected_positions(index, n, host=False)
+        if self.capped:
+            swa_selected = selected
+            selected, swa_row = self.choose_by_query(index, q[:, 0], k, n, swa_selected)
         staged = self.stage(index) if run.pending[index] is not None else None
         if self.fused:
             with self.span("attention", "attention"):
@@ -266,8 +296,10 @@ class AlisaExec(ExecPolicy):
                 views = None
                 if staged is not None:
                     buffer, seq, slot = staged
-                    indices[seq, slot] = -1 - torch.arange(len(seq), dtype=torch.int32, device=indices.device)
-                    views = self.kv_stage[buffer].kv_views(self.spec.num_kv_heads)
+                    indices.view(-1, indices.shape[-1])[seq, slot] = -1 - torch.arange(len(seq), dtype=torch.int32,
+                                                                                       device=indices.device)
+                    stage, kv = self.kv_stage[buffer], self.spec.num_kv_heads
+                    views = stage.head_views(kv) if self.capped else stage.kv_views(kv)
                 out, probs = ops.sparse_attention(q[:, 0], *ring.kv_views(self.spec.num_kv_heads), indices, views,
                                                   tiers.triton)
         else:
@@ -283,11 +315,29 @@ class AlisaExec(ExecPolicy):
             run.consumed[staged[0]] = tiers.event()
         if self.selection:
             with self.span("selection", "selection"):
-                self.selection[index].push(selected, probs)
+                if self.capped:  # SWA alongside sums the copy's attention over its own set
+                    self.selection[index].push(swa_selected, swa_row)
+                else:
+                    self.selection[index].push(selected, probs)
                 self.select_next(index, n + 1, run.step + 1)
         if run.offload_to > run.offloaded:
             self.offload(index)
         return out.reshape(self.batch, 1, -1)
+
+    def choose_by_query(self, index: int, q: Tensor, k: Tensor, n: int, swa_selected: Tensor) -> tuple[Tensor, Tensor]:
+        """k4-capped: the new token's key into the 4-bit copy, the step's query over the copy, the capped choice per KV
+        head ([batch, kv_heads, T], and the row SWA's sums take); when the step reads from the CPU, the choice goes to
+        the host and the layer's CPU rows are gathered and copied up now (the choice needs this layer's query, so
+        nothing is fetched a layer ahead)."""
+        with self.span("key_copy", "elementwise"):
+            ops.key_copy_store(self.key_copy[index], n - 1, k)
+        with self.span("selection", "selection"):
+            probs = ops.key_copy_attention(q, self.key_copy[index], n)
+            selected, swa_row = ops.capped_pick(probs, swa_selected, self.sim.recent(n))
+        if self.needs_host(self.run.step):
+            self.selection_to_host(index, selected)
+            self.prefetch(index)
+        return selected, swa_row
 
     def stage(self, index: int) -> tuple[int, Tensor, Tensor] | None:
         """Make layer `index`'s staged rows ready: wait for the fetched ones, recompute the K/V of the selected

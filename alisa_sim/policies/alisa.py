@@ -20,7 +20,7 @@ from alisa_sim.model_spec import Gemm
 from alisa_sim.ops import LayerTemplate, make_op
 from alisa_sim.policies.base import MemoryUse, Policy
 from alisa_sim.errors import SpecError
-from alisa_sim.selection_stats import load_selection_stats
+from alisa_sim.selection_stats import K4_CAPPED_STATS, load_selection_stats
 from alisa_sim.selection_trace import load_selection_trace
 from alisa_sim.swa import kv_budget, swa_recent, swa_window
 
@@ -73,7 +73,10 @@ class AlisaPolicy(Policy):
         super().__init__(workload, cost)
         self.cfg = cfg = workload.policy
         self.r = 1 - cfg.kv_sparsity
-        self.stats = load_selection_stats(cfg.selection_stats)
+        self.capped = cfg.selector == "k4-capped"
+        # index lists of a layer's selection: one per sequence, or one per sequence and KV head (k4-capped)
+        self.index_lists = self.batch * (self.model.num_kv_heads if self.capped else 1)
+        self.stats = load_selection_stats(cfg.selection_stats or (K4_CAPPED_STATS if self.capped else None))
         self.trace = load_selection_trace(cfg.selection_trace).decode_steps() if cfg.selection_trace else None
         m = self.model
         # groups never straddle heads; a stored layer input is grouped along the hidden size
@@ -128,7 +131,8 @@ class AlisaPolicy(Policy):
         m = self.model
         attended = self.selected(self.positions)[1]
         per_token = (self.kv_token_layer if offloads else 0) + (self.input_token_layer if recomputes else 0)
-        index_list = 3 * 8 if offloads and self.cfg.dynamic_scheduling else 0
+        # an index entry per staged row: per KV head's row with k4-capped
+        index_list = 3 * 8 * self.index_lists / self.batch if offloads and self.cfg.dynamic_scheduling else 0
         staging = {"kv_staging": 2 * self.batch * attended * (per_token + index_list)}
         if self.cfg.attention_kernel == "gather":
             staging["attention_workspace"] = self.batch * attended * 2 * m.kv_dim * m.dtype_bytes
@@ -142,6 +146,9 @@ class AlisaPolicy(Policy):
         recomputes, and one spare ring slot."""
         m = self.model
         gpu = {"weights": m.weight_bytes, "selection_state": self._selection_state_bytes(), **self.activation_buffers()}
+        if self.capped:  # the 4-bit copy of every position's keys: d / 2 levels, a scale and a minimum a KV head
+            gpu["key_copy"] = (self.positions * self.batch * m.num_layers * m.num_kv_heads
+                               * (m.dim_per_head // 2 + 2 * m.dtype_bytes))
         if self._schedule is None or not self.cfg.dynamic_scheduling:
             ring_slot = m.num_layers * self.batch * self.kv_token_layer if self.cfg.dynamic_scheduling else 0.0
             return MemoryUse(gpu={**gpu, **self._staging_bytes(True, self.cfg.recompute), "kv": ring_slot})
@@ -153,8 +160,8 @@ class AlisaPolicy(Policy):
                                         cpu={"kv": offloaded * per_position * self.kv_token_layer,
                                              "layer_inputs": inputs * per_position * self.input_token_layer}))
         host = {"kv_staging": staging["kv_staging"]}
-        if offloaded:  # each layer's selection, int32 positions
-            host["selection_indices"] = m.num_layers * self.batch * self.selected(self.positions)[1] * 4
+        if offloaded:  # each layer's selection (per KV head with k4-capped), int32 positions
+            host["selection_indices"] = m.num_layers * self.index_lists * self.selected(self.positions)[1] * 4
         return MemoryUse(gpu={**gpu, **staging, **pools.gpu}, cpu={**host, **pools.cpu})
 
     def _gpu_token_budget(self) -> int:
