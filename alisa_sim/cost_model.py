@@ -23,13 +23,14 @@ EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "spl
                "argmax": 1, "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3,
                "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3,
                "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "keep_prompt": 9,
-               "evict_victim": 6, "slot_store": 5, "score_update": 1, "local_sum": 6,
+               "evict_victim": 6, "slot_store": 5, "score_update": 1, "key_copy_store": 12,
+               "key_copy_attention": 14, "capped_pick": 16, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
                "host_gather": 1, "stage_indices": 14}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
 _BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "block_store",
                   "kv_quantize", "kv_dequantize", "keep_prompt", "evict_victim", "slot_store", "score_update",
-                  "local_sum", "topk")
+                  "key_copy_store", "key_copy_attention", "capped_pick", "local_sum", "topk")
 _DERIVED_ROWS = tuple(4**i for i in range(0, 13, 2))
 # Bytes per element of the dtypes CPU attention rows are measured in.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -85,7 +86,7 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
     if op == "slot_store":  # one row a sequence and KV head: rows sequences of 8 KV heads of 128 values
         return {"b": rows, "kv": 8, "d": 128, "e": 2, "scored": 1}
     values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024, "kv": 1,
-              "d": 128, "scored": 1}
+              "d": 128, "scored": 1, "h": 1, "m": 1}
     return {key: values[key] for key in keys}
 
 
@@ -134,7 +135,7 @@ _LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", 
                 "local_sum": "T", "kv_store": "T", "block_store": "T", "masked_attention": "T",
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T",
                 "staged_sparse_attention": "T", "cpu_attention": "T", "keep_prompt": "L", "evict_victim": "T",
-                "score_update": "T",
+                "score_update": "T", "key_copy_attention": "L", "capped_pick": "L",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
                 "copy_d2h_pageable": "bytes", "host_gather": "bytes", "stage_indices": "T"}
 

@@ -128,6 +128,16 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
                    lambda b, kv, d, e, scored: 2 * b * kv * (2 * d * e + 8 + 4 * scored)),
     # H2O's scores of the T kept tokens plus this step's probabilities: read both, write one.
     "score_update": (("b", "kv", "T"), lambda b, kv, T: 12 * b * kv * T),
+    # k4-capped: new keys (`rows` tokens x sequences) as 4-bit levels with a scale and a minimum per KV head: read
+    # + write.
+    "key_copy_store": (("rows", "kv", "d", "e"), lambda rows, kv, d, e: rows * kv * (d * e + d // 2 + 2 * e)),
+    # The decode query over the copy of L keys: the copy read and decoded, the scores and probabilities (fp32) of
+    # the h query heads written.
+    "key_copy_attention": (("b", "L", "h", "kv", "d", "e"),
+                           lambda b, L, h, kv, d, e: b * L * (kv * (d // 2 + 2 * e + d * e) + 8 * h)),
+    # The capped choice over L tokens of each (sequence, KV head): one masked argmax over the int64 keys per older
+    # pick (m of them).
+    "capped_pick": (("b", "kv", "L", "m"), lambda b, kv, L, m: b * kv * L * (8 + 10 * max(1, m))),
     "local_sum": (("b", "T"), lambda b, T: 8 * b * T),
     "topk": (("b", "L"), lambda b, L: 8 * b * L),
     "copy_h2d_pinned": (("bytes",), lambda bytes: bytes),

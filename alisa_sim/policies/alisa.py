@@ -273,8 +273,8 @@ class AlisaPolicy(Policy):
         return row.fetched_tokens, row.recomputed_tokens
 
     def picks(self, step: int, schedule: AlisaSchedule | None = None) -> tuple[float, float]:
-        """Per sequence and layer: (selected tokens to fetch from the CPU, deleted tokens to recompute); a selection
-        trace's rows spread evenly over the step's layers and sequences."""
+        """Per sequence and layer: (selected tokens to fetch from the CPU, deleted tokens to recompute; with k4-capped
+        rows of one KV head); a selection trace's rows spread evenly over the step's layers and sequences."""
         traced = self._traced_rows(step, schedule)
         if traced is not None:
             rows = self.batch * self.model.num_layers
@@ -296,7 +296,8 @@ class AlisaPolicy(Policy):
         global_picks = attended - recent
         older_than_gpu = self.stats.share_older_than(res.on_gpu / n, self.cfg.kv_sparsity)
         deleted = self.stats.share_older_than(1 - res.deleted / n, self.cfg.kv_sparsity) if res.deleted else 0.0
-        return local_on_cpu + global_picks * (older_than_gpu - deleted), global_picks * deleted
+        heads = self.model.num_kv_heads if self.capped else 1  # k4-capped fetches rows of one KV head
+        return heads * (local_on_cpu + global_picks * (older_than_gpu - deleted)), heads * global_picks * deleted
 
     def offloaded(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Tokens per sequence copied to the CPU pool at this step (the prefill offloads its own)."""
@@ -341,6 +342,11 @@ class AlisaPolicy(Policy):
     def _kv_parts(self) -> tuple[float, ...]:
         m = self.model
         return self._part_bytes(2 * m.kv_dim, int8_group(m.dim_per_head))
+
+    def _fetched_parts(self) -> tuple[float, ...]:
+        """Bytes of a fetched row in each part: a token's K/V row, or one KV head's of it with k4-capped."""
+        heads = self.model.num_kv_heads if self.capped else 1
+        return tuple(part / heads for part in self._kv_parts())
 
     def _input_parts(self) -> tuple[float, ...]:
         return self._part_bytes(self.model.hidden_size, INT8_GROUP)
@@ -391,10 +397,33 @@ class AlisaPolicy(Policy):
     def _selection_copy(self, step: int, schedule: AlisaSchedule | None):
         """The next step's picks copied to the host when that step reads from the CPU (an index list)."""
         following = step + 1
-        if following > self.wl.decode_steps or not self.cpu_end(following, schedule):
-            return None
+        if self.capped or following > self.wl.decode_steps or not self.cpu_end(following, schedule):
+            return None  # k4-capped's SWA set stays on the GPU (its own choice goes to the host, `_choice_ops`)
         return self.copy_op("selection_to_host", "d2h", self.batch * self.selected(self.context(following))[1] * 4,
                             payload=False)
+
+    def _key_copy_op(self, tokens: int):
+        m = self.model
+        return self._gpu_op("key_copy", {"elementwise": (("key_copy_store", {"rows": self.batch * tokens,
+                                                                           "kv": m.num_kv_heads, "d": m.dim_per_head,
+                                                                           "e": m.dtype_bytes}),)})
+
+    def _choice_ops(self, step: int, schedule: AlisaSchedule | None, context: int) -> list:
+        """k4-capped: the new key into the 4-bit copy, the step's query over the copy and the capped choice per KV
+        head, and that choice to the host when the step reads from the CPU (an index list per sequence and KV
+        head)."""
+        m = self.model
+        attended = self.selected(context)[1]
+        shape = {"b": self.batch, "L": context, "h": m.num_heads, "kv": m.num_kv_heads, "d": m.dim_per_head,
+                 "e": m.dtype_bytes}
+        choose = self._gpu_op("choose", {"selection": (
+            ("key_copy_attention", shape),
+            ("capped_pick", {"b": self.batch, "kv": m.num_kv_heads, "L": context,
+                             "m": attended - self.recent(context)}))})
+        ops = [self._key_copy_op(1), choose]
+        if self.cpu_end(step, schedule):
+            ops.append(self.copy_op("selection_to_host", "d2h", self.index_lists * attended * 4, payload=False))
+        return ops
 
     def _recompute_op(self, tokens: float):
         """K/V of the selected deleted tokens: their stored layer inputs decoded, normed and projected to K and V
@@ -435,14 +464,14 @@ class AlisaPolicy(Policy):
         if not self.cpu_end(step, schedule):
             return []
         fetched, recomputed = self.batch * fetch, self.batch * recompute
-        calls = (("stage_indices", {"b": self.batch, "T": attended}),) + tuple(
+        calls = (("stage_indices", {"b": self.index_lists, "T": attended}),) + tuple(
             ("host_gather", {"bytes": int(rows * part)}) for rows, parts in
-            ((fetched, self._kv_parts()), (recomputed, self._input_parts())) if rows for part in parts)
+            ((fetched, self._fetched_parts()), (recomputed, self._input_parts())) if rows for part in parts)
         seconds, host_s = self._priced(*calls)
         ops = [make_op("host_gather", "cpu", {"cpu": seconds}, host_s=host_s,
                        calls=tuple((op, tuple(sorted(shape.items()))) for op, shape in calls))]
         if fetched:
-            ops.append(self._rows_copy("kv_fetch", "h2d", fetched, self._kv_parts()))
+            ops.append(self._rows_copy("kv_fetch", "h2d", fetched, self._fetched_parts()))
         if recomputed:
             ops.append(self._rows_copy("input_fetch", "h2d", recomputed, self._input_parts()))
         if fetched + recomputed:
@@ -455,16 +484,25 @@ class AlisaPolicy(Policy):
         fetch, recompute = self.picks(step, schedule)
         t = LayerTemplate()
         buffered = ()
-        if self.cfg.dynamic_scheduling:
+        phase = self.residency(step, schedule).phase
+        if self.capped:  # the choice needs the layer's query: its fetch follows it, inside the layer
+            t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
+            chain = ("qkv_proj",)
+            for op in self._choice_ops(step, schedule, n) + self._prefetch_ops(step, schedule, attended, fetch, 0):
+                t.add(op, after=chain[-1:])
+                chain += (op.name,)
+            buffered = chain[3:]
+            before_attention = chain[:3] + tuple(name for name in buffered if name != "host_gather")
+        elif self.cfg.dynamic_scheduling:
             for op in self._prefetch_ops(step, schedule, attended, fetch, recompute):
                 t.add(op, after=buffered[-1:])
                 buffered += (op.name,)
         elif fetch > 0:  # the static head split: every selected token's CPU heads come up
             t.add(self.copy_op("kv_fetch", "h2d", self.batch * fetch * self.kv_token_layer))
             buffered += ("kv_fetch",)
-        phase = self.residency(step, schedule).phase
-        t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
-        before_attention = ("qkv_proj",) + tuple(name for name in buffered if name != "host_gather")
+        if not self.capped:
+            t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
+            before_attention = ("qkv_proj",) + tuple(name for name in buffered if name != "host_gather")
         if recompute > 0:
             t.add(self._recompute_op(self.batch * recompute),
                   after=("input_fetch",) if "input_fetch" in buffered else ())
@@ -481,7 +519,7 @@ class AlisaPolicy(Policy):
         t.add(self.post_attention_op(self.batch), after=after_attention)
         t.link("out_proj_mlp", "qkv_proj", lag=1)
         for name in buffered:  # two staging buffers: reused once attention two layers back has read them
-            if name != "host_gather":
+            if name not in ("host_gather", "selection_to_host"):
                 t.link("attention", name, lag=2)
         if self.cfg.dynamic_scheduling:
             for op in self._offload_ops(step, schedule, self.offload_end(step - 1, schedule),
@@ -519,6 +557,8 @@ class AlisaPolicy(Policy):
             stores += (self._store_call(self.batch, stored_inputs, m.hidden_size),)
         if stores:
             t.add(self._gpu_op("kv_store", {"elementwise": stores}), after=("attention",))
+        if self.capped:
+            t.add(self._key_copy_op(s), after=("qkv_proj",))
         if offload_to:
             t.add(self._rows_copy("kv_offload", "d2h", self.batch * offload_to, self._kv_parts()), after=("qkv_proj",))
         if stored_inputs:

@@ -36,6 +36,7 @@ VLLM = {"name": "vllm", "block_size": 4, "swap_space": 0.0001, "max_model_len": 
         "max_num_batched_tokens": 64}
 ALISA = {"name": "alisa", "kv_sparsity": 0.0, "int8": False}
 PHASE_3 = {"p2": 3, "beta": 0.5}
+K4_CAPPED = {**ALISA, "kv_sparsity": 0.8, "selector": "k4-capped", "recompute": False}
 # policy, budget ("tight": about the least the plan fits in; an int: vLLM's GPU pool in blocks), phases the run has
 CASES = {
     "dense": ({"name": "dense"}, None, {1}),
@@ -57,6 +58,10 @@ CASES = {
     "alisa-0.5-inside-phase-2": ({**ALISA, "kv_sparsity": 0.5, "swa_current": "inside"}, "tight", {2}),
     "alisa-0.8-int8-inside-self-phase-2": ({**ALISA, "kv_sparsity": 0.8, "int8": True, "swa_current": "inside",
                                             "swa_self_weight": True}, "tight", {2}),
+    # k4-capped: the choice per KV head from the step's query, its CPU rows fetched per KV head after it
+    "alisa-k4-capped-phase-1": (K4_CAPPED, None, {1}),
+    "alisa-k4-capped-phase-2": (K4_CAPPED, "tight", {2}),
+    "alisa-k4-capped-int8-phase-2": ({**K4_CAPPED, "int8": True}, "tight", {2}),
     "h2o": ({"name": "h2o", "kv_sparsity": 0.5}, None, {1}),
     "streamingllm": ({"name": "streamingllm", "kv_sparsity": 0.5}, None, {1}),
 }
@@ -116,7 +121,8 @@ def test_simulated_steps_equal_the_executed_ones(case):
         assert ex == sim, f"step {step}: " + ", ".join(f"{k} exec {ex[k]} sim {sim[k]}" for k in ex if ex[k] != sim[k])
     assert {row["phase"] for row in executed[1:]} == phases
     moved = sum(row["fetched_tokens"] + row["offloaded_tokens"] + row["evicted_tokens"] for row in executed)
-    assert (moved > 0) == (case not in ("dense", "zero", "alisa-phase-1") and not case.startswith("vllm"))
+    assert (moved > 0) == (case not in ("dense", "zero", "alisa-phase-1", "alisa-k4-capped-phase-1")
+                           and not case.startswith("vllm"))
     if case.startswith("vllm"):  # the pool is small enough that the scheduler preempts
         assert sum(row["preemptions"] for row in executed) > 0
     # Peak memory, device by device and purpose by purpose: what the executor allocates is what the simulator holds.
@@ -132,6 +138,7 @@ REPLAYED = {
     "alisa-0.5-phase-2": ({**ALISA, "kv_sparsity": 0.5}, {2}, 1.1),
     "alisa-0.5-phase-3": ({**ALISA, "kv_sparsity": 0.5, **PHASE_3}, {2, 3}, 1.05),
     "alisa-0.8-int8-phase-3": ({**ALISA, "kv_sparsity": 0.8, "int8": True, **PHASE_3}, {1, 3}, 1.05),  # fits at first
+    "alisa-k4-capped-phase-2": (K4_CAPPED, {2}, 1.02),
 }
 
 
