@@ -10,7 +10,8 @@ The choice (`capped_choice`): per KV head, the recent window and as many older t
 largest attention over the copy (summed over the KV head's query group, fixed point, ties to the older) such that
 for every position p no more of them lie at or before p than SWA's own older picks do. Nested caps are a matroid, so
 the greedy is optimal: SWA's older picks taken newest first, each admitting the best remaining older token no older
-than itself (one always remains: fewer picks are made than SWA has at or after it). A head's i-th oldest pick is
+than itself (one always remains: fewer picks are made than SWA has at or after it); `alisa_exec.kernels.
+capped_choice` runs it, in PyTorch or in one Triton launch. A head's i-th oldest pick is
 then never older than SWA's i-th oldest, so under a placement that keeps the newest tokens on the GPU it fetches no
 more rows per KV head than that SWA does.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alisa_exec.kernels.capped_choice import capped_choice_reference, capped_choice_triton
 from alisa_exec.kernels.selection import to_fixed_point
 
 INT4_LEVELS = 16
@@ -51,21 +53,17 @@ def copy_probabilities(first: int, q: Tensor, keys: Tensor) -> Tensor:
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
-def capped_choice(scores: Tensor, recent: Tensor, swa_older: Tensor) -> Tensor:
+def capped_choice(scores: Tensor, recent: Tensor, swa_older: Tensor, triton: bool = False) -> Tensor:
     """Which of the n tokens each KV head attends, [batch, kv_heads, n] bool, from the copy's attention of the step
     summed over each query group in fixed point (scores [batch, kv_heads, n], int64), the recent window [batch, 1, n]
-    and SWA's older picks [batch, 1, n] (both bool)."""
+    and SWA's older picks [batch, 1, n] (both bool); the greedy in one Triton launch with `triton`."""
     n = scores.shape[-1]
     positions = torch.arange(n, device=scores.device)
     caps = swa_older[:, 0]
-    most = int(caps.sum(dim=-1).max())
+    most = int(caps.sum(dim=-1).max()) if n else 0
     bounds = torch.where(caps, positions, -1).topk(most, dim=-1).values  # newest first, -1 once a sequence runs out
     keys = torch.where(recent, -1, scores * n + (n - 1 - positions))  # distinct; ties to the older
-    chosen = torch.zeros_like(keys, dtype=torch.bool)
-    for bound in bounds.T:  # [batch]
-        allowed = (positions >= bound[:, None, None]) & ~chosen
-        best = torch.where(allowed, keys, -1).argmax(dim=-1, keepdim=True)
-        chosen.scatter_(-1, best, chosen.gather(-1, best) | (bound >= 0)[:, None, None])
+    chosen = capped_choice_triton(keys, bounds) if triton else capped_choice_reference(keys, bounds)
     return chosen | recent
 
 

@@ -266,11 +266,12 @@ def key_copy_attention(q: Tensor, copy: KeyCopy, n: int) -> Tensor:
     return copy_probabilities(n - 1, groups, copy.keys(n))[..., 0, :]
 
 
-def capped_pick(probs: Tensor, swa_selected: Tensor, recent: int) -> tuple[Tensor, Tensor]:
+def capped_pick(probs: Tensor, swa_selected: Tensor, recent: int, triton: bool = False) -> tuple[Tensor, Tensor]:
     """`k4-capped`'s choice: of the n cached tokens, per KV head, the `recent` newest and as many older ones as SWA's
     set swa_selected [b, T] (sorted, its `recent` newest last) has, by the copy's attention probs [b, kv_heads,
     group, n] under SWA's age caps (`alisa_exec.key_copy.capped_choice`): sorted positions [b, kv_heads, T]; and the
-    row SWA's sums take ([b, T] at swa_selected: the copy's attention over SWA's own set, summed over heads)."""
+    row SWA's sums take ([b, T] at swa_selected: the copy's attention over SWA's own set, summed over heads). The
+    greedy in one Triton launch with `triton`."""
     batch, kv_heads, _, n = probs.shape
     picks = swa_selected.shape[1]
     issued("capped_pick", b=batch, kv=kv_heads, L=n, m=picks - recent)
@@ -278,7 +279,7 @@ def capped_pick(probs: Tensor, swa_selected: Tensor, recent: int) -> tuple[Tenso
     recent_mask = (positions >= n - recent).expand(batch, 1, n)
     swa_set = torch.zeros(batch, 1, n, dtype=torch.bool, device=probs.device)
     swa_set[:, 0].scatter_(1, swa_selected.long(), True)
-    chosen = capped_choice(fixed_point_scores(probs), recent_mask, swa_set & ~recent_mask)
+    chosen = capped_choice(fixed_point_scores(probs), recent_mask, swa_set & ~recent_mask, triton)
     selected = torch.where(chosen, positions, n).sort(dim=-1).values[..., :picks].to(torch.int32)
     swa_row = swa_own_row(probs, swa_set).sum(dim=(1, 2)).gather(1, swa_selected.long())
     return selected, swa_row

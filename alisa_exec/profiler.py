@@ -28,12 +28,14 @@ from torch.nn import functional as F
 from alisa_exec import ops
 from alisa_exec.device import cpu_name, default_dtype
 from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
+from alisa_exec.key_copy import KeyCopy
 from alisa_exec.kv_cache import Tiers, TokenRows, int8_group
 from alisa_exec.model import Transformer, mkl_packable, pack_weight
 from alisa_sim.calibrate import write_profile_yaml
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import HardwareProfile
 from alisa_sim.model_spec import PRESETS, ModelSpec, aligned_seq_len, load_model_spec
+from alisa_sim.swa import SWA_CURRENT_DEFAULT, kv_budget, swa_recent
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention variant keeps
@@ -467,6 +469,8 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
             add("kv_store", {"b": b, "T": tokens, "width": 2 * kv * d, "e": e},
                 lambda: ops.kv_store(*cache, where, new_k, new_v))
         _measure_keep_prompt(k_.transpose(1, 2), v_.transpose(1, 2), q_heads, add)
+        prompt_copy = KeyCopy(Tiers(device), "gpu", L, b, kv, d, dtype)
+        add("key_copy_store", {"rows": b * L, "kv": kv, "d": d, "e": e}, lambda: ops.key_copy_store(prompt_copy, 0, k_))
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
         rows = _rand(L, b, 2 * kv * d, device=device, dtype=dtype)
         add("block_store", {"b": b, "T": L, "width": 2 * kv * d, "e": e},
@@ -481,6 +485,8 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         add("rows_attention", shape, lambda: ops.rows_attention(q, keys, values_))
         add("packed_attention", shape, lambda: ops.packed_attention(q[:, 0], keys, values_))
         _measure_slot_ops(b, L, keys, values_, add, store=L == min(T for b_, T in grid.decode_bL if b_ == b))
+        _measure_key_copy_ops(q[:, 0], keys, add, store=L == min(T for b_, T in grid.decode_bL if b_ == b),
+                              triton=bench.cuda)
         # As vLLM's decode calls it: each sequence's new row stored at its slot, then its slots of the shared pool
         # attended in place.
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
@@ -542,6 +548,28 @@ def _measure_keep_prompt(keys: torch.Tensor, values: torch.Tensor, q_heads: torc
         scores = torch.empty(b, kv, L, dtype=torch.float32, device=keys.device)
         add("keep_prompt", {**shape, "scored": 1},
             lambda: ops.keep_prompt(keys, values, slots, scores, rows, L // 2, 0))
+
+
+def _measure_key_copy_ops(q: torch.Tensor, keys: torch.Tensor, add: Callable, store: bool, triton: bool) -> None:
+    """k4-capped's decode-step ops over L cached keys [b, kv_heads, L, d] (q [b, heads, d]): the query over the 4-bit
+    copy, the capped choice at 1 - GATHER_SHARE sparsity (and, with `store`: its shape has no L, the new key into the copy)."""
+    b, kv, L, d = keys.shape
+    e, heads = keys.element_size(), q.shape[1]
+    copy = KeyCopy(Tiers(keys.device), "gpu", L, b, kv, d, keys.dtype)
+    copy.store(0, keys)
+    add("key_copy_attention", {"b": b, "L": L, "h": heads, "kv": kv, "d": d, "e": e},
+        lambda: ops.key_copy_attention(q, copy, L))
+    probs = ops.key_copy_attention(q, copy, L)
+    sparsity = 1 - GATHER_SHARE
+    recent, budget = swa_recent(L, sparsity, SWA_CURRENT_DEFAULT), kv_budget(L, sparsity, SWA_CURRENT_DEFAULT)
+    # SWA's set: `budget - recent` older positions spread over the history, then the recent window
+    older = torch.linspace(0, L - recent - 1, budget - recent, device=keys.device).long()
+    swa_selected = torch.cat((older, torch.arange(L - recent, L, device=keys.device))).expand(b, -1).contiguous()
+    add("capped_pick", {"b": b, "kv": kv, "L": L, "m": budget - recent},
+        lambda: ops.capped_pick(probs, swa_selected, recent, triton))
+    if store:
+        new_key = keys[:, :, -1:].transpose(1, 2)
+        add("key_copy_store", {"rows": b, "kv": kv, "d": d, "e": e}, lambda: ops.key_copy_store(copy, L - 1, new_key))
 
 
 def _measure_slot_ops(b: int, T: int, keys: torch.Tensor, values: torch.Tensor, add: Callable,

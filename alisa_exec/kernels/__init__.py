@@ -3,6 +3,7 @@
 - `sparse_attention`: decode attention over an index list of cached tokens, fused with the head-summed attention
   probabilities (flash-decoding splits, GQA, INT8 K/V); the explicit-gather mode; the reference.
 - `selection`: the local attention sum over the last k steps and the recent + top-k selection.
+- `capped_choice`: `k4-capped`'s greedy under SWA's age caps, one program per (sequence, KV head).
 - `int8_kv`: asymmetric min-max INT8 quantization fused into the store of new K/V, and dequantization.
 
 Off the GPU, set TRITON_INTERPRET=1 before triton is first imported and the kernels run on the CPU.

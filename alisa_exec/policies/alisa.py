@@ -333,7 +333,7 @@ class AlisaExec(ExecPolicy):
             ops.key_copy_store(self.key_copy[index], n - 1, k)
         with self.span("selection", "selection"):
             probs = ops.key_copy_attention(q, self.key_copy[index], n)
-            selected, swa_row = ops.capped_pick(probs, swa_selected, self.sim.recent(n))
+            selected, swa_row = ops.capped_pick(probs, swa_selected, self.sim.recent(n), self.tiers.triton)
         if self.needs_host(self.run.step):
             self.selection_to_host(index, selected)
             self.prefetch(index)

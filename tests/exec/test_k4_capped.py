@@ -82,8 +82,8 @@ def picks_recorder(monkeypatch) -> list:
     calls = []
     pick = ops.capped_pick
 
-    def noted(probs, swa_selected, recent):
-        selected, swa_row = pick(probs, swa_selected, recent)
+    def noted(probs, swa_selected, recent, triton=False):
+        selected, swa_row = pick(probs, swa_selected, recent, triton)
         calls.append((probs.shape[-1], selected.tolist()))
         return selected, swa_row
     monkeypatch.setattr(ops, "capped_pick", noted)
@@ -106,12 +106,15 @@ def evaluator_keeps(method, keeps: list):
     return type(method)(method.name, make_selector, method.int8_kv, method.sparse)
 
 
-@pytest.mark.parametrize("budget", [None, 1.0, 1.02], ids=["phase-1", "phase-2-tight", "phase-2"])
-def test_executor_picks_and_logits_equal_the_evaluators_on_a_tiny_model(tiny_hf_models, monkeypatch, budget):
+@pytest.mark.parametrize("budget, triton", [(None, False), (1.0, False), (1.02, False), (1.02, True)],
+                         ids=["phase-1", "phase-2-tight", "phase-2", "phase-2-triton"])
+def test_executor_picks_and_logits_equal_the_evaluators_on_a_tiny_model(tiny_hf_models, monkeypatch, budget, triton):
+    """`triton`: the executor's kernels (the fused attention, the SWA update, the capped choice) under the
+    interpreter."""
     folder = tiny_hf_models["llama-gqa"][1]
     gpu_gb = None if budget is None else budget * tight_cap(folder, K4, gen_len=16)
     calls = picks_recorder(monkeypatch)
-    plan, measured = run(folder, K4, gpu_gb, keep_logits=True, gen_len=16)
+    plan, measured = run(folder, K4, gpu_gb, keep_logits=True, triton=triton, gen_len=16)
     layers = plan.workload.model.num_layers
     phases = {row.phase for row in measured.rows()[1:]}
     assert phases == ({1} if budget is None else {2})
