@@ -4,8 +4,8 @@
    at the two models' layers (or `--profile PATH` takes one).
 2. `POINTS`: tiny OPT and LLaMA/GQA models, batch 1 to 32, prompt 32 to 512, under every policy variant of
    `VARIANTS` (dense, accelerate, flexgen with and without CPU attention, vLLM recompute and swap, ALISA in Phase
-   I/II/III in the model's dtype and INT8 at sparsity 0.5 and 0.8, H2O, StreamingLLM), memory budgets tight enough to
-   force each variant's phase. Each point's workload is run by `alisa-exec run` (measured) and `alisa-sim run` on the
+   I/II/III in the model's dtype and INT8 at sparsity 0.5 and 0.8, ALISA with the `k4-capped` selector in Phase I and
+   II, H2O, StreamingLLM), memory budgets tight enough to force each variant's phase. Each point's workload is run by `alisa-exec run` (measured) and `alisa-sim run` on the
    profile (predicted), and their per-step traffic (bytes, token rows, phase) is compared: it must be equal. ALISA
    at kv_sparsity > 0 is predicted with the measured run's selection replayed (`selection_trace`): which tokens
    SWA picks, and so how many rows it fetches or recomputes, is the model's attention on the run's data, not the
@@ -63,7 +63,9 @@ GEN_LEN = 16
 WIDE = [("opt", 1, 512), ("gqa", 32, 64), ("gqa", 8, 256), ("opt", 16, 32)]
 SMALL = [("gqa", 4, 128), ("opt", 1, 32), ("opt", 2, 64), ("gqa", 8, 32)]
 ALISA = {"name": "alisa", "recompute": True}
-PHASE_3 = {"p2": 4, "beta": 0.5}  # pinned: the planner would stay in Phase II on so short a run
+PHASE_3 = {"p2": 4, "beta": 0.5}
+# k4-capped: the choice per KV head from the step's query (it deletes nothing: no per-head recompute)
+K4_CAPPED = {"name": "alisa", "kv_sparsity": 0.8, "selector": "k4-capped", "recompute": False}  # pinned: the planner would stay in Phase II on so short a run
 # Pinned past the last decode step: on a quick profile measured on a busy machine the planner may start Phase III,
 # and a Phase II variant is to measure Phase II.
 PHASE_2 = {"p2": GEN_LEN}
@@ -99,6 +101,8 @@ VARIANTS = (
             (SMALL[2], SMALL[1])),
     Variant("alisa-0.8-int8-phase-3", {**ALISA, **PHASE_3, "kv_sparsity": 0.8, "int8": True}, "tight",
             (SMALL[0], SMALL[3])),
+    Variant("alisa-k4-capped-phase-1", {**K4_CAPPED, "int8": False}, None, (SMALL[1], SMALL[2])),
+    Variant("alisa-k4-capped-int8-phase-2", {**K4_CAPPED, **PHASE_2, "int8": True}, "tight", (SMALL[0], SMALL[3])),
     Variant("h2o", {"name": "h2o", "kv_sparsity": 0.5}, None, (SMALL[0], SMALL[2])),
     Variant("streamingllm", {"name": "streamingllm", "kv_sparsity": 0.5}, None, (SMALL[3], SMALL[1])),
 )

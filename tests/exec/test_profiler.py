@@ -24,7 +24,8 @@ EXECUTOR_CALLS = {
     "window_rows": prefill_window_rows, "keep_prompt": ops.keep_prompt, "evict_victim": ops.evict_victim,
     "slot_store": ops.slot_store, "score_update": ops.score_update, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
-    "host_gather": TokenRows.flat_rows, "stage_indices": ops.stage_indices,
+    "host_gather": TokenRows.flat_rows, "stage_indices": ops.stage_indices, "key_copy_store": ops.key_copy_store,
+    "key_copy_attention": ops.key_copy_attention, "capped_pick": ops.capped_pick,
 }
 
 

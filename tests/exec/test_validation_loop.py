@@ -1,6 +1,7 @@
-"""The validation loop (benchmarks/cpu_validation.py) as a CI check on the CPU: seven points over several policies
+"""The validation loop (benchmarks/cpu_validation.py) as a CI check on the CPU: eight points over several policies
 (dense, flexgen with CPU attention, vLLM swap under a tight pool, ALISA in Phase II at sparsity 0.5 and 0.8 with
-INT8 and in Phase III at 0.5, its selection replayed from the run, H2O), each measured by `alisa-exec run` and
+INT8 and in Phase III at 0.5, its selection replayed from the run, ALISA's k4-capped selector with INT8 in Phase II,
+H2O), each measured by `alisa-exec run` and
 predicted by `alisa-sim run` on the session's quick CPU profile, each workload run once (the script's best of two
 is for its timing table, not for what is asserted here), uncalibrated (the dry run of benchmarks/gpu_check.py runs
 the script's calibration step, tests/test_validate.py the calibration itself); then a second loop into the same
@@ -22,7 +23,7 @@ import pytest
 
 LOOP_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_validation.py"
 VARIANTS = ("dense", "flexgen-cpu-attention", "vllm-swap", "alisa-0.5-phase-2", "alisa-0.8-int8-phase-2",
-            "alisa-0.5-phase-3", "h2o")
+            "alisa-0.5-phase-3", "alisa-k4-capped-int8-phase-2", "h2o")
 LOOSE_FACTOR = 20.0
 
 
