@@ -494,3 +494,31 @@ def test_fig9_zero_runs_out_of_memory_at_large_batch(fig9):
     assert fig9["opt-13b", "paper-v100-32g", 64, "zero"] is None
     assert fig9["llama-13b", "paper-v100-32g", 64, "zero"] is None
     assert all(fig9[m, h, 4, "zero"] is not None for m, h in FIG9_MODELS)
+
+
+def test_k4_capped_pays_for_its_copy_its_choice_and_its_query_time_fetch():
+    """Fig. 12's workload, recompute off for both: k4-capped holds the 4-bit copy of every position's keys on the
+    GPU (so a smaller window: Phase II sooner), each layer's fetch waits for that layer's own choice (not a layer
+    ahead), and it fetches rows of one KV head at its own pick ages."""
+    wl = _workload(_alisa(kv_sparsity=0.8, int8=False, recompute=False, selector="k4-capped"))
+    swa_wl = _workload(_alisa(kv_sparsity=0.8, int8=False, recompute=False))
+    cost = CostModel(wl.hardware)
+    k4, swa = make_policy(wl, cost), make_policy(swa_wl, cost)
+    m = wl.model
+    copy = k4.static_memory().gpu["key_copy"]
+    assert copy == (128 + 512 - 1) * 64 * m.num_layers * m.num_kv_heads * (m.dim_per_head // 2 + 2 * m.dtype_bytes)
+    assert "key_copy" not in swa.static_memory().gpu
+    assert k4.gpu_tokens < swa.gpu_tokens and k4.schedule.p1 < swa.schedule.p1
+    step = wl.decode_steps
+    template = k4.decode_template(step)
+    names = [op.name for op in template.ops]
+    assert names.index("qkv_proj") < names.index("choose") < names.index("selection_to_host") \
+        < names.index("host_gather") < names.index("kv_fetch") < names.index("attention")
+    assert {(name, "attention", 0) for name in ("choose", "kv_fetch", "indices")} <= {
+        (src, dst, lag) for (src, dst), lag in template._lags.items()}
+    # one-KV-head rows: the same picks' bytes as whole token rows when every head picks alike
+    fetch, _ = k4.picks(step)
+    fetch_op = next(op for op in template.ops if op.name == "kv_fetch")
+    assert fetch_op.nbytes == pytest.approx(64 * fetch * m.kv_bytes_per_token_per_layer(2) / m.num_kv_heads)
+    assert _throughput(_alisa(kv_sparsity=0.8, int8=False, recompute=False, selector="k4-capped")) \
+        < _throughput(_alisa(kv_sparsity=0.8, int8=False, recompute=False))
