@@ -8,7 +8,8 @@ For batch {1, 64} x cached tokens L {640, 2048} at 80% KV sparsity, OPT-30B's he
 - pick loop / pick kernel: `ops.capped_pick` with the greedy as its PyTorch loop (a few eager ops per older pick)
   and as the `capped_choice` Triton kernel (one launch), and whether the two chose the same.
 
-Timings are Triton's `do_bench` medians on CUDA (3 runs' median under the interpreter, which mean nothing).
+Timings are `benchmarks/kernels.py`'s: Triton's `do_bench` medians on CUDA (3 runs' median under the
+interpreter, which mean nothing).
 
     python benchmarks/k4_capped.py [--out reports/kernels/k4-CARD.json]  # CUDA
     python benchmarks/k4_capped.py --smoke                                # tiny shapes; no GPU: the interpreter
@@ -16,35 +17,22 @@ Timings are Triton's `do_bench` medians on CUDA (3 runs' median under the interp
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
-import statistics
-import time
-from pathlib import Path
+
+from kernels import bench_device, milliseconds, parse_args  # benchmarks/ is on sys.path when this script runs
 
 FULL_GRID = dict(batches=(1, 64), lengths=(640, 2048), heads=56, kv_heads=56, head_dim=128)
 SMOKE_GRID = dict(batches=(1, 2), lengths=(40,), heads=4, kv_heads=2, head_dim=16)
 SPARSITY = 0.8
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU interpreter without a GPU)")
-    parser.add_argument("--out", type=Path, help="write the rows and the machine as JSON here, the table beside it")
-    return parser.parse_args()
-
-
 def main() -> int:
-    args = parse_args()
+    args = parse_args(__doc__)
+    device = bench_device(args.smoke, "k4_capped.py")
+    if device is None:
+        return 1
     import torch
-
-    if not torch.cuda.is_available():
-        if not args.smoke:
-            print("This benchmark times GPU ops and needs CUDA; `--smoke` checks it on the CPU interpreter.")
-            return 1
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported, by the modules below
     import triton
     from rich.console import Console
     from rich.table import Table
@@ -55,19 +43,11 @@ def main() -> int:
     from alisa_exec.kv_cache import GPU, Tiers
     from alisa_sim.swa import SWA_CURRENT_DEFAULT, swa_recent
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grid = SMOKE_GRID if args.smoke else FULL_GRID
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
-    def milliseconds(fn) -> float:
-        if device.type == "cuda":
-            return triton.testing.do_bench(fn, return_mode="median")
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+    def ms(fn) -> float:
+        return milliseconds(device, fn)
 
     heads, kv_heads, head_dim = grid["heads"], grid["kv_heads"], grid["head_dim"]
     rows = []
@@ -90,10 +70,10 @@ def main() -> int:
             loop, _ = ops.capped_pick(probs, swa_selected, recent, triton=False)
             kernel, _ = ops.capped_pick(probs, swa_selected, recent, triton=True)
             rows.append(dict(batch=batch, length=length, picks=width - recent,
-                             swa_ms=milliseconds(swa_step),
-                             copy_attention_ms=milliseconds(lambda: ops.key_copy_attention(q, copy, length)),
-                             pick_loop_ms=milliseconds(lambda: ops.capped_pick(probs, swa_selected, recent, False)),
-                             pick_kernel_ms=milliseconds(lambda: ops.capped_pick(probs, swa_selected, recent, True)),
+                             swa_ms=ms(swa_step),
+                             copy_attention_ms=ms(lambda: ops.key_copy_attention(q, copy, length)),
+                             pick_loop_ms=ms(lambda: ops.capped_pick(probs, swa_selected, recent, False)),
+                             pick_kernel_ms=ms(lambda: ops.capped_pick(probs, swa_selected, recent, True)),
                              same=bool(torch.equal(loop, kernel))))
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"

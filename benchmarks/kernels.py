@@ -38,25 +38,51 @@ SMOKE_GRID = dict(batches=(1, 2), lengths=(64,), sparsities=(0.5, 0.8), heads=4,
 TARGET_SPARSITY, TARGET_MIN_LENGTH, TARGET_SPEEDUP, TARGET_HBM = 0.8, 4096, 4.0, 0.75
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str = __doc__) -> argparse.Namespace:
+    """--smoke and --out, as this benchmark and benchmarks/k4_capped.py take them."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, to check the harness (on the CPU interpreter when there is no GPU)")
     parser.add_argument("--out", type=Path, help="write the rows and the machine as JSON here, the table beside it")
     return parser.parse_args()
 
 
-def main() -> int:
-    args = parse_args()
+def bench_device(smoke: bool, script: str):
+    """CUDA, or with --smoke the CPU under the Triton interpreter (set before triton is first imported); None (after
+    saying why) without either."""
     import torch
 
-    if not torch.cuda.is_available():
-        if not args.smoke:
-            print("This benchmark times GPU kernels and needs CUDA, which this machine does not have.\n"
-                  "`python benchmarks/kernels.py --smoke` runs it on tiny shapes on the CPU, under the Triton "
-                  "interpreter, to check that it works (its timings mean nothing).")
-            return 1
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported, by the kernels below
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not smoke:
+        print(f"This benchmark times GPU kernels and needs CUDA, which this machine does not have.\n"
+              f"`python benchmarks/{script} --smoke` runs it on tiny shapes on the CPU, under the Triton "
+              "interpreter, to check that it works (its timings mean nothing).")
+        return None
+    os.environ["TRITON_INTERPRET"] = "1"
+    return torch.device("cpu")
+
+
+def milliseconds(device, fn) -> float:
+    """Triton's `do_bench` median on CUDA; the median of 3 runs elsewhere."""
+    import triton
+
+    if device.type == "cuda":
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    args = parse_args()
+    device = bench_device(args.smoke, "kernels.py")
+    if device is None:
+        return 1
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -66,25 +92,14 @@ def main() -> int:
                                     store_quantized, swa_window)
     from alisa_exec.kv_cache import GPU, TokenRows, Tiers, int8_group
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grid = SMOKE_GRID if args.smoke else FULL_GRID
-
-    def milliseconds(fn) -> float:
-        if device.type == "cuda":
-            return triton.testing.do_bench(fn, return_mode="median")
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
 
     def hbm_bytes_per_s() -> float | None:
         if device.type != "cuda":
             return None
         src = torch.empty(2**30, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        seconds = milliseconds(lambda: dst.copy_(src)) / 1e3
+        seconds = milliseconds(device, lambda: dst.copy_(src)) / 1e3
         return 2 * src.numel() / seconds  # read and write
 
     def index_list(batch: int, length: int, k: int) -> torch.Tensor:
@@ -119,7 +134,7 @@ def main() -> int:
         recent = torch.arange(k, device=device, dtype=torch.int32).expand(batch, k)
         indices = torch.cat([staged, recent], dim=1)
         views = ring.kv_views(heads), stage.kv_views(heads)
-        return milliseconds(lambda: sparse_decode_attention(q, *views[0], indices, staged=views[1]))
+        return milliseconds(device, lambda: sparse_decode_attention(q, *views[0], indices, staged=views[1]))
 
     def measure_cache(batch: int, length: int) -> list[dict]:
         """Every sparsity and KV format over one random cache of `batch` sequences of `length` tokens."""
@@ -131,7 +146,7 @@ def main() -> int:
             cache = QuantizedKV.empty(batch, heads, length, head_dim, torch.float16, device)
             store_quantized(cache, torch.arange(length, device=device), values)
             quantized.append(cache)
-        dense_ms = milliseconds(lambda: torch.nn.functional.scaled_dot_product_attention(
+        dense_ms = milliseconds(device, lambda: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], k_cache, v_cache))
         rows = []
         for sparsity in grid["sparsities"]:
@@ -141,9 +156,9 @@ def main() -> int:
                 tiered_ms = tiered(q, kv_name == "int8", length, k)
                 fused_out, _ = sparse_decode_attention(q, kc, vc, indices)
                 gather_out, _ = gather_decode_attention(q, kc, vc, indices)
-                fused_ms = milliseconds(lambda: sparse_decode_attention(q, kc, vc, indices))
-                gather_ms = milliseconds(lambda: gather_decode_attention(q, kc, vc, indices))
-                copy_ms = milliseconds(lambda: (gather_kv(kc, indices, q.dtype), gather_kv(vc, indices, q.dtype)))
+                fused_ms = milliseconds(device, lambda: sparse_decode_attention(q, kc, vc, indices))
+                gather_ms = milliseconds(device, lambda: gather_decode_attention(q, kc, vc, indices))
+                copy_ms = milliseconds(device, lambda: (gather_kv(kc, indices, q.dtype), gather_kv(vc, indices, q.dtype)))
                 read = bytes_to_read(q, kc, indices)
                 rows.append(dict(kv=kv_name, batch=batch, length=length, sparsity=sparsity,
                                  tokens=indices.shape[1], dense_ms=dense_ms, gather_ms=gather_ms,

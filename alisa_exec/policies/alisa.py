@@ -30,6 +30,11 @@ plan's `attention_kernel`:
 The head-summed probabilities update the selection, which then picks the next step's positions (copied to the host
 for the next step's gathers when tokens live on the CPU). At kv_sparsity 0 every token is attended and no selection
 state is kept.
+
+With `selector: k4-capped` (docs/executor.md) each layer also keeps a 4-bit copy of every position's keys on the GPU;
+a decode step chooses per KV head after the layer's Q projection (the query over the copy, held to the SWA set the
+sums picked at the end of the previous step), and only then copies that choice to the host, gathers the picks'
+one-KV-head rows and copies them up; SWA's sums take the copy's attention over SWA's own set.
 """
 
 from __future__ import annotations
@@ -252,16 +257,16 @@ class AlisaExec(ExecPolicy):
             tiers.host_wait(run.offload_event[index], run.fetched[buffer])
             selected = self.selected_positions(index, run.num_tokens, host=True)
             live, deleted = ops.stage_indices(selected, deleted_end, fetch_end, self.index_host[buffer])
-            if self.capped:  # one KV head's row per entry: the "sequence" is sequence x kv_heads + KV head
-                seq, _, position = live
+            seq, _, position = live
+            if len(seq) and self.capped:  # one KV head's row an entry, whose "sequence" is sequence x kv_heads + head
                 kv = self.spec.num_kv_heads
-                if len(seq):
-                    self.cpu[index].head_rows(position * self.batch + seq // kv, seq % kv, kv,
-                                              self.kv_host[buffer].first(len(seq)))
-            for (seq, _, position), rows, host in ((live, self.cpu, self.kv_host), (deleted, self.inputs,
-                                                                                   self.input_host))[self.capped:]:
-                if len(seq):
-                    rows[index].flat_rows(position * self.batch + seq, host[buffer].first(len(seq)))
+                self.cpu[index].head_rows(position * self.batch + seq // kv, seq % kv, kv,
+                                          self.kv_host[buffer].first(len(seq)))
+            elif len(seq):
+                self.cpu[index].flat_rows(position * self.batch + seq, self.kv_host[buffer].first(len(seq)))
+            seq, _, position = deleted  # none under k4-capped, which deletes nothing
+            if len(seq):
+                self.inputs[index].flat_rows(position * self.batch + seq, self.input_host[buffer].first(len(seq)))
             fetched, recomputed = len(live[0]), len(deleted[0])
             total = fetched + recomputed
         after = (run.consumed[buffer],)

@@ -18,6 +18,7 @@ from alisa_exec.weights import load_model
 from alisa_sim.errors import SpecError
 from alisa_sim.swa import swa_recent
 from test_exec_policies import PROMPT_LEN, SEED, prompt_of, run, tight_cap
+from test_swa_options import positions_per_head, recording
 
 CPU = torch.device("cpu")
 K4 = {"name": "alisa", "kv_sparsity": 0.8, "int8": False, "selector": "k4-capped", "recompute": False}
@@ -67,8 +68,7 @@ def test_capped_pick_equals_the_evaluators_choice_on_the_same_rows(prefill):
         probs = ops.key_copy_attention(q[:, :, n - 1], copy, n)
         assert torch.equal(probs, copy_probabilities(n - 1, grouped[:, :, :, n - 1:n], int4_keys(k))[..., 0, :])
         selected, swa_row = ops.capped_pick(probs, swa_selected, swa_recent(n, sparsity, swa.current))
-        expected = [[row.nonzero().flatten().tolist() for row in heads_] for heads_ in kept]
-        assert selected.tolist() == expected, f"step {n}"
+        assert selected.tolist() == positions_per_head(kept), f"step {n}"
         # the i-th oldest pick of every head is no older than SWA's i-th oldest
         assert (selected >= swa_selected[:, None]).all()
         narrowed += int((selected != swa_selected[:, None]).any())
@@ -90,22 +90,6 @@ def picks_recorder(monkeypatch) -> list:
     return calls
 
 
-def evaluator_keeps(method, keeps: list):
-    """`method` whose selectors note each step's per-head keep: keeps[layer][n] = positions per sequence and head."""
-    def make_selector(*args):
-        selector = method.make_selector(*args)
-        layer, keep = len(keeps), selector.keep
-        keeps.append({})
-
-        def noted(num_tokens):
-            mask = keep(num_tokens)
-            keeps[layer][num_tokens] = [[row.nonzero().flatten().tolist() for row in heads] for heads in mask]
-            return mask
-        selector.keep = noted
-        return selector
-    return type(method)(method.name, make_selector, method.int8_kv, method.sparse)
-
-
 @pytest.mark.parametrize("budget, triton", [(None, False), (1.0, False), (1.02, False), (1.02, True)],
                          ids=["phase-1", "phase-2-tight", "phase-2", "phase-2-triton"])
 def test_executor_picks_and_logits_equal_the_evaluators_on_a_tiny_model(tiny_hf_models, monkeypatch, budget, triton):
@@ -125,7 +109,7 @@ def test_executor_picks_and_logits_equal_the_evaluators_on_a_tiny_model(tiny_hf_
     model = load_model(wl.model, str(folder), torch.float32, CPU, SEED)
     tokens = torch.cat([prompt_of(wl), measured.tokens[:, :-1]], dim=1)
     keeps: list[dict] = []
-    logits = decode_pass(model, tokens, evaluator_keeps(METHODS["k4-capped"], keeps), [0.8] * len(tokens),
+    logits = decode_pass(model, tokens, recording(METHODS["k4-capped"], keeps, positions_per_head), [0.8] * len(tokens),
                          prefill=PROMPT_LEN)
     steps = list(range(PROMPT_LEN + 1, tokens.shape[1] + 1))
     timed = calls[-len(steps) * layers:]  # after the warm-up steps' calls

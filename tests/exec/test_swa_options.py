@@ -28,6 +28,11 @@ def positions_of(mask: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in mask[:, 0]]
 
 
+def positions_per_head(mask: torch.Tensor) -> list[list[list[int]]]:
+    """Kept positions per sequence and KV head of a keep mask [batch, kv_heads, n]."""
+    return [[row.nonzero().flatten().tolist() for row in heads] for heads in mask]
+
+
 @pytest.mark.parametrize("prefill", [0, 7], ids=["from-token-0", "prefill-7"])
 @pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("method", list(OPTIONS))
@@ -57,8 +62,9 @@ def test_executor_selection_equals_the_evaluators_on_the_same_rows(method, trito
         evaluator.observe(full[:, None, None])
 
 
-def recording(method, picks: list[dict]):
-    """`method` whose selectors note what each step keeps: picks[layer][n] = positions per sequence."""
+def recording(method, picks: list[dict], positions=positions_of):
+    """`method` whose selectors note what each step keeps: picks[layer][n] = positions(mask), per sequence (and
+    head, with `positions_per_head`)."""
     def make_selector(*args):
         selector = method.make_selector(*args)
         layer, keep = len(picks), selector.keep
@@ -66,7 +72,7 @@ def recording(method, picks: list[dict]):
 
         def noted(num_tokens):
             mask = keep(num_tokens)
-            picks[layer][num_tokens] = positions_of(mask)
+            picks[layer][num_tokens] = positions(mask)
             return mask
         selector.keep = noted
         return selector
