@@ -277,12 +277,12 @@ class TokenRows:
     def head_rows(self, index: Tensor, heads: Tensor, kv_heads: int, out: tuple[Tensor, ...]) -> None:
         """Gather one KV head's K and V of stored K/V rows at flat indices slot * batch + sequence (KV head
         `heads[i]` of row i) into `out` ([N, ...] per part: a staging buffer of K/V rows of one head)."""
+        issued("head_gather", rows=index.numel(), row_bytes=self.row_bytes // kv_heads)
         halves = torch.arange(2, device=index.device)
         # part viewed as [slots x batch x 2 x kv_heads, inner]: (row, half, head) is one contiguous run
         flat = ((index[:, None] * 2 + halves) * kv_heads + heads[:, None]).flatten()
         for part, dst in zip(self.parts, out):
             inner = part.shape[-1] // (2 * kv_heads)
-            issued("host_gather", bytes=flat.numel() * inner * part.element_size())
             torch.index_select(part.view(-1, inner), 0, flat, out=dst.view(-1, inner))
 
     def staging(self, tiers: Tiers, tier: str, purpose: str, rows: int, pinned: bool = True) -> TokenRows:

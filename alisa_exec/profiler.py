@@ -487,6 +487,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         _measure_slot_ops(b, L, keys, values_, add, store=L == min(T for b_, T in grid.decode_bL if b_ == b))
         _measure_key_copy_ops(q[:, 0], keys, add, store=L == min(T for b_, T in grid.decode_bL if b_ == b),
                               triton=bench.cuda)
+        _measure_head_gather(b, L, kv, d, dtype, add)
         # As vLLM's decode calls it: each sequence's new row stored at its slot, then its slots of the shared pool
         # attended in place.
         pool, slots = _paged_pool(b, L, 2 * kv * d, device, dtype)
@@ -570,6 +571,19 @@ def _measure_key_copy_ops(q: torch.Tensor, keys: torch.Tensor, add: Callable, st
     if store:
         new_key = keys[:, :, -1:].transpose(1, 2)
         add("key_copy_store", {"rows": b, "kv": kv, "d": d, "e": e}, lambda: ops.key_copy_store(copy, L - 1, new_key))
+
+
+def _measure_head_gather(b: int, L: int, kv: int, d: int, dtype: torch.dtype, add: Callable) -> None:
+    """k4-capped's host gather of one-KV-head rows (a fifth of each sequence and head's L tokens) from a CPU pool of
+    K/V rows, in the model's dtype and INT8, as its prefetch gathers them (`TokenRows.head_rows`)."""
+    cpu = torch.device("cpu")
+    picks = b * kv * max(1, round(L * GATHER_SHARE))
+    index, heads = torch.randint(L * b, (picks,)), torch.randint(kv, (picks,))
+    for int8 in (False, True):
+        pool = TokenRows(Tiers(cpu), "cpu", "kv", L, b, 2 * kv * d, dtype, int8, int8_group(d))
+        stage = pool.head_staging(Tiers(cpu), "cpu", "kv_staging", picks, kv).first(picks)
+        add("head_gather", {"rows": picks, "row_bytes": pool.row_bytes // kv},
+            lambda: pool.head_rows(index, heads, kv, stage))
 
 
 def _measure_slot_ops(b: int, T: int, keys: torch.Tensor, values: torch.Tensor, add: Callable,

@@ -26,7 +26,7 @@ EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "spl
                "evict_victim": 6, "slot_store": 5, "score_update": 1, "key_copy_store": 12,
                "key_copy_attention": 14, "capped_pick": 16, "local_sum": 6,
                "topk": 6, "copy_h2d_pinned": 1, "copy_h2d_pageable": 1, "copy_d2h_pinned": 1, "copy_d2h_pageable": 1,
-               "host_gather": 1, "stage_indices": 14}
+               "host_gather": 1, "head_gather": 6, "stage_indices": 14}
 # Memory-bound ops derived as bytes over the HBM bandwidth, at work sizes from 4 KiB to 4 GiB.
 _BANDWIDTH_OPS = ("norm", "activate", "split_heads", "residual", "embed", "argmax", "kv_store", "block_store",
                   "kv_quantize", "kv_dequantize", "keep_prompt", "evict_victim", "slot_store", "score_update",
@@ -120,6 +120,8 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
                                                     for r in profile.link.copies]
     shapes["host_gather"] = [({"bytes": r.bytes}, max(floor_s, 2 * r.bytes / (profile.cpu.copy_GBps * 1e9)))
                              for r in profile.link.copies]
+    shapes["head_gather"] = [({"rows": r.bytes // 256, "row_bytes": 256},
+                               max(floor_s, 2 * r.bytes / (profile.cpu.copy_GBps * 1e9))) for r in profile.link.copies]
     shapes["stage_indices"] = [(shape, max(floor_s, op_work("stage_indices", shape) / (profile.cpu.copy_GBps * 1e9)))
                                for shape in ({"b": 1, "T": rows} for rows in _DERIVED_ROWS)]
     for op in _BANDWIDTH_OPS:

@@ -145,6 +145,9 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "copy_d2h_pinned": (("bytes",), lambda bytes: bytes),
     "copy_d2h_pageable": (("bytes",), lambda bytes: bytes),
     "host_gather": (("bytes",), lambda bytes: bytes),
+    # k4-capped's host gather of `rows` picks' one-KV-head rows (K and V of one head, `row_bytes` in all parts) from
+    # the pinned pool: the flat indices built, then the rows read and written.
+    "head_gather": (("rows", "row_bytes"), lambda rows, row_bytes: 2 * rows * row_bytes),
     # ALISA's host-side split of a step's selection (T positions per sequence) into the rows to fetch and to
     # recompute, with their index list: the positions read (int32) and up to three int64 entries per row written.
     "stage_indices": (("b", "T"), lambda b, T: 28 * b * T),

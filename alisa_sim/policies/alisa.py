@@ -464,9 +464,13 @@ class AlisaPolicy(Policy):
         if not self.cpu_end(step, schedule):
             return []
         fetched, recomputed = self.batch * fetch, self.batch * recompute
-        calls = (("stage_indices", {"b": self.index_lists, "T": attended}),) + tuple(
-            ("host_gather", {"bytes": int(rows * part)}) for rows, parts in
-            ((fetched, self._fetched_parts()), (recomputed, self._input_parts())) if rows for part in parts)
+        if self.capped:  # one-KV-head rows, gathered in one call (it deletes nothing)
+            gathers = (("head_gather", {"rows": int(fetched), "row_bytes": int(sum(self._fetched_parts()))}),) \
+                if fetched else ()
+        else:
+            gathers = tuple(("host_gather", {"bytes": int(rows * part)}) for rows, parts in
+                            ((fetched, self._kv_parts()), (recomputed, self._input_parts())) if rows for part in parts)
+        calls = (("stage_indices", {"b": self.index_lists, "T": attended}),) + gathers
         seconds, host_s = self._priced(*calls)
         ops = [make_op("host_gather", "cpu", {"cpu": seconds}, host_s=host_s,
                        calls=tuple((op, tuple(sorted(shape.items()))) for op, shape in calls))]

@@ -25,7 +25,7 @@ EXECUTOR_CALLS = {
     "slot_store": ops.slot_store, "score_update": ops.score_update, "local_sum": LocalAttentionSum.push, "topk": LocalAttentionSum.select, "copy_h2d_pinned": Tiers.copy,
     "copy_h2d_pageable": Tiers.copy, "copy_d2h_pinned": Tiers.copy, "copy_d2h_pageable": Tiers.copy,
     "host_gather": TokenRows.flat_rows, "stage_indices": ops.stage_indices, "key_copy_store": ops.key_copy_store,
-    "key_copy_attention": ops.key_copy_attention, "capped_pick": ops.capped_pick,
+    "key_copy_attention": ops.key_copy_attention, "capped_pick": ops.capped_pick, "head_gather": TokenRows.head_rows,
 }
 
 
