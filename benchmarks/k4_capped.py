@@ -8,7 +8,7 @@ For batch {1, 64} x cached tokens L {640, 2048} at 80% KV sparsity, OPT-30B's he
 - pick loop / pick kernel: `ops.capped_pick` with the greedy as its PyTorch loop (a few eager ops per older pick)
   and as the `capped_choice` Triton kernel (one launch), and whether the two chose the same.
 
-Timings are `benchmarks/kernels.py`'s: Triton's `do_bench` medians on CUDA (3 runs' median under the
+Timings are `benchmarks/attention_kernels.py`'s: Triton's `do_bench` medians on CUDA (3 runs' median under the
 interpreter, which mean nothing).
 
     python benchmarks/k4_capped.py [--out reports/kernels/k4-CARD.json]  # CUDA
@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from kernels import bench_device, milliseconds, parse_args  # benchmarks/ is on sys.path when this script runs
+from attention_kernels import bench_device, milliseconds, parse_args  # benchmarks/ is on sys.path when this script runs
 
 FULL_GRID = dict(batches=(1, 64), lengths=(640, 2048), heads=56, kv_heads=56, head_dim=128)
 SMOKE_GRID = dict(batches=(1, 2), lengths=(40,), heads=4, kv_heads=2, head_dim=16)

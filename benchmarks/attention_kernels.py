@@ -17,8 +17,8 @@ Triton's `do_bench` medians (L2 flushed before each call). "err" is the fused ou
 the explicit-gather output. Targets (issue 13), on an H100/H200: at 80% sparsity and L >= 4096, fused >= 4x faster
 than dense and above 75% of HBM bandwidth.
 
-    python benchmarks/kernels.py [--out reports/kernels/CARD.json]  # CUDA; a few minutes on one H100
-    python benchmarks/kernels.py --smoke                             # tiny shapes; no GPU: the Triton interpreter
+    python benchmarks/attention_kernels.py [--out reports/kernels/CARD.json]  # CUDA; a few minutes on one H100
+    python benchmarks/attention_kernels.py --smoke                             # tiny shapes; no GPU: the Triton interpreter
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def milliseconds(device, fn) -> float:
 
 def main() -> int:
     args = parse_args()
-    device = bench_device(args.smoke, "kernels.py")
+    device = bench_device(args.smoke, "attention_kernels.py")
     if device is None:
         return 1
     import torch
