@@ -53,14 +53,16 @@ def copy_probabilities(first: int, q: Tensor, keys: Tensor) -> Tensor:
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
 
-def capped_choice(scores: Tensor, recent: Tensor, swa_older: Tensor, triton: bool = False) -> Tensor:
+def capped_choice(scores: Tensor, recent: Tensor, swa_older: Tensor, triton: bool = False,
+                  most: int | None = None) -> Tensor:
     """Which of the n tokens each KV head attends, [batch, kv_heads, n] bool, from the copy's attention of the step
     summed over each query group in fixed point (scores [batch, kv_heads, n], int64), the recent window [batch, 1, n]
-    and SWA's older picks [batch, 1, n] (both bool); the greedy in one Triton launch with `triton`."""
+    and SWA's older picks [batch, 1, n] (both bool); the greedy in one Triton launch with `triton`. `most`: the most
+    older picks any sequence has, when the caller knows it (else read off `swa_older`, a sync on a GPU)."""
     n = scores.shape[-1]
     positions = torch.arange(n, device=scores.device)
     caps = swa_older[:, 0]
-    most = int(caps.sum(dim=-1).max()) if n else 0
+    most = int(caps.sum(dim=-1).max()) if most is None else most
     bounds = torch.where(caps, positions, -1).topk(most, dim=-1).values  # newest first, -1 once a sequence runs out
     keys = torch.where(recent, -1, scores * n + (n - 1 - positions))  # distinct; ties to the older
     chosen = capped_choice_triton(keys, bounds) if triton else capped_choice_reference(keys, bounds)

@@ -279,7 +279,7 @@ def capped_pick(probs: Tensor, swa_selected: Tensor, recent: int, triton: bool =
     recent_mask = (positions >= n - recent).expand(batch, 1, n)
     swa_set = torch.zeros(batch, 1, n, dtype=torch.bool, device=probs.device)
     swa_set[:, 0].scatter_(1, swa_selected.long(), True)
-    chosen = capped_choice(fixed_point_scores(probs), recent_mask, swa_set & ~recent_mask, triton)
+    chosen = capped_choice(fixed_point_scores(probs), recent_mask, swa_set & ~recent_mask, triton, picks - recent)
     selected = torch.where(chosen, positions, n).sort(dim=-1).values[..., :picks].to(torch.int32)
     swa_row = swa_own_row(probs, swa_set).sum(dim=(1, 2)).gather(1, swa_selected.long())
     return selected, swa_row

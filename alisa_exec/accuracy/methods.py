@@ -444,16 +444,10 @@ class ApproximateAttention(QuerySelector):
 
 
 class AgeCappedApproximateAttention(Selector):
-    """`k4-head`'s choice held to SWA's ages: per KV head, the recent window and as many older tokens as SWA, those
-    of largest attention over the 4-bit key copy such that, for every position p, no more of them lie at or before
-    p than SWA's own set has there. SWA runs alongside on the same copy: its windowed sums (one set per layer) add,
-    each step, the copy's attention of the step's queries over SWA's own set, as SWA sums its own set's attention
-    (summing what this method attends instead would credit the older tokens it found and loosen the caps). So a
-    head's i-th oldest pick is never older than SWA's i-th oldest, and under any placement that keeps the newest
-    tokens on the GPU and the oldest on the CPU (or deleted) it fetches and recomputes no more rows per KV head than
-    that SWA. Nested caps are a matroid, so the greedy is optimal: SWA's picks taken newest first, each admitting
-    the best remaining older token no older than itself (one always remains: fewer picks are made than SWA has at
-    or after it)."""
+    """`k4-head`'s choice held to SWA's ages (`alisa_exec.key_copy.capped_choice`). SWA runs alongside on the same
+    copy: its windowed sums (one set per layer) add, each step, the copy's attention of the step's queries over SWA's
+    own set, as SWA sums its own set's attention (summing what this method attends instead would credit the older
+    tokens it found and loosen the caps)."""
 
     seeded = True
     reads_queries = True

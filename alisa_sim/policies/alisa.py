@@ -74,8 +74,9 @@ class AlisaPolicy(Policy):
         self.cfg = cfg = workload.policy
         self.r = 1 - cfg.kv_sparsity
         self.capped = cfg.selector == "k4-capped"
-        # index lists of a layer's selection: one per sequence, or one per sequence and KV head (k4-capped)
-        self.index_lists = self.batch * (self.model.num_kv_heads if self.capped else 1)
+        # k4-capped picks per KV head: an index list per sequence and KV head, each fetched row one head's of a token
+        self.row_heads = self.model.num_kv_heads if self.capped else 1
+        self.index_lists = self.batch * self.row_heads
         self.stats = load_selection_stats(cfg.selection_stats or (K4_CAPPED_STATS if self.capped else None))
         self.trace = load_selection_trace(cfg.selection_trace).decode_steps() if cfg.selection_trace else None
         m = self.model
@@ -131,8 +132,8 @@ class AlisaPolicy(Policy):
         m = self.model
         attended = self.selected(self.positions)[1]
         per_token = (self.kv_token_layer if offloads else 0) + (self.input_token_layer if recomputes else 0)
-        # an index entry per staged row: per KV head's row with k4-capped
-        index_list = 3 * 8 * self.index_lists / self.batch if offloads and self.cfg.dynamic_scheduling else 0
+        # an index entry per staged row (with k4-capped, per KV head's row)
+        index_list = 3 * 8 * self.row_heads if offloads and self.cfg.dynamic_scheduling else 0
         staging = {"kv_staging": 2 * self.batch * attended * (per_token + index_list)}
         if self.cfg.attention_kernel == "gather":
             staging["attention_workspace"] = self.batch * attended * 2 * m.kv_dim * m.dtype_bytes
@@ -296,8 +297,8 @@ class AlisaPolicy(Policy):
         global_picks = attended - recent
         older_than_gpu = self.stats.share_older_than(res.on_gpu / n, self.cfg.kv_sparsity)
         deleted = self.stats.share_older_than(1 - res.deleted / n, self.cfg.kv_sparsity) if res.deleted else 0.0
-        heads = self.model.num_kv_heads if self.capped else 1  # k4-capped fetches rows of one KV head
-        return heads * (local_on_cpu + global_picks * (older_than_gpu - deleted)), heads * global_picks * deleted
+        fetched = local_on_cpu + global_picks * (older_than_gpu - deleted)
+        return self.row_heads * fetched, self.row_heads * global_picks * deleted
 
     def offloaded(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Tokens per sequence copied to the CPU pool at this step (the prefill offloads its own)."""
@@ -345,8 +346,7 @@ class AlisaPolicy(Policy):
 
     def _fetched_parts(self) -> tuple[float, ...]:
         """Bytes of a fetched row in each part: a token's K/V row, or one KV head's of it with k4-capped."""
-        heads = self.model.num_kv_heads if self.capped else 1
-        return tuple(part / heads for part in self._kv_parts())
+        return tuple(part / self.row_heads for part in self._kv_parts())
 
     def _input_parts(self) -> tuple[float, ...]:
         return self._part_bytes(self.model.hidden_size, INT8_GROUP)
@@ -491,12 +491,14 @@ class AlisaPolicy(Policy):
         phase = self.residency(step, schedule).phase
         if self.capped:  # the choice needs the layer's query: its fetch follows it, inside the layer
             t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
+            choice, prefetch = self._choice_ops(step, schedule, n), self._prefetch_ops(step, schedule, attended, fetch, 0)
             chain = ("qkv_proj",)
-            for op in self._choice_ops(step, schedule, n) + self._prefetch_ops(step, schedule, attended, fetch, 0):
+            for op in choice + prefetch:
                 t.add(op, after=chain[-1:])
                 chain += (op.name,)
-            buffered = chain[3:]
-            before_attention = chain[:3] + tuple(name for name in buffered if name != "host_gather")
+            buffered = tuple(op.name for op in prefetch)
+            before_attention = ("qkv_proj",) + tuple(op.name for op in choice) + tuple(
+                name for name in buffered if name != "host_gather")
         elif self.cfg.dynamic_scheduling:
             for op in self._prefetch_ops(step, schedule, attended, fetch, recompute):
                 t.add(op, after=buffered[-1:])
@@ -523,7 +525,7 @@ class AlisaPolicy(Policy):
         t.add(self.post_attention_op(self.batch), after=after_attention)
         t.link("out_proj_mlp", "qkv_proj", lag=1)
         for name in buffered:  # two staging buffers: reused once attention two layers back has read them
-            if name not in ("host_gather", "selection_to_host"):
+            if name != "host_gather":
                 t.link("attention", name, lag=2)
         if self.cfg.dynamic_scheduling:
             for op in self._offload_ops(step, schedule, self.offload_end(step - 1, schedule),
