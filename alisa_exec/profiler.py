@@ -31,7 +31,7 @@ from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
 from alisa_exec.key_copy import KeyCopy
 from alisa_exec.kv_cache import Tiers, TokenRows, int8_group
 from alisa_exec.model import Transformer, mkl_packable, pack_weight
-from alisa_sim.calibrate import model_gemm_families, write_profile_yaml
+from alisa_sim.calibrate import write_profile_yaml
 from alisa_sim.errors import SpecError, validate
 from alisa_sim.hardware import HardwareProfile
 from alisa_sim.model_spec import PRESETS, ModelSpec, aligned_seq_len, load_model_spec
@@ -42,9 +42,6 @@ GATHER_SHARE = 0.2  # the share of cached tokens the gathered decode-attention v
 # Weights a streamed projection rotates over: more bytes than any last-level cache, as a decode step reads each
 # layer's weights once (CPU L3 and GPU L2 are well under this).
 STREAMED_WEIGHT_BYTES = 256 * MiB
-# The steps between the reuse distances a profiled model's projections are timed at (from its weights' bytes up to
-# the streamed pool): fine enough to place a last-level cache's edge within a factor of 4.
-REUSE_FACTOR = 4
 # The largest fp32 attention-row tensor the profile materializes for `window_rows` (a GPU grid's 8k prompt at
 # R = L would take 8.6 GB); larger shapes are priced from the measured ones by their FLOPs.
 WINDOW_ROWS_BYTES = 1 << 30
@@ -374,30 +371,19 @@ def profile_spec(grid: Grid) -> ModelSpec:
 def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype, models: tuple[ModelSpec, ...] = ()) -> list[dict]:
     """The executor's own named ops (alisa_sim.hardware.NAMED_OPS), called as the executor calls them at the grid's
     shapes: projections over weights streamed from more than a cache's worth of distinct buffers (also packed for
-    MKL on a CPU device; a model's own also over its weights' bytes and a few multiples of them), every attention path, the elementwise ops, KV stores, INT8 store/decode, SWA selection,
+    MKL on a CPU device), every attention path, the elementwise ops, KV stores, INT8 store/decode, SWA selection,
     tier copies and host gathers; for the grid's own LLaMA-style layer and for every model in `models` (at its head
     layout and widths, its GEMMs and LM head)."""
     rows_out: list[dict] = []
 
-    def add(op: str, shape: dict[str, int], fn: Callable[[], object], streamed_bytes: int | None = None) -> None:
-        row = {"op": op, "shape": shape, "s": bench.time_s(fn), "host_s": bench.host_s(fn), "source": "measured"}
-        rows_out.append(row if streamed_bytes is None else {**row, "streamed_bytes": streamed_bytes})
+    def add(op: str, shape: dict[str, int], fn: Callable[[], object]) -> None:
+        rows_out.append({"op": op, "shape": shape, "s": bench.time_s(fn), "host_s": bench.host_s(fn),
+                         "source": "measured"})
 
     families = set(grid.gemm_kn)
     for spec in models:
-        families.update(model_gemm_families((spec,)))
-    _measure_projections(bench, grid, dtype, sorted(families), STREAMED_WEIGHT_BYTES, add)
-    # A model whose weights are fewer bytes may keep them in the caches from one step to the next: its own
-    # projections are also timed over just its weights' bytes (the least a decode step reads between two calls of
-    # one weight) and over REUSE_FACTOR times as many, and again, up to the streamed pool, across the caches' sizes.
-    e = torch.empty((), dtype=dtype).element_size()
-    for step_bytes, specs in sorted(_by_step_weight_bytes(models, e).items()):
-        while step_bytes < STREAMED_WEIGHT_BYTES:
-            # A family whose weights the pool holds more of than MAX_STREAMED_WEIGHTS is at its farthest already.
-            within = [(k, n) for k, n in model_gemm_families(specs) if step_bytes // (k * n * e) <= MAX_STREAMED_WEIGHTS]
-            if within:
-                _measure_projections(bench, grid, dtype, within, step_bytes, add)
-            step_bytes *= REUSE_FACTOR
+        families.update((g.k, g.n) for g in spec.layer_gemms(1) + [spec.lm_head_gemm(1)])
+    _measure_projections(bench, grid, dtype, sorted(families), add)
     for spec in (profile_spec(grid), *models):
         _measure_layer_ops(bench, grid, dtype, spec, add)
     _measure_copies(bench, grid, add)
@@ -405,36 +391,25 @@ def measure_named_ops(bench: Bench, grid: Grid, dtype: torch.dtype, models: tupl
     return rows_out
 
 
-def _by_step_weight_bytes(models: tuple[ModelSpec, ...], e: int) -> dict[int, tuple[ModelSpec, ...]]:
-    """The models by the bytes of projection weights one decode step of theirs reads, in the profiled dtype."""
-    groups: dict[int, tuple[ModelSpec, ...]] = {}
-    for spec in models:
-        step_bytes = spec.model_copy(update={"dtype_bytes": e}).projection_weight_bytes
-        groups[step_bytes] = (*groups.get(step_bytes, ()), spec)
-    return groups
-
-
 def _measure_projections(bench: Bench, grid: Grid, dtype: torch.dtype, families: list[tuple[int, int]],
-                         pool_bytes: int, add: Callable) -> None:
-    """`project` (and `project_packed` where the executor packs weights) per (k, n) family and m of the grid, each
-    call on the next of the distinct weights that fit in `pool_bytes`; a row's `streamed_bytes` is what they take."""
+                         add: Callable) -> None:
+    """`project` (and `project_packed` where the executor packs weights) per (k, n) family and m of the grid."""
     device, e = bench.device, torch.empty((), dtype=dtype).element_size()
-    pool = _rand(pool_bytes // e, device=device, dtype=dtype)  # distinct weights, views into one pool
+    pool = _rand(STREAMED_WEIGHT_BYTES // e, device=device, dtype=dtype)  # distinct weights, views into one pool
     packable = mkl_packable(device, dtype)
     for k, n in families:
         buffers = [view.view(n, k) for view in distinct_views(pool, k * n)]
-        streamed = len(buffers) * k * n * e
         linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         for m in grid.gemm_m:
             x, weight = _rand(1, m, k, device=device, dtype=dtype), in_turn(buffers)
-            add("project", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(linear, x, weight()), streamed)
+            add("project", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(linear, x, weight()))
             if packable and m <= max(b for b, _ in grid.decode_bL):  # packed at a decode batch's rows
                 layers = [torch.nn.Module() for _ in buffers]
                 for layer, weight in zip(layers, buffers):
                     layer.weight, layer.bias = weight, None
                     pack_weight(layer, "packed_weight", weight, m)
                 packed = in_turn(layers)
-                add("project_packed", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(packed(), x), streamed)
+                add("project_packed", {"m": m, "k": k, "n": n, "e": e}, lambda: ops.project(packed(), x))
                 del layers, packed  # the packed copies go before the next m packs its own
 
 

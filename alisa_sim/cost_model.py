@@ -218,39 +218,29 @@ _GEMM_OPS = ("project", "project_packed")
 
 
 class _GemmCurves:
-    """A GEMM op's time: per measured (k, n) family and reuse distance of its weights (`streamed_bytes`; absent:
-    beyond any cache) one curve over m. An unmeasured (k, n) takes the nearest measured family in log (k, n) scaled
-    by the FLOPs ratio, never below the fastest measured GEMM (the kernel latency floor); between a family's reuse
-    distances time is interpolated in log bytes, outside them it is the nearest one's."""
+    """A GEMM op's time: one curve over m per measured (k, n) family. An unmeasured (k, n) takes the nearest
+    measured family in log (k, n) scaled by the FLOPs ratio, never below the fastest measured GEMM (the kernel
+    latency floor)."""
 
     def __init__(self, rows: list[dict]):
-        m_and_s = defaultdict(lambda: defaultdict(list))
+        m_and_s = defaultdict(list)
         for row in rows:
-            streamed = row.get("streamed_bytes") or math.inf
-            m_and_s[row["shape"]["k"], row["shape"]["n"]][streamed].append((row["shape"]["m"], row["s"]))
+            m_and_s[row["shape"]["k"], row["shape"]["n"]].append((row["shape"]["m"], row["s"]))
         self._families = list(m_and_s)
         self._log_kn = np.log(np.array(self._families, dtype=float))
-        self._log_streamed = [np.log(sorted(m_and_s[family])) for family in self._families]
-        self._curves = [[_LogLogCurve(*zip(*m_and_s[family][streamed])) for streamed in sorted(m_and_s[family])]
-                        for family in self._families]
+        self._curves = [_LogLogCurve(*zip(*m_and_s[family])) for family in self._families]
         self._floor_s = min(row["s"] for row in rows)
         self._time = per_instance_cache(self._time)
 
-    def __call__(self, m: int, k: int, n: int, streamed_bytes: float | None = None) -> float:
-        return self._time(m, k, n, math.inf if streamed_bytes is None else streamed_bytes)
+    def __call__(self, m: int, k: int, n: int) -> float:
+        return self._time(m, k, n)
 
-    def _time(self, m: int, k: int, n: int, streamed_bytes: float) -> float:
+    def _time(self, m: int, k: int, n: int) -> float:
         if min(m, k, n) <= 0:
             return 0.0
         nearest = int(np.argmin(np.hypot(*(self._log_kn - np.log([k, n])).T)))
         family_k, family_n = self._families[nearest]
-        levels, curves = self._log_streamed[nearest], self._curves[nearest]
-        log_streamed = math.log(max(streamed_bytes, 1.0))
-        # Beyond the last finite distance the weights come from memory: the farthest curve (as np.interp clamps).
-        log_times = [math.log(curve(m)) for curve in curves]
-        seconds = math.exp(float(np.interp(log_streamed, levels, log_times))) if len(curves) > 1 else \
-            math.exp(log_times[0])
-        return max(self._floor_s, seconds * (k * n) / (family_k * family_n))
+        return max(self._floor_s, self._curves[nearest](m) * (k * n) / (family_k * family_n))
 
 
 class CostModel:
@@ -336,21 +326,19 @@ class CostModel:
         if op not in NAMED_OPS:
             raise ValueError(f"unknown op {op!r} (the executor's named ops: {', '.join(NAMED_OPS)})")
 
-    def op_s(self, op: str, streamed_bytes: float | None = None, **shape: int) -> float:
+    def op_s(self, op: str, **shape: int) -> float:
         """Device time of one named executor op at a shape (NAMED_OPS keys), interpolated over its work along the
-        profile's rows for that op (`project` is gemm_s); a projection's weights were last read `streamed_bytes`
-        ago (default: beyond any cache), which other ops do not depend on."""
+        profile's rows for that op (`project` is gemm_s)."""
         self._check_op(op)
         if op in _GEMM_OPS:
-            return self._gemms[op](shape["m"], shape["k"], shape["n"], streamed_bytes)
+            return self._gemms[op](shape["m"], shape["k"], shape["n"])
         return self._op_curves[op](shape)
 
     # ---- GPU ----------------------------------------------------------------------------------------------------
 
-    def gemm_s(self, m: int, k: int, n: int, streamed_bytes: float | None = None) -> float:
-        """(m x k) @ (k x n) in the device dtype, weights last read `streamed_bytes` ago (default: beyond any cache;
-        the executor's `project`)."""
-        return self._gemms["project"](m, k, n, streamed_bytes)
+    def gemm_s(self, m: int, k: int, n: int) -> float:
+        """(m x k) @ (k x n) in the device dtype, weights streamed (the executor's `project`)."""
+        return self._gemms["project"](m, k, n)
 
     def decode_attention_s(self, batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
                            kv_dtype_bytes: float = 2) -> float:

@@ -173,18 +173,12 @@ class OpRow(_Strict):
     s: Seconds
     host_s: Annotated[float, Field(ge=0, le=MAX_OP_S)]
     source: Literal["measured", "derived"]
-    streamed_bytes: Annotated[int, Field(ge=1, le=MAX_MEMORY_BYTES)] | None = Field(default=None, description=(
-        "projections: the bytes of distinct weights the timed calls took in turn, so each read a weight last "
-        "touched that many bytes ago (a decode step's reuse distance is its model's projection weights); absent: "
-        "more than any cache holds"))
 
     @model_validator(mode="after")
     def _known_op(self) -> "OpRow":
         if self.op in NAMED_OPS and "h" in NAMED_OPS[self.op][0] and "h" not in self.shape:
             raise ValueError(f"op {self.op!r} has no query-head count 'h' in its shape: a profile measured before "
                              "attention rows told GQA's query heads apart; measure it again (alisa-exec profile)")
-        if self.streamed_bytes is not None and self.op not in ("project", "project_packed"):
-            raise ValueError(f"op {self.op!r} has streamed_bytes: only projections stream weights")
         op_work(self.op, self.shape)
         return self
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from alisa_sim.cost_model import CostModel
-from alisa_sim.hardware import HardwareProfile, load_hardware_profile
+from alisa_sim.hardware import load_hardware_profile
 
 EXACT = 1e-6
 
@@ -215,24 +215,3 @@ def test_an_op_variant_is_priced_from_its_own_variants_rows(h200):
     assert cost.op_s("evict_victim", b=1, kv=2, T=64, scored=1) == pytest.approx(64e-3, rel=EXACT)
     # Scored at 8 KV heads: only the scored rows (at 2 KV heads) price it, by its work (12 bytes a slot).
     assert cost.op_s("evict_victim", b=1, kv=8, T=64, scored=1) == pytest.approx(4 * 64e-3, rel=EXACT)
-
-
-def test_projections_are_priced_at_the_reuse_distance_of_their_weights(h200):
-    """Rows timed over weights last read 4 MiB and 256 MiB ago: each reproduced at its distance, log-log between
-    them, the nearest outside them; a caller that names no distance gets the farthest (weights from memory)."""
-    profile = h200.model_dump()
-    near, far = 4 * 2**20, 256 * 2**20
-    profile["gpu"]["ops"] = [{"op": "project", "shape": {"m": m, "k": 256, "n": 1024, "e": 4}, "s": s * scale,
-                              "host_s": 0.0, "source": "measured", "streamed_bytes": streamed}
-                             for streamed, scale in ((near, 1.0), (far, 4.0)) for m, s in ((1, 3e-5), (64, 9e-5))]
-    cost = CostModel(HardwareProfile.model_validate(profile))
-    assert cost.gemm_s(1, 256, 1024, near) == pytest.approx(3e-5, rel=EXACT)
-    assert cost.gemm_s(64, 256, 1024, far) == pytest.approx(3.6e-4, rel=EXACT)
-    assert cost.gemm_s(1, 256, 1024, 32 * 2**20) == pytest.approx(3e-5 * 2.0, rel=EXACT)  # halfway in log bytes
-    assert cost.gemm_s(1, 256, 1024, 2**20) == pytest.approx(3e-5, rel=EXACT)
-    assert cost.gemm_s(1, 256, 1024, 2**40) == cost.gemm_s(1, 256, 1024) == pytest.approx(1.2e-4, rel=EXACT)
-    assert cost.op_s("project", 32 * 2**20, m=1, k=256, n=1024, e=4) == pytest.approx(6e-5, rel=EXACT)
-    profile["gpu"]["ops"] = [{"op": "norm", "shape": {"rows": 1, "width": 8, "e": 4}, "s": 1e-6, "host_s": 0.0,
-                              "source": "measured", "streamed_bytes": near}]
-    with pytest.raises(ValueError, match="only projections stream weights"):
-        HardwareProfile.model_validate(profile)

@@ -284,33 +284,3 @@ def test_paths_in_a_workload_are_its_folders_and_on_the_command_line_the_cwds(tm
     assert main(["run", "sub/w.yaml", "--hardware", profile.name, "--out", "b"]) == 0  # the cwd's
     for out in ("a", "b"):
         assert json.loads((tmp_path / out / "result.json").read_text())["model"] == "opt-6.7b"
-
-
-def test_projections_are_priced_at_the_reuse_distance_a_step_gives_their_weights(tmp_path):
-    """A profile with each projection timed over weights last read 1 MiB and 256 MiB ago: a small model's decode
-    GEMMs are priced at its step's reads (its projection weights and the run's KV), between the two, nearer the 1 MiB
-    rows for a short run, farther for a run of more KV."""
-    from alisa_sim.hardware import load_hardware_profile
-    from alisa_sim.planner import make_policy
-
-    model = {"name": "small", "family": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-             "num_kv_heads": 2, "ffn_dim": 128, "vocab_size": 128, "max_position_embeddings": 4096,
-             "tie_word_embeddings": False, "norm_eps": 1e-5}
-    near, far = 2**20, 256 * 2**20
-    profile = load_hardware_profile("h200").model_dump(mode="json")
-    families = {(64, 128), (64, 64), (64, 256), (128, 64)}
-    profile["gpu"]["ops"] = [{"op": "project", "shape": {"m": m, "k": k, "n": n, "e": 2}, "s": m * k * n * 1e-12 * f,
-                              "host_s": 0.0, "source": "measured", "streamed_bytes": streamed}
-                             for k, n in families for streamed, f in ((near, 1.0), (far, 8.0)) for m in (1, 4096)]
-    path = tmp_path / "reuse.yaml"
-    path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    short, long = (make_policy(_workload(model=model, hardware=str(path), batch_size=b, prompt_len=s, gen_len=4))
-                   for b, s in ((1, 16), (64, 2048)))
-    for policy in (short, long):
-        assert policy.step_read_bytes == policy.model.projection_weight_bytes + policy.kv_bytes(policy.positions)
-        qkv = next(g for g in policy.model.layer_gemms(policy.batch) if g.name == "qkv_proj")
-        gemm = dict(policy.pre_attention_op(policy.batch, "decode").parts)["gemm"]
-        assert gemm == pytest.approx(policy.cost.gemm_s(qkv.m, qkv.k, qkv.n, policy.step_read_bytes), rel=1e-9)
-    assert short.step_read_bytes < near < long.step_read_bytes < far
-    qkv_s = [dict(p.pre_attention_op(1, "decode").parts)["gemm"] for p in (short, long)]
-    assert qkv_s[0] == pytest.approx(64 * 128 * 1e-12, rel=1e-6) and qkv_s[0] < qkv_s[1] < 8 * qkv_s[0]

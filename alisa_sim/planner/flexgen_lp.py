@@ -32,13 +32,9 @@ class LpSolution:
         return tokens / self.lp_time_s
 
 
-def _probe(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_attention: bool) -> FlexGenPolicy:
-    """The block shape's policy with everything on the GPU: what the LP's memory and GEMM reuse are read from."""
-    return FlexGenPolicy(wl, cost, FlexGenSetting((100, 0, 100, 0, 100, 0), gbs, ngb, cpu_attention))
-
-
-def _affine_memory(wl: ResolvedWorkload, probe: FlexGenPolicy, cpu_attention: bool):
+def _affine_memory(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_attention: bool):
     """GPU and CPU bytes at the longest context as constant + coefficients on (wc, cc, hc)."""
+    probe = FlexGenPolicy(wl, cost, FlexGenSetting((100, 0, 100, 0, 100, 0), gbs, ngb, cpu_attention))
     kv_total = probe.kv_bytes(wl.max_context())
 
     def at(wc: float, cc: float, hc: float) -> np.ndarray:
@@ -53,7 +49,7 @@ def _affine_memory(wl: ResolvedWorkload, probe: FlexGenPolicy, cpu_attention: bo
 def solve_lp(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_attention: bool,
              percent: tuple | None = None) -> LpSolution | None:
     """The best placement for one block shape (or the estimate of a fixed `percent`); None when nothing fits."""
-    m, probe = wl.model, _probe(wl, cost, gbs, ngb, cpu_attention)
+    m = wl.model
     s, n, bls = wl.workload.prompt_len, wl.workload.gen_len, gbs * ngb
     layer_w = m.layer_weight_bytes
     kv_token = m.kv_bytes_per_token_per_layer()
@@ -65,8 +61,8 @@ def solve_lp(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_atte
 
     h2d_bw = bandwidth("h2d", layer_w)
     d2h_bw = bandwidth("d2h", gbs * s * kv_token)
-    gemm_pre = ngb * sum(cost.gemm_s(g.m, g.k, g.n, probe.step_read_bytes) for g in m.layer_gemms(gbs * s))
-    gemm_gen = ngb * sum(cost.gemm_s(g.m, g.k, g.n, probe.step_read_bytes) for g in m.layer_gemms(gbs))
+    gemm_pre = ngb * sum(cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(gbs * s))
+    gemm_gen = ngb * sum(cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(gbs))
     att_pre = ngb * cost.prefill_attention_s(gbs, s, m.num_heads, m.dim_per_head)
     ctx = math.ceil(mean_context)
     att_gen_gpu = ngb * cost.decode_attention_s(gbs, ctx, m.num_heads, m.num_kv_heads, m.dim_per_head)
@@ -90,7 +86,7 @@ def solve_lp(wl: ResolvedWorkload, cost: CostModel, gbs: int, ngb: int, cpu_atte
         row[bound] = -1
         a_ub.append(row)
         b_ub.append(-constant)
-    base, memory = _affine_memory(wl, probe, cpu_attention)
+    base, memory = _affine_memory(wl, cost, gbs, ngb, cpu_attention)
     capacity = np.array([wl.gpu_capacity_bytes, wl.cpu_capacity_bytes])
     for device in range(2):
         a_ub.append(np.concatenate([memory[device], [0, 0]]))

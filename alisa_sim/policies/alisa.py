@@ -430,8 +430,7 @@ class AlisaPolicy(Policy):
         (rotary applied), stored into the staging buffer in the cache's format."""
         m, rows = self.model, max(1, math.ceil(tokens))
         if self.cfg.recompute_source != "layer_input":  # through every earlier layer: (L - 1) / 2 of them on average
-            seconds = (m.num_layers - 1) / 2 * sum(self.cost.gemm_s(g.m, g.k, g.n, self.step_read_bytes)
-                                                     for g in m.layer_gemms(rows))
+            seconds = (m.num_layers - 1) / 2 * sum(self.cost.gemm_s(g.m, g.k, g.n) for g in m.layer_gemms(rows))
             return make_op("recompute", "gpu", {"recompute": seconds},
                            host_s=self.host_of("norm", "project", "split_heads"))
         decode = (("kv_dequantize", {"rows": rows, "width": m.hidden_size, "e": m.dtype_bytes}),) if self.cfg.int8 else ()

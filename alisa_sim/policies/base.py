@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Iterator
 
 from alisa_sim.cost_model import CostModel
@@ -138,17 +137,9 @@ class Policy(ABC):
         return MemoryUse(gpu={purpose: nbytes - gpu.get(purpose, 0.0) for purpose, nbytes in allocated.gpu.items()},
                          cpu={purpose: nbytes - cpu.get(purpose, 0.0) for purpose, nbytes in allocated.cpu.items()})
 
-    @cached_property
-    def step_read_bytes(self) -> float:
-        """About what a decode step reads between two calls of one projection weight: every projection weight, and
-        the run's KV of every position (what a dense step attends at the end; the same for every policy, as it must
-        be known before a policy's schedule is); the projections are priced at that reuse distance of their weights
-        (the profile's rows by `streamed_bytes`)."""
-        return self.model.projection_weight_bytes + self.kv_bytes(self.positions)
-
     def _priced(self, *calls: tuple[str, dict[str, int]]) -> tuple[float, float]:
         """Device and host seconds of a sequence of the executor's named ops, each from its profile row."""
-        return (sum(self.cost.op_s(op, self.step_read_bytes, **shape) for op, shape in calls),
+        return (sum(self.cost.op_s(op, **shape) for op, shape in calls),
                 sum(self.cost.op_host_s(op) for op, _ in calls))
 
     def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]],
