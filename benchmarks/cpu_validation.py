@@ -17,11 +17,13 @@
 
     python benchmarks/cpu_validation.py [--device cpu|cuda] [--profile PATH] [--points N] [--repeats N]
                                         [--out reports/validation/cpu] [--work reports/runs/cpu-validation]
+    python benchmarks/cpu_validation.py --repredict WORK/loop-<i> --profile OTHER.yaml [--out DIR]
 
 runs every loop in WORK/loop-<i>/ (all results, traces and HTML; git ignores reports/runs/) and keeps in OUT what is
 committed: OUT/summary.json and OUT/README.md (a table per variant and overall, machine, date and versions), and per
 loop the profile, the fitted profile and both validation.json files. tests/exec/test_validation_loop.py runs a few
-points of it.
+points of it. `--repredict` predicts a finished loop's measured runs again from another profile and prints its
+table (see `repredict`): how to tell whether a change to the profile or the cost model prices the runs better.
 """
 
 from __future__ import annotations
@@ -359,6 +361,38 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
     return {**loop, "calibrated": calibrated, "fit": fit}
 
 
+def repredict(loop_folder: Path, profile: Path, out: Path) -> dict:
+    """A finished loop's measured runs predicted again from another profile: each point's workload (its replayed
+    selection included) by `alisa-sim run` on `profile` into OUT/predicted/, then `alisa-sim validate` into
+    OUT/validation/. Nothing is measured again, so two ways of pricing the executor's ops are compared on the same
+    runs, which on a machine whose speed moves between loops is the one fair comparison. Returns the validation."""
+    measured = loop_folder / "measured"
+    if not measured.is_dir() or not any(measured.iterdir()):
+        raise FileNotFoundError(f"{loop_folder} holds no measured runs (a loop's WORK/loop-<i> folder)")
+    if out.exists():
+        shutil.rmtree(out)
+    for run in sorted(path.name for path in measured.iterdir()):
+        replayed = loop_folder / "workloads-replayed" / f"{run}.yaml"
+        source = replayed if replayed.is_file() else loop_folder / "workloads" / f"{run}.yaml"
+        document = {**yaml.safe_load(source.read_text()), "hardware": str(profile.resolve())}
+        workload = out / "workloads" / f"{run}.yaml"
+        workload.parent.mkdir(parents=True, exist_ok=True)
+        workload.write_text(yaml.safe_dump(document, sort_keys=False))
+        _call(sim_main, ["run", str(workload), "--out", str(out / "predicted" / run)])
+    return json.loads(_call(sim_main, ["validate", str(out / "predicted"), str(measured), "--json",
+                                       "--out", str(out / "validation")]))
+
+
+def repredicted_table(validation: dict) -> str:
+    """The metrics' MAPE and worst error, and predicted over measured busy seconds by op kind, of a repredict."""
+    lines = ["| metric | MAPE | worst |", "|---|---|---|"]
+    lines += [f"| {metric} | {validation['summary'][metric]['mape']:.1f}% | {validation['summary'][metric]['worst']:.1f}% |"
+              for metric in METRICS]
+    lines += ["", "| op kind | predicted / measured |", "|---|---|"]
+    lines += [f"| {kind} | x{row['ratio']:.2f} |" for kind, row in validation["breakdown"].items()]
+    return "\n".join(lines)
+
+
 def by_variant(loop: dict, side: str) -> dict[str, dict]:
     """One side's summary per variant and overall ("all")."""
     document = loop[side]
@@ -482,13 +516,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", help="comma-separated variant names (default: all): "
                                            + ", ".join(v.name for v in VARIANTS))
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", default="reports/validation/cpu")
+    parser.add_argument("--out", help="default reports/validation/cpu (with --repredict: LOOP/repredicted)")
     parser.add_argument("--work", default="reports/runs/cpu-validation")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads for the profile and the runs")
+    parser.add_argument("--repredict", metavar="LOOP", help="run nothing: predict the measured runs of a finished "
+                        "loop's folder (WORK/loop-<i>) again from --profile, into --out (default LOOP/repredicted)")
     args = parser.parse_args(argv)
     if args.profile and not Path(args.profile).is_file():
         print(f"error: no profile {args.profile}", file=sys.stderr)
         return 2
+    if args.repredict:
+        if not args.profile:
+            print("error: --repredict needs the --profile to predict from", file=sys.stderr)
+            return 2
+        loop_folder = Path(args.repredict)
+        out = Path(args.out) if args.out else loop_folder / "repredicted"
+        try:
+            validation = repredict(loop_folder, Path(args.profile), out)
+        except (FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(repredicted_table(validation))
+        return 0
     if args.points is not None and args.points < 1:
         print("error: --points must be at least 1", file=sys.stderr)
         return 2
@@ -498,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown variants {', '.join(unknown)} (known: {', '.join(by_name)})", file=sys.stderr)
         return 2
-    out, work = Path(args.out), Path(args.work)
+    out, work = Path(args.out or "reports/validation/cpu"), Path(args.work)
     selected = points(args.points, [by_name[name] for name in names])
     loops = []
     for i in range(args.repeats):

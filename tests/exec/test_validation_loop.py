@@ -9,7 +9,9 @@ folder, which starts afresh.
 
 Asserted: every step's counted traffic (kind, phase, token rows, KV bytes per tier, H2D/D2H bytes, fetched /
 offloaded / recomputed / evicted rows, preemptions, swapped blocks) equal between the two Results of each point, and
-every point paired by `alisa-sim validate`, and the machine's slowdown against the profile's recorded per point.
+every point paired by `alisa-sim validate`, and the machine's slowdown against the profile's recorded per point;
+predicted again from the same profile (`repredict`), the same runs give the same errors, and from a profile with
+slower attention rows only the attention's predicted seconds grow.
 The MAPE is printed; timing is bounded only loosely (a predicted decode
 step within 20x of the measured one), because the machine is shared and noisy: the table is
 benchmarks/cpu_validation.py's to report (README "Predicted vs measured").
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 LOOP_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_validation.py"
 VARIANTS = ("dense", "flexgen-cpu-attention", "vllm-swap", "alisa-0.5-phase-2", "alisa-0.8-int8-phase-2",
@@ -65,5 +68,18 @@ def test_a_short_loop_has_equal_traffic_and_prints_its_mape(tmp_path, capsys, mo
     # The machine's speed at each kept run against the profile's, from the reference mix timed before it.
     assert set(loop["machine_slowdown"]) == {p.name for p in selected}
     assert all(0 < ratio < LOOSE_FACTOR for ratio in loop["machine_slowdown"].values())
+    # Predicted again from the same profile, the same runs give the same errors; from one whose attention rows take
+    # twice as long, only the attention's predicted seconds grow.
+    same = cpu_validation.repredict(tmp_path, quick_cpu_profile, tmp_path / "same")
+    assert same["summary"] == loop["uncalibrated"]["summary"]
+    slower = yaml.safe_load(quick_cpu_profile.read_text())
+    for row in slower["gpu"]["ops"]:
+        row["s"] *= 2 if row["op"].endswith("_attention") else 1
+    (tmp_path / "slower.yaml").write_text(yaml.safe_dump(slower, sort_keys=False))
+    other = cpu_validation.repredict(tmp_path, tmp_path / "slower.yaml", tmp_path / "slower")
+    before, after = loop["uncalibrated"]["breakdown"], other["breakdown"]
+    assert after["gemm+elementwise"]["predicted_s"] == pytest.approx(before["gemm+elementwise"]["predicted_s"])
+    assert after["attention"]["predicted_s"] > 1.5 * before["attention"]["predicted_s"]
+    assert after["attention"]["measured_s"] == before["attention"]["measured_s"]
     again = cpu_validation.run_loop(tmp_path, selected[:1], profile=quick_cpu_profile, calibrate=False)
     assert sorted(again["traffic"]) == [selected[0].name] and not again["traffic"][selected[0].name]
