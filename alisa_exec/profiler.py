@@ -495,8 +495,7 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
         newest, new_rows = slots[:, -1:], _rand(1, b, 2 * kv * d, device=device, dtype=dtype)
         add("block_store", {"b": b, "T": 1, "width": 2 * kv * d, "e": e},
             lambda: ops.block_store(pool.data[:, 0], newest, new_rows))
-        add("sparse_attention", shape, lambda: ops.sparse_attention(q[:, 0], *paged_views, slots, None, bench.cuda,
-                                                                    lengths))
+        add("paged_attention", shape, lambda: ops.paged_attention(q[:, 0], *paged_views, slots, lengths, bench.cuda))
         selected = max(1, round(L * GATHER_SHARE))
         # As ALISA's executor calls it: one index list per sequence into a window ring of token rows, read in place
         # in the model's dtype or as INT8 levels with their scales and zero points (the PyTorch form off the GPU

@@ -21,7 +21,8 @@ COPY_DIRECTIONS = ("h2d", "d2h")
 # cost is this many launches at the profile's launch_overhead_s).
 EAGER_CALLS = {"project": 1, "project_packed": 1, "norm": 4, "activate": 2, "split_heads": 8, "residual": 1, "embed": 2,
                "argmax": 1, "causal_attention": 3, "window_rows": 6, "masked_attention": 4, "rows_attention": 3,
-               "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "cpu_attention": 3,
+               "packed_attention": 8, "sparse_attention": 10, "staged_sparse_attention": 16, "paged_attention": 10,
+               "cpu_attention": 3,
                "kv_store": 2, "block_store": 1, "kv_quantize": 8, "kv_dequantize": 3, "keep_prompt": 9,
                "evict_victim": 6, "slot_store": 5, "score_update": 1, "key_copy_store": 12,
                "key_copy_attention": 14, "capped_pick": 16, "local_sum": 6,
@@ -113,7 +114,7 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
     # Packed attention reads K/V already packed (H2O's slots, vLLM's gathered blocks) and the fused sparse kernel
     # reads its index list's rows in place: both as dense decode attention over the tokens they attend.
     shapes.update({"masked_attention": decode, "rows_attention": decode, "packed_attention": decode,
-                   "sparse_attention": decode, "staged_sparse_attention": decode})
+                   "sparse_attention": decode, "staged_sparse_attention": decode, "paged_attention": decode})
     for direction in COPY_DIRECTIONS:
         for memory in ("pinned", "pageable"):
             shapes[f"copy_{direction}_{memory}"] = [({"bytes": r.bytes}, getattr(r, f"{direction}_{memory}_s"))
@@ -136,7 +137,7 @@ def derived_op_rows(profile: HardwareProfile) -> list[dict]:
 _LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", "window_rows": "L", "topk": "L",
                 "local_sum": "T", "kv_store": "T", "block_store": "T", "masked_attention": "T",
                 "rows_attention": "T", "packed_attention": "T", "sparse_attention": "T",
-                "staged_sparse_attention": "T", "cpu_attention": "T", "keep_prompt": "L", "evict_victim": "T",
+                "staged_sparse_attention": "T", "paged_attention": "T", "cpu_attention": "T", "keep_prompt": "L", "evict_victim": "T",
                 "score_update": "T", "key_copy_attention": "L", "capped_pick": "L",
                 "copy_h2d_pinned": "bytes", "copy_h2d_pageable": "bytes", "copy_d2h_pinned": "bytes",
                 "copy_d2h_pageable": "bytes", "host_gather": "bytes", "stage_indices": "T"}

@@ -108,6 +108,8 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     # The same call with some of the index list's rows in a staging buffer (fetched or recomputed this step): off
     # the GPU its PyTorch form gathers every entry from both and picks, about twice the plain call.
     "staged_sparse_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
+    # vLLM's: each sequence's T slots of the shared block pool read in place.
+    "paged_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
     "cpu_attention": (("b", "T", "h", "kv", "d", "e"), _kv),
     # New tokens' K and V (`width` values a token) written into a cache at their positions (T per sequence): read
     # + write.

@@ -194,5 +194,5 @@ class VllmExec(ExecPolicy):
             ops.block_store(pool.data[:, 0], slots.gather(1, (lengths - 1)[:, None]), kv_rows(k, v))
             # Every sequence reads the one shared pool in place at its own slots, as PagedAttention does.
             keys, values = (view.expand(len(lengths), -1, -1, -1) for view in pool.kv_views(self.spec.num_kv_heads))
-            out, _ = ops.sparse_attention(q[:, 0], keys, values, slots, None, self.tiers.triton, lengths)
+            out, _ = ops.paged_attention(q[:, 0], keys, values, slots, lengths, self.tiers.triton)
         return out.reshape(len(lengths), 1, -1)

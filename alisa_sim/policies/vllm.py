@@ -328,9 +328,9 @@ class VllmPolicy(Policy):
         swaps = [self._swap_op(name, direction, blocks) for name, direction, blocks in
                  (("kv_swap_in", "h2d", swap_in_blocks), ("kv_swap_out", "d2h", swap_out_blocks)) if blocks]
         # Each sequence's new K/V row written at its slot, then attention over its slots of the pool in place (the
-        # fused sparse path), the index lists padded to the longest context.
+        # fused path, `paged_attention`), the index lists padded to the longest context.
         attention = view._gpu_op("attention", {"elementwise": (("block_store", view._kv_store(1)[1]),),
-                                               "attention": (("sparse_attention", view._cache_shape(max(contexts))),)})
+                                               "attention": (("paged_attention", view._cache_shape(max(contexts))),)})
         # The DAG depends only on the number of sequences and the swaps: wired once, each iteration's template puts
         # its own ops into it.
         key = sequences, tuple(op.name for op in swaps)

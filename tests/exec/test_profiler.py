@@ -19,6 +19,7 @@ EXECUTOR_CALLS = {
     "causal_attention": ops.causal_attention, "masked_attention": ops.masked_attention,
     "rows_attention": ops.rows_attention, "packed_attention": ops.packed_attention,
     "sparse_attention": ops.sparse_attention, "staged_sparse_attention": ops.sparse_attention,
+    "paged_attention": ops.paged_attention,
     "cpu_attention": ops.cpu_attention, "kv_store": ops.kv_store, "block_store": ops.block_store,
     "kv_quantize": TokenRows.store, "kv_dequantize": TokenRows.read,
     "window_rows": prefill_window_rows, "keep_prompt": ops.keep_prompt, "evict_victim": ops.evict_victim,
