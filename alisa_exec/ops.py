@@ -250,8 +250,9 @@ def paged_attention(q: Tensor, keys: KVView, values: KVView, slots: Tensor, leng
                     triton: bool) -> tuple[Tensor, Tensor]:
     """vLLM's decode attention: each sequence's slots [b, T] of the shared pool (its first `lengths` valid) read in
     place through the fused path, as PagedAttention reads blocks. A named op of its own, not `sparse_attention`: over
-    a pool's views and padded slot lists its PyTorch form costs 1.3-2x what ALISA's index lists into a ring of the
-    same length do (b = 32, quick CPU profile, 2026-12-03), and rows of both in one family priced each from the other."""
+    a pool's views and padded slot lists its PyTorch form costs per token 0.6x to 1.6x what ALISA's index lists into
+    a ring do at nearby lengths (b = 32, quick CPU profile, 2026-12-03), so rows of both in one family made a curve
+    that zig-zagged between the two paths."""
     issued("paged_attention", **{**_cache(keys, q), "T": slots.shape[-1]})
     return _fused_attention(q, keys, values, slots, None, triton, lengths)
 
