@@ -725,6 +725,44 @@ def measure_profile(name: str, device: torch.device, quick: bool,
     return profile
 
 
+def fastest_of(rounds: list[dict]) -> dict:
+    """One profile from rounds of the same measurement taken at different times: each time (`s`, `*_s`) the least
+    and each rate (`*GBps`, `*tflops`) the most over the rounds, any other figure their median; shapes and sizes must
+    agree. Other work on a shared machine only slows a round down, so the fastest round of each row is its least
+    disturbed measurement, as the fastest try of a run is (benchmarks/cpu_validation.py)."""
+    if not rounds:
+        raise ValueError("no rounds to merge")
+
+    def merge(values: list, key: str, where: str):
+        first = values[0]
+        if isinstance(first, dict):
+            if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+                raise ValueError(f"{where}: the rounds hold different fields")
+            return {k: merge([v[k] for v in values], k, f"{where}/{k}") for k in first}
+        if isinstance(first, list):
+            if any(not isinstance(v, list) or len(v) != len(first) for v in values):
+                raise ValueError(f"{where}: the rounds hold different numbers of rows")
+            return [merge([v[i] for v in values], key, f"{where}[{i}]") for i in range(len(first))]
+        if isinstance(first, float):
+            if key == "s" or key.endswith("_s"):
+                return min(values)
+            if key.endswith("GBps") or key.endswith("tflops") or where.split("/")[-2:-1] == ["gemm_tflops"]:
+                return max(values)
+            return statistics.median(values)
+        if isinstance(first, (bool, int)) and any(v != first for v in values):
+            raise ValueError(f"{where}: the rounds differ ({values}); merge rounds of one grid on one machine")
+        return first  # names, notes and other text: the first round's
+
+    merged = merge(rounds, "", "profile")
+    if len(rounds) > 1:
+        dates = sorted({r["provenance"]["date"] for r in rounds})
+        merged["provenance"]["notes"] = [*merged["provenance"]["notes"], (
+            f"the fastest of {len(rounds)} rounds of this measurement ({' to '.join(dates[::max(1, len(dates) - 1)])}): "
+            "each time the least, each rate the most over the rounds")]
+    validate(HardwareProfile, merged, "merged profile")
+    return merged
+
+
 def write_profile(profile: dict, path: Path) -> None:
     """Write the measured profile YAML whole or not at all."""
     write_profile_yaml(profile, path, "Measured by `alisa-exec profile`; see provenance. Re-measure rather than edit.")

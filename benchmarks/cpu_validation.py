@@ -1,7 +1,8 @@
 """The validation loop: the simulator's predictions against real runs of every executor policy on this machine.
 
 1. `alisa-exec profile --device DEVICE --quick --models ...` measures the device into a profile, its named ops also
-   at the two models' layers (or `--profile PATH` takes one).
+   at the two models' layers, in one round before each try of the runs; the profile is the rounds' fastest figure
+   of each row (`fastest_of`), as each point's measurement is its fastest try (or `--profile PATH` takes one).
 2. `POINTS`: tiny OPT and LLaMA/GQA models, batch 1 to 32, prompt 32 to 512, under every policy variant of
    `VARIANTS` (dense, accelerate, flexgen with and without CPU attention, vLLM recompute and swap, ALISA in Phase
    I/II/III in the model's dtype and INT8 at sparsity 0.5 and 0.8, ALISA with the `k4-capped` selector in Phase I and
@@ -45,6 +46,7 @@ import yaml
 
 from alisa_exec.cli import main as exec_main
 from alisa_exec.policies import EXEC_POLICIES
+from alisa_exec.profiler import fastest_of, write_profile
 from alisa_sim.calibrate import describe_values
 from alisa_sim.cli import main as sim_main
 from alisa_sim.selection_trace import replaying_selection
@@ -285,16 +287,26 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
             spec.parent.mkdir(parents=True, exist_ok=True)
             spec.write_text(yaml.safe_dump({"model": MODELS[key]}, sort_keys=False))
             specs.append(str(spec))
-        command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(profile)]
-        log(f"profiling (alisa-exec {' '.join(command)})")
-        reference_s = machine_reference(device)
+    reference_s = machine_reference(device)
+    rounds: list[Path] = []
+    profile_speeds: list[float] = []
+
+    def profile_round() -> None:
+        """One round of the profile, measured apart, with the reference mix timed around it."""
+        rounds.append(folder / "profile-rounds" / f"round-{len(rounds)}.yaml")
+        rounds[-1].parent.mkdir(parents=True, exist_ok=True)
+        command = ["profile", "--device", device, "--quick", "--models", ",".join(specs), "--out", str(rounds[-1])]
+        log(f"profiling, round {len(rounds)} of {EXEC_TRIES} (alisa-exec {' '.join(command)})")
         before = reference_s()
         _profile_apart(command)
-        reference_profile = (before + reference_s()) / 2
+        profile_speeds.append((before + reference_s()) / 2)
+
+    if given is None:
+        profile_round()
+        shutil.copyfile(rounds[0], profile)  # the runs plan from it; the plans do not depend on its times
     else:  # when the given profile was measured is unknown: the speed now stands for it
         profile.write_bytes(given_profile)
-        reference_s = machine_reference(device)
-        reference_profile = reference_s()
+        profile_speeds.append(reference_s())
     split: dict[str, list[str]] = {"fit": [], "holdout": []}
     traffic: dict[str, list[str]] = {}
     workloads, documents = {}, {}
@@ -304,21 +316,28 @@ def _run_loop(folder: Path, selected: list[Point], device: str, given: Path | No
         workloads[point.name] = folder / "workloads" / f"{point.name}.yaml"
         workloads[point.name].parent.mkdir(parents=True, exist_ok=True)
         workloads[point.name].write_text(yaml.safe_dump(documents[point.name], sort_keys=False))
-    # Each try runs every point once: a slow spell of the machine then costs a point one try, not all of them.
+    # Each try runs every point once: a slow spell of the machine then costs a point one try, not all of them. A
+    # measured profile is measured in as many rounds, one before each try, and each of its rows is the fastest
+    # round's: the runs' kept try and the profile's rows are then both the least disturbed of the same spells.
     speed: dict[str, list[float]] = {point.name: [] for point in selected}
     for attempt in range(EXEC_TRIES):
+        if given is None and attempt > 0:
+            profile_round()
         for point in selected:
             log(f"{point.name}: alisa-exec run --device {device} (try {attempt + 1} of {EXEC_TRIES})")
-            speed[point.name].append(reference_s() / reference_profile)
+            speed[point.name].append(reference_s())
             _call(exec_main, ["run", str(workloads[point.name]), "--device", device, "--dtype", DTYPES[device][0],
                               "--out", str(folder / "tries" / point.name / str(attempt))])
+    if given is None:
+        write_profile(fastest_of([yaml.safe_load(path.read_text()) for path in rounds]), profile)
+    reference_profile = min(profile_speeds)
     replays, stats_h2d, slowdown = {}, {}, {}
     for point in selected:
         name = point.name
         tries = [folder / "tries" / name / str(i) for i in range(EXEC_TRIES)]
         best = min(range(EXEC_TRIES),
                    key=lambda i: json.loads((tries[i] / "result.json").read_text())["metrics"]["total_s"])
-        slowdown[name] = speed[name][best]
+        slowdown[name] = speed[name][best] / reference_profile
         shutil.copytree(tries[best], folder / "measured" / name)
         measured_file = folder / "measured" / name / "result.json"
         measured_result = json.loads(measured_file.read_text())
@@ -417,6 +436,32 @@ def slowdown_error_correlation(loop: dict) -> float | None:
     return float(np.corrcoef(slowdown, error)[0, 1]) if slowdown.std() > 0 and error.std() > 0 else None
 
 
+def reproducibility(loops: list[dict]) -> dict[str, dict]:
+    """Per metric, how far each later loop's measurement of a point lies from the first loop's (MAPE, worst and the
+    median ratio, over the points all loops measured), and the floor that spread puts under any one profile's error:
+    per point the least mean absolute percentage error one predicted value can have against every loop's
+    measurement (a value at one of the measurements minimises it), averaged over the points."""
+    import numpy as np
+
+    measured = [{p["label"]: p["metrics"] for p in loop["uncalibrated"]["pairs"]} for loop in loops
+                if loop["uncalibrated"]]
+    if len(measured) < 2:
+        return {}
+    out = {}
+    for metric in METRICS:
+        runs = [np.array([loop[label][metric]["measured"] for loop in measured]) for label in measured[0]
+                if all(loop.get(label, {}).get(metric, {}).get("measured") for loop in measured)]
+        if not runs:
+            continue
+        ratios = np.array([r[1:] / r[0] for r in runs]).ravel()
+        errors = 100.0 * np.abs(ratios - 1.0)
+        floor = [min(np.mean(np.abs(value - r) / r) for value in r) for r in runs]
+        out[metric] = {"mape": float(errors.mean()), "worst": float(errors.max()),
+                       "median_ratio": float(np.median(ratios)), "floor_mape": 100.0 * float(np.mean(floor)),
+                       "points": len(runs)}
+    return out
+
+
 def summarize(loops: list[dict]) -> dict:
     """Per side (uncalibrated over all pairs, calibrated over the held-out ones), group and metric: every loop's
     MAPE and worst error and their spread; the traffic differences; the fitted values."""
@@ -443,6 +488,7 @@ def summarize(loops: list[dict]) -> dict:
     out["breakdown"] = [loop["uncalibrated"].get("breakdown", {}) for loop in loops if loop["uncalibrated"]]
     out["machine_slowdown"] = [loop["machine_slowdown"] for loop in loops]
     out["slowdown_error_correlation"] = [slowdown_error_correlation(loop) for loop in loops]
+    out["reproducibility"] = reproducibility(loops)
     out["fitted"] = [loop["fit"].get("values") for loop in loops]
     out["refused"] = [loop["fit"]["refused"] for loop in loops if "refused" in loop["fit"]]
     return out
@@ -475,12 +521,18 @@ def markdown(summary: dict, meta: dict) -> str:
     slowdowns = [ratio for loop in summary["machine_slowdown"] for ratio in loop.values()]
     if slowdowns:
         correlations = [r for r in summary["slowdown_error_correlation"] if r is not None]
-        lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference`), timed while the profile "
-                  "was measured and before each run, took "
+        lines += ["Machine speed: a fixed mix of the executor's ops (`machine_reference`), timed around each "
+                  "profile round and before each run, took "
                   f"x{min(slowdowns):.2f}-{max(slowdowns):.2f} (median x{statistics.median(slowdowns):.2f}) of its "
-                  "profile-time seconds before the kept runs. "
+                  "fastest profile round's seconds before the kept runs. "
                   + (f"Pearson's r of that slowdown with the signed decode-step error: "
                      f"{', '.join(f'{r:+.2f}' for r in correlations)} (per loop)." if correlations else ""), ""]
+    if summary.get("reproducibility"):
+        lines += ["Reproducibility: the same points measured in a later loop against the first loop, "
+                  + "; ".join(f"{metric} MAPE {r['mape']:.1f}% (worst {r['worst']:.1f}%, median ratio "
+                              f"x{r['median_ratio']:.2f}, {r['points']} points; one prediction per point can come "
+                              f"no closer to every loop's runs than {r['floor_mape']:.1f}% MAPE)"
+                              for metric, r in summary["reproducibility"].items()) + ".", ""]
     if summary["refused"]:
         lines += ["Calibration refused: " + "; ".join(summary["refused"]), ""]
     groups = list(summary["uncalibrated"])

@@ -7,7 +7,7 @@ import yaml
 from alisa_exec import ops
 from alisa_exec.kernels.selection import LocalAttentionSum, prefill_window_rows
 from alisa_exec.kv_cache import Tiers, TokenRows
-from alisa_exec.profiler import CPU_QUICK, Bench, measure_named_ops
+from alisa_exec.profiler import CPU_QUICK, Bench, fastest_of, measure_named_ops
 from alisa_sim.cost_model import CostModel
 from alisa_sim.hardware import NAMED_OPS, HardwareProfile, load_hardware_profile, op_work
 
@@ -122,3 +122,42 @@ def test_named_ops_are_timed_at_each_models_layer_and_priced_from_its_own_rows(m
     cost = CostModel(HardwareProfile.model_validate(profile))
     for row in attention:
         assert cost.op_s("rows_attention", **row["shape"]) == pytest.approx(row["s"], rel=1e-6)
+
+
+def _scaled(profile: dict, factor: float) -> dict:
+    """A copy of a profile whose every time is `factor` times as long and every rate `factor` times as slow."""
+    def scale(value, key, parent):
+        if isinstance(value, dict):
+            return {k: scale(v, k, key) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scale(v, key, parent) for v in value]
+        if isinstance(value, float) and (key == "s" or key.endswith("_s")):
+            return value * factor
+        if isinstance(value, float) and (key.endswith("GBps") or key.endswith("tflops") or parent == "gemm_tflops"):
+            return value / factor
+        return value
+    return scale(profile, "", "")
+
+
+def test_profile_rounds_merge_into_each_rows_fastest(quick_cpu_profile):
+    measured = yaml.safe_load(quick_cpu_profile.read_text())
+    slow, fast = _scaled(measured, 1.5), _scaled(measured, 0.5)
+    merged = fastest_of([slow, measured, fast])
+    # every time and rate is the fastest round's, shapes untouched, and the merge says what it did
+    assert {k: v for k, v in merged.items() if k != "provenance"} == {k: v for k, v in fast.items() if k != "provenance"}
+    assert "fastest of 3 rounds" in merged["provenance"]["notes"][-1]
+    # row by row: one round fastest in one row, another in the next
+    mixed = yaml.safe_load(quick_cpu_profile.read_text())
+    mixed["gpu"]["ops"][0]["s"] *= 0.25
+    merged = fastest_of([mixed, fast])
+    assert merged["gpu"]["ops"][0]["s"] == mixed["gpu"]["ops"][0]["s"]
+    assert merged["gpu"]["ops"][1]["s"] == fast["gpu"]["ops"][1]["s"]
+    load_hardware_profile(quick_cpu_profile)  # the merge validated its result; the source still loads
+    other_grid = yaml.safe_load(quick_cpu_profile.read_text())
+    other_grid["gpu"]["gemm_fp16"][0]["m"] += 1
+    with pytest.raises(ValueError, match="rounds differ"):
+        fastest_of([measured, other_grid])
+    fewer_rows = yaml.safe_load(quick_cpu_profile.read_text())
+    fewer_rows["gpu"]["ops"].pop()
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        fastest_of([measured, fewer_rows])

@@ -83,3 +83,33 @@ def test_a_short_loop_has_equal_traffic_and_prints_its_mape(tmp_path, capsys, mo
     assert after["attention"]["measured_s"] == before["attention"]["measured_s"]
     again = cpu_validation.run_loop(tmp_path, selected[:1], profile=quick_cpu_profile, calibrate=False)
     assert sorted(again["traffic"]) == [selected[0].name] and not again["traffic"][selected[0].name]
+
+
+def test_a_measured_profile_is_measured_in_a_round_before_each_try_and_merged(tmp_path, monkeypatch, cpu_validation):
+    from alisa_exec.profiler import fastest_of
+
+    point = small_points(cpu_validation)[0]
+    monkeypatch.setattr(cpu_validation, "EXEC_TRIES", 2)
+    said = []
+    loop = cpu_validation.run_loop(tmp_path, [point], profile=None, calibrate=False, log=said.append)
+    order = [line.split(" ")[0] for line in said if line.startswith("profiling") or "alisa-exec run" in line]
+    assert order == ["profiling,", f"{point.name}:", "profiling,", f"{point.name}:"]
+    rounds = sorted((tmp_path / "profile-rounds").glob("round-*.yaml"))
+    assert len(rounds) == 2
+    merged = yaml.safe_load((tmp_path / "profile.yaml").read_text())
+    assert merged == fastest_of([yaml.safe_load(path.read_text()) for path in rounds])
+    assert not loop["traffic"][point.name]
+
+
+def test_reproducibility_is_the_spread_of_the_same_points_between_loops(cpu_validation):
+    def loop(*steps):
+        return {"uncalibrated": {"pairs": [
+            {"label": f"p{i}", "metrics": {metric: {"measured": step} for metric in cpu_validation.METRICS}}
+            for i, step in enumerate(steps)]}}
+
+    spread = cpu_validation.reproducibility([loop(1.0, 2.0), loop(1.5, 2.0)])[cpu_validation.METRIC]
+    assert spread["mape"] == pytest.approx(25.0) and spread["worst"] == pytest.approx(50.0)
+    assert spread["median_ratio"] == pytest.approx(1.25) and spread["points"] == 2
+    # p0: one value for both 1.0 and 1.5 errs at least (0 + 1/3) / 2 on average (at 1.0); p1 not at all
+    assert spread["floor_mape"] == pytest.approx(100 * (1 / 6) / 2)
+    assert cpu_validation.reproducibility([loop(1.0, 2.0)]) == {}
