@@ -122,6 +122,7 @@ def _profiled_model(ref: str):
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from alisa_exec.device import resolve_device
+    from alisa_exec.in_step import add_in_step_factors
     from alisa_exec.overhead import add_executor_overhead
     from alisa_exec.profiler import check_out_path, measure_profile, write_profile
 
@@ -132,8 +133,12 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     models = tuple(_profiled_model(ref.strip()) for ref in args.models.split(",") if ref.strip()) if args.models else ()
     profile = measure_profile(name, device, args.quick, progress=lambda what: status.print(f"measuring {what}"),
                               models=models)
+    warn = lambda message: status.print(f"warning: {message}")  # noqa: E731
+    if device.type == "cpu" and not args.no_in_step:
+        status.print("measuring the named ops inside the executor's steps")
+        add_in_step_factors(profile, device, models, warn)
     status.print("measuring the executor's own host time")
-    add_executor_overhead(profile, device, warn=lambda message: status.print(f"warning: {message}"))
+    add_executor_overhead(profile, device, warn=warn)
     write_profile(profile, out)
     console.print(f"wrote {out} ({profile['gpu']['name']}; load it with --hardware {out})")
     return 0
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--quick", action="store_true", help="a reduced grid that runs in seconds (for CI)")
     prof.add_argument("--models", help="comma-separated model presets or spec YAML files whose layers (head layout, "
                                        "widths, GEMMs) the named ops are also timed at")
+    prof.add_argument("--no-in-step", action="store_true",
+                      help="on a CPU device, leave out the factors of the named ops timed inside real executor steps "
+                           "(gpu.in_step): price every op from its row alone")
     prof.add_argument("--out", required=True, help="the YAML to write, e.g. hw_profiles/NAME.yaml (NAME = the stem)")
     prof.set_defaults(handler=cmd_profile)
     add_eval_parser(sub)

@@ -259,4 +259,8 @@ class Transformer(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """fp32 logits of hidden states [batch, seq, hidden] after the final norm."""
-        return gemm(self.norm(x), self.head_weight(), None, self, "packed_head").float()
+        return self.head_logits(self.norm(x))
+
+    def head_logits(self, normed: Tensor) -> Tensor:
+        """fp32 logits of hidden states already through the final norm."""
+        return gemm(normed, self.head_weight(), None, self, "packed_head").float()

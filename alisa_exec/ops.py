@@ -89,9 +89,10 @@ def lm_head(model: Transformer, x: Tensor) -> Tensor:
     head = model.head_weight()
     packed = packed_weight_for(model, "packed_head", last) is not None
     issued("norm", **_rows(last))
+    normed = model.norm(last)
     issued("project_packed" if packed else "project", m=last.numel() // head.shape[1], k=head.shape[1],
            n=head.shape[0], e=last.element_size())
-    return model.logits(last)
+    return model.head_logits(normed)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

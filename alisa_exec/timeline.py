@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from alisa_exec.generate import DeviceClock
+from alisa_exec.ledger import marked
 
 @dataclass
 class Span:
@@ -50,10 +51,12 @@ class Timeline:
         if self.cuda:
             torch.cuda.synchronize()
         self._origin_host = time.perf_counter()
+        marked("start")
 
     def end_step(self) -> None:
         """Mark the end of the current step on the compute stream (when its tokens are sampled)."""
         self.clock.mark()
+        marked("end")
         self.step += 1
 
     @property

@@ -142,7 +142,7 @@ _LENGTH_KEYS = {"project": "m", "project_packed": "m", "causal_attention": "L", 
                 "copy_d2h_pageable": "bytes", "host_gather": "bytes", "stage_indices": "T"}
 
 
-def _family(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
+def op_family(op: str, shape: dict[str, int]) -> tuple[tuple[str, int], ...]:
     """The op's family of a shape: every key but its length and batch."""
     length = _LENGTH_KEYS.get(op, "rows")
     return tuple(sorted((key, value) for key, value in shape.items() if key not in (length, "b")))
@@ -195,7 +195,7 @@ class _OpCurve:
         self.op = op
         families = defaultdict(list)
         for row in rows:
-            families[_family(op, row["shape"])].append(row)
+            families[op_family(op, row["shape"])].append(row)
         self._families = list(families)
         self._index = {family: i for i, family in enumerate(self._families)}
         self._family_points = np.array([_family_point(family) for family in self._families], dtype=float)
@@ -206,7 +206,7 @@ class _OpCurve:
         if work <= 0:
             return 0.0
         nearest = 0
-        if (family := _family(self.op, shape)) in self._index:  # measured at this family: its own rows
+        if (family := op_family(self.op, shape)) in self._index:  # measured at this family: its own rows
             nearest = self._index[family]
         elif len(self._families) > 1:
             asked = np.array(_family_point(family))
@@ -265,6 +265,12 @@ class CostModel:
         # GEMMs (the executor's `project`, weights streamed, and `project_packed`): per op one curve over m per
         # measured (k, n) family.
         self._gemms = {op: _GemmCurves(self.op_rows[op]) for op in _GEMM_OPS}
+        # How much longer each op family runs inside real steps than its rows (gpu.in_step): a factor over work.
+        self._in_step: dict[str, dict[tuple, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        for row in gpu.in_step:
+            self._in_step[row.op][tuple(sorted(row.family.items()))] = (np.log(row.work), np.log(row.factor))
+        self._in_step_points = {op: (list(curves), np.array([_family_point(f) for f in curves], dtype=float))
+                                for op, curves in self._in_step.items()}
 
         # Decode attention: one curve over KV bytes per measured batch (rows are fp16, MHA: kv heads = H).
         bytes_and_s = defaultdict(list)
@@ -328,13 +334,33 @@ class CostModel:
 
     def op_s(self, op: str, **shape: int) -> float:
         """Device time of one named executor op at a shape (NAMED_OPS keys), interpolated over its work along the
-        profile's rows for that op (`project` is gemm_s)."""
+        profile's rows for that op (`project` is gemm_s), times its in-step factor."""
         self._check_op(op)
         if op in _GEMM_OPS:
-            return self._gemms[op](shape["m"], shape["k"], shape["n"])
-        return self._op_curves[op](shape)
+            alone = self._gemms[op](shape["m"], shape["k"], shape["n"])
+        else:
+            alone = self._op_curves[op](shape)
+        return alone * self.in_step_factor(op, shape) if self._in_step else alone
 
-    # ---- GPU ----------------------------------------------------------------------------------------------------
+    def in_step_factor(self, op: str, shape: dict[str, int]) -> float:
+        """How much longer the op runs inside the executor's steps than its rows say: its family's factor at this
+        shape's work, else (but for a GEMM) the nearest timed family's, as rows are looked up, at the same length and
+        batch; 1 where the profile timed no family of it in steps. A GEMM's factor is mostly where its weights sit
+        (a small model's stay in cache from step to step, a large one's stream), so it holds for its own widths and
+        model only."""
+        curves = self._in_step.get(op)
+        if not curves or op_work(op, shape) <= 0:
+            return 1.0
+        family = op_family(op, shape)
+        if family not in curves:
+            if op in _GEMM_OPS:
+                return 1.0
+            families, points = self._in_step_points[op]
+            family = families[int(np.argmin(np.abs(points - np.array(_family_point(family))).sum(axis=1)))]
+            keys = dict(family)
+            shape = {**keys, **{key: value for key, value in shape.items() if key not in keys}}
+        log_work, log_factor = curves[family]
+        return math.exp(float(np.interp(math.log(op_work(op, shape)), log_work, log_factor)))
 
     def gemm_s(self, m: int, k: int, n: int) -> float:
         """(m x k) @ (k x n) in the device dtype, weights streamed (the executor's `project`)."""

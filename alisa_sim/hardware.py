@@ -198,6 +198,27 @@ class HostOverheadRow(_Strict):
     layer_s: Annotated[float, Field(ge=0, le=MAX_OP_S)]
 
 
+class InStepRow(_Strict):
+    """How much longer (> 1) or shorter a named op takes inside the executor's real steps than its rows say, for one
+    family of its shapes (`family`: every shape key but its length and batch, as the cost model groups rows): the
+    factor over the op's work (`work` ascending, log-log interpolated, the end values beyond), from `calls` calls
+    timed from each one's issue to the next op's (so with the Python between them) on a CPU device."""
+
+    op: str
+    family: dict[str, Annotated[int, Field(ge=0, le=MAX_MEMORY_BYTES)]]
+    work: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    factor: list[Annotated[float, Field(gt=0, le=1e3)]] = Field(min_length=1)
+    calls: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _curve(self) -> "InStepRow":
+        if self.op not in NAMED_OPS:
+            raise ValueError(f"unknown op {self.op!r} (the executor's named ops: {', '.join(NAMED_OPS)})")
+        if len(self.work) != len(self.factor) or any(a >= b for a, b in zip(self.work, self.work[1:])):
+            raise ValueError(f"in_step {self.op}: work must ascend and pair with factor one to one")
+        return self
+
+
 class GpuSection(_Strict):
     source: Source
     name: str
@@ -215,6 +236,9 @@ class GpuSection(_Strict):
     decode_attention_fp16: list[DecodeAttentionRow] = Field(min_length=2)
     prefill_attention_fp16: list[PrefillAttentionRow] = Field(min_length=2)
     ops: list[OpRow] = Field(default_factory=list, description="the executor's named ops, row by row (NAMED_OPS)")
+    in_step: list[InStepRow] = Field(default_factory=list, description=(
+        "named ops timed inside the executor's real steps against their rows, per op family (measured by alisa-exec "
+        "profile on a CPU device at its --models' layers; none elsewhere)"))
 
     def host_overhead(self, policy: str, kind: str) -> HostOverheadRow | None:
         """The measured host overhead of `policy`'s `kind` steps, else dense's (the base every policy's layer loop

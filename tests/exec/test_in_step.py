@@ -1,0 +1,89 @@
+"""Named ops timed inside the executor's real steps (alisa_exec.in_step): each call's interval, the factor curves
+against the profile's rows, and the cost model pricing an op at its row times its family's factor."""
+
+import time
+
+import pytest
+import torch
+import yaml
+
+from alisa_exec.in_step import UNFACTORED, factor_rows, intervals, timed_calls
+from alisa_exec.ledger import recording
+from alisa_exec.overhead import OVERHEAD_PROBES
+from alisa_exec.profiler import OVERHEAD_SPEC
+from alisa_sim.cost_model import CostModel, op_family
+from alisa_sim.hardware import NAMED_OPS, HardwareProfile, InStepRow, op_work
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bare_profile(quick_cpu_profile):
+    """The session's quick CPU profile without its in-step factors and host overheads: the rows alone."""
+    data = yaml.safe_load(quick_cpu_profile.read_text())
+    data["gpu"]["in_step"], data["gpu"]["host_overheads"] = [], []
+    return data
+
+
+def test_the_quick_profile_holds_in_step_factors_of_the_probe_model(quick_cpu_profile):
+    rows = yaml.safe_load(quick_cpu_profile.read_text())["gpu"]["in_step"]
+    assert rows and all(InStepRow.model_validate(row) for row in rows)
+    ops = {row["op"] for row in rows}
+    assert {"project", "norm", "kv_store", "local_sum", "topk"} <= ops and not ops & set(UNFACTORED)
+
+
+def test_intervals_run_from_each_issue_to_the_next_and_end_at_the_step():
+    marks = [("norm", {"rows": 1}, 0.0), ("end", None, 0.5),  # the warm-up's step: before the start, left out
+             ("start", None, 1.0), ("embed", {"rows": 1}, 1.25), ("norm", {"rows": 1}, 1.5), ("end", None, 2.0),
+             ("project", {"m": 1}, 2.5), ("end", None, 3.5)]
+    assert intervals(marks) == [("embed", {"rows": 1}, 0.25), ("norm", {"rows": 1}, 0.5),
+                                ("project", {"m": 1}, 1.0)]
+
+
+def test_a_real_run_times_every_named_op_it_issues(bare_profile):
+    hardware = HardwareProfile.model_validate(bare_profile)
+    spec = OVERHEAD_SPEC.model_copy(update={"dtype_bytes": 4})
+    with recording() as issued:
+        t0 = time.perf_counter()
+        calls = timed_calls(hardware, spec, OVERHEAD_PROBES["h2o"], 2, 8, CPU, torch.float32)
+        wall_s = time.perf_counter() - t0
+    # the timed run's ops are the last ones issued (the warm-up's come first), in the same order
+    assert [(op, shape) for op, shape, _ in calls] == issued[-len(calls):]
+    assert {op for op, _, _ in calls} <= set(NAMED_OPS) and {"evict_victim", "score_update"} <= {c[0] for c in calls}
+    assert all(seconds > 0 for _, _, seconds in calls) and sum(c[2] for c in calls) < wall_s
+
+
+def test_factor_rows_are_in_step_over_row_per_family(bare_profile):
+    cost = CostModel(HardwareProfile.model_validate(bare_profile))
+    shapes = [("norm", {"rows": rows, "width": 64, "e": 4}) for rows in (1, 2, 4, 8)]
+    shapes += [("project", {"m": m, "k": 64, "n": 192, "e": 4}) for m in (1, 8)]
+    calls = [(op, shape, 3.0 * cost.op_s(op, **shape)) for op, shape in shapes for _ in range(3)]
+    calls.append(("copy_h2d_pinned", {"bytes": 4096}, 1.0))  # priced from the link table: no factor
+    rows = factor_rows(cost, calls)
+    assert [(row["op"], row["family"], row["calls"]) for row in rows] == [
+        ("norm", {"e": 4, "width": 64}, 12), ("project", {"e": 4, "k": 64, "n": 192}, 6)]
+    assert all(factor == pytest.approx(3.0) for row in rows for factor in row["factor"])
+    assert rows[0]["work"] == [op_work("norm", shape) for _, shape in shapes[:4]]
+    for row in rows:
+        InStepRow.model_validate(row)
+
+
+def test_the_cost_model_prices_an_op_at_its_row_times_its_familys_factor(bare_profile):
+    alone = CostModel(HardwareProfile.model_validate(bare_profile))
+    norm = {"rows": 2, "width": 64, "e": 4}
+    low, high = op_work("norm", norm), op_work("norm", {**norm, "rows": 8})
+    data = {**bare_profile, "gpu": {**bare_profile["gpu"], "in_step": [
+        {"op": "norm", "family": dict(op_family("norm", norm)), "work": [low, high], "factor": [2.0, 4.0],
+         "calls": 4},
+        {"op": "project", "family": {"e": 4, "k": 64, "n": 64}, "work": [1.0], "factor": [0.5], "calls": 1}]}}
+    in_step = CostModel(HardwareProfile.model_validate(data))
+    assert in_step.op_s("norm", **norm) == pytest.approx(2.0 * alone.op_s("norm", **norm))
+    assert in_step.in_step_factor("norm", {**norm, "rows": 4}) == pytest.approx(2.0 * 2 ** 0.5)  # log-log between
+    assert in_step.in_step_factor("norm", {**norm, "rows": 64}) == pytest.approx(4.0)  # the end value beyond
+    assert in_step.in_step_factor("norm", {**norm, "rows": 1}) == pytest.approx(2.0)
+    # another width of norm takes the nearest timed family's factor at the same rows; a GEMM only its own family's
+    assert in_step.in_step_factor("norm", {"rows": 2, "width": 256, "e": 4}) == pytest.approx(2.0)
+    assert in_step.op_s("project", m=4, k=64, n=64, e=4) == pytest.approx(0.5 * alone.op_s("project", m=4, k=64,
+                                                                                             n=64, e=4))
+    assert in_step.in_step_factor("project", {"m": 4, "k": 256, "n": 256, "e": 4}) == 1.0
+    assert in_step.in_step_factor("activate", {"rows": 2, "width": 64, "gated": 1, "e": 4}) == 1.0
