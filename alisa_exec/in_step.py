@@ -41,9 +41,9 @@ CURVE_POINTS = 6  # a family's distinct works in this many runs: each a point of
 
 
 def timed_calls(profile: HardwareProfile, spec: ModelSpec, policy: dict, batch: int, prompt: int,
-                device: torch.device, dtype: torch.dtype) -> list[tuple[str, dict[str, int], float]]:
-    """One run of the workload by the executor; its timed steps' named ops, each with the seconds from its issue to
-    the next op's (or its step's end)."""
+                device: torch.device, dtype: torch.dtype) -> tuple[str, list[tuple[str, dict[str, int], float]]]:
+    """One run of the workload by the executor: the simulator policy's `in_step_key`, and its timed steps' named
+    ops, each with the seconds from its issue to the next op's (or its step's end)."""
     if policy["name"] == "flexgen":
         policy = {**policy, "gpu_batch_size": batch}
     workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name, "batch_size": batch,
@@ -53,7 +53,7 @@ def timed_calls(profile: HardwareProfile, spec: ModelSpec, policy: dict, batch: 
     plan.policy.cuda_graph = False
     with clocking() as marks:
         executor.execute(plan, device, dtype, "dummy", 0)
-    return intervals(marks)
+    return plan.sim.in_step_key(), intervals(marks)
 
 
 def intervals(marks: list[tuple[str, dict[str, int] | None, float]]) -> list[tuple[str, dict[str, int], float]]:
@@ -68,24 +68,27 @@ def intervals(marks: list[tuple[str, dict[str, int] | None, float]]) -> list[tup
     return calls
 
 
-def factor_rows(cost: CostModel, calls: list[tuple[str, dict[str, int], float]]) -> list[dict]:
-    """`gpu.in_step` rows: per op family, the calls' in-step seconds over their rows' (priced by `cost`), as a curve
-    over work: the family's distinct works in CURVE_POINTS runs, each run's calls' median work and median ratio."""
+def factor_rows(cost: CostModel, runs: list[tuple[str, list[tuple[str, dict[str, int], float]]]]) -> list[dict]:
+    """`gpu.in_step` rows: per op family, under each policy (`in_step_key`) whose runs called it and over all
+    policies pooled (policy None), the calls' in-step seconds over their rows' (priced by `cost`) as a curve over
+    work: the family's distinct works in CURVE_POINTS runs, each run's calls' median work and median ratio."""
     by_family: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    for op, shape, seconds in calls:
-        if op in UNFACTORED:
-            continue
-        alone, work = cost.op_s(op, **shape), op_work(op, shape)
-        if alone > 0 and work > 0 and seconds > 0:
-            by_family[op, op_family(op, shape)].append((work, seconds / alone))
+    for policy, calls in runs:
+        for op, shape, seconds in calls:
+            if op in UNFACTORED:
+                continue
+            alone, work = cost.op_s(op, **shape), op_work(op, shape)
+            if alone > 0 and work > 0 and seconds > 0:
+                for key in (policy, None):
+                    by_family[key or "", op, op_family(op, shape)].append((work, seconds / alone))
     rows = []
-    for (op, family), points in sorted(by_family.items()):
+    for (policy, op, family), points in sorted(by_family.items()):
         work, ratio = np.array(points).T
         curve = []
         for chunk in np.array_split(np.unique(work), min(CURVE_POINTS, len(np.unique(work)))):
             inside = (work >= chunk[0]) & (work <= chunk[-1])  # whole work values: the chunks' ranges are disjoint
             curve.append((float(np.median(work[inside])), float(np.median(ratio[inside]))))
-        rows.append({"op": op, "family": dict(family), "work": [w for w, _ in curve],
+        rows.append({"op": op, "family": dict(family), "policy": policy or None, "work": [w for w, _ in curve],
                      "factor": [f for _, f in curve], "calls": len(points)})
     return rows
 
@@ -100,16 +103,16 @@ def measure_in_step(profile: dict, device: torch.device, dtype: torch.dtype, mod
     runs = [(spec, batch, prompt) for spec in models for batch, prompt in IN_STEP_SHAPES]
     runs += [(OVERHEAD_SPEC.model_copy(update={"num_layers": layers}), batch, OVERHEAD_PROMPT)
              for layers, batch in OVERHEAD_SHAPES]
-    calls = []
+    timed = []
     for spec, batch, prompt in runs:
         spec = spec.model_copy(update={"dtype_bytes": dtype.itemsize})
         for name, policy in IN_STEP_PROBES.items():
             try:
-                calls += timed_calls(hardware, spec, policy, batch, prompt, device, dtype)
+                timed.append(timed_calls(hardware, spec, policy, batch, prompt, device, dtype))
             except Exception as error:  # a policy broken on this device must not cost the whole profile
                 warn(f"{name} on {spec.name} (b={batch}, s={prompt}) is not timed in steps: "
                      f"{type(error).__name__}: {error}")
-    return factor_rows(CostModel(hardware), calls)
+    return factor_rows(CostModel(hardware), timed)
 
 
 def add_in_step_factors(profile: dict, device: torch.device, models: tuple[ModelSpec, ...] = (),

@@ -61,8 +61,8 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, owner: nn.Module, packe
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
-    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps) if spec.family == "opt" else RMSNorm(spec.hidden_size,
-                                                                                                    spec.norm_eps)
+    return RMSNorm(spec.hidden_size, spec.norm_eps) if spec.rms_norm else nn.LayerNorm(spec.hidden_size,
+                                                                                        eps=spec.norm_eps)
 
 
 def rope_tables(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

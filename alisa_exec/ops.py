@@ -44,7 +44,7 @@ def project(linear: nn.Linear, x: Tensor, weight: Tensor | None = None, bias: Te
 
 def norm(module: nn.Module, x: Tensor) -> Tensor:
     """LayerNorm (OPT) or RMSNorm (LLaMA)."""
-    issued("norm", **_rows(x))
+    issued("norm", **_rows(x), rms=int(not isinstance(module, nn.LayerNorm)))
     return module(x)
 
 
@@ -88,7 +88,7 @@ def lm_head(model: Transformer, x: Tensor) -> Tensor:
     last = x[:, -1:]
     head = model.head_weight()
     packed = packed_weight_for(model, "packed_head", last) is not None
-    issued("norm", **_rows(last))
+    issued("norm", **_rows(last), rms=int(model.spec.rms_norm))
     normed = model.norm(last)
     issued("project_packed" if packed else "project", m=last.numel() // head.shape[1], k=head.shape[1],
            n=head.shape[0], e=last.element_size())

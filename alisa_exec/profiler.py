@@ -435,14 +435,15 @@ def _measure_layer_ops(bench: Bench, grid: Grid, dtype: torch.dtype, spec: Model
     hidden, width = spec.hidden_size, spec.q_dim + 2 * spec.kv_dim
     for rows in sorted({m for m in grid.gemm_m}):
         x = _rand(1, rows, hidden, device=device, dtype=dtype)
-        up = _rand(1, rows, 2 * spec.ffn_dim, device=device, dtype=dtype)
+        up = _rand(1, rows, (1 + int(spec.gated_mlp)) * spec.ffn_dim, device=device, dtype=dtype)
         qkv = _rand(1, rows, width, device=device, dtype=dtype)
         rope = ops.rope(model, torch.arange(rows, device=device) % spec.max_position_embeddings)
         tokens = torch.randint(spec.vocab_size, (1, rows), device=device)
         positions = torch.arange(rows, device=device) % spec.max_position_embeddings
         logits = _rand(rows, 1, spec.vocab_size, device=device, dtype=torch.float32)
-        add("norm", {"rows": rows, "width": hidden, "e": e}, lambda: ops.norm(layer.attention_norm, x))
-        add("activate", {"rows": rows, "width": spec.ffn_dim, "gated": 1, "e": e},
+        add("norm", {"rows": rows, "width": hidden, "rms": int(spec.rms_norm), "e": e},
+            lambda: ops.norm(layer.attention_norm, x))
+        add("activate", {"rows": rows, "width": spec.ffn_dim, "gated": int(spec.gated_mlp), "e": e},
             lambda: ops.activate(layer.feed_forward, up))
         add("split_heads", {"rows": rows, "width": width, "e": e}, lambda: ops.split_heads(layer.attention, qkv, rope))
         add("residual", {"rows": rows, "width": hidden, "e": e}, lambda: x + x)

@@ -85,7 +85,7 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
         return {"b": 1, "T": rows, "width": 1024, "e": 2}
     if op == "slot_store":  # one row a sequence and KV head: rows sequences of 8 KV heads of 128 values
         return {"b": rows, "kv": 8, "d": 128, "e": 2, "scored": 1}
-    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "b": 1, "T": rows * 1024, "L": rows * 1024, "kv": 1,
+    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "rms": 1, "b": 1, "T": rows * 1024, "L": rows * 1024, "kv": 1,
               "d": 128, "scored": 1, "h": 1, "m": 1}
     return {key: values[key] for key in keys}
 
@@ -178,7 +178,7 @@ class _BatchCurves:
 
 # Shape keys that switch an op's variant (a gated MLP, H2O's scored rule): a family of the other variant is never
 # nearer than one of the same, whatever its sizes.
-_VARIANT_KEYS = ("gated", "scored")
+_VARIANT_KEYS = ("gated", "scored", "rms")
 
 
 def _family_point(family: tuple[tuple[str, int], ...]) -> list[float]:
@@ -265,12 +265,14 @@ class CostModel:
         # GEMMs (the executor's `project`, weights streamed, and `project_packed`): per op one curve over m per
         # measured (k, n) family.
         self._gemms = {op: _GemmCurves(self.op_rows[op]) for op in _GEMM_OPS}
-        # How much longer each op family runs inside real steps than its rows (gpu.in_step): a factor over work.
-        self._in_step: dict[str, dict[tuple, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        # How much longer each op family runs inside real steps than its rows (gpu.in_step): a factor over work, per
+        # policy context and pooled over all (context None).
+        self._in_step: dict[tuple[str | None, str], dict[tuple, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
         for row in gpu.in_step:
-            self._in_step[row.op][tuple(sorted(row.family.items()))] = (np.log(row.work), np.log(row.factor))
-        self._in_step_points = {op: (list(curves), np.array([_family_point(f) for f in curves], dtype=float))
-                                for op, curves in self._in_step.items()}
+            self._in_step[row.policy, row.op][tuple(sorted(row.family.items()))] = (np.log(row.work),
+                                                                                   np.log(row.factor))
+        self._in_step_points = {key: (list(curves), np.array([_family_point(f) for f in curves], dtype=float))
+                                for key, curves in self._in_step.items()}
 
         # Decode attention: one curve over KV bytes per measured batch (rows are fp16, MHA: kv heads = H).
         bytes_and_s = defaultdict(list)
@@ -332,34 +334,38 @@ class CostModel:
         if op not in NAMED_OPS:
             raise ValueError(f"unknown op {op!r} (the executor's named ops: {', '.join(NAMED_OPS)})")
 
-    def op_s(self, op: str, **shape: int) -> float:
+    def op_s(self, op: str, context: str | None = None, **shape: int) -> float:
         """Device time of one named executor op at a shape (NAMED_OPS keys), interpolated over its work along the
-        profile's rows for that op (`project` is gemm_s), times its in-step factor."""
+        profile's rows for that op (`project` is gemm_s), times its in-step factor under the policy `context`."""
         self._check_op(op)
         if op in _GEMM_OPS:
             alone = self._gemms[op](shape["m"], shape["k"], shape["n"])
         else:
             alone = self._op_curves[op](shape)
-        return alone * self.in_step_factor(op, shape) if self._in_step else alone
+        return alone * self.in_step_factor(op, shape, context) if self._in_step else alone
 
-    def in_step_factor(self, op: str, shape: dict[str, int]) -> float:
+    def in_step_factor(self, op: str, shape: dict[str, int], context: str | None = None) -> float:
         """How much longer the op runs inside the executor's steps than its rows say: its family's factor at this
-        shape's work, else (but for a GEMM) the nearest timed family's, as rows are looked up, at the same length and
-        batch; 1 where the profile timed no family of it in steps. A GEMM's factor is mostly where its weights sit
-        (a small model's stay in cache from step to step, a large one's stream), so it holds for its own widths and
-        model only."""
-        curves = self._in_step.get(op)
-        if not curves or op_work(op, shape) <= 0:
+        shape's work under the policy `context` (a Policy's `in_step_key`), else over all policies, else (but for a
+        GEMM) the nearest timed family's over all policies, as rows are looked up, at the same length and batch; 1
+        where the profile timed no family of it in steps. A GEMM's factor is mostly where its weights sit (a small
+        model's stay in cache from step to step, a large one's stream), so it holds for its own widths only."""
+        if op_work(op, shape) <= 0:
             return 1.0
         family = op_family(op, shape)
-        if family not in curves:
-            if op in _GEMM_OPS:
-                return 1.0
-            families, points = self._in_step_points[op]
-            family = families[int(np.argmin(np.abs(points - np.array(_family_point(family))).sum(axis=1)))]
-            keys = dict(family)
-            shape = {**keys, **{key: value for key, value in shape.items() if key not in keys}}
-        log_work, log_factor = curves[family]
+        for key in ((context, op), (None, op)):
+            if family in self._in_step.get(key, {}):
+                return self._factor(self._in_step[key][family], op, shape)
+        if op in _GEMM_OPS or (None, op) not in self._in_step:
+            return 1.0
+        families, points = self._in_step_points[None, op]
+        keys = dict(families[int(np.argmin(np.abs(points - np.array(_family_point(family))).sum(axis=1)))])
+        nearest = {**keys, **{key: value for key, value in shape.items() if key not in keys}}
+        return self._factor(self._in_step[None, op][op_family(op, nearest)], op, nearest)
+
+    @staticmethod
+    def _factor(curve: tuple[np.ndarray, np.ndarray], op: str, shape: dict[str, int]) -> float:
+        log_work, log_factor = curve
         return math.exp(float(np.interp(math.log(op_work(op, shape)), log_work, log_factor)))
 
     def gemm_s(self, m: int, k: int, n: int) -> float:

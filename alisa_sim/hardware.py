@@ -91,7 +91,7 @@ NAMED_OPS: dict[str, tuple[tuple[str, ...], object]] = {
     "project": (("m", "k", "n", "e"), lambda m, k, n, e: (m * k + k * n + m * n) * e),
     # The same GEMM over weights kept packed for MKL (the dense CPU executor's projections at its decode batch).
     "project_packed": (("m", "k", "n", "e"), lambda m, k, n, e: (m * k + k * n + m * n) * e),
-    "norm": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
+    "norm": (("rows", "width", "rms", "e"), lambda rows, width, rms, e: 2 * rows * width * e),
     "activate": (("rows", "width", "gated", "e"), lambda rows, width, gated, e: (3 if gated else 2) * rows * width * e),
     "split_heads": (("rows", "width", "e"), lambda rows, width, e: 2 * rows * width * e),
     "residual": (("rows", "width", "e"), lambda rows, width, e: 3 * rows * width * e),
@@ -199,13 +199,16 @@ class HostOverheadRow(_Strict):
 
 
 class InStepRow(_Strict):
-    """How much longer (> 1) or shorter a named op takes inside the executor's real steps than its rows say, for one
-    family of its shapes (`family`: every shape key but its length and batch, as the cost model groups rows): the
+    """How much longer (> 1) or shorter a named op takes inside the executor's real steps than its rows say, under one
+    policy or all, for one family of its shapes (`family`: every shape key but its length and batch, as the cost model groups rows): the
     factor over the op's work (`work` ascending, log-log interpolated, the end values beyond), from `calls` calls
     timed from each one's issue to the next op's (so with the Python between them) on a CPU device."""
 
     op: str
     family: dict[str, Annotated[int, Field(ge=0, le=MAX_MEMORY_BYTES)]]
+    policy: str | None = Field(default=None, description=(
+        "the simulator policy's `in_step_key` whose steps the calls ran in (an op runs slower after a heavier "
+        "policy's ops); none: every policy's calls pooled"))
     work: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
     factor: list[Annotated[float, Field(gt=0, le=1e3)]] = Field(min_length=1)
     calls: Annotated[int, Field(ge=1)]

@@ -82,6 +82,11 @@ class ModelSpec(BaseModel):
     def gated_mlp(self) -> bool:
         return self.family == "llama"
 
+    @property
+    def rms_norm(self) -> bool:
+        """RMSNorm (LLaMA), else LayerNorm (OPT, GPT-NeoX)."""
+        return self.family == "llama"
+
     # ---- parameters and bytes -------------------------------------------------
     @property
     def layer_params(self) -> int:

@@ -195,6 +195,9 @@ class AlisaPolicy(Policy):
     def host_key(self, phase: int) -> str:
         return f"alisa-phase-{phase}"  # each phase's hooks (prefetch, offload, recompute) run their own Python
 
+    def in_step_key(self) -> str:
+        return "alisa"  # ALISA's calls in all three phases pooled (INT8's and the k4-capped selector's with them)
+
     def cpu_end(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Positions [0, cpu_end) of every sequence are off the GPU (live on the CPU or deleted) at a step; it never
         decreases from one step to the next."""
@@ -434,7 +437,7 @@ class AlisaPolicy(Policy):
             return make_op("recompute", "gpu", {"recompute": seconds},
                            host_s=self.host_of("norm", "project", "split_heads"))
         decode = (("kv_dequantize", {"rows": rows, "width": m.hidden_size, "e": m.dtype_bytes}),) if self.cfg.int8 else ()
-        calls = decode + (("norm", self._rows(rows)), self._project(Gemm("kv_proj", rows, m.hidden_size, 2 * m.kv_dim)),
+        calls = decode + (("norm", self._norm(rows)), self._project(Gemm("kv_proj", rows, m.hidden_size, 2 * m.kv_dim)),
                           self._store_call(1, rows, 2 * m.kv_dim))
         return self._gpu_op("recompute", {"recompute": calls})
 

@@ -139,7 +139,8 @@ class Policy(ABC):
 
     def _priced(self, *calls: tuple[str, dict[str, int]]) -> tuple[float, float]:
         """Device and host seconds of a sequence of the executor's named ops, each from its profile row."""
-        return (sum(self.cost.op_s(op, **shape) for op, shape in calls),
+        context = self.in_step_key()
+        return (sum(self.cost.op_s(op, context, **shape) for op, shape in calls),
                 sum(self.cost.op_host_s(op) for op, _ in calls))
 
     def _gpu_op(self, name: str, parts: dict[str, tuple[tuple[str, dict[str, int]], ...]],
@@ -163,6 +164,9 @@ class Policy(ABC):
     def _rows(self, rows: int, width: int | None = None) -> dict[str, int]:
         return {"rows": rows, "width": width or self.model.hidden_size, "e": self.model.dtype_bytes}
 
+    def _norm(self, rows: int) -> dict[str, int]:
+        return {**self._rows(rows), "rms": int(self.model.rms_norm)}
+
     @property
     def packs_weights(self) -> bool:
         """Whether the executor keeps the projections' weights packed for MKL's GEMM at the decode batch (the dense
@@ -178,6 +182,11 @@ class Policy(ABC):
         """Which measured host overhead (`gpu.host_overheads`) prices this policy's steps in `phase`: the executor
         policy's own (its hooks run their own Python around the named ops)."""
         return self.name
+
+    def in_step_key(self) -> str:
+        """Which policy's in-step factors (`gpu.in_step`) price this policy's named ops: the executor policy whose
+        steps they run in."""
+        return self.host_key(1)
 
     def host_overhead_s(self, kind: str, phase: int = 1) -> tuple[float, float]:
         """The executor's own host seconds per step (for this policy's batch) and per layer (and row group) of a
@@ -197,7 +206,7 @@ class Policy(ABC):
         m = self.model
         qkv = m.layer_gemms(rows)[0]
         return self._gpu_op(name, {"gemm": (self._project(qkv),),
-                                   "elementwise": (("norm", self._rows(rows)),
+                                   "elementwise": (("norm", self._norm(rows)),
                                                    ("split_heads", self._rows(rows, m.q_dim + 2 * m.kv_dim)))},
                             extra_host_s=layer_host_s)
 
@@ -213,7 +222,7 @@ class Policy(ABC):
         m = self.model
         return self._gpu_op(name, {
             "gemm": tuple(self._project(g) for g in m.layer_gemms(rows)[1:]),
-            "elementwise": (("residual", self._rows(rows)), ("norm", self._rows(rows)),
+            "elementwise": (("residual", self._rows(rows)), ("norm", self._norm(rows)),
                             ("activate", {**self._rows(rows, m.ffn_dim), "gated": int(m.gated_mlp)}),
                             ("residual", self._rows(rows)))})
 
@@ -293,7 +302,7 @@ class Policy(ABC):
                 self._gpu_op("embedding", {"elementwise": (("embed", self._rows(rows)),)},
                              extra_host_s=self.host_overhead_s(kind, phase)[0]),
                 self._gpu_op("lm_head", {"gemm": (self._project(lm),), "elementwise": (
-                    ("norm", self._rows(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
+                    ("norm", self._norm(self.batch)), ("argmax", {"rows": self.batch, "width": lm.n}))}))
         template.head.append(ops[0])
         template.tail.append(ops[1])
         return template

@@ -45,24 +45,30 @@ def test_a_real_run_times_every_named_op_it_issues(bare_profile):
     spec = OVERHEAD_SPEC.model_copy(update={"dtype_bytes": 4})
     with recording() as issued:
         t0 = time.perf_counter()
-        calls = timed_calls(hardware, spec, OVERHEAD_PROBES["h2o"], 2, 8, CPU, torch.float32)
+        context, calls = timed_calls(hardware, spec, OVERHEAD_PROBES["h2o"], 2, 8, CPU, torch.float32)
         wall_s = time.perf_counter() - t0
+    assert context == "h2o"
     # the timed run's ops are the last ones issued (the warm-up's come first), in the same order
     assert [(op, shape) for op, shape, _ in calls] == issued[-len(calls):]
     assert {op for op, _, _ in calls} <= set(NAMED_OPS) and {"evict_victim", "score_update"} <= {c[0] for c in calls}
     assert all(seconds > 0 for _, _, seconds in calls) and sum(c[2] for c in calls) < wall_s
 
 
-def test_factor_rows_are_in_step_over_row_per_family(bare_profile):
+def test_factor_rows_are_in_step_over_row_per_family_and_policy(bare_profile):
     cost = CostModel(HardwareProfile.model_validate(bare_profile))
-    shapes = [("norm", {"rows": rows, "width": 64, "e": 4}) for rows in (1, 2, 4, 8)]
+    shapes = [("norm", {"rows": rows, "width": 64, "rms": 1, "e": 4}) for rows in (1, 2, 4, 8)]
     shapes += [("project", {"m": m, "k": 64, "n": 192, "e": 4}) for m in (1, 8)]
-    calls = [(op, shape, 3.0 * cost.op_s(op, **shape)) for op, shape in shapes for _ in range(3)]
-    calls.append(("copy_h2d_pinned", {"bytes": 4096}, 1.0))  # priced from the link table: no factor
-    rows = factor_rows(cost, calls)
-    assert [(row["op"], row["family"], row["calls"]) for row in rows] == [
-        ("norm", {"e": 4, "width": 64}, 12), ("project", {"e": 4, "k": 64, "n": 192}, 6)]
-    assert all(factor == pytest.approx(3.0) for row in rows for factor in row["factor"])
+    dense = [(op, shape, 3.0 * cost.op_s(op, **shape)) for op, shape in shapes for _ in range(3)]
+    dense.append(("copy_h2d_pinned", {"bytes": 4096}, 1.0))  # priced from the link table: no factor
+    h2o = [(op, shape, 5.0 * cost.op_s(op, **shape)) for op, shape in shapes[:4]]
+    rows = factor_rows(cost, [("dense", dense), ("h2o", h2o)])
+    assert [(row["policy"], row["op"], row["family"], row["calls"]) for row in rows] == [
+        (None, "norm", {"e": 4, "rms": 1, "width": 64}, 16), (None, "project", {"e": 4, "k": 64, "n": 192}, 6),
+        ("dense", "norm", {"e": 4, "rms": 1, "width": 64}, 12), ("dense", "project", {"e": 4, "k": 64, "n": 192}, 6),
+        ("h2o", "norm", {"e": 4, "rms": 1, "width": 64}, 4)]
+    factors = {(row["policy"], row["op"]): row["factor"] for row in rows}
+    assert factors["dense", "norm"] == pytest.approx([3.0] * 4) and factors["h2o", "norm"] == pytest.approx([5.0] * 4)
+    assert factors[None, "project"] == pytest.approx([3.0] * 2)
     assert rows[0]["work"] == [op_work("norm", shape) for _, shape in shapes[:4]]
     for row in rows:
         InStepRow.model_validate(row)
@@ -70,20 +76,25 @@ def test_factor_rows_are_in_step_over_row_per_family(bare_profile):
 
 def test_the_cost_model_prices_an_op_at_its_row_times_its_familys_factor(bare_profile):
     alone = CostModel(HardwareProfile.model_validate(bare_profile))
-    norm = {"rows": 2, "width": 64, "e": 4}
+    norm = {"rows": 2, "width": 64, "rms": 1, "e": 4}
     low, high = op_work("norm", norm), op_work("norm", {**norm, "rows": 8})
     data = {**bare_profile, "gpu": {**bare_profile["gpu"], "in_step": [
         {"op": "norm", "family": dict(op_family("norm", norm)), "work": [low, high], "factor": [2.0, 4.0],
          "calls": 4},
-        {"op": "project", "family": {"e": 4, "k": 64, "n": 64}, "work": [1.0], "factor": [0.5], "calls": 1}]}}
+        {"op": "project", "family": {"e": 4, "k": 64, "n": 64}, "work": [1.0], "factor": [0.5], "calls": 1},
+        {"op": "norm", "family": dict(op_family("norm", norm)), "policy": "h2o", "work": [low], "factor": [3.0],
+         "calls": 1}]}}
     in_step = CostModel(HardwareProfile.model_validate(data))
     assert in_step.op_s("norm", **norm) == pytest.approx(2.0 * alone.op_s("norm", **norm))
     assert in_step.in_step_factor("norm", {**norm, "rows": 4}) == pytest.approx(2.0 * 2 ** 0.5)  # log-log between
     assert in_step.in_step_factor("norm", {**norm, "rows": 64}) == pytest.approx(4.0)  # the end value beyond
     assert in_step.in_step_factor("norm", {**norm, "rows": 1}) == pytest.approx(2.0)
     # another width of norm takes the nearest timed family's factor at the same rows; a GEMM only its own family's
-    assert in_step.in_step_factor("norm", {"rows": 2, "width": 256, "e": 4}) == pytest.approx(2.0)
+    assert in_step.in_step_factor("norm", {"rows": 2, "width": 256, "rms": 1, "e": 4}) == pytest.approx(2.0)
     assert in_step.op_s("project", m=4, k=64, n=64, e=4) == pytest.approx(0.5 * alone.op_s("project", m=4, k=64,
                                                                                              n=64, e=4))
     assert in_step.in_step_factor("project", {"m": 4, "k": 256, "n": 256, "e": 4}) == 1.0
     assert in_step.in_step_factor("activate", {"rows": 2, "width": 64, "gated": 1, "e": 4}) == 1.0
+    # under a policy with a curve of its own, that one; under another, the pooled one
+    assert in_step.op_s("norm", "h2o", **norm) == pytest.approx(3.0 * alone.op_s("norm", **norm))
+    assert in_step.in_step_factor("norm", norm, "vllm") == pytest.approx(2.0)
