@@ -24,6 +24,7 @@ from alisa_exec.profiler import OVERHEAD_SPEC
 from alisa_sim.cost_model import CostModel, op_family
 from alisa_sim.hardware import HardwareProfile, op_work
 from alisa_sim.model_spec import ModelSpec
+from alisa_sim.results import simulated_rows
 from alisa_sim.workload import ResolvedWorkload, Workload
 
 # (batch, prompt) of each --models model's runs, a grid over batch and context apart from the validation loop's
@@ -40,47 +41,57 @@ UNFACTORED = ("copy_h2d_pinned", "copy_h2d_pageable", "copy_d2h_pinned", "copy_d
 CURVE_POINTS = 6  # a family's distinct works in this many runs: each a point of its factor curve
 
 
+def in_step_memory(spec: ModelSpec, batch: int, prompt: int) -> dict[str, float]:
+    """The runs' memory budget: the host-overhead probe's, plus room for the model's weights twice (dense packs a
+    copy of its projections for MKL) and the run's KV; vLLM sizes its pool from what is left."""
+    tokens = batch * (prompt + OVERHEAD_GEN)
+    extra = 2 * spec.weight_bytes + spec.kv_bytes_per_token() * tokens + 4 * spec.activation_bytes(tokens)
+    return {"gpu_gb": OVERHEAD_MEMORY["gpu_gb"] + extra / 1e9}
+
+
 def timed_calls(profile: HardwareProfile, spec: ModelSpec, policy: dict, batch: int, prompt: int,
-                device: torch.device, dtype: torch.dtype) -> tuple[str, list[tuple[str, dict[str, int], float]]]:
-    """One run of the workload by the executor: the simulator policy's `in_step_key`, and its timed steps' named
-    ops, each with the seconds from its issue to the next op's (or its step's end)."""
+                device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, dict[str, int], float]]:
+    """One run of the workload by the executor: its timed steps' named ops, each with its step's `host_key` (the
+    policy, and ALISA's phase) and the seconds from its issue to the next op's (or its step's end)."""
     if policy["name"] == "flexgen":
         policy = {**policy, "gpu_batch_size": batch}
     workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name, "batch_size": batch,
                                         "prompt_len": prompt, "gen_len": OVERHEAD_GEN, "policy": policy,
-                                        "memory": OVERHEAD_MEMORY})
+                                        "memory": in_step_memory(spec, batch, prompt)})
     plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
     plan.policy.cuda_graph = False
+    keys = [plan.sim.host_key(row.phase) for row in simulated_rows(plan.simulation)]
     with clocking() as marks:
         executor.execute(plan, device, dtype, "dummy", 0)
-    return plan.sim.in_step_key(), intervals(marks)
+    return [(keys[step], op, shape, seconds) for step, op, shape, seconds in intervals(marks)]
 
 
-def intervals(marks: list[tuple[str, dict[str, int] | None, float]]) -> list[tuple[str, dict[str, int], float]]:
+def intervals(marks: list[tuple[str, dict[str, int] | None, float]]) -> list[tuple[int, str, dict[str, int], float]]:
     """The named ops of a clocked run's timed steps (those after its last "start" mark; the warm-up's come before
-    it), each with the seconds from its issue to the next op's issue or step's end."""
+    it), each with its step's index and the seconds from its issue to the next op's issue or its step's end."""
     start = max(i for i, (what, shape, _) in enumerate(marks) if shape is None and what == "start")
-    calls, pending = [], None
+    calls, pending, step = [], None, 0
     for what, shape, at in marks[start + 1:]:
         if pending is not None:
-            calls.append((pending[0], pending[1], at - pending[2]))
+            calls.append((step, pending[0], pending[1], at - pending[2]))
         pending = (what, shape, at) if shape is not None else None
+        step += shape is None and what == "end"
     return calls
 
 
-def factor_rows(cost: CostModel, runs: list[tuple[str, list[tuple[str, dict[str, int], float]]]]) -> list[dict]:
-    """`gpu.in_step` rows: per op family, under each policy (`in_step_key`) whose runs called it and over all
-    policies pooled (policy None), the calls' in-step seconds over their rows' (priced by `cost`) as a curve over
-    work: the family's distinct works in CURVE_POINTS runs, each run's calls' median work and median ratio."""
+def factor_rows(cost: CostModel, calls: list[tuple[str, str, dict[str, int], float]]) -> list[dict]:
+    """`gpu.in_step` rows: per op family, under each step key (`host_key`: the policy, and ALISA's phase) whose steps
+    called it and over all pooled (policy None), the calls' in-step seconds over their rows' (priced by `cost`) as a
+    curve over work: the family's distinct works in CURVE_POINTS runs, each run's calls' median work and median
+    ratio."""
     by_family: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    for policy, calls in runs:
-        for op, shape, seconds in calls:
-            if op in UNFACTORED:
-                continue
-            alone, work = cost.op_s(op, **shape), op_work(op, shape)
-            if alone > 0 and work > 0 and seconds > 0:
-                for key in (policy, None):
-                    by_family[key or "", op, op_family(op, shape)].append((work, seconds / alone))
+    for policy, op, shape, seconds in calls:
+        if op in UNFACTORED:
+            continue
+        alone, work = cost.op_s(op, **shape), op_work(op, shape)
+        if alone > 0 and work > 0 and seconds > 0:
+            for key in (policy, None):
+                by_family[key or "", op, op_family(op, shape)].append((work, seconds / alone))
     rows = []
     for (policy, op, family), points in sorted(by_family.items()):
         work, ratio = np.array(points).T
@@ -108,7 +119,7 @@ def measure_in_step(profile: dict, device: torch.device, dtype: torch.dtype, mod
         spec = spec.model_copy(update={"dtype_bytes": dtype.itemsize})
         for name, policy in IN_STEP_PROBES.items():
             try:
-                timed.append(timed_calls(hardware, spec, policy, batch, prompt, device, dtype))
+                timed += timed_calls(hardware, spec, policy, batch, prompt, device, dtype)
             except Exception as error:  # a policy broken on this device must not cost the whole profile
                 warn(f"{name} on {spec.name} (b={batch}, s={prompt}) is not timed in steps: "
                      f"{type(error).__name__}: {error}")

@@ -207,8 +207,8 @@ class InStepRow(_Strict):
     op: str
     family: dict[str, Annotated[int, Field(ge=0, le=MAX_MEMORY_BYTES)]]
     policy: str | None = Field(default=None, description=(
-        "the simulator policy's `in_step_key` whose steps the calls ran in (an op runs slower after a heavier "
-        "policy's ops); none: every policy's calls pooled"))
+        "the simulator policy's `host_key` of the steps the calls ran in (the policy, and ALISA's phase: an op runs "
+        "slower after a heavier policy's ops); none: every policy's calls pooled"))
     work: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
     factor: list[Annotated[float, Field(gt=0, le=1e3)]] = Field(min_length=1)
     calls: Annotated[int, Field(ge=1)]

@@ -195,9 +195,6 @@ class AlisaPolicy(Policy):
     def host_key(self, phase: int) -> str:
         return f"alisa-phase-{phase}"  # each phase's hooks (prefetch, offload, recompute) run their own Python
 
-    def in_step_key(self) -> str:
-        return "alisa"  # ALISA's calls in all three phases pooled (INT8's and the k4-capped selector's with them)
-
     def cpu_end(self, step: int, schedule: AlisaSchedule | None = None) -> int:
         """Positions [0, cpu_end) of every sequence are off the GPU (live on the CPU or deleted) at a step; it never
         decreases from one step to the next."""
@@ -492,6 +489,7 @@ class AlisaPolicy(Policy):
         t = LayerTemplate()
         buffered = ()
         phase = self.residency(step, schedule).phase
+        self.set_pricing_phase(phase)
         if self.capped:  # the choice needs the layer's query: its fetch follows it, inside the layer
             t.add(self.pre_attention_op(self.batch, "decode", phase=phase))
             choice, prefetch = self._choice_ops(step, schedule, n), self._prefetch_ops(step, schedule, attended, fetch, 0)
@@ -548,8 +546,9 @@ class AlisaPolicy(Policy):
         rows = self.batch * s
         t = LayerTemplate()
         schedule = schedule or self._schedule
-        self.add_compute_chain(t, rows, self.prefill_attention_op(), "prefill",
-                               phase=self.residency(0, schedule).phase if schedule is not None else 1)
+        phase = self.residency(0, schedule).phase if schedule is not None else 1
+        self.set_pricing_phase(phase)
+        self.add_compute_chain(t, rows, self.prefill_attention_op(), "prefill", phase=phase)
         if not self.cfg.dynamic_scheduling:
             offloaded = self.batch * s * self.static_cpu_share * self.kv_token_layer
             if offloaded > 0:

@@ -64,7 +64,10 @@ class Policy(ABC):
         self.prompt_len = workload.workload.prompt_len
         # Ops already priced, by everything they are priced from: a run builds thousands of step DAGs whose ops,
         # but for attention and KV copies, repeat from step to step (a view made by copy.copy shares it).
+        # Apart per in-step context (`in_step_key`): one op prices differently after a heavier phase's ops.
         self._priced_ops: dict[tuple, Op | tuple | dict] = {}
+        self._priced_by_context: dict[str, dict[tuple, Op | tuple | dict]] = {}
+        self._in_step_context: str | None = None
         self._kv_bytes_per_token = self.model.kv_bytes_per_token()  # asked for every step of a long run
 
     # ---- what a policy decides -----------------------------------------------------------------
@@ -184,9 +187,17 @@ class Policy(ABC):
         return self.name
 
     def in_step_key(self) -> str:
-        """Which policy's in-step factors (`gpu.in_step`) price this policy's named ops: the executor policy whose
-        steps they run in."""
-        return self.host_key(1)
+        """Whose in-step factors (`gpu.in_step`) price the named ops built now: the executor policy's steps they run
+        in, in the phase `set_pricing_phase` last named (the first), as `host_key` names them."""
+        return self._in_step_context or self.host_key(1)
+
+    def set_pricing_phase(self, phase: int) -> None:
+        """Price the ops built from now on as ops of `phase`'s steps (their own in-step factors and cache)."""
+        context = self.host_key(phase)
+        if context != self.in_step_key():
+            self._priced_by_context.setdefault(self.in_step_key(), self._priced_ops)
+            self._priced_ops = self._priced_by_context.setdefault(context, {})
+            self._in_step_context = context
 
     def host_overhead_s(self, kind: str, phase: int = 1) -> tuple[float, float]:
         """The executor's own host seconds per step (for this policy's batch) and per layer (and row group) of a
