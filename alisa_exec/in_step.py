@@ -19,13 +19,13 @@ import torch
 
 from alisa_exec import executor
 from alisa_exec.ledger import clocking
-from alisa_exec.overhead import OVERHEAD_GEN, OVERHEAD_MEMORY, OVERHEAD_PROBES, OVERHEAD_PROMPT, OVERHEAD_SHAPES
+from alisa_exec.overhead import (OVERHEAD_GEN, OVERHEAD_MEMORY, OVERHEAD_PROBES, OVERHEAD_PROMPT, OVERHEAD_SHAPES,
+                                 plan_probe)
 from alisa_exec.profiler import OVERHEAD_SPEC
 from alisa_sim.cost_model import CostModel, op_family
 from alisa_sim.hardware import HardwareProfile, op_work
 from alisa_sim.model_spec import ModelSpec
 from alisa_sim.results import simulated_rows
-from alisa_sim.workload import ResolvedWorkload, Workload
 
 # (batch, prompt) of each --models model's runs, a grid over batch and context apart from the validation loop's
 # workloads; every policy of IN_STEP_PROBES at each, for OVERHEAD_GEN tokens (ALISA through its three phases).
@@ -43,7 +43,8 @@ CURVE_POINTS = 6  # a family's distinct works in this many runs: each a point of
 
 def in_step_memory(spec: ModelSpec, batch: int, prompt: int) -> dict[str, float]:
     """The runs' memory budget: the host-overhead probe's, plus room for the model's weights twice (dense packs a
-    copy of its projections for MKL) and the run's KV; vLLM sizes its pool from what is left."""
+    copy of its projections for MKL), the run's KV and a few layers' activations; vLLM sizes its pool from what is
+    left."""
     tokens = batch * (prompt + OVERHEAD_GEN)
     extra = 2 * spec.weight_bytes + spec.kv_bytes_per_token() * tokens + 4 * spec.activation_bytes(tokens)
     return {"gpu_gb": OVERHEAD_MEMORY["gpu_gb"] + extra / 1e9}
@@ -53,13 +54,7 @@ def timed_calls(profile: HardwareProfile, spec: ModelSpec, policy: dict, batch: 
                 device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, dict[str, int], float]]:
     """One run of the workload by the executor: its timed steps' named ops, each with its step's `host_key` (the
     policy, and ALISA's phase) and the seconds from its issue to the next op's (or its step's end)."""
-    if policy["name"] == "flexgen":
-        policy = {**policy, "gpu_batch_size": batch}
-    workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name, "batch_size": batch,
-                                        "prompt_len": prompt, "gen_len": OVERHEAD_GEN, "policy": policy,
-                                        "memory": in_step_memory(spec, batch, prompt)})
-    plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
-    plan.policy.cuda_graph = False
+    plan = plan_probe(profile, spec, policy, batch, prompt, in_step_memory(spec, batch, prompt), device, dtype)
     keys = [plan.sim.host_key(row.phase) for row in simulated_rows(plan.simulation)]
     with clocking() as marks:
         executor.execute(plan, device, dtype, "dummy", 0)

@@ -88,8 +88,7 @@ def lm_head(model: Transformer, x: Tensor) -> Tensor:
     last = x[:, -1:]
     head = model.head_weight()
     packed = packed_weight_for(model, "packed_head", last) is not None
-    issued("norm", **_rows(last), rms=int(model.spec.rms_norm))
-    normed = model.norm(last)
+    normed = norm(model.norm, last)
     issued("project_packed" if packed else "project", m=last.numel() // head.shape[1], k=head.shape[1],
            n=head.shape[0], e=last.element_size())
     return model.head_logits(normed)

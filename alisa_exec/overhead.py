@@ -13,6 +13,7 @@ from scipy.stats import trim_mean
 from alisa_exec import executor
 from alisa_exec.profiler import OVERHEAD_SPEC
 from alisa_sim.hardware import HardwareProfile
+from alisa_sim.model_spec import ModelSpec
 from alisa_sim.results import simulated_rows
 from alisa_sim.workload import ResolvedWorkload, Workload
 
@@ -43,6 +44,20 @@ OVERHEAD_PROBES: dict[str, dict] = {
 OVERHEAD_RUNS = 3
 
 
+def plan_probe(profile: HardwareProfile, spec: ModelSpec, policy: dict, batch: int, prompt: int, memory: dict,
+               device: torch.device, dtype: torch.dtype) -> executor.ExecutorPlan:
+    """The executor's plan of a probe run (`spec` at `batch` x `prompt`, OVERHEAD_GEN tokens, within `memory`), every
+    step eager, as the profile's rows time the ops."""
+    if policy["name"] == "flexgen":
+        policy = {**policy, "gpu_batch_size": batch}
+    workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name, "batch_size": batch,
+                                        "prompt_len": prompt, "gen_len": OVERHEAD_GEN, "policy": policy,
+                                        "memory": memory})
+    plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
+    plan.policy.cuda_graph = False
+    return plan
+
+
 def _probe(profile: HardwareProfile, policy: dict, layers: int, batch: int, device: torch.device,
            dtype: torch.dtype) -> Callable[[], dict[tuple[str, str], float]]:
     """A run of the probe at `layers` layers and `batch` sequences: each call executes it once and returns its
@@ -50,14 +65,7 @@ def _probe(profile: HardwareProfile, policy: dict, layers: int, batch: int, devi
     tenth trimmed at each end). A mean, not the median: a phase's steps alternate between ones with and without an
     offload (whose hook runs its own Python), and the median of two such modes jumps between them from run to run."""
     spec = OVERHEAD_SPEC.model_copy(update={"num_layers": layers, "dtype_bytes": dtype.itemsize})
-    if policy["name"] == "flexgen":
-        policy = {**policy, "gpu_batch_size": batch}
-    workload = Workload.model_validate({"model": spec.model_dump(), "hardware": profile.name,
-                                        "batch_size": batch, "prompt_len": OVERHEAD_PROMPT,
-                                        "gen_len": OVERHEAD_GEN, "policy": policy,
-                                        "memory": OVERHEAD_MEMORY})
-    plan = executor.plan_run(ResolvedWorkload(workload, spec, profile), device, dtype)
-    plan.policy.cuda_graph = False  # every step eager, as the profile's rows time the ops
+    plan = plan_probe(profile, spec, policy, batch, OVERHEAD_PROMPT, OVERHEAD_MEMORY, device, dtype)
     simulated = simulated_rows(plan.simulation)
     keys = [(plan.sim.host_key(row.phase), row.kind) for row in simulated]
     predicted = [row.time_s for row in simulated]

@@ -757,9 +757,10 @@ def fastest_of(rounds: list[dict]) -> dict:
     merged = merge(rounds, "", "profile")
     if len(rounds) > 1:
         dates = sorted({r["provenance"]["date"] for r in rounds})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
         merged["provenance"]["notes"] = [*merged["provenance"]["notes"], (
-            f"the fastest of {len(rounds)} rounds of this measurement ({' to '.join(dates[::max(1, len(dates) - 1)])}): "
-            "each time the least, each rate the most over the rounds")]
+            f"the fastest of {len(rounds)} rounds of this measurement ({when}): each time the least, each rate the "
+            "most and any other figure the median over the rounds")]
     validate(HardwareProfile, merged, "merged profile")
     return merged
 

@@ -85,8 +85,8 @@ def _bandwidth_shape(op: str, rows: int) -> dict[str, int]:
         return {"b": 1, "T": rows, "width": 1024, "e": 2}
     if op == "slot_store":  # one row a sequence and KV head: rows sequences of 8 KV heads of 128 values
         return {"b": rows, "kv": 8, "d": 128, "e": 2, "scored": 1}
-    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "rms": 1, "b": 1, "T": rows * 1024, "L": rows * 1024, "kv": 1,
-              "d": 128, "scored": 1, "h": 1, "m": 1}
+    values = {"rows": rows, "width": 1024, "e": 2, "gated": 1, "rms": 1, "b": 1, "T": rows * 1024, "L": rows * 1024,
+              "kv": 1, "d": 128, "scored": 1, "h": 1, "m": 1}
     return {key: values[key] for key in keys}
 
 
@@ -367,6 +367,8 @@ class CostModel:
     def _factor(curve: tuple[np.ndarray, np.ndarray], op: str, shape: dict[str, int]) -> float:
         log_work, log_factor = curve
         return math.exp(float(np.interp(math.log(op_work(op, shape)), log_work, log_factor)))
+
+    # ---- GPU ----------------------------------------------------------------------------------------------------
 
     def gemm_s(self, m: int, k: int, n: int) -> float:
         """(m x k) @ (k x n) in the device dtype, weights streamed (the executor's `project`)."""

@@ -200,9 +200,10 @@ class HostOverheadRow(_Strict):
 
 class InStepRow(_Strict):
     """How much longer (> 1) or shorter a named op takes inside the executor's real steps than its rows say, under one
-    policy or all, for one family of its shapes (`family`: every shape key but its length and batch, as the cost model groups rows): the
-    factor over the op's work (`work` ascending, log-log interpolated, the end values beyond), from `calls` calls
-    timed from each one's issue to the next op's (so with the Python between them) on a CPU device."""
+    policy or all, for one family of its shapes (`family`: every shape key but its length and batch, as the cost
+    model groups rows): the factor over the op's work (`work` ascending, log-log interpolated, the end values
+    beyond), from `calls` calls timed from each one's issue to the next op's (so with the Python between them) on a
+    CPU device."""
 
     op: str
     family: dict[str, Annotated[int, Field(ge=0, le=MAX_MEMORY_BYTES)]]

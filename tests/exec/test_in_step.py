@@ -114,7 +114,8 @@ def test_alisa_steps_are_keyed_and_priced_by_their_phase(bare_profile):
     assert keys == {"alisa-phase-1", "alisa-phase-2", "alisa-phase-3"}
     norm = {"rows": 1, "width": 64, "rms": 1, "e": 4}
     rows = [{"op": "norm", "family": dict(op_family("norm", norm)), "policy": f"alisa-phase-{phase}",
-             "work": [op_work("norm", norm)], "factor": [factor], "calls": 1} for phase, factor in ((1, 1.0), (3, 50.0))]
+             "work": [op_work("norm", norm)], "factor": [factor], "calls": 1}
+            for phase, factor in ((1, 1.0), (3, 50.0))]
     timed = HardwareProfile.model_validate({**bare_profile, "gpu": {**bare_profile["gpu"], "in_step": rows}})
     workload = Workload.model_validate({"model": spec.model_dump(), "hardware": "h100", "batch_size": 1,
                                         "prompt_len": 8, "gen_len": 39, "policy": OVERHEAD_PROBES["alisa"],
